@@ -1,0 +1,376 @@
+"""The stage contract: every stage writes into a folder keyed by a hash of what determines its output.
+
+    <root>/<stage>/<label>-<key12>/
+        manifest.json   resolved config, inputs, versions, git revision, counts, timings, file checksums
+        _COMPLETE       written last (after manifest.json); a folder without it is never read downstream
+        .lock           flock held by the working process; the kernel drops it when the process dies
+
+Folders are keyed by content, never by timestamp, so asking for the same work twice finds the first result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MARKER = "_COMPLETE"
+LOCK = ".lock"
+_BOOKKEEPING = {MANIFEST, MARKER, LOCK}
+_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd)", re.IGNORECASE)
+_SAFE_LABEL = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+class StageError(RuntimeError):
+    """A stage cannot run or cannot finish; the message says why and what to do."""
+
+
+class StageLocked(StageError):
+    """Another live process works on the same stage folder."""
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def canonical_json(obj: Any) -> str:
+    """Stable text for hashing: sorted keys, no whitespace, non-JSON values stringified."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str, ensure_ascii=False)
+
+
+def config_key(identity: Any, length: int = 12) -> str:
+    return hashlib.sha256(canonical_json(identity).encode("utf-8")).hexdigest()[:length]
+
+
+def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    """Cheap identity of an input file (path, size, mtime): enough to notice a changed corpus without
+    reading 3 GB at every start. Directories are fingerprinted over their files."""
+    p = Path(path).expanduser().resolve()
+    if not p.exists():
+        return {"path": str(p), "missing": True}
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        digest = hashlib.sha256()
+        for f in files:
+            st = f.stat()
+            digest.update(f"{f.relative_to(p)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        return {"path": str(p), "files": len(files), "digest": digest.hexdigest()[:16]}
+    st = p.stat()
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def redact(obj: Any) -> Any:
+    """Drop secrets before anything reaches a manifest or a log."""
+    if isinstance(obj, Mapping):
+        return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling path; on success it is renamed onto `target` (file or directory).
+
+    The rename is atomic on POSIX, so a reader sees either the old file, the new one, or none, never half.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        yield tmp
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(target, text.encode("utf-8"))
+
+
+def atomic_write_json(target: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(target, json.dumps(obj, indent=2, sort_keys=True, default=str, ensure_ascii=False) + "\n")
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------- provenance
+
+
+def package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    names = ["torch", "transformers", "sentence-transformers", "datasets", "faiss-cpu", "ir-measures",
+             "bm25s", "hydra-core", "pyarrow", "numpy", "msmarco-v3-pipeline"]
+    out = {"python": platform.python_version()}
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def git_revision() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if rev.returncode != 0:
+        return None
+    return rev.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+# --------------------------------------------------------------------------- locks
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, wait_s: float = 0.0) -> Iterator[None]:
+    """Exclusive flock on <folder>/.lock. A lock file left by a killed process holds no flock, so it is
+    recognised as stale and taken over; a live holder makes us wait up to `wait_s`, then refuse."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = Path(path).read_text(errors="replace").strip() or "unknown process"
+                    raise StageLocked(
+                        f"{folder} is being written by another live process ({holder}); "
+                        f"wait for it to finish or stop it (lock file {path})") from None
+                time.sleep(0.5)
+        previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        if previous:
+            log.warning("taking over a stale lock in %s (left by %s, no longer running)", folder, previous)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid={os.getpid()} host={socket.gethostname()}".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+# --------------------------------------------------------------------------- stage folders
+
+
+def stage_folder(root: str | os.PathLike, stage: str, label: str, key: str) -> Path:
+    """The folder of one stage result; labels are sanitised so no config value can leave the root."""
+    root = Path(root).expanduser().resolve()
+    safe = _SAFE_LABEL.sub("_", str(label)).strip("._") or stage
+    folder = (root / stage / f"{safe[:60]}-{key}").resolve()
+    if root not in folder.parents:
+        raise StageError(f"refusing to write outside the artifacts root {root}: {folder}")
+    return folder
+
+
+def is_complete(folder: str | os.PathLike) -> bool:
+    folder = Path(folder)
+    return (folder / MARKER).is_file() and (folder / MANIFEST).is_file()
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    return json.loads((Path(folder) / MANIFEST).read_text())
+
+
+def require_complete(folder: str | os.PathLike, what: str) -> Path:
+    folder = Path(folder)
+    if not is_complete(folder):
+        raise StageError(f"{what} at {folder} is missing or incomplete (no {MARKER}); run that stage first")
+    return folder
+
+
+@dataclass
+class StageRun:
+    """One stage's work on its folder. Created by `open_stage`; the stage fills `counts` and `extra`."""
+
+    stage: str
+    path: Path
+    key: str
+    identity: dict[str, Any]
+    config: dict[str, Any]
+    done: bool = False  # True when a complete result was found and the stage should return at once
+    counts: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - start, 3)
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+
+@contextlib.contextmanager
+def open_stage(stage: str, identity: Mapping[str, Any], *, root: str | os.PathLike, label: str | None = None,
+               config: Mapping[str, Any] | None = None, force: bool = False, resumable: bool = False,
+               lock_wait_s: float = 0.0) -> Iterator[StageRun]:
+    """Run a stage's body inside its keyed folder.
+
+    - complete and not forced: yields a run with `done=True`; the body must return at once.
+    - incomplete leftovers: kept when `resumable` (committed chunks are reused), otherwise cleared.
+    - on success: checksums every file, writes manifest.json, then the _COMPLETE marker (last).
+    - on any error: nothing is marked complete; a full disk gets a message that says so.
+    """
+    identity = dict(identity)
+    key = config_key(identity)
+    path = stage_folder(root, stage, label or stage, key)
+    run = StageRun(stage=stage, path=path, key=key, identity=identity, config=redact(dict(config or identity)))
+    with folder_lock(path, wait_s=lock_wait_s):
+        if is_complete(path) and not force:
+            log.info("%s: complete result found at %s (key %s), skipping; force=true recomputes", stage, path, key)
+            run.done = True
+            yield run
+            return
+        if is_complete(path):
+            log.warning("%s: force=true, discarding the complete result at %s and recomputing", stage, path)
+        (path / MARKER).unlink(missing_ok=True)
+        (path / MANIFEST).unlink(missing_ok=True)
+        if force or not resumable:
+            _clear_folder(path)
+        else:
+            for leftover in path.rglob(".tmp-*"):  # half-written files of a killed run; never committed
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        start = time.perf_counter()
+        try:
+            yield run
+            run.timings["total"] = round(time.perf_counter() - start, 3)
+            _finish(run)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise StageError(f"{stage}: no space left on device while writing {path}; nothing was marked "
+                                 f"complete. Free space (or point artifacts_root elsewhere) and rerun.") from exc
+            raise
+    log.info("%s: done in %.1fs -> %s", stage, run.timings.get("total", 0.0), path)
+
+
+def _clear_folder(path: Path) -> None:
+    for child in path.iterdir():
+        if child.name == LOCK:
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def checksum_files(folder: Path) -> dict[str, dict[str, Any]]:
+    files = {}
+    for f in sorted(folder.rglob("*")):
+        rel = f.relative_to(folder).as_posix()
+        if f.is_file() and rel not in _BOOKKEEPING and not f.name.startswith(".tmp-"):
+            files[rel] = {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+    return files
+
+
+def _finish(run: StageRun) -> None:
+    manifest = {
+        "stage": run.stage,
+        "key": run.key,
+        "identity": redact(run.identity),
+        "config": run.config,
+        "counts": run.counts,
+        "timings_s": run.timings,
+        "versions": package_versions(),
+        "git_revision": git_revision(),
+        "host": socket.gethostname(),
+        "argv": redact(sys.argv),
+        "finished_unix": round(time.time(), 3),
+        "files": checksum_files(run.path),
+        **({"extra": run.extra} if run.extra else {}),
+    }
+    atomic_write_json(run.path / MANIFEST, manifest)
+    digest = sha256_file(run.path / MANIFEST)
+    atomic_write_text(run.path / MARKER, digest + "\n")
+
+
+def verify_folder(folder: str | os.PathLike) -> list[str]:
+    """Problems of one stage folder against its manifest: missing, altered or unexpected files."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return [f"{folder}: no manifest.json (incomplete)"]
+    if not (folder / MARKER).is_file():
+        return [f"{folder}: no {MARKER} marker (incomplete)"]
+    problems = []
+    if (folder / MARKER).read_text().strip() != sha256_file(folder / MANIFEST):
+        problems.append(f"{folder}/{MANIFEST}: altered after completion")
+    recorded = read_manifest(folder).get("files", {})
+    actual = checksum_files(folder)
+    for name, meta in recorded.items():
+        if name not in actual:
+            problems.append(f"{folder}/{name}: missing")
+        elif actual[name]["sha256"] != meta["sha256"]:
+            problems.append(f"{folder}/{name}: altered (sha256 differs from the manifest)")
+    for name in sorted(set(actual) - set(recorded)):
+        problems.append(f"{folder}/{name}: not in the manifest (added after completion)")
+    return problems
+
+
+def tempdir_in(root: str | os.PathLike) -> tempfile.TemporaryDirectory:
+    """Scratch space on the same filesystem as the artifacts, so renames stay atomic."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    return tempfile.TemporaryDirectory(dir=root, prefix=".scratch-")

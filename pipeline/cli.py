@@ -1,0 +1,33 @@
+"""`python -m pipeline stage=<stage> ...`: the one Hydra entry point; each stage is `pipeline.stages.<stage>.run`."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from pipeline.config import CONF_DIR  # importing it registers the resolvers before Hydra composes
+from pipeline.artifacts import StageError
+from pipeline.readers import DataError
+
+log = logging.getLogger("pipeline")
+
+STAGES = ("all", "retrieve", "score", "mine", "train", "teacher", "evaluate", "score_run", "plan", "verify")
+
+
+def run(cfg: DictConfig):
+    if cfg.stage not in STAGES:
+        raise StageError(f"unknown stage {cfg.stage!r}; choose one of: {', '.join(STAGES)}")
+    return importlib.import_module(f"pipeline.stages.{cfg.stage}").run(cfg)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except (DataError, StageError) as exc:  # expected failures: one clear line, no traceback, non-zero exit
+        log.error("%s", exc)
+        sys.exit(2)

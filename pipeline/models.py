@@ -1,0 +1,71 @@
+"""The one place models are loaded: hub ids, local folders, or `demo:<name>` (tiny models built offline).
+
+Remote code is never trusted unless a config turns `trust_remote_code` on explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def resolve_model_path(spec: str, artifacts_root: str | os.PathLike | None = None) -> str:
+    """`demo:<name>` builds (once) the project's tiny models under <artifacts_root>/demo_models."""
+    spec = str(spec)
+    if spec.startswith("demo:"):
+        from pipeline import demo
+        from pipeline.config import resource_dir
+
+        root = Path(artifacts_root or "data/artifacts") / "demo_models"
+        built = demo.build_demo_models(root, resource_dir("demo"))
+        name = spec[5:]
+        if name not in built:
+            raise ValueError(f"unknown demo model {spec!r}; available: {', '.join('demo:' + k for k in built)}")
+        return str(built[name])
+    return spec
+
+
+def load_bi_encoder(spec: str, *, device: str = "auto", artifacts_root: str | None = None,
+                    max_seq_length: int | None = None, trust_remote_code: bool = False) -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(resolve_model_path(spec, artifacts_root), device=resolve_device(device),
+                                trust_remote_code=trust_remote_code)
+    if max_seq_length:
+        model.max_seq_length = int(max_seq_length)
+    return model
+
+
+def load_cross_encoder(spec: str, *, device: str = "auto", artifacts_root: str | None = None,
+                       max_length: int | None = None, trust_remote_code: bool = False) -> Any:
+    from sentence_transformers import CrossEncoder
+
+    kwargs: dict[str, Any] = {"device": resolve_device(device), "trust_remote_code": trust_remote_code}
+    if max_length:
+        kwargs["max_length"] = int(max_length)
+    return CrossEncoder(resolve_model_path(spec, artifacts_root), **kwargs)
+
+
+def model_identity(spec: str) -> dict[str, Any]:
+    """What keys an artifact to a model: the hub id, or a local folder's fingerprint (so two local models in
+    different folders never share a cache, unlike util.mine_hard_negatives' cache_folder)."""
+    from pipeline.artifacts import file_fingerprint
+
+    spec = str(spec)
+    if spec.startswith("demo:"):
+        return {"demo": spec}
+    if Path(spec).exists():
+        return {"local": file_fingerprint(spec)}
+    return {"hub": spec}

@@ -1,0 +1,90 @@
+"""What every stage needs: its artifacts root, the corpus and query sets of the data config, and the folder
+of any other stage's result (computed from the config alone, so no stage ever guesses a path)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pipeline.artifacts import config_key, require_complete, stage_folder
+from pipeline.config import plain
+from pipeline.readers import Corpus, Qrels, check_qrels_in_corpus, positives, read_qrels, read_queries
+
+log = logging.getLogger(__name__)
+
+
+def artifacts_root(cfg: DictConfig) -> Path:
+    return Path(str(cfg.artifacts_root)).expanduser().resolve()
+
+
+def data_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The data config plus fingerprints of the files it names (a changed file changes every key)."""
+    from pipeline.readers import corpus_source_fingerprint
+
+    data = plain(cfg.data)
+    files = {}
+    for name, source in _data_sources(data):
+        files[name] = corpus_source_fingerprint(str(source))
+    return {"config": data, "files": files}
+
+
+def _data_sources(data: dict[str, Any]):
+    yield "corpus", data["corpus"]
+    for key in ("queries", "qrels"):
+        if (data.get("train") or {}).get(key):
+            yield f"train.{key}", data["train"][key]
+    for name, ev in (data.get("evals") or {}).items():
+        for key in ("queries", "qrels", "candidates"):
+            if ev.get(key):
+                yield f"evals.{name}.{key}", ev[key]
+
+
+def load_corpus(cfg: DictConfig) -> Corpus:
+    return Corpus.open(str(cfg.data.corpus), Path(str(cfg.cache_root)).expanduser(),
+                       repair_encoding=bool(cfg.data.repair_encoding), empty_text=str(cfg.data.empty_text))
+
+
+def training_set(cfg: DictConfig, corpus: Corpus | None = None) -> tuple[dict[str, str], dict[str, list[str]], Qrels]:
+    """(queries, positives, qrels) of the training split: only queries that have a positive and a text,
+    in sorted-id order, capped at data.train.max_queries. Judged ids missing from the corpus are counted
+    and fail past data.max_missing_qrels."""
+    train = cfg.data.train
+    if not train.queries or not train.qrels:
+        raise ValueError(f"data={cfg.data.name} has no training split (data.train.queries/qrels are null)")
+    queries = read_queries(str(train.queries))
+    qrels = read_qrels(str(train.qrels))
+    if corpus is not None:
+        check_qrels_in_corpus(qrels, corpus, str(train.qrels), float(cfg.data.max_missing_qrels))
+        qrels = {q: {p: g for p, g in judged.items() if p in corpus} for q, judged in qrels.items()}
+    pos = positives(qrels, int(train.min_grade))
+    missing_text = sorted(q for q in pos if q not in queries)
+    if missing_text:
+        log.warning("%d training queries have qrels but no text in %s, e.g. %s; skipped",
+                    len(missing_text), train.queries, missing_text[:5])
+    kept = sorted((q for q in pos if q in queries), key=_id_sort_key)
+    if train.max_queries:
+        kept = kept[: int(train.max_queries)]
+    return {q: queries[q] for q in kept}, {q: pos[q] for q in kept}, qrels
+
+
+def _id_sort_key(value: str) -> tuple[int, int | str]:
+    return (0, int(value)) if value.isdigit() else (1, value)
+
+
+def stage_module(stage: str):
+    return importlib.import_module(f"pipeline.stages.{stage}")
+
+
+def stage_dir(cfg: DictConfig, stage: str) -> Path:
+    """Folder of `stage`'s result for this config (whether or not it exists yet)."""
+    mod = stage_module(stage)
+    return stage_folder(artifacts_root(cfg), stage, mod.label(cfg), config_key(mod.identity(cfg)))
+
+
+def completed(cfg: DictConfig, stage: str) -> Path:
+    """Folder of `stage`'s complete result for this config, or a StageError saying which stage to run."""
+    return require_complete(stage_dir(cfg, stage), f"the {stage} result for this config")
