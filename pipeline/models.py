@@ -66,6 +66,23 @@ def model_identity(spec: str) -> dict[str, Any]:
     spec = str(spec)
     if spec.startswith("demo:"):
         return {"demo": spec}
+    if Path(spec).is_dir():
+        return {"local": _model_folder_fingerprint(Path(spec))}
     if Path(spec).exists():
         return {"local": file_fingerprint(spec)}
     return {"hub": spec}
+
+
+def _model_folder_fingerprint(folder: Path) -> dict[str, Any]:
+    """file_fingerprint of a model folder, minus its model card: README.md documents the model (the train stage
+    writes the measured figures into it after evaluating the model), it changes nothing the model computes."""
+    import hashlib
+
+    folder = folder.expanduser().resolve()
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith(".")
+                   and f.relative_to(folder).as_posix() != "README.md")
+    digest = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return {"path": str(folder), "files": len(files), "digest": digest.hexdigest()[:16]}

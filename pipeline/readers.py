@@ -250,14 +250,22 @@ def read_run(source: str | os.PathLike) -> Run:
     return run
 
 
+def _trec_key(item: tuple[str, float]) -> tuple[float, str]:
+    """Sort key (with reverse=True) of trec_eval's ranking: score descending, then doc id descending."""
+    return item[1], item[0]
+
+
 def write_run(path: str | os.PathLike, run: Run, tag: str = "pipeline", depth: int | None = None) -> None:
-    """Write a TREC run sorted by score (ties by id, as trec_eval would see them), atomically."""
+    """Write a TREC run in the order trec_eval ranks it (score descending, ties by id descending), so the rank
+    column agrees with what trec_eval and the MS MARCO scripts compute from it; atomically."""
     from .artifacts import atomic_path
 
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         for qid in sorted(run):
-            ranked = sorted(run[qid].items(), key=lambda kv: (-kv[1], kv[0]))[:depth]
-            fh.writelines(f"{qid} Q0 {pid} {rank} {score:.6f} {tag}\n" for rank, (pid, score) in enumerate(ranked, 1))
+            ranked = sorted(run[qid].items(), key=_trec_key, reverse=True)[:depth]
+            # 9 significant digits round-trip float32 exactly: rounding must not create ties trec_eval would
+            # then break differently from the rank column.
+            fh.writelines(f"{qid} Q0 {pid} {rank} {score:.9g} {tag}\n" for rank, (pid, score) in enumerate(ranked, 1))
 
 
 @dataclass
@@ -275,7 +283,7 @@ def read_candidates(source: str | os.PathLike) -> Candidates:
     first = next(iter_lines(path))[1]
     if len(first.split("\t")) != 4:
         run = read_run(path)
-        ranked = {q: [p for p, _ in sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))] for q, d in run.items()}
+        ranked = {q: [p for p, _ in sorted(d.items(), key=_trec_key, reverse=True)] for q, d in run.items()}
         return Candidates(ranked, {}, {})
     ranked: dict[str, list[str]] = {}
     queries: dict[str, str] = {}
@@ -429,6 +437,26 @@ class Corpus:
             bad = [i for i, (a, e) in zip(np.flatnonzero(found), zip(actual, expected)) if a != e]
             rows[bad] = -1
         return rows
+
+    def lookup_array(self, pids: Any) -> np.ndarray:
+        """`lookup` for an Arrow string array of ids: vectorised when the corpus has the dense integer index
+        (millions of ids without a Python object each), else `lookup` on the list."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if isinstance(pids, pa.ChunkedArray):
+            pids = pids.combine_chunks()
+        pids = pids.cast(pa.string())
+        if self._dense is None or pids.null_count:
+            return self.lookup(pids.to_pylist())
+        canonical = pc.match_substring_regex(pids, r"^(0|[1-9][0-9]{0,17})$").to_numpy(zero_copy_only=False)
+        out = np.full(len(pids), -1, dtype=np.int64)
+        if canonical.any():
+            at = np.flatnonzero(canonical)
+            n = pc.cast(pids.filter(pa.array(canonical)), pa.int64()).to_numpy()
+            inside = n < len(self._dense)
+            out[at[inside]] = self._dense[n[inside]]
+        return out
 
     def rows(self, pids: Sequence[str], what: str = "passage ids") -> np.ndarray:
         """Rows of ids that must exist; a missing id is a clear error, never a KeyError."""

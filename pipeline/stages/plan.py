@@ -49,6 +49,15 @@ def _hours(work: float, rate: float) -> float:
     return work / rate / 3600 if rate else float("nan")
 
 
+def _gpu_memory_gb(params_m: float, train: bool, batch_tokens: int, hidden: int = 768, layers: int = 12) -> float:
+    """Rough peak: weights (bf16) + activations of one token-budget batch; training adds fp32 master
+    weights, AdamW moments and gradients (16 bytes/param) and stored activations."""
+    weights = params_m * 1e6 * 2
+    acts = batch_tokens * hidden * layers * 2 * (14 if train else 4)
+    optim = params_m * 1e6 * 16 if train else 0
+    return (weights + acts + optim) / 1e9 + 1.0  # + CUDA context
+
+
 def estimate(cfg: DictConfig) -> dict[str, Any]:
     sizes = dict(cfg.data.get("sizes") or {})
     p = cfg.plan
@@ -56,54 +65,84 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     train_q = sizes.get("train_queries") or _count_judged_queries(cfg.data.train.qrels, int(cfg.data.train.min_grade))
     if cfg.data.train.max_queries and train_q:
         train_q = min(train_q, int(cfg.data.train.max_queries))
+    known_eval = dict(sizes.get("eval_queries") or {})
+    known_rerank = dict(sizes.get("rerank_passages") or {})
     eval_q = {}
     for name, ev in cfg.data.evals.items():
-        eval_q[name] = {"kind": str(ev.kind), "queries": _count_judged_queries(ev.qrels, 1)}
+        count = known_eval.get(name) or _count_judged_queries(ev.qrels, 1)
+        eval_q[name] = {"kind": str(ev.kind), "queries": count}
     unknown = [n for n, v in (("corpus passages", corpus), ("training queries", train_q)) if v is None]
     corpus, train_q = corpus or 0, train_q or 0
+    evaluate_only = str(p.chain) == "evaluate"
+    if evaluate_only:
+        train_q = 0
+        dense_systems = len(cfg.evaluate.systems)
+    else:
+        dense_systems = 2  # v2 before and v3 after training
     top_k = int(cfg.retrieve.top_k)
-    pairs = train_q * (top_k + 1)  # candidates plus about one positive per query
-    retrieval_evals = sum(1 for v in eval_q.values() if v["kind"] == "retrieval")
-    systems = 2  # v2 and v3
-    encode = {"retrieve": corpus, "evaluate": corpus * systems * min(retrieval_evals, 1)}
+    depth = int(cfg.score.depth or top_k)
+    pairs = train_q * (depth + 1)  # candidates plus about one positive per query
+    retrieval_evals = [n for n, v in eval_q.items() if v["kind"] == "retrieval"]
+    rerank_passages = sum(known_rerank.get(n, 0) for n, v in eval_q.items() if v["kind"] == "rerank")
+    encode = {"retrieve": corpus if train_q else 0,
+              "evaluate": dense_systems * (corpus * bool(retrieval_evals) + rerank_passages)}
+    searched = train_q + dense_systems * sum(eval_q[n]["queries"] or 0 for n in retrieval_evals)
     batch = int(cfg.train.batch_size)
-    epochs = float(p.epochs)
-    triplets = int(train_q * epochs)
+    triplets = int(train_q * float(p.epochs))
     dim = int(p.embedding_dim)
     disk = {
-        "corpus_arrow_gb": corpus * 350 / 1e9,  # ~350 bytes of text per MS MARCO passage
-        "corpus_embeddings_gb_per_model": corpus * dim * 2 / 1e9,
-        "candidates_gb": train_q * top_k * 24 / 1e9,
-        "scores_gb": pairs * 24 / 1e9,
-        "model_checkpoints_gb": 3 * 0.5,
+        "corpus_arrow": corpus * 350 / 1e9,  # ~350 bytes of text per MS MARCO passage
+        "corpus_embeddings_per_model": corpus * dim * 2 / 1e9,
+        "candidates": train_q * top_k * 24 / 1e9,
+        "scores_and_pair_cache": 2 * pairs * 24 / 1e9,
+        "model_and_checkpoints": 3 * p.params_m.bi_encoder * 1e6 * 4 * 3 / 1e9,
     }
-    host_ram = {
-        "retrieve_gb": max(2.0, 2 * min(corpus, 262144) * dim * 4 / 1e9 + 1.5),  # model + one search chunk
-        "score_gb": 3.0,
-        "mine_gb": pairs * 40 / 1e9 + 1.0,  # columns of the scored table, vectorised
-        "train_gb": 4.0,
+    search_chunk = min(corpus, int(cfg.retrieve.get("encode_block", 262144) or 262144))
+    host_ram = {  # what stays resident; the corpus Arrow file and embeddings are memory-mapped (page cache)
+        "retrieve": 2.0 + search_chunk * dim * 4 * 2 / 1e9 + train_q * dim * 4 / 1e9,
+        "score": 3.0,
+        "mine": 1.0 + pairs * 40 / 1e9,  # the scored table's columns, vectorised
+        "train": 4.0 + triplets * 48 / 1e9,
+        "evaluate": 2.0 + search_chunk * dim * 4 * 2 / 1e9,
+    }
+    tokens = int(cfg.retrieve.batch_tokens)
+    gpu_mem = {
+        "retrieve": _gpu_memory_gb(p.params_m.bi_encoder, False, tokens) + corpus * dim * 2 / 1e9,  # corpus resident
+        "score": _gpu_memory_gb(p.params_m.cross_encoder, False, int(cfg.score.batch_tokens)),
+        "train": _gpu_memory_gb(p.params_m.bi_encoder, True, batch * 3 * int(cfg.train.max_seq_length)),
+        "evaluate": _gpu_memory_gb(p.params_m.bi_encoder, False, tokens) + corpus * dim * 2 / 1e9,
     }
     rates = {}
+    ref = p.reference_job
     for which in ("pipeline", "baseline"):
         r = p[which]
         enc_rate = r.encode_passages / float(p.bi_encoder_cost_factor)
         score_rate = r.score_pairs / float(p.cross_encoder_cost_factor)
         hours = {
             "encode": _hours(sum(encode.values()), enc_rate),
-            "search": _hours(train_q + sum(v["queries"] or 0 for v in eval_q.values()), r.search_queries),
+            "search": _hours(searched, r.search_queries),
             "score": _hours(pairs, score_rate),
             "train": _hours(triplets, r.train_triplets / float(p.bi_encoder_cost_factor)),
         }
         hours["total"] = sum(hours.values())
-        rates[which] = hours
+        reference = {
+            "encode": _hours(ref.passages_encoded, r.encode_passages),
+            "search": _hours(ref.queries_searched, r.search_queries),
+            "score": _hours(ref.pairs_scored, r.score_pairs),
+            "train": _hours(ref.triplets_trained, r.train_triplets),
+        }
+        reference["total"] = sum(reference.values())
+        rates[which] = {"this_run": hours, "reference_job": reference}
     return {
-        "experiment": {"data": cfg.data.name, "model": cfg.model.name},
+        "experiment": {"data": cfg.data.name, "model": cfg.model.name, "chain": str(p.chain)},
         "work": {"corpus_passages": corpus, "training_queries": train_q, "eval_queries": eval_q,
-                 "passages_encoded": encode, "queries_searched_top_k": top_k, "pairs_scored": pairs,
+                 "passages_encoded": encode, "queries_searched": searched, "top_k": top_k, "pairs_scored": pairs,
                  "training_triplets": triplets, "training_steps": -(-triplets // batch) if batch else 0},
         "disk_gb": {k: round(v, 2) for k, v in disk.items()},
         "peak_host_ram_gb": {k: round(v, 1) for k, v in host_ram.items()},
-        "gpu_hours": {w: {k: round(v, 3) for k, v in h.items()} for w, h in rates.items()},
+        "peak_gpu_memory_gb": {k: round(v, 1) for k, v in gpu_mem.items()},
+        "gpu_hours": {w: {part: {k: round(v, 3) for k, v in h.items()} for part, h in d.items()}
+                      for w, d in rates.items()},
         "throughput_source": str(p.throughput_source),
         "unknown": unknown,
     }
@@ -111,18 +150,23 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
 
 def format_plan(plan: dict[str, Any]) -> str:
     w = plan["work"]
-    lines = [f"plan for data={plan['experiment']['data']} model={plan['experiment']['model']}",
+    exp = plan["experiment"]
+    lines = [f"plan for data={exp['data']} model={exp['model']} (chain: {exp['chain']})",
              f"  corpus passages        {w['corpus_passages']:>14,}",
              f"  training queries       {w['training_queries']:>14,}"]
     for name, ev in w["eval_queries"].items():
-        lines.append(f"  eval {name:<17} {ev['queries'] if ev['queries'] is not None else '?':>14} queries ({ev['kind']})")
+        count = f"{ev['queries']:,}" if ev["queries"] is not None else "?"
+        lines.append(f"  eval {name:<17} {count:>14} queries ({ev['kind']})")
     lines += [f"  passages to encode     {sum(w['passages_encoded'].values()):>14,}  {w['passages_encoded']}",
+              f"  queries to search      {w['queries_searched']:>14,}  (top-{w['top_k']})",
               f"  pairs to score         {w['pairs_scored']:>14,}",
               f"  training triplets      {w['training_triplets']:>14,}  ({w['training_steps']:,} steps)",
               "  disk (GB)              " + ", ".join(f"{k} {v}" for k, v in plan["disk_gb"].items()),
-              "  peak host RAM (GB)     " + ", ".join(f"{k} {v}" for k, v in plan["peak_host_ram_gb"].items())]
-    for which, hours in plan["gpu_hours"].items():
-        lines.append(f"  GPU hours ({which:<8})   " + ", ".join(f"{k} {v:.2f}" for k, v in hours.items()))
+              "  peak host RAM (GB)     " + ", ".join(f"{k} {v}" for k, v in plan["peak_host_ram_gb"].items()),
+              "  peak GPU memory (GB)   " + ", ".join(f"{k} {v}" for k, v in plan["peak_gpu_memory_gb"].items())]
+    for which, parts in plan["gpu_hours"].items():
+        for part, hours in parts.items():
+            lines.append(f"  GPU hours {which:<8} {part:<13} " + ", ".join(f"{k} {v:.2f}" for k, v in hours.items()))
     lines.append(f"  throughput figures: {plan['throughput_source']}")
     if plan["unknown"]:
         lines.append(f"  unknown (files absent, no data.sizes): {', '.join(plan['unknown'])}")

@@ -1,0 +1,1079 @@
+"""Fast inference for bi-encoders (``encode_texts``) and cross-encoders (``score_pairs``).
+
+Used by the retrieve, score and evaluate stages and by ``scripts/bench_gpu.py``. Module level imports are
+restricted to torch, numpy, transformers and sentence-transformers (see docs/architecture.md).
+
+What it does differently from ``SentenceTransformer.encode`` / ``CrossEncoder.predict``:
+
+* tokenises once per chunk of inputs (default 65,536) with the model's own fast tokenizer, in a background
+  thread, into flat token arrays (no padded tensors, no per-item Python objects kept around); the first chunk
+  is cross-checked against the model's own ``preprocess`` (prompt, lower-casing, truncation, special tokens);
+  any difference switches to the model's own ``preprocess``;
+* sorts every chunk by token length and cuts it into token-budget batches (``batch_tokens`` padded tokens, at
+  most ``max_batch`` rows), so padding is small and batches are as large as memory allows;
+* on CUDA with a half-precision model, removes padding entirely: the batch is one packed sequence
+  (``input_ids`` [1, T] with per-sequence ``position_ids``) and attention is PyTorch's built-in FlashAttention
+  variable-length kernel (``torch.nn.attention.varlen.varlen_attn``, else ``aten._flash_attention_forward``),
+  registered with transformers' ``AttentionInterface`` as ``"engine_varlen"`` and fed ``cu_seq_lens``; a forward
+  hook re-pads the encoder output so the model's own heads (BERT pooler, ELECTRA/DistilBERT classification
+  heads) and the SentenceTransformer's own Pooling/Dense/Normalize modules run unchanged. Elsewhere (CPU, fp32,
+  models without the attention interface) batches are padded and attention is SDPA with a prebuilt 4-D mask
+  (no host synchronisation in mask creation). The first packed batch of a model is checked against the padded
+  path once; a failure or a mismatch falls back to padding;
+* bf16: on CUDA a bf16 copy of the transformer (cached while the weights are unchanged); on CPUs with
+  AVX512-BF16/AMX the same (2-3x faster than fp32 here); pooling and the rest of the SentenceTransformer run in
+  fp32 on the transformer's output;
+* the collation thread produces pinned tensors that are copied with ``non_blocking=True``; results stay on the
+  device and are copied to the host once per chunk, asynchronously; nothing in the loop synchronises with the
+  host (no ``.item()``, no ``.cpu()`` per batch).
+
+Multi-GPU on one node: ``devices=["cuda:0", "cuda:1", ...]`` (or :func:`encode_texts_multi_gpu`) runs one
+process per device over contiguous shards and writes into one shared-memory output.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import itertools
+import logging
+import math
+import os
+import queue
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "encode_texts",
+    "score_pairs",
+    "resolve_precision",
+    "uses_dot_product",
+    "encode_texts_multi_gpu",
+    "score_pairs_multi_gpu",
+    "varlen_available",
+    "token_budget_batches",
+    "LAST_RUN",
+]
+
+VARLEN_ATTN_NAME = "engine_varlen"
+DEFAULT_CHUNK = 65536
+
+#: facts about the last encode/score call of this process (attention path, token counts, timings);
+#: read by the bench script and the stages' manifests.
+LAST_RUN: dict[str, Any] = {}
+
+
+# ----------------------------------------------------------------------------------------------- precision
+def _cpu_has_fast_bf16() -> bool:
+    env = os.environ.get("PIPELINE_CPU_BF16")
+    if env is not None:
+        return env.strip().lower() not in ("0", "false", "no", "")
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(torch.cpu, probe, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except Exception:  # pragma: no cover
+            pass
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:  # pragma: no cover
+        return False
+
+
+def resolve_precision(precision: str, device) -> torch.dtype | None:
+    """Compute dtype for ``precision`` on ``device``; ``None`` means fp32.
+
+    ``"auto"``: bf16 on CUDA (fp16 where bf16 is unsupported), bf16 on CPUs with AVX512-BF16 or AMX, else fp32.
+    ``"fp32"``/``"float32"``, ``"bf16"``/``"bfloat16"``, ``"fp16"``/``"float16"``/``"half"`` force a dtype.
+    """
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    p = str(precision or "auto").lower().strip()
+    if p in ("fp32", "float32", "32", "full", "none"):
+        return None
+    if p in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if p in ("fp16", "float16", "half", "16"):
+        return torch.float16
+    if p != "auto":
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if dev.type == "cuda":
+        try:
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        except Exception:  # pragma: no cover
+            return torch.float16
+    if dev.type == "cpu":
+        return torch.bfloat16 if _cpu_has_fast_bf16() else None
+    return None
+
+
+def uses_dot_product(model) -> bool:
+    """True when the model's similarity function is the dot product (ANCE-style), i.e. callers must not
+    normalise embeddings; False for cosine (the default)."""
+    name = getattr(model, "similarity_fn_name", None)
+    if name is None:
+        return False
+    name = str(getattr(name, "value", name)).lower()
+    return name in ("dot", "dot_product", "dot_score")
+
+
+# ------------------------------------------------------------------------------------- variable-length attn
+_VARLEN_FN: Callable | None = None
+_VARLEN_REGISTERED = False
+
+
+def _resolve_varlen_fn() -> Callable | None:
+    global _VARLEN_FN
+    if _VARLEN_FN is not None:
+        return _VARLEN_FN
+    fn = None
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # torch >= 2.9
+
+        has_scale = "scale" in inspect.signature(varlen_attn).parameters
+
+        def fn(q, k, v, cu, max_len, scale):  # noqa: F811
+            if has_scale:
+                return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale)
+            if scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-12:
+                raise RuntimeError("varlen_attn without a scale argument cannot apply a custom scale")
+            return varlen_attn(q, k, v, cu, cu, max_len, max_len)
+
+    except Exception:
+        op = getattr(torch.ops.aten, "_flash_attention_forward", None)
+        if op is not None:
+
+            def fn(q, k, v, cu, max_len, scale):  # noqa: F811
+                return op(q, k, v, cu, cu, max_len, max_len, 0.0, False, False, scale=scale)[0]
+
+    _VARLEN_FN = fn
+    return fn
+
+
+def _varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention-interface function over a packed batch: query/key/value [1, H, T, D]."""
+    cu = kwargs.get("cu_seq_lens_q")
+    max_len = kwargs.get("max_length_q")
+    if cu is None or max_len is None:
+        raise RuntimeError("engine_varlen attention needs cu_seq_lens_q/max_length_q (packed inputs)")
+    q = query[0].transpose(0, 1)
+    k = key[0].transpose(0, 1)
+    v = value[0].transpose(0, 1)
+    out = _resolve_varlen_fn()(q, k, v, cu, int(max_len), scaling)
+    return out.unsqueeze(0), None
+
+
+def _register_varlen() -> bool:
+    global _VARLEN_REGISTERED
+    if _VARLEN_REGISTERED:
+        return True
+    try:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(VARLEN_ATTN_NAME, _varlen_attention_forward)
+        _VARLEN_REGISTERED = True
+    except Exception as exc:  # pragma: no cover - transformers without the attention interface
+        log.debug("cannot register varlen attention: %s", exc)
+    return _VARLEN_REGISTERED
+
+
+def varlen_available(device) -> bool:
+    """Whether packed (unpadded) variable-length attention can run on ``device`` with this torch."""
+    dev = torch.device(device)
+    return dev.type == "cuda" and _resolve_varlen_fn() is not None and _register_varlen()
+
+
+# ------------------------------------------------------------------------------------------ model handling
+@dataclass
+class _Prepared:
+    hf: torch.nn.Module
+    dtype: torch.dtype | None
+    device: torch.device
+    autocast: bool  # run the (uncast) model under autocast instead of a cast copy
+    attn: str  # "varlen" | "sdpa" | "model"
+    accepts_token_type_ids: bool
+    pos_offset: int
+    hook_handle: Any = None
+    ctx: dict = field(default_factory=dict)
+    verified: bool = False
+    fingerprint: tuple = ()
+
+
+_PREPARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _fingerprint(m: torch.nn.Module) -> tuple:
+    return tuple((p.data_ptr(), p._version, p.dtype, str(p.device)) for p in m.parameters())
+
+
+def _find_encoder(hf: torch.nn.Module) -> torch.nn.Module | None:
+    base = getattr(hf, "base_model", hf)
+    for name in ("encoder", "transformer", "layers"):
+        mod = getattr(base, name, None)
+        if isinstance(mod, torch.nn.Module) and not isinstance(mod, torch.nn.ModuleList):
+            return mod
+    return None
+
+
+def _pos_offset(hf: torch.nn.Module) -> int:
+    # RoBERTa-family embeddings count positions from padding_idx + 1 (as sentence-transformers does).
+    for module in hf.modules():
+        pad = getattr(module, "padding_idx", None)
+        if isinstance(pad, int) and isinstance(getattr(module, "position_embeddings", None), torch.nn.Embedding):
+            return pad + 1
+    return 0
+
+
+def _set_attn(hf: torch.nn.Module, name: str) -> bool:
+    try:
+        if hasattr(hf, "set_attn_implementation"):
+            hf.set_attn_implementation(name)
+        else:  # pragma: no cover - older transformers
+            hf.config._attn_implementation = name
+        return getattr(hf.config, "_attn_implementation", name) == name
+    except Exception as exc:
+        log.debug("cannot set attention implementation %s: %s", name, exc)
+        return False
+
+
+def _repad_hook(prep: _Prepared):
+    def hook(module, args, output):
+        ctx = prep.ctx
+        if not ctx.get("packed"):
+            return output
+        hs = output[0] if isinstance(output, tuple) else output["last_hidden_state"]
+        if hs.dim() != 3 or hs.shape[0] != 1:
+            return output
+        padded = hs.new_zeros(ctx["B"], ctx["L"], hs.shape[-1])
+        padded[ctx["rows"], ctx["cols"]] = hs[0]
+        if isinstance(output, tuple):
+            return (padded,) + tuple(output[1:])
+        output["last_hidden_state"] = padded
+        return output
+
+    return hook
+
+
+def _prepare(hf_model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None, attention: str) -> _Prepared:
+    """A working copy of the HF model on ``device`` in ``dtype`` with the chosen attention, cached while the
+    original's weights are unchanged (fingerprint over data pointers and in-place version counters)."""
+    key = (str(device), dtype, attention)
+    fp = _fingerprint(hf_model)
+    cache = _PREPARED.setdefault(hf_model, {})
+    prep = cache.get(key)
+    if prep is not None and prep.fingerprint == fp:
+        return prep
+    for old in cache.values():
+        if old.hook_handle is not None:
+            old.hook_handle.remove()
+    cache.clear()
+
+    want_varlen = attention in ("auto", "varlen") and dtype in (torch.float16, torch.bfloat16) and varlen_available(device)
+    if attention == "varlen" and not want_varlen:
+        log.warning("varlen attention requested but unavailable on %s/%s; using padded SDPA", device, dtype)
+    encoder = _find_encoder(hf_model)
+    supports_backend = bool(getattr(hf_model, "_supports_attention_backend", False))
+    if want_varlen and (encoder is None or not supports_backend):
+        want_varlen = False
+    try:
+        work = copy.deepcopy(hf_model)
+        use_autocast = False
+    except Exception as exc:  # pragma: no cover - e.g. models holding non-copyable state
+        log.warning("cannot copy the model (%s); running it in place under autocast with padded attention", exc)
+        work, use_autocast, want_varlen = hf_model, True, False
+    if not use_autocast:
+        work.to(device=device, dtype=dtype) if dtype is not None else work.to(device=device)
+        work.eval()
+        for p in work.parameters():
+            p.requires_grad_(False)
+    attn = "model"
+    if want_varlen and _set_attn(work, VARLEN_ATTN_NAME):
+        attn = "varlen"
+    elif not use_autocast and getattr(work, "_supports_sdpa", False) and _set_attn(work, "sdpa"):
+        attn = "sdpa"
+    fwd_params = inspect.signature(work.forward).parameters
+    prep = _Prepared(
+        hf=work,
+        dtype=dtype,
+        device=device,
+        autocast=use_autocast,
+        attn=attn,
+        accepts_token_type_ids="token_type_ids" in fwd_params,
+        pos_offset=_pos_offset(work),
+        fingerprint=fp,
+    )
+    if attn == "varlen":
+        prep.hook_handle = _find_encoder(work).register_forward_hook(_repad_hook(prep))
+    cache[key] = prep
+    return prep
+
+
+def _fallback_to_padded(prep: _Prepared) -> None:
+    if prep.attn != "varlen":
+        return
+    if prep.hook_handle is not None:
+        prep.hook_handle.remove()
+        prep.hook_handle = None
+    prep.attn = "sdpa" if getattr(prep.hf, "_supports_sdpa", False) and _set_attn(prep.hf, "sdpa") else "model"
+    if prep.attn == "model":
+        _set_attn(prep.hf, "eager")
+
+
+# ------------------------------------------------------------------------------------------ tokenisation
+@dataclass
+class _Tokens:
+    """Flat (CSR) token storage for a chunk: row i is ids[offsets[i]:offsets[i+1]]."""
+
+    ids: np.ndarray
+    offsets: np.ndarray
+    type_ids: np.ndarray | None = None
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def _transformer_module(model):
+    try:
+        first = model[0]
+    except Exception:
+        first = None
+    if first is not None and (hasattr(first, "auto_model") or hasattr(first, "tokenizer")):
+        return first
+    return None
+
+
+def _csr_from_padded(features: dict) -> _Tokens:
+    ids = features["input_ids"]
+    if "cu_seq_lens_q" in features:  # the model's own preprocess flattened the batch (FA2 installs)
+        cu = features["cu_seq_lens_q"].to(torch.int64).cpu().numpy()
+        flat = ids.reshape(-1).cpu().numpy().astype(np.int32)
+        tt = features.get("token_type_ids")
+        return _Tokens(flat, cu, None if tt is None else tt.reshape(-1).cpu().numpy().astype(np.int8))
+    ids = torch.as_tensor(ids)
+    mask = features.get("attention_mask")
+    mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
+    lengths = mask.sum(1).numpy().astype(np.int64)
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = ids[mask].numpy().astype(np.int32)
+    tt = features.get("token_type_ids")
+    tt_flat = None if tt is None else torch.as_tensor(tt)[mask].numpy().astype(np.int8)
+    return _Tokens(flat, offsets, tt_flat)
+
+
+class _Tokenizer:
+    """Tokenises inputs exactly like the model's own ``preprocess`` but without padding, through the fast
+    (Rust) tokenizer in batch; verified against ``preprocess`` on the first chunk."""
+
+    def __init__(self, model, kind: str, prompt: str | None, want_type_ids: bool, max_positions: int | None):
+        self.model = model
+        self.kind = kind
+        self.prompt = prompt
+        self.want_type_ids = want_type_ids
+        self.module = _transformer_module(model)
+        self.backend = None
+        self.verified = False
+        self.slow_reason = ""
+        tok = getattr(self.module, "tokenizer", None) if self.module is not None else None
+        if tok is None:
+            tok = getattr(model, "tokenizer", None)
+        self.tokenizer = tok
+        proc_kwargs = getattr(self.module, "processing_kwargs", None) or {}
+        if tok is None or not getattr(tok, "is_fast", False) or not hasattr(tok, "backend_tokenizer"):
+            self.slow_reason = "no fast tokenizer"
+            return
+        if any(proc_kwargs.get(k) for k in ("text", "common")):
+            self.slow_reason = "module has processing_kwargs"
+            return
+        max_len = getattr(self.module, "max_seq_length", None) if self.module is not None else None
+        if max_len is None:
+            max_len = getattr(tok, "model_max_length", None)
+        if max_len is None or max_len > 10**6:
+            max_len = max_positions
+        try:
+            from tokenizers import Tokenizer
+
+            bt = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+            bt.no_padding()
+            if max_len:
+                bt.enable_truncation(
+                    max_length=int(max_len),
+                    strategy="longest_first",
+                    direction=getattr(tok, "truncation_side", "right") or "right",
+                )
+            else:
+                bt.no_truncation()
+            self.backend = bt
+            self._encode = getattr(bt, "encode_batch_fast", bt.encode_batch)
+        except Exception as exc:  # pragma: no cover
+            self.slow_reason = f"backend tokenizer unusable: {exc}"
+        self.max_len = max_len
+
+    def _prep_inputs(self, items: Sequence) -> list:
+        if self.kind == "pairs":
+            out = [(str(a), str(b)) for a, b in items]
+            if self.prompt:
+                out = [(self.prompt + a, b) for a, b in out]
+            return out
+        items = [str(t) for t in items]
+        if self.prompt:
+            items = [self.prompt + t for t in items]
+        return items
+
+    def _fast(self, items: Sequence) -> _Tokens:
+        encs = self._encode(self._prep_inputs(items), add_special_tokens=True)
+        n = len(encs)
+        lengths = np.fromiter((len(e.ids) for e in encs), np.int64, n)
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        total = int(offsets[-1])
+        ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), np.int32, total)
+        tt = None
+        if self.want_type_ids:
+            tt = np.fromiter(itertools.chain.from_iterable(e.type_ids for e in encs), np.int8, total)
+        return _Tokens(ids, offsets, tt)
+
+    def _slow(self, items: Sequence, step: int = 1024) -> _Tokens:
+        parts = []
+        for s in range(0, len(items), step):
+            sub = list(items[s : s + step])
+            if self.kind == "pairs":
+                sub = [(a, b) for a, b in sub]
+                feats = self.model.preprocess(sub, prompt=self.prompt) if self.prompt else self.model.preprocess(sub)
+            else:
+                feats = self.model.preprocess(sub, prompt=self.prompt) if self.prompt else self.model.preprocess(sub)
+            parts.append(_csr_from_padded(feats))
+        if len(parts) == 1:
+            t = parts[0]
+        else:
+            lens = np.concatenate([p.lengths for p in parts])
+            offsets = np.zeros(len(lens) + 1, np.int64)
+            np.cumsum(lens, out=offsets[1:])
+            tts = [p.type_ids for p in parts]
+            t = _Tokens(
+                np.concatenate([p.ids for p in parts]),
+                offsets,
+                None if any(x is None for x in tts) else np.concatenate(tts),
+            )
+        if not self.want_type_ids:
+            t.type_ids = None
+        elif t.type_ids is None:
+            t.type_ids = np.zeros_like(t.ids, dtype=np.int8)
+        return t
+
+    def _verify(self, items: Sequence, fast: _Tokens) -> bool:
+        n = len(items)
+        if n == 0:
+            return True
+        lens = fast.lengths
+        pick = sorted(set(range(min(32, n))) | set(np.argsort(-lens, kind="stable")[:32].tolist()))
+        try:
+            ref = self._slow([items[i] for i in pick], step=len(pick))
+        except Exception as exc:  # pragma: no cover
+            log.debug("preprocess cross-check failed to run: %s", exc)
+            return True
+        for j, i in enumerate(pick):
+            a = fast.ids[fast.offsets[i] : fast.offsets[i + 1]]
+            b = ref.ids[ref.offsets[j] : ref.offsets[j + 1]]
+            if a.shape != b.shape or not np.array_equal(a, b):
+                self.slow_reason = "fast tokenisation differs from the model's preprocess"
+                return False
+            if self.want_type_ids and fast.type_ids is not None and ref.type_ids is not None:
+                ta = fast.type_ids[fast.offsets[i] : fast.offsets[i + 1]]
+                tb = ref.type_ids[ref.offsets[j] : ref.offsets[j + 1]]
+                if not np.array_equal(ta, tb):
+                    self.slow_reason = "token type ids differ from the model's preprocess"
+                    return False
+        return True
+
+    def __call__(self, items: Sequence) -> _Tokens:
+        if self.backend is not None:
+            toks = self._fast(items)
+            if self.verified:
+                return toks
+            if self._verify(items, toks):
+                self.verified = True
+                return toks
+            log.warning("engine: %s; using the model's own preprocess", self.slow_reason)
+            self.backend = None
+        return self._slow(items)
+
+
+# ---------------------------------------------------------------------------------------------- batching
+def token_budget_batches(lengths_sorted: np.ndarray, batch_tokens: int, max_batch: int, packed: bool = False):
+    """Cut a descending-sorted length array into consecutive [start, end) batches.
+
+    Padded: rows * longest-row <= batch_tokens; packed: sum of lengths <= batch_tokens; never more than
+    ``max_batch`` rows; a single row longer than the budget forms its own batch. Every index appears in
+    exactly one batch, in order.
+    """
+    n = len(lengths_sorted)
+    out = []
+    if n == 0:
+        return out
+    lengths_sorted = np.asarray(lengths_sorted, dtype=np.int64)
+    batch_tokens = max(1, int(batch_tokens))
+    max_batch = max(1, int(max_batch))
+    if packed:
+        csum = np.concatenate([[0], np.cumsum(lengths_sorted)])
+    i = 0
+    while i < n:
+        if packed:
+            j = int(np.searchsorted(csum, csum[i] + batch_tokens, side="right")) - 1
+            j = max(j, i + 1)
+        else:
+            longest = max(1, int(lengths_sorted[i]))
+            j = i + max(1, batch_tokens // longest)
+        j = min(j, i + max_batch, n)
+        out.append((i, j))
+        i = j
+    return out
+
+
+@dataclass
+class _Batch:
+    local_idx: np.ndarray  # rows of this batch, as positions in the chunk (input order)
+    chunk: int
+    B: int
+    L: int
+    T: int
+    packed: bool
+    tensors: dict
+
+
+class _ChunkEnd:
+    def __init__(self, chunk: int, start: int, n: int):
+        self.chunk, self.start, self.n = chunk, start, n
+
+
+class _Stop:
+    pass
+
+
+def _collate(toks: _Tokens, order: np.ndarray, pos_offset: int, packed: bool, pad_id: int, want_tt: bool, pin: bool):
+    lens = toks.lengths[order]
+    B = len(order)
+    L = int(lens.max()) if B else 0
+    T = int(lens.sum())
+    starts = toks.offsets[order]
+    # flat gather indices of all tokens of the batch, row-major
+    rep_starts = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
+    flat_idx = rep_starts + np.arange(T, dtype=np.int64)
+    rows = np.repeat(np.arange(B, dtype=np.int64), lens)
+    cols = flat_idx - np.repeat(starts, lens)
+    ids = toks.ids[flat_idx].astype(np.int64)
+    t: dict[str, torch.Tensor] = {}
+    if packed:
+        cu = np.zeros(B + 1, np.int32)
+        np.cumsum(lens, out=cu[1:])
+        t["input_ids"] = torch.from_numpy(ids).view(1, T)
+        t["position_ids"] = torch.from_numpy(cols + pos_offset).view(1, T)
+        if want_tt and toks.type_ids is not None:
+            t["token_type_ids"] = torch.from_numpy(toks.type_ids[flat_idx].astype(np.int64)).view(1, T)
+        t["cu"] = torch.from_numpy(cu)
+        t["rows"] = torch.from_numpy(rows)
+        t["cols"] = torch.from_numpy(cols)
+    else:
+        pid = np.full((B, L), pad_id, np.int64)
+        pid[rows, cols] = ids
+        t["input_ids"] = torch.from_numpy(pid)
+        if want_tt and toks.type_ids is not None:
+            tt = np.zeros((B, L), np.int64)
+            tt[rows, cols] = toks.type_ids[flat_idx]
+            t["token_type_ids"] = torch.from_numpy(tt)
+    t["lens"] = torch.from_numpy(lens.astype(np.int64))
+    if pin:
+        t = {k: v.pin_memory() for k, v in t.items()}
+    return B, L, T, t
+
+
+# -------------------------------------------------------------------------------------------- the runner
+def _iter_chunks(n: int, chunk: int) -> Iterator[tuple[int, int, int]]:
+    for c, s in enumerate(range(0, n, chunk)):
+        yield c, s, min(n, s + chunk)
+
+
+def _producer(items, tokenizer: _Tokenizer, prep: _Prepared, cfg: dict, q: "queue.Queue", stop: threading.Event, stats):
+    try:
+        pad_id = cfg["pad_id"]
+        for c, s, e in _iter_chunks(len(items), cfg["chunk"]):
+            if stop.is_set():
+                return
+            t0 = time.perf_counter()
+            toks = tokenizer(items[s:e])
+            stats["tokenize_s"] += time.perf_counter() - t0
+            lens = toks.lengths
+            stats["tokens"] += int(lens.sum())
+            stats["attn_tokens"] += float(np.square(lens.astype(np.float64)).sum())
+            order = np.argsort(-lens, kind="stable")
+            packed = prep.attn == "varlen"
+            bounds = token_budget_batches(lens[order], cfg["batch_tokens"], cfg["max_batch"], packed=packed)
+            for a, b in bounds:
+                if stop.is_set():
+                    return
+                sel = order[a:b]
+                packed = prep.attn == "varlen"
+                B, L, T, tensors = _collate(toks, sel, prep.pos_offset, packed, pad_id, cfg["want_tt"], cfg["pin"])
+                stats["padded_tokens"] += B * L
+                _put(q, _Batch(sel, c, B, L, T, packed, tensors), stop)
+            _put(q, _ChunkEnd(c, s, e - s), stop)
+        _put(q, _Stop(), stop)
+    except BaseException as exc:  # forwarded to the consumer
+        _put(q, exc, stop)
+
+
+def _put(q: "queue.Queue", item, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue
+
+
+def _to_device(t: dict, device: torch.device) -> dict:
+    nb = device.type == "cuda"
+    return {k: v.to(device, non_blocking=nb) for k, v in t.items()}
+
+
+def _packed_to_padded(batch: _Batch, pad_id: int) -> _Batch:
+    t = batch.tensors
+    B, L = batch.B, batch.L
+    ids = torch.full((B, L), pad_id, dtype=torch.int64, device=t["input_ids"].device)
+    ids[t["rows"], t["cols"]] = t["input_ids"][0]
+    nt = {"input_ids": ids, "lens": t["lens"]}
+    if "token_type_ids" in t:
+        tt = torch.zeros((B, L), dtype=torch.int64, device=ids.device)
+        tt[t["rows"], t["cols"]] = t["token_type_ids"][0]
+        nt["token_type_ids"] = tt
+    return _Batch(batch.local_idx, batch.chunk, B, L, batch.T, False, nt)
+
+
+def _hf_forward(prep: _Prepared, batch: _Batch, dev: dict):
+    """Run the prepared HF model on one batch; returns (model output, [B, L] bool mask)."""
+    B, L = batch.B, batch.L
+    mask2d = torch.arange(L, device=prep.device)[None, :] < dev["lens"][:, None]
+    kwargs: dict[str, Any] = {"input_ids": dev["input_ids"]}
+    if prep.accepts_token_type_ids and "token_type_ids" in dev:
+        kwargs["token_type_ids"] = dev["token_type_ids"]
+    if batch.packed:
+        kwargs["position_ids"] = dev["position_ids"]
+        kwargs["cu_seq_lens_q"] = dev["cu"]
+        kwargs["cu_seq_lens_k"] = dev["cu"]
+        kwargs["max_length_q"] = L
+        kwargs["max_length_k"] = L
+        prep.ctx.update(packed=True, B=B, L=L, rows=dev["rows"], cols=dev["cols"])
+    else:
+        prep.ctx["packed"] = False
+        if prep.attn == "sdpa":
+            kwargs["attention_mask"] = mask2d[:, None, None, :]  # 4-D bool: returned as-is, no host sync
+        else:
+            kwargs["attention_mask"] = mask2d.to(torch.int64)
+    try:
+        if prep.autocast and prep.dtype is not None:
+            with torch.autocast(device_type=prep.device.type, dtype=prep.dtype):
+                out = prep.hf(**kwargs, return_dict=True)
+        else:
+            out = prep.hf(**kwargs, return_dict=True)
+    finally:
+        prep.ctx["packed"] = False
+        prep.ctx.pop("rows", None)
+        prep.ctx.pop("cols", None)
+    return out, mask2d
+
+
+class _Runner:
+    """Shared machinery of encode_texts and score_pairs."""
+
+    def __init__(self, kind: str, model, hf_model, items, *, prompt, batch_tokens, max_batch, precision,
+                 show_progress, desc, attention, chunk, post: Callable):
+        self.kind = kind
+        self.model = model
+        self.items = items
+        self.post = post
+        try:
+            device = model.device
+        except Exception:  # pragma: no cover
+            device = next(hf_model.parameters()).device
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = resolve_precision(precision, self.device)
+        self.prep = _prepare(hf_model, self.device, self.dtype, attention)
+        cfg_max_pos = getattr(getattr(hf_model, "config", None), "max_position_embeddings", None)
+        max_positions = (cfg_max_pos - self.prep.pos_offset) if cfg_max_pos else None
+        tok = getattr(_transformer_module(model), "tokenizer", None) or getattr(model, "tokenizer", None)
+        want_tt = self.prep.accepts_token_type_ids and "token_type_ids" in (getattr(tok, "model_input_names", None) or [])
+        self.tokenizer = _Tokenizer(model, kind, prompt, want_tt, max_positions)
+        pad_id = getattr(tok, "pad_token_id", None)
+        self.cfg = {
+            "chunk": max(1, int(chunk or DEFAULT_CHUNK)),
+            "batch_tokens": batch_tokens,
+            "max_batch": max_batch,
+            "pad_id": 0 if pad_id is None else int(pad_id),
+            "want_tt": want_tt,
+            "pin": self.device.type == "cuda",
+        }
+        self.show_progress = show_progress
+        self.desc = desc
+        self.attention = attention
+
+    def _verify_varlen(self, padded: _Batch, result: torch.Tensor) -> bool:
+        """Compare the first packed batch with the padded path, once per prepared model."""
+        _fallback_to_padded(self.prep)
+        ref = self.post(*_hf_forward(self.prep, padded, padded.tensors), padded)
+        if _close(result, ref):  # restore the varlen path
+            _set_attn(self.prep.hf, VARLEN_ATTN_NAME)
+            self.prep.attn = "varlen"
+            self.prep.hook_handle = _find_encoder(self.prep.hf).register_forward_hook(_repad_hook(self.prep))
+            return True
+        log.warning("engine: packed varlen attention disagrees with padded attention; using padding")
+        return False
+
+    def run(self) -> np.ndarray:
+        n = len(self.items)
+        stats = {"tokenize_s": 0.0, "tokens": 0, "padded_tokens": 0, "attn_tokens": 0.0}
+        t_start = time.perf_counter()
+        out: np.ndarray | None = None
+        q: "queue.Queue" = queue.Queue(maxsize=8)
+        stop = threading.Event()
+        producer = threading.Thread(
+            target=_producer, args=(self.items, self.tokenizer, self.prep, self.cfg, q, stop, stats), daemon=True
+        )
+        bar = None
+        if self.show_progress and n:
+            try:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=n, desc=self.desc, unit="it", smoothing=0.05)
+            except Exception:  # pragma: no cover
+                bar = None
+        cuda = self.device.type == "cuda"
+        dev_buf: torch.Tensor | None = None
+        pending: list = []  # (host pinned buffer, event, start, n)
+        cur_chunk = -1
+        first_packed_done = self.prep.verified
+        autocast_cpu = (
+            torch.autocast(device_type="cpu", dtype=self.dtype)
+            if (self.prep.autocast and self.dtype is not None and not cuda)
+            else contextlib.nullcontext()
+        )
+        producer.start()
+        try:
+            with torch.inference_mode(), autocast_cpu:
+                while True:
+                    item = q.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    if isinstance(item, _Stop):
+                        break
+                    if isinstance(item, _ChunkEnd):
+                        if cuda and dev_buf is not None:
+                            host = torch.empty(dev_buf.shape, dtype=dev_buf.dtype, pin_memory=True)
+                            host.copy_(dev_buf, non_blocking=True)
+                            ev = torch.cuda.Event()
+                            ev.record()
+                            pending.append((host, ev, item.start, item.n))
+                            while len(pending) > 1:
+                                h, e, s0, n0 = pending.pop(0)
+                                e.synchronize()
+                                out[s0 : s0 + n0] = h.numpy()
+                            dev_buf = None
+                        continue
+                    batch: _Batch = item
+                    dev = _to_device(batch.tensors, self.device)
+                    batch = _Batch(batch.local_idx, batch.chunk, batch.B, batch.L, batch.T, batch.packed, dev)
+                    if batch.packed and self.prep.attn != "varlen":
+                        batch = _packed_to_padded(batch, self.cfg["pad_id"])
+                    try:
+                        res = self.post(*_hf_forward(self.prep, batch, batch.tensors), batch)
+                    except Exception as exc:
+                        if not batch.packed:
+                            raise
+                        log.warning("engine: varlen attention failed (%s); falling back to padded SDPA", exc)
+                        _fallback_to_padded(self.prep)
+                        batch = _packed_to_padded(batch, self.cfg["pad_id"])
+                        res = self.post(*_hf_forward(self.prep, batch, batch.tensors), batch)
+                    if batch.packed and not first_packed_done:
+                        first_packed_done = True
+                        if self.attention == "auto":
+                            padded = _packed_to_padded(batch, self.cfg["pad_id"])
+                            if not self._verify_varlen(padded, res):
+                                res = self.post(*_hf_forward(self.prep, padded, padded.tensors), padded)
+                        self.prep.verified = True
+                    res = res.float()
+                    if out is None:
+                        out = np.empty((n,) + tuple(res.shape[1:]), dtype=np.float32)
+                    # batch_tokens/chunk bookkeeping
+                    if batch.chunk != cur_chunk:
+                        cur_chunk = batch.chunk
+                        s = cur_chunk * self.cfg["chunk"]
+                        chunk_n = min(self.cfg["chunk"], n - s)
+                        if cuda:
+                            dev_buf = torch.empty((chunk_n,) + tuple(res.shape[1:]), dtype=torch.float32, device=self.device)
+                        chunk_start = s
+                    idx = torch.from_numpy(np.ascontiguousarray(batch.local_idx, dtype=np.int64))
+                    if cuda:
+                        dev_buf.index_copy_(0, idx.to(self.device, non_blocking=True), res)
+                    else:
+                        target = torch.from_numpy(out[chunk_start : chunk_start + self.cfg["chunk"]])
+                        target.index_copy_(0, idx, res)
+                    if bar is not None:
+                        bar.update(batch.B)
+            for h, e, s0, n0 in pending:
+                e.synchronize()
+                out[s0 : s0 + n0] = h.numpy()
+        finally:
+            stop.set()
+            producer.join(timeout=5)
+            if bar is not None:
+                bar.close()
+        if out is None:
+            out = np.zeros((0, 0), dtype=np.float32)
+        LAST_RUN.clear()
+        LAST_RUN.update(
+            kind=self.kind,
+            n=n,
+            device=str(self.device),
+            dtype=str(self.dtype).replace("torch.", "") if self.dtype is not None else "float32",
+            attention=self.prep.attn,
+            tokenizer="fast" if self.tokenizer.backend is not None else f"preprocess ({self.tokenizer.slow_reason})",
+            tokens=stats["tokens"],
+            padded_tokens=stats["padded_tokens"] if self.prep.attn != "varlen" else stats["tokens"],
+            attn_tokens_sq=stats["attn_tokens"],
+            tokenize_s=stats["tokenize_s"],
+            wall_s=time.perf_counter() - t_start,
+        )
+        return out
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a = a.float().reshape(a.shape[0], -1)
+    b = b.float().reshape(b.shape[0], -1)
+    if a.shape != b.shape:
+        return False
+    if a.shape[1] > 1:
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
+        return bool((cos >= 0.995).all())
+    scale = b.abs().max().clamp_min(1e-6)
+    return bool(((a - b).abs().max() / scale) < 0.05)
+
+
+# ------------------------------------------------------------------------------------------ public API
+def _st_post(model, prompt_length: int | None):
+    modules = list(model)[1:] if _transformer_module(model) is not None else []
+
+    def post(hf_out, mask2d, batch: _Batch) -> torch.Tensor:
+        te = hf_out["last_hidden_state"] if not isinstance(hf_out, tuple) else hf_out[0]
+        features: dict[str, Any] = {
+            "input_ids": batch.tensors["input_ids"],
+            "attention_mask": mask2d.to(torch.int64),
+            "token_embeddings": te.float(),
+            "modality": "text",
+        }
+        if prompt_length is not None:
+            features["prompt_length"] = prompt_length
+        for mod in modules:
+            features = mod(features)
+        return features["sentence_embedding"]
+
+    return post
+
+
+def _ce_post(model):
+    modules = list(model)[1:] if _transformer_module(model) is not None else []
+
+    def post(hf_out, mask2d, batch: _Batch) -> torch.Tensor:
+        logits = hf_out["logits"] if not isinstance(hf_out, tuple) else hf_out[0]
+        if modules:
+            features = {"scores": logits.float(), "attention_mask": mask2d.to(torch.int64)}
+            for mod in modules:
+                features = mod(features)
+            logits = features["scores"]
+        return logits
+
+    return post
+
+
+def encode_texts(
+    model: "SentenceTransformer",
+    texts: Sequence[str],
+    *,
+    prompt: str | None = None,
+    normalize: bool | None = None,
+    batch_tokens: int = 16384,
+    max_batch: int = 512,
+    precision: str = "auto",
+    show_progress: bool = True,
+    desc: str = "encode",
+    attention: str = "auto",
+    chunk_size: int = DEFAULT_CHUNK,
+    devices: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Embed ``texts`` with a SentenceTransformer; float32 [n, dim] in input order.
+
+    ``prompt`` is prepended like ``SentenceTransformer.encode(prompt=...)`` (prompt tokens are excluded from
+    pooling when the model's Pooling says so). ``normalize``: None keeps what the model does (its Normalize
+    module if it has one), True L2-normalises, False adds no normalisation. ``batch_tokens`` is the padded
+    token budget per batch (packed tokens under varlen attention); 65,536 suits an H100/H200.
+    ``attention``: "auto" (packed varlen on CUDA in half precision, checked once against padding),
+    "varlen", or "padded". ``devices``: several devices -> one process per device (see encode_texts_multi_gpu).
+    """
+    if devices is not None and len(devices) > 1:
+        return encode_texts_multi_gpu(
+            model, texts, devices=devices, prompt=prompt, normalize=normalize, batch_tokens=batch_tokens,
+            max_batch=max_batch, precision=precision, show_progress=show_progress, desc=desc,
+            attention=attention, chunk_size=chunk_size,
+        )
+    if devices is not None and len(devices) == 1 and torch.device(devices[0]) != model.device:
+        model.to(devices[0])
+    module = _transformer_module(model)
+    if module is None or not hasattr(module, "auto_model"):
+        raise TypeError("encode_texts needs a SentenceTransformer whose first module is a Transformer")
+    texts = texts if isinstance(texts, (list, tuple)) else list(texts)
+    prompt_length = None
+    if prompt:
+        getter = getattr(module, "_get_prompt_length", None)
+        try:
+            prompt_length = getter(prompt) if getter is not None else None
+        except Exception:  # pragma: no cover
+            prompt_length = None
+    runner = _Runner(
+        "texts", model, module.auto_model, texts, prompt=prompt, batch_tokens=batch_tokens, max_batch=max_batch,
+        precision=precision, show_progress=show_progress, desc=desc, attention=attention, chunk=chunk_size,
+        post=_st_post(model, prompt_length),
+    )
+    emb = runner.run()
+    if len(texts) == 0:
+        dim = model.get_sentence_embedding_dimension() if hasattr(model, "get_sentence_embedding_dimension") else 0
+        return np.zeros((0, dim or 0), dtype=np.float32)
+    truncate_dim = getattr(model, "truncate_dim", None)
+    if truncate_dim:
+        emb = np.ascontiguousarray(emb[:, :truncate_dim])
+    if normalize:
+        norms = np.linalg.norm(emb, axis=1, keepdims=True)
+        np.divide(emb, np.maximum(norms, 1e-12), out=emb)
+    return emb
+
+
+def score_pairs(
+    model: "CrossEncoder",
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_tokens: int = 16384,
+    max_batch: int = 512,
+    precision: str = "auto",
+    show_progress: bool = True,
+    desc: str = "score",
+    attention: str = "auto",
+    chunk_size: int = DEFAULT_CHUNK,
+    devices: Sequence[str] | None = None,
+) -> np.ndarray:
+    """Raw logits of a CrossEncoder for (query, passage) pairs: float32 [n] (``[n, num_labels]`` when the model
+    has several labels), input order, NO activation (callers apply ``model.activation_fn`` when configured)."""
+    if devices is not None and len(devices) > 1:
+        return score_pairs_multi_gpu(
+            model, pairs, devices=devices, batch_tokens=batch_tokens, max_batch=max_batch, precision=precision,
+            show_progress=show_progress, desc=desc, attention=attention, chunk_size=chunk_size,
+        )
+    if devices is not None and len(devices) == 1 and torch.device(devices[0]) != model.device:
+        model.to(devices[0])
+    hf = getattr(model, "model", None)
+    if hf is None:
+        raise TypeError("score_pairs needs a CrossEncoder with a transformers model")
+    pairs = pairs if isinstance(pairs, (list, tuple)) else list(pairs)
+    runner = _Runner(
+        "pairs", model, hf, pairs, prompt=None, batch_tokens=batch_tokens, max_batch=max_batch,
+        precision=precision, show_progress=show_progress, desc=desc, attention=attention, chunk=chunk_size,
+        post=_ce_post(model),
+    )
+    scores = runner.run()
+    if len(pairs) == 0:
+        return np.zeros((0,), dtype=np.float32)
+    if scores.ndim == 2 and scores.shape[1] == 1:
+        scores = scores[:, 0].copy()
+    return scores
+
+
+# ----------------------------------------------------------------------------------------- multi-device
+def _mp_worker(rank, fn_name, model, items, start, end, device, out, kwargs):  # pragma: no cover - subprocess
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, kwargs.pop("_nprocs", 1))))
+    model.to(device)
+    fn = encode_texts if fn_name == "encode" else score_pairs
+    res = fn(model, items, **kwargs)
+    res_t = torch.from_numpy(res)
+    out[start:end].copy_(res_t.reshape(out[start:end].shape))
+
+
+def _multi(fn_name: str, model, items, devices: Sequence[str], out_shape_tail: tuple, **kwargs) -> np.ndarray:
+    import torch.multiprocessing as mp
+
+    items = list(items)
+    n = len(items)
+    devices = list(devices)
+    out = torch.empty((n,) + out_shape_tail, dtype=torch.float32).share_memory_()
+    if n == 0:
+        return out.numpy()
+    bounds = np.linspace(0, n, len(devices) + 1).astype(int)
+    ctx = mp.get_context("spawn")
+    procs = []
+    orig_device = model.device
+    model.to("cpu")  # pickled once per worker; each worker moves its copy to its own device
+    try:
+        for r, dev in enumerate(devices):
+            s, e = int(bounds[r]), int(bounds[r + 1])
+            if e <= s:
+                continue
+            kw = dict(kwargs, show_progress=kwargs.get("show_progress", True) and r == 0, _nprocs=len(devices))
+            p = ctx.Process(target=_mp_worker, args=(r, fn_name, model, items[s:e], s, e, dev, out, kw))
+            p.start()
+            procs.append(p)
+        for p in procs:
+            p.join()
+        bad = [p.exitcode for p in procs if p.exitcode != 0]
+        if bad:
+            raise RuntimeError(f"engine worker(s) failed with exit codes {bad}")
+    finally:
+        model.to(orig_device)
+    return out.numpy()
+
+
+def encode_texts_multi_gpu(model: "SentenceTransformer", texts: Sequence[str], *, devices: Sequence[str] | None = None,
+                           **kwargs) -> np.ndarray:
+    """encode_texts over several devices of one node, one process per device (contiguous shards).
+    ``devices`` defaults to every visible GPU. Output as encode_texts."""
+    if devices is None:
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+    if len(devices) == 1:
+        return encode_texts(model, texts, devices=devices, **kwargs)
+    dim = model.get_sentence_embedding_dimension()
+    if getattr(model, "truncate_dim", None):
+        dim = min(dim, model.truncate_dim)
+    return _multi("encode", model, texts, devices, (dim,), **kwargs)
+
+
+def score_pairs_multi_gpu(model: "CrossEncoder", pairs: Sequence[tuple[str, str]], *,
+                          devices: Sequence[str] | None = None, **kwargs) -> np.ndarray:
+    """score_pairs over several devices of one node, one process per device."""
+    if devices is None:
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
+    if len(devices) == 1:
+        return score_pairs(model, pairs, devices=devices, **kwargs)
+    num_labels = int(getattr(model, "num_labels", 1) or 1)
+    tail = () if num_labels == 1 else (num_labels,)
+    return _multi("score", model, pairs, devices, tail, **kwargs)

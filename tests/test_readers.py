@@ -1,0 +1,216 @@
+"""Readers on good and broken files: every error names the file and the line, and the good variants (BOM, CRLF,
+gzip, BEIR header) read the same as plain files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.readers import (Corpus, DataError, check_qrels_in_corpus, read_candidates, read_qrels, read_queries,
+                              read_run, write_run)
+
+
+def write(path: Path, content: str | bytes) -> Path:
+    path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+    return path
+
+
+def raises_at(path: Path, line: int | None, match: str):
+    """pytest.raises for a DataError whose message starts with `file:line:` and mentions `match`."""
+    where = f"{path}:{line}: " if line else f"{path}: "
+    return pytest.raises(DataError, match=_escape(where) + ".*" + match)
+
+
+def _escape(text: str) -> str:
+    import re
+
+    return re.escape(text)
+
+
+# --------------------------------------------------------------------------- queries
+
+
+def test_queries_tsv_good_variants_read_the_same(tmp_path):
+    plain = write(tmp_path / "q.tsv", "1\tfirst query\n2\tsecond\tquery with a tab\n")
+    bom_crlf = write(tmp_path / "q_bom.tsv", b"\xef\xbb\xbf1\tfirst query\r\n2\tsecond\tquery with a tab\r\n")
+    gz = tmp_path / "q.tsv.gz"
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    expected = {"1": "first query", "2": "second\tquery with a tab"}
+    assert read_queries(plain) == expected
+    assert read_queries(bom_crlf) == expected
+    assert read_queries(gz) == expected
+    assert list(read_queries(plain)) == ["1", "2"]  # ids stay strings
+
+
+def test_queries_beir_jsonl(tmp_path):
+    path = write(tmp_path / "queries.jsonl", '{"_id": "a", "text": "what is x"}\n{"_id": 7, "text": "y?"}\n')
+    assert read_queries(path) == {"a": "what is x", "7": "y?"}
+
+
+@pytest.mark.parametrize("content,line,match", [
+    ("1\tok\n2\n", 2, "expected 2 columns"),
+    ("1\tok\n1\tagain\n", 2, "duplicate query id '1'"),
+    ("1\tok\n 2\tpadded id\n", 2, "leading or trailing whitespace"),
+    ("1\tok\n2\t  \n", 2, "empty text"),
+    ("1\tok\n\n2\tx\n", 2, "blank line"),
+    ("1\tok\n\tno id\n", 2, "empty id"),
+])
+def test_queries_tsv_errors_name_file_and_line(tmp_path, content, line, match):
+    path = write(tmp_path / "queries.tsv", content)
+    with raises_at(path, line, match):
+        read_queries(path)
+
+
+def test_invalid_utf8_names_the_line(tmp_path):
+    path = write(tmp_path / "q.tsv", b"1\tfine\n2\tbad \xff byte\n")
+    with raises_at(path, 2, "invalid UTF-8"):
+        read_queries(path)
+
+
+def test_truncated_gzip_is_a_data_error(tmp_path):
+    data = gzip.compress("".join(f"{i}\tquery number {i} with some words\n" for i in range(5000)).encode())
+    path = write(tmp_path / "q.tsv.gz", data[: len(data) // 2])
+    with pytest.raises(DataError, match=_escape(str(path)) + r":\d+: corrupt or truncated gzip"):
+        read_queries(path)
+
+
+def test_empty_and_missing_files(tmp_path):
+    empty = write(tmp_path / "empty.tsv", "")
+    with raises_at(empty, None, "file is empty"):
+        read_queries(empty)
+    with raises_at(tmp_path / "nope.tsv", None, "file not found"):
+        read_queries(tmp_path / "nope.tsv")
+
+
+@pytest.mark.parametrize("content,line,match", [
+    ('{"_id": "a", "text": "x"}\n{"_id": "b", "text": "y"\n', 2, "invalid JSON"),
+    ('{"_id": "a", "text": "x"}\n["b", "y"]\n', 2, "expected a JSON object"),
+    ('{"_id": "a", "text": "x"}\n{"text": "y"}\n', 2, "missing id field"),
+    ('{"_id": "a", "text": "x"}\n{"_id": "b"}\n', 2, "missing text field"),
+    ('{"_id": "a", "text": "x"}\n{"_id": true, "text": "y"}\n', 2, "id must be a string or integer"),
+    ('{"_id": "a", "text": "x"}\n{"_id": "b", "text": 3}\n', 2, "must be strings"),
+])
+def test_jsonl_errors_name_file_and_line(tmp_path, content, line, match):
+    path = write(tmp_path / "queries.jsonl", content)
+    with raises_at(path, line, match):
+        read_queries(path)
+
+
+# --------------------------------------------------------------------------- qrels
+
+
+def test_qrels_formats_read_the_same(tmp_path):
+    trec = write(tmp_path / "qrels.txt", "1 Q0 10 2\n1 Q0 11 0\n2 0 12 1\n")
+    msmarco = write(tmp_path / "qrels.tsv", "1\t0\t10\t2\n1\t0\t11\t0\n2\t0\t12\t1\n")
+    beir = write(tmp_path / "test.tsv", "query-id\tcorpus-id\tscore\r\n1\t10\t2\r\n1\t11\t0\r\n2\t12\t1\r\n")
+    expected = {"1": {"10": 2, "11": 0}, "2": {"12": 1}}
+    assert read_qrels(trec) == read_qrels(msmarco) == read_qrels(beir) == expected
+
+
+@pytest.mark.parametrize("content,line,match", [
+    ("1 Q0 10 2\n1 Q0 11\n", 2, "expected 4 columns"),
+    ("1 Q0 10 2\n1 Q0 11 high\n", 2, "grade 'high' is not an integer"),
+    ("1 Q0 10 2\n1 Q0 10 1\n", 2, "conflicting grades"),
+    ("1 Q0 10 2\n\n", 2, "blank line"),
+    ("query-id\tcorpus-id\tscore\n1\t10\n", 2, "expected 3 tab-separated columns"),
+])
+def test_qrels_errors_name_file_and_line(tmp_path, content, line, match):
+    path = write(tmp_path / "qrels.txt", content)
+    with raises_at(path, line, match):
+        read_qrels(path)
+
+
+def test_qrels_header_only(tmp_path):
+    path = write(tmp_path / "test.tsv", "query-id\tcorpus-id\tscore\n")
+    with raises_at(path, None, "no judgements"):
+        read_qrels(path)
+
+
+def test_qrels_with_unknown_ids_fail_past_the_threshold(tmp_path):
+    corpus = _corpus(tmp_path, "1\tone\n2\ttwo\n3\tthree\n4\tfour\n")
+    qrels = read_qrels(write(tmp_path / "qrels.txt", "q Q0 1 1\nq Q0 2 1\nq Q0 99 1\nq Q0 98 1\n"))
+    with pytest.raises(DataError, match=r"qrels\.txt: 2 of 4 judged passages \(50\.0%\) are not in the corpus"):
+        check_qrels_in_corpus(qrels, corpus, str(tmp_path / "qrels.txt"), max_missing_fraction=0.25)
+    assert check_qrels_in_corpus(qrels, corpus, "qrels.txt", max_missing_fraction=0.5) == 2
+
+
+# --------------------------------------------------------------------------- runs and candidates
+
+
+def test_run_round_trip_keeps_trec_eval_order(tmp_path):
+    run = {"q1": {"a": 0.5, "b": 0.5, "c": 0.9}, "q2": {"d": np.float32(0.123456789)}}
+    path = tmp_path / "run.trec"
+    write_run(path, run, tag="t")
+    lines = path.read_text().splitlines()
+    assert [line.split()[2] for line in lines[:3]] == ["c", "b", "a"]  # ties: doc id descending, like trec_eval
+    assert [line.split()[3] for line in lines[:3]] == ["1", "2", "3"]
+    back = read_run(path)
+    assert np.float32(back["q2"]["d"]) == np.float32(0.123456789)  # float32 scores survive: no new ties
+
+
+@pytest.mark.parametrize("content,line,match", [
+    ("1 Q0 a 1 0.5 t\n1 Q0 b 2 0.4\n", 2, "expected 6 columns"),
+    ("1 Q0 a 1 0.5 t\n1 Q0 b two 0.4 t\n", 2, "must be an integer"),
+    ("1 Q0 a 1 0.5 t\n1 Q0 b 2 nan t\n", 2, "not finite"),
+    ("1 Q0 a 1 0.5 t\n1 Q0 a 2 0.4 t\n", 2, "appears twice"),
+])
+def test_run_errors_name_file_and_line(tmp_path, content, line, match):
+    path = write(tmp_path / "run.trec", content)
+    with raises_at(path, line, match):
+        read_run(path)
+
+
+def test_candidates_top1000_and_run(tmp_path):
+    top = write(tmp_path / "top1000.tsv", "1\t10\twhat\tpassage ten\n1\t11\twhat\tpassage eleven\n2\t10\twho\tpassage ten\n")
+    cands = read_candidates(top)
+    assert cands.ranked == {"1": ["10", "11"], "2": ["10"]}
+    assert cands.queries == {"1": "what", "2": "who"} and cands.passages["11"] == "passage eleven"
+    run = write(tmp_path / "run.trec", "1 Q0 10 1 0.5 t\n1 Q0 11 2 0.7 t\n")
+    assert read_candidates(run).ranked == {"1": ["11", "10"]}
+    bad = write(tmp_path / "bad.tsv", "1\t10\twhat\tpassage\n1\t11\twhat else\tpassage\n")
+    with raises_at(bad, 2, "two different texts"):
+        read_candidates(bad)
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def _corpus(tmp_path: Path, content: str, name: str = "collection.tsv") -> Corpus:
+    return Corpus.open(write(tmp_path / name, content), tmp_path / "cache")
+
+
+def test_corpus_dense_lookup(tmp_path):
+    corpus = _corpus(tmp_path, "0\tzero\n1\tone\n5\tfive\n")
+    assert corpus._dense is not None
+    assert corpus.lookup(["5", "0", "7", "05", "x"]).tolist() == [2, 0, -1, -1, -1]
+    assert corpus.texts(["1", "5"]) == ["one", "five"]
+    assert "1" in corpus and "2" not in corpus
+    with pytest.raises(DataError, match="1 passage ids not in the corpus"):
+        corpus.rows(["1", "2"])
+    again = Corpus.open(tmp_path / "collection.tsv", tmp_path / "cache")
+    assert again.folder == corpus.folder  # converted once, then memory-mapped
+
+
+def test_corpus_hash_lookup_and_beir_titles(tmp_path):
+    lines = [{"_id": "doc-b", "title": "Title", "text": "body"}, {"_id": "doc-a", "title": "", "text": "only body"},
+             {"_id": "MED-10", "title": "T2", "text": ""}]
+    folder = tmp_path / "beir"
+    folder.mkdir()
+    write(folder / "corpus.jsonl", "".join(json.dumps(r) + "\n" for r in lines))
+    corpus = Corpus.open(folder, tmp_path / "cache")
+    assert corpus._dense is None
+    assert corpus.lookup(["doc-a", "MED-10", "nope"]).tolist() == [1, 2, -1]
+    assert corpus.texts(["doc-b", "doc-a", "MED-10"]) == ["Title body", "only body", "T2"]
+
+
+def test_corpus_errors(tmp_path):
+    with pytest.raises(DataError, match=r"collection\.tsv:3: duplicate document id '1' \(first seen at line 1\)"):
+        _corpus(tmp_path, "1\tone\n2\ttwo\n1\tagain\n")
+    with pytest.raises(DataError, match=r"c2\.tsv:2: document '2' has empty text"):
+        Corpus.open(write(tmp_path / "c2.tsv", "1\tone\n2\t\n"), tmp_path / "cache", empty_text="error")
+    kept = Corpus.open(tmp_path / "c2.tsv", tmp_path / "cache2")
+    assert kept.meta["empty_text_documents"] == 1

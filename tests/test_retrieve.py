@@ -1,0 +1,135 @@
+"""The retrieve stage on the demo corpus with the tiny bi-encoder: outputs, exactness against a brute-force
+search, resume after a kill, and shards run one by one + merge == one run (byte for byte)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.artifacts import MARKER, StageError, is_complete, read_manifest, verify_folder
+from pipeline.config import compose
+from pipeline.stages import retrieve
+
+N_QUERIES = 20
+TOP_K = 8
+
+
+@pytest.fixture(scope="module")
+def setup(request):
+    data = Path(request.getfixturevalue("demo_data_dir"))
+    bi = str(request.getfixturevalue("tiny_bi_encoder"))
+    return [f"data.corpus={data / 'collection.tsv'}", f"data.train.queries={data / 'queries.train.tsv'}",
+            f"data.train.qrels={data / 'qrels.train.tsv'}", f"data.train.max_queries={N_QUERIES}",
+            f"model.bi_encoder={bi}", "device=cpu", f"retrieve.top_k={TOP_K}", "retrieve.precision=fp32",
+            "retrieve.query_block=6", "retrieve.encode_block=1024"]
+
+
+@pytest.fixture(scope="module")
+def single(setup, tmp_path_factory):
+    root = tmp_path_factory.mktemp("retrieve_single")
+    cfg = compose([*setup, f"artifacts_root={root}"])
+    return cfg, retrieve.run(cfg)
+
+
+def test_outputs(single):
+    from pipeline.stages import common
+
+    cfg, folder = single
+    assert is_complete(folder) and verify_folder(folder) == []
+    t = pq.read_table(folder / "candidates.parquet")
+    assert [(f.name, str(f.type)) for f in t.schema] == [("qid", "string"), ("pid", "string"), ("rank", "int32"),
+                                                         ("bi_score", "float")]
+    queries, _, _ = common.training_set(cfg, common.load_corpus(cfg))
+    assert t.num_rows == N_QUERIES * TOP_K
+    d = t.to_pydict()
+    assert d["qid"][::TOP_K] == list(queries)  # training order, k rows each
+    assert d["rank"][:TOP_K] == list(range(1, TOP_K + 1))
+    scores = np.array(d["bi_score"]).reshape(N_QUERIES, TOP_K)
+    assert (np.diff(scores, axis=1) <= 0).all()
+    lines = (folder / "run.trec").read_text().splitlines()
+    assert len(lines) == t.num_rows
+    q, q0, pid, rank, score, tag = lines[1].split()
+    assert (q, q0, pid, int(rank), tag) == (d["qid"][1], "Q0", d["pid"][1], 2, cfg.model.name)
+    assert float(score) == pytest.approx(d["bi_score"][1], rel=1e-6)
+    corpus = common.load_corpus(cfg)
+    emb = np.load(folder / "corpus_emb.f16.npy", mmap_mode="r")
+    assert emb.dtype == np.float16 and emb.shape[0] == len(corpus)
+    assert (folder / "corpus_ids.txt").read_text().splitlines() == corpus.table.column("id").to_pylist()
+    counts = read_manifest(folder)["counts"]
+    assert counts["candidates"] == t.num_rows and counts["corpus"] == len(corpus)
+
+
+def test_exact_and_positives_kept(single):
+    """The top-k equals a brute-force search with the model's own encode; positives are not removed."""
+    from sentence_transformers import SentenceTransformer
+
+    from pipeline.stages import common
+
+    cfg, folder = single
+    corpus = common.load_corpus(cfg)
+    queries, positives, _ = common.training_set(cfg, corpus)
+    model = SentenceTransformer(str(cfg.model.bi_encoder), device="cpu")
+    q = model.encode(list(queries.values()), normalize_embeddings=True, convert_to_numpy=True)
+    emb = np.load(folder / "corpus_emb.f16.npy").astype(np.float32)
+    p_ref = model.encode(corpus.texts_at(np.arange(50)), normalize_embeddings=True, convert_to_numpy=True)
+    assert np.abs(emb[:50] - p_ref).max() < 2e-3  # float16 storage of normalised embeddings
+    sims = q @ emb.T
+    d = pq.read_table(folder / "candidates.parquet").to_pydict()
+    got = np.array(d["pid"]).reshape(N_QUERIES, TOP_K)
+    ids = np.array(corpus.table.column("id").to_pylist())
+    for i in range(N_QUERIES):
+        kth = np.sort(sims[i])[::-1][TOP_K - 1]
+        assert set(got[i]) <= set(ids[sims[i] >= kth - 1e-4])
+    retrieved_pos = sum(p in set(got[i]) for i, qid in enumerate(queries) for p in positives[qid])
+    assert retrieved_pos > 0  # the warmed-up tiny v2 finds some positives, and they stay in the candidates
+
+
+def test_resume_after_kill(single, setup, tmp_path):
+    """A run that died after some blocks: committed blocks are kept and the result is the same bytes."""
+    import shutil
+
+    _, folder = single
+    root = tmp_path / "art"
+    copy = root / folder.relative_to(folder.parents[1])
+    shutil.copytree(folder, copy)
+    for name in (MARKER, "manifest.json", "candidates.parquet", "run.trec", "blocks/block-000002.parquet",
+                 "corpus_emb.blocks/block-000001.done"):
+        (copy / name).unlink()
+    again = retrieve.run(compose([*setup, f"artifacts_root={root}"]))
+    assert again == copy and is_complete(again)
+    assert (again / "candidates.parquet").read_bytes() == (folder / "candidates.parquet").read_bytes()
+    counts = read_manifest(again)["counts"]
+    assert counts["queries_searched_here"] == 6  # one query block redone
+    assert counts["corpus_rows_encoded_here"] == 1024  # one corpus block redone
+
+
+def test_shards_one_by_one_equal_single_run(single, setup, tmp_path):
+    _, folder = single
+    root = tmp_path / "art"
+    parts = [retrieve.run(compose([*setup, f"artifacts_root={root}", "shard.count=3", f"shard.index={i}"]))
+             for i in (2, 0)]
+    assert all(p.parent.name == "parts" and is_complete(p) for p in parts)
+    # the first shard found no one else working and encoded the whole corpus; the second reused it
+    assert read_manifest(parts[0])["counts"]["corpus_rows_encoded_here"] > 0
+    assert "corpus_rows_encoded_here" not in read_manifest(parts[1])["counts"] or \
+        read_manifest(parts[1])["counts"]["corpus_rows_encoded_here"] == 0
+    with pytest.raises(StageError, match=r"missing shard.index=\[1\]"):
+        retrieve.run(compose([*setup, f"artifacts_root={root}"]))
+    last = retrieve.run(compose([*setup, f"artifacts_root={root}", "shard.count=3", "shard.index=1"]))
+    assert last.name == folder.name and is_complete(last)  # the last shard merged
+    assert (last / "candidates.parquet").read_bytes() == (folder / "candidates.parquet").read_bytes()
+    assert (last / "run.trec").read_bytes() == (folder / "run.trec").read_bytes()
+    assert verify_folder(last) == []
+    assert read_manifest(last)["extra"]["merged_parts"] == 3
+    # shard settings never change the key; a plain run now finds the merged result
+    assert retrieve.run(compose([*setup, f"artifacts_root={root}"])) == last
+
+
+def test_bad_settings_are_clear(setup, tmp_path):
+    with pytest.raises(ValueError, match="shard.index"):
+        retrieve.run(compose([*setup, f"artifacts_root={tmp_path}", "shard.count=2", "shard.index=2"]))
+    with pytest.raises(ValueError, match="retrieve.backend"):
+        retrieve.run(compose([*setup, f"artifacts_root={tmp_path}", "retrieve.backend=annoy"]))

@@ -1,0 +1,170 @@
+"""pipeline.search: exact top-k against numpy brute force, memmaps, ties, faiss parity (CPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from pipeline import search as S  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _brute(q: np.ndarray, c: np.ndarray, k: int):
+    """Reference: float64 scores, order by score desc then index asc."""
+    sc = q.astype(np.float64) @ c.astype(np.float64).T
+    k = min(k, c.shape[0])
+    idx = np.lexsort((np.broadcast_to(np.arange(c.shape[0]), sc.shape), -sc), axis=1)[:, :k]
+    return np.take_along_axis(sc, idx, 1), idx
+
+
+def _unit(rng, n, d, dtype=np.float32):
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(dtype)
+
+
+@pytest.mark.parametrize("corpus_chunk,query_chunk", [(1000, 64), (97, 13), (10, 7)])
+def test_exact_equals_bruteforce_across_chunk_boundaries(corpus_chunk, query_chunk):
+    rng = np.random.default_rng(1)
+    c = _unit(rng, 1000, 32)
+    q = _unit(rng, 50, 32)
+    ref_s, ref_i = _brute(q, c, 20)
+    s, i = S.exact_search(q, c, 20, device="cpu", corpus_chunk=corpus_chunk, query_chunk=query_chunk,
+                          show_progress=False)
+    assert s.dtype == np.float32 and i.dtype == np.int64 and s.shape == (50, 20)
+    np.testing.assert_array_equal(i, ref_i)
+    np.testing.assert_allclose(s, ref_s, atol=1e-5)
+    assert (np.diff(s, axis=1) <= 1e-7).all()
+
+
+def test_k_larger_than_chunk_and_corpus():
+    rng = np.random.default_rng(2)
+    c = _unit(rng, 300, 16)
+    q = _unit(rng, 9, 16)
+    ref_s, ref_i = _brute(q, c, 120)
+    s, i = S.exact_search(q, c, 120, device="cpu", corpus_chunk=50, query_chunk=4, show_progress=False)
+    np.testing.assert_array_equal(i, ref_i)
+    s, i = S.exact_search(q, c, 1000, device="cpu", corpus_chunk=64, show_progress=False)
+    assert s.shape == (9, 300)  # k clamps to the corpus size
+    np.testing.assert_array_equal(i, _brute(q, c, 300)[1])
+
+
+def test_ties_break_by_lower_index():
+    rng = np.random.default_rng(3)
+    # small integers: every dot product is exact in fp32 whatever the GEMM blocking, so equal means equal
+    base = rng.integers(-3, 4, size=(40, 8)).astype(np.float32)
+    c = np.repeat(base, 5, axis=0)  # every vector five times: ties everywhere, across chunk boundaries
+    rng.shuffle(c)
+    q = rng.integers(-2, 3, size=(12, 8)).astype(np.float32)
+    q[0] = 0.0  # all scores equal: must return indices 0..k-1
+    for cc in (7, 33, 200):
+        s, i = S.exact_search(q, c, 13, device="cpu", corpus_chunk=cc, query_chunk=5, show_progress=False)
+        ref_s, ref_i = _brute(q, c, 13)
+        # scores equal up to float rounding; indices must follow the (score desc, index asc) order of ties
+        np.testing.assert_allclose(s, ref_s, atol=1e-5)
+        np.testing.assert_array_equal(i[0], np.arange(13))
+        np.testing.assert_array_equal(i, ref_i)  # the boundary cuts groups of duplicates: lowest indices kept
+        for r in range(len(q)):
+            same = s[r][1:] == s[r][:-1]  # among equal scores the indices ascend
+            assert (np.diff(i[r])[same] > 0).all()
+
+
+def test_grouped_topk_is_exact():
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.standard_normal((16, 5000)).astype(np.float32))
+    v, i = S._topk_grouped(x, 30, group=64)
+    rv, ri = torch.topk(x, 30, dim=1)
+    torch.testing.assert_close(v, rv)
+    assert torch.equal(torch.sort(i, dim=1).values, torch.sort(ri, dim=1).values)
+
+
+def test_gpu_code_path_on_cpu():
+    """The CUDA recipe (fp16 scores, grouped top-k, resident corpus, fp32 re-scoring) run on the CPU."""
+    rng = np.random.default_rng(7)
+    c = _unit(rng, 5000, 32, np.float16)
+    q = _unit(rng, 40, 32)
+    ref_s, ref_i = _brute(q, c.astype(np.float32), 10)
+    s, i = S.exact_search(q, torch.from_numpy(c), 10, device="cpu", dtype="fp16", corpus_chunk=1500,
+                          query_chunk=16, topk_method="grouped", rescore=True, show_progress=False)
+    assert S.LAST_SEARCH["rescore"] and S.LAST_SEARCH["resident"]
+    np.testing.assert_array_equal(i, ref_i)
+    np.testing.assert_allclose(s, ref_s, atol=1e-5)
+
+
+def test_float16_memmap_and_torch_input(tmp_path):
+    rng = np.random.default_rng(5)
+    c = _unit(rng, 2000, 24, np.float16)
+    path = tmp_path / "emb.f16"
+    mm = np.memmap(path, dtype=np.float16, mode="w+", shape=c.shape)
+    mm[:] = c
+    mm.flush()
+    ro = np.memmap(path, dtype=np.float16, mode="r", shape=c.shape)
+    q = _unit(rng, 30, 24)
+    ref_s, ref_i = _brute(q, c.astype(np.float32), 10)
+    s, i = S.exact_search(q, ro, 10, device="cpu", corpus_chunk=300, show_progress=False)
+    np.testing.assert_array_equal(i, ref_i)
+    np.testing.assert_allclose(s, ref_s, atol=1e-5)
+    s2, i2 = S.search(torch.from_numpy(q), ro, 10, backend="torch", device="cpu", show_progress=False)
+    np.testing.assert_array_equal(i2, ref_i)
+
+
+def test_empty_inputs():
+    s, i = S.exact_search(np.zeros((0, 4), np.float32), np.ones((5, 4), np.float32), 3, device="cpu",
+                          show_progress=False)
+    assert s.shape == (0, 3) and i.shape == (0, 3)
+
+
+def test_faiss_flat_equals_torch():
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(6)
+    c = _unit(rng, 3000, 32)
+    q = _unit(rng, 40, 32)
+    s, i = S.exact_search(q, c, 15, device="cpu", corpus_chunk=700, show_progress=False)
+    fs, fi = S.search(q, c, 15, backend="faiss_flat", use_gpu=False)
+    np.testing.assert_array_equal(fi, i)
+    np.testing.assert_allclose(fs, s, atol=1e-5)
+    vs, vi = S.search(q, c, 15, backend="faiss_ivf", nlist=16, nprobe=16, use_gpu=False)  # all lists: exact
+    np.testing.assert_array_equal(vi, i)
+
+
+def test_unknown_backend():
+    with pytest.raises(ValueError):
+        S.search(np.zeros((1, 2), np.float32), np.zeros((3, 2), np.float32), 1, backend="annoy")
+
+
+@pytest.mark.slow
+def test_memmap_1m_x_768_stays_under_4gb(tmp_path):
+    """A 1M x 768 float16 memmap (1.5 GB) searched on the CPU keeps the process under 4 GB resident."""
+    code = textwrap.dedent(
+        f"""
+        import resource, sys, numpy as np
+        sys.path.insert(0, {str(REPO)!r})
+        from pipeline.search import exact_search
+        n, d = 1_000_000, 768
+        mm = np.memmap({str(tmp_path / 'big.f16')!r}, dtype=np.float16, mode='w+', shape=(n, d))
+        rng = np.random.default_rng(0)
+        for a in range(0, n, 100_000):
+            x = rng.standard_normal((100_000, d), dtype=np.float32)
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            mm[a:a + 100_000] = x
+        mm.flush(); del mm
+        ro = np.memmap({str(tmp_path / 'big.f16')!r}, dtype=np.float16, mode='r', shape=(n, d))
+        q = np.asarray(ro[123_456:123_456 + 64], dtype=np.float32)
+        s, i = exact_search(q, ro, 10, device='cpu', show_progress=False)
+        assert (i[:, 0] == np.arange(123_456, 123_456 + 64)).all()
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    maxrss_kb = int(proc.stdout.strip().splitlines()[-1])
+    assert maxrss_kb < 4 * 2**20, maxrss_kb

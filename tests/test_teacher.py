@@ -1,0 +1,66 @@
+"""The teacher stage: negatives drawn from the retrieve stage's candidates (never a judged positive), a
+cross-encoder fine-tuned with BCE and saved where the score stage looks for it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.artifacts import open_stage
+from pipeline.config import compose
+from pipeline.stages import teacher
+
+
+def test_sample_negatives_respects_the_rank_window_and_positives():
+    cands = {"q1": [(r, f"p{r}") for r in range(1, 21)], "q2": [(1, "a"), (2, "b")]}
+    negs = teacher.sample_negatives(cands, {"q1": {"p3", "p5"}}, k=4, rank_min=2, rank_max=10, seed=0)
+    assert len(negs["q1"]) == 4 and len(set(negs["q1"])) == 4
+    assert all(p in {f"p{r}" for r in range(2, 11)} - {"p3", "p5"} for p in negs["q1"])
+    assert negs["q2"] == ["b"]
+    assert negs == teacher.sample_negatives(cands, {"q1": {"p3", "p5"}}, 4, 2, 10, seed=0)
+    with pytest.raises(ValueError, match="neg_rank_min"):
+        teacher.sample_negatives(cands, {}, 4, 0, 10, seed=0)
+
+
+def test_teacher_needed_only_without_a_cross_encoder(tmp_path):
+    assert teacher.needed(compose(["model=demo", f"artifacts_root={tmp_path}"]))
+    assert not teacher.needed(compose(["model.cross_encoder=some/ce", f"artifacts_root={tmp_path}"]))
+    assert teacher.needed(compose(["model.cross_encoder=some/ce", "teacher.enabled=true", f"artifacts_root={tmp_path}"]))
+
+
+def test_teacher_trains_a_cross_encoder_the_score_stage_finds(tmp_path, tiny_bi_encoder, tiny_cross_encoder):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sentence_transformers import CrossEncoder
+
+    from pipeline.stages import common, retrieve, score
+
+    cfg = compose(["experiment=demo", f"artifacts_root={tmp_path}", f"model.bi_encoder={tiny_bi_encoder}",
+                   f"model.teacher_base={tiny_cross_encoder}", "data.train.max_queries=40", "teacher.epochs=1",
+                   "teacher.negatives_per_query=3", "teacher.neg_rank_max=6", "teacher.batch_size=16"])
+    corpus = common.load_corpus(cfg)
+    queries, positives, _ = common.training_set(cfg, corpus)
+    pids = corpus.id_at(list(range(10)))
+    # the retrieve stage's artifact for this config, written by hand: a positive among every query's candidates
+    with open_stage("retrieve", retrieve.identity(cfg), root=tmp_path, label=retrieve.label(cfg)) as st:
+        rows = [(q, p, r) for q in queries for r, p in enumerate([positives[q][0]] + pids[:9], 1)]
+        pq.write_table(pa.table({"qid": [r[0] for r in rows], "pid": [r[1] for r in rows],
+                                 "rank": pa.array([r[2] for r in rows], pa.int32()),
+                                 "bi_score": pa.array([0.0] * len(rows), pa.float32())}),
+                       st.path / "candidates.parquet")
+
+    out = teacher.run(cfg)
+    assert out == common.completed(cfg, "teacher")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"]["queries"] == 40
+    assert manifest["counts"]["negatives"] == 40 * 3
+    assert manifest["counts"]["positives"] == sum(len(p) for p in positives.values())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] > 0 and metrics["loss_first"] is not None
+    assert not (out / "checkpoints").exists()
+    model = CrossEncoder(str(out / "model"), device="cpu")
+    assert model.num_labels == 1
+    assert (out / "model" / "model.safetensors").is_file()
+    assert score.cross_encoder_spec(cfg) == str(out / "model")
+    assert teacher.run(cfg) == out  # complete: skipped

@@ -1,0 +1,196 @@
+"""The train stage's parts: the per-epoch negative rotation, the samplers, checkpoint recovery, and a real (tiny)
+training run whose loss falls and whose saved model reloads with the same embeddings. The whole stage, its resume
+after SIGKILL and the chain are in test_chain.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.stages import train as T
+
+# ------------------------------------------------------------------------------------------------ rotation
+
+
+POOLS = {
+    "q1": {"pos": ["p1", "p1b"], "neg": ["n1", "n2", "n3"]},
+    "q2": {"pos": ["p2"], "neg": ["n4"]},
+    "q3": {"pos": ["p3"], "neg": []},  # nothing mined: cannot make a triplet
+}
+
+
+def test_rotation_draws_a_fresh_negative_each_epoch():
+    epochs, stats = T.rotation(POOLS, ["q1", "q2", "q3", "q4"], epochs=6, seed=7)
+    assert stats == {"queries": 2, "epochs": 6, "triplets": 12, "skipped_not_mined": 1, "skipped_no_positive": 0,
+                     "skipped_no_negative": 1}
+    q1 = [next(r for r in rows if r[0] == "q1") for rows in epochs]
+    negs = [r[2] for r in q1]
+    assert all(a != b for a, b in zip(negs, negs[1:]))        # never the same negative twice in a row
+    assert sorted(negs[:3]) == ["n1", "n2", "n3"] == sorted(negs[3:])  # each cycle uses every negative once
+    assert [r[1] for r in q1] == ["p1", "p1b"] * 3             # positives rotate in pool order
+    assert [r[2] for rows in epochs for r in rows if r[0] == "q2"] == ["n4"] * 6
+
+
+def test_rotation_is_deterministic_for_a_seed():
+    a, _ = T.rotation(POOLS, ["q1", "q2"], epochs=6, seed=7)
+    b, _ = T.rotation(POOLS, ["q1", "q2"], epochs=6, seed=7)
+    assert a == b
+    orders = {tuple(r[2] for rows in T.rotation(POOLS, ["q1"], 3, seed)[0] for r in rows) for seed in range(12)}
+    assert len(orders) > 1  # the seed matters
+
+
+def test_load_pools_orders_negatives_and_never_uses_a_positive(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [("q1", "p1", "pos", 5.0, None, 3), ("q1", "n2", "neg", -4.0, "bm25", 2),
+            ("q1", "n1", "neg", -5.0, "bm25", 1), ("q1", "n2", "neg", -4.0, "v2", 1),
+            ("q1", "p1", "neg", 5.0, "v2", 2), ("q2", "p9", "pos", 1.0, None, None)]
+    table = pa.table({k: [r[i] for r in rows] for i, k in enumerate(("qid", "pid", "role", "ce_score", "system", "rank"))})
+    pq.write_table(table, tmp_path / "pools.parquet")
+    pools = T.load_pools(tmp_path / "pools.parquet")
+    assert pools["q1"] == {"pos": ["p1"], "neg": ["n1", "n2"]}
+    assert pools["q2"] == {"pos": ["p9"], "neg": []}
+
+
+# ------------------------------------------------------------------------------------------------ samplers
+
+
+def _triplets(n: int, blocks: int = 1):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"query": [f"q{i % n}" for i in range(n * blocks)],
+                              "positive": [f"p{i % n}" for i in range(n * blocks)],
+                              "negative": [f"n{i % n}-{i // n}" for i in range(n * blocks)]})
+
+
+def test_rotation_sampler_walks_epoch_blocks_in_order_without_duplicates():
+    ds = _triplets(20, blocks=3)
+    sampler = T.RotationBatchSampler(ds, batch_size=8, drop_last=False, seed=3, block_size=20)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 9
+    blocks = [{i // 20 for i in b} for b in batches]
+    assert all(len(b) == 1 for b in blocks)                    # a batch never mixes two epochs
+    assert [min(b) for b in blocks] == sorted(min(b) for b in blocks)  # epochs in order
+    assert sorted(i for b in batches for i in b) == list(range(60))
+    for b in batches:
+        queries = [ds[i]["query"] for i in b]
+        assert len(set(queries)) == len(queries)
+    again = list(T.RotationBatchSampler(ds, batch_size=8, drop_last=False, seed=3, block_size=20))
+    assert again == batches                                    # a resume replays the same order
+
+
+def test_length_grouped_sampler_keeps_every_row_once_and_no_duplicates():
+    from datasets import Dataset
+
+    texts = [("x " * (i % 17)) + f"t{i}" for i in range(100)]
+    ds = Dataset.from_dict({"query": [f"q{i % 90}" for i in range(100)], "positive": texts,
+                            "negative": [f"n{i}" for i in range(100)]})
+    sampler = T.LengthGroupedNoDuplicatesBatchSampler(ds, batch_size=16, drop_last=False, seed=1, window_batches=2)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(100))
+    for b in batches:
+        assert len({ds[i]["query"] for i in b}) == len(b)
+    spread = np.mean([np.ptp([sampler.lengths[i] for i in b]) for b in batches if len(b) == 16])
+    assert spread < np.ptp(sampler.lengths)                    # batches hold similar lengths
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+
+def test_precision_and_warmup_rules():
+    assert T.resolve_precision("auto", "cpu") == "fp32"
+    assert T.resolve_precision("bf16", "cpu") == "bf16"
+    with pytest.raises(ValueError, match="fp16"):
+        T.resolve_precision("fp16", "cpu")
+    with pytest.raises(ValueError):
+        T.resolve_precision("int8", "cpu")
+    assert T.warmup_for(total_steps=100, warmup_steps=1000, warmup_ratio=0.1) == 10
+    assert T.warmup_for(total_steps=100_000, warmup_steps=1000, warmup_ratio=0.1) == 1000
+    assert T.warmup_for(total_steps=100, warmup_steps=1000, warmup_ratio=None) == 1000
+
+
+def test_last_checkpoint_ignores_and_removes_a_half_written_one(tmp_path):
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    (tmp_path / "checkpoint-4").mkdir()  # killed while saving: no trainer_state.json yet
+    (tmp_path / "checkpoint-4" / "model.safetensors").write_bytes(b"partial")
+    assert T.last_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert not (tmp_path / "checkpoint-4").exists()
+    assert T.last_checkpoint(tmp_path / "nothing-here") is None
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@pytest.fixture
+def tiny_corpus(tmp_path, demo_data_dir):
+    from pipeline.demo import read_tsv_pairs, read_tsv_qrels
+    from pipeline.readers import Corpus
+
+    corpus = Corpus.open(str(demo_data_dir / "collection.tsv"), tmp_path / "cache")
+    queries = read_tsv_pairs(demo_data_dir / "queries.train.tsv")
+    qrels = read_tsv_qrels(demo_data_dir / "qrels.train.tsv")
+    qids = sorted(qrels)[:48]
+    pids = [corpus.id_at(i) for i in range(len(corpus))]
+    pools = {q: {"pos": qrels[q], "neg": [pids[(7 * k + 13 * j) % len(pids)] for k in range(1, 4)]}
+             for j, q in enumerate(qids)}
+    return corpus, {q: queries[q] for q in qids}, pools
+
+
+def test_training_lowers_the_loss_and_the_saved_model_reloads(tiny_corpus, tiny_bi_encoder, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    corpus, queries, pools = tiny_corpus
+    epochs, stats = T.rotation(pools, list(queries), epochs=3, seed=0)
+    dataset = T.rotation_dataset(epochs, queries, corpus)
+    row = dataset[0]
+    assert row["query"] == queries[epochs[0][0][0]] and row["negative"] == corpus.text(epochs[0][0][2])
+    model = SentenceTransformer(str(tiny_bi_encoder), device="cpu")
+    trainer = T.make_trainer(model, dataset, block_size=stats["queries"], output_dir=tmp_path / "ckpt",
+                             batch_size=16, lr=2e-3, warmup_steps=1, logging_steps=1, save_steps=1000, device="cpu")
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.global_step == 9 and len(losses) == 9
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.1, losses
+    model.save(str(tmp_path / "v3"), create_model_card=False, safe_serialization=True)
+    assert (tmp_path / "v3" / "model.safetensors").is_file()
+    reloaded = SentenceTransformer(str(tmp_path / "v3"), device="cpu")
+    texts = [queries[q] for q in list(queries)[:5]]
+    np.testing.assert_allclose(reloaded.encode(texts), model.encode(texts), atol=1e-5)
+
+
+def test_fast_trainer_keeps_the_loss_and_sets_throughput_options(tiny_bi_encoder, tmp_path):
+    from sentence_transformers import SentenceTransformer, util
+
+    model = SentenceTransformer(str(tiny_bi_encoder), device="cpu")
+    trainer = T.build_fast_trainer(model, _triplets(40), batch_size=8, precision="bf16", output_dir=tmp_path,
+                                   max_steps=1, dataloader_workers=0)
+    assert trainer.loss.scale == 20.0 and trainer.loss.similarity_fct is util.cos_sim
+    assert trainer.args.bf16 and trainer.args.optim.value == "adamw_torch_fused"
+    assert trainer.args.batch_sampler.func is T.LengthGroupedNoDuplicatesBatchSampler
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_tracking_is_off_by_default_and_offline_without_a_key(tmp_path, monkeypatch):
+    from pipeline import tracking
+    from pipeline.config import compose
+
+    cfg = compose([f"artifacts_root={tmp_path}"])
+    assert tracking.report_to(cfg) == "none" and not tracking.enabled(cfg)
+    with tracking.track(cfg, "train") as tracker:  # a no-op: wandb is not even imported
+        tracker.log({"x": 1.0})
+        assert not tracker.active
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    wb = compose([f"artifacts_root={tmp_path}", "tracking=wandb"])
+    assert tracking.wandb_mode(wb) == "offline" and tracking.report_to(wb) == "wandb"
+    monkeypatch.setenv("WANDB_API_KEY", "secret-value")
+    assert tracking.wandb_mode(wb) == "online"
+    assert tracking.wandb_mode(compose([f"artifacts_root={tmp_path}", "tracking=wandb", "tracking.mode=offline"])) \
+        == "offline"
+    assert tracking.report_to(compose([f"artifacts_root={tmp_path}", "tracking=wandb", "tracking.mode=disabled"])) \
+        == "none"
