@@ -108,10 +108,12 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     tmp = target.parent / f".tmp-{target.name}-{os.getpid()}-{time.monotonic_ns()}"
     try:
         yield tmp
+        _fault_point("before")
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
+        _fault_point("after")
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -119,6 +121,23 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         raise
+
+
+_commits = 0
+
+
+def _fault_point(when: str) -> None:
+    """Fault injection for the kill tests: PIPELINE_FAULT_KILL_AT=<n>[:before] SIGKILLs this process at the
+    n-th atomic commit of the run, just before or just after its rename. Unset (always, outside tests): no-op."""
+    spec = os.environ.get("PIPELINE_FAULT_KILL_AT")
+    if not spec:
+        return
+    global _commits
+    n, _, moment = spec.partition(":")
+    if when == (moment or "after"):
+        _commits += 1
+        if _commits == int(n):
+            os.kill(os.getpid(), 9)
 
 
 def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:

@@ -661,28 +661,93 @@ def read_tsv_qrels(path: str | os.PathLike) -> dict[str, list[str]]:
 _SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
+def _word_counts(texts: Iterable[str]) -> Counter:
+    """Words after BERT normalisation (lowercase, accents kept) and pre-tokenisation (whitespace, punctuation)."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    norm = normalizers.BertNormalizer(lowercase=True, clean_text=True, handle_chinese_chars=True, strip_accents=None)
+    pre = pre_tokenizers.BertPreTokenizer()
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(text)))
+    return counts
+
+
+def learn_wordpiece_vocab(word_counts: dict[str, int], vocab_size: int, special_tokens: list[str] = _SPECIAL,
+                          min_frequency: int = 2) -> list[str]:
+    """Deterministic WordPiece vocabulary by BPE-style merges (ties broken by the pair's text).
+
+    ``tokenizers``' WordPieceTrainer breaks frequency ties in hash order, so its vocabulary changes from run to run;
+    this learner gives the same vocabulary for the same input every time. Order: special tokens, the alphabet
+    (``c`` and ``##c``), then merged pieces in merge order.
+    """
+    import heapq
+
+    words = sorted(word_counts)
+    freqs = [word_counts[w] for w in words]
+    seqs = [[w[0]] + ["##" + c for c in w[1:]] for w in words]
+    vocab = list(special_tokens) + sorted({sym for seq in seqs for sym in seq} - set(special_tokens))
+    known = set(vocab)
+    pair_counts: Counter = Counter()
+    where: dict[tuple[str, str], set[int]] = {}
+
+    def add(i: int, sign: int) -> list[tuple[str, str]]:
+        seq, touched = seqs[i], []
+        for pair in zip(seq, seq[1:]):
+            pair_counts[pair] += sign * freqs[i]
+            if sign > 0:
+                where.setdefault(pair, set()).add(i)
+            touched.append(pair)
+        return touched
+
+    for i in range(len(seqs)):
+        add(i, +1)
+    heap = [(-c, pair) for pair, c in pair_counts.items()]
+    heapq.heapify(heap)
+    while len(vocab) < vocab_size and heap:
+        neg, pair = heapq.heappop(heap)
+        if pair_counts.get(pair, 0) != -neg:
+            continue  # stale entry
+        if -neg < min_frequency:
+            break
+        a, b = pair
+        merged = a + b[2:]
+        for i in sorted(where.pop(pair, ())):
+            seq = seqs[i]
+            if len(seq) < 2:
+                continue
+            add(i, -1)
+            out, k = [], 0
+            while k < len(seq):
+                if k + 1 < len(seq) and seq[k] == a and seq[k + 1] == b:
+                    out.append(merged)
+                    k += 2
+                else:
+                    out.append(seq[k])
+                    k += 1
+            seqs[i] = out
+            for p in add(i, +1):
+                heapq.heappush(heap, (-pair_counts[p], p))
+        pair_counts.pop(pair, None)
+        if merged not in known:
+            known.add(merged)
+            vocab.append(merged)
+    return vocab
+
+
 def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 4000,
                     model_max_length: int = 512):
-    """Train a lowercase WordPiece vocabulary on ``texts`` and save a BERT tokenizer into ``out_dir``.
+    """Learn a lowercase WordPiece vocabulary on ``texts`` (deterministic) and save a BERT tokenizer in ``out_dir``.
 
-    The result loads with ``BertTokenizerFast.from_pretrained`` / ``AutoTokenizer.from_pretrained``.
+    Special tokens [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4. The folder loads with
+    ``BertTokenizerFast.from_pretrained`` / ``AutoTokenizer.from_pretrained``.
     """
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import BertTokenizerFast
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True, clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=None)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=_SPECIAL, min_frequency=1,
-                                        show_progress=False, continuing_subword_prefix="##")
-    tok.train_from_iterator(list(texts), trainer=trainer)
-    vocab = tok.get_vocab()
-    # canonical order: special tokens first (ids 0..4), then by id
-    ordered = sorted(vocab.items(), key=lambda kv: kv[1])
+    vocab = learn_wordpiece_vocab(_word_counts(texts), vocab_size)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vocab.txt").write_text("".join(t + "\n" for t, _ in ordered), encoding="utf-8")
+    (out / "vocab.txt").write_text("".join(t + "\n" for t in vocab), encoding="utf-8")
     tokenizer = BertTokenizerFast(vocab=str(out / "vocab.txt"), do_lower_case=True,
                                   model_max_length=model_max_length)
     tokenizer.save_pretrained(str(out))
@@ -714,11 +779,13 @@ def _sentence_transformer_cls():
 
 
 def mnrl_train(model, pairs: list[tuple[str, ...]], *, steps: int, batch_size: int = 32, lr: float = 1e-3,
-               scale: float = 20.0, seed: int = 0, warmup_ratio: float = 0.1, max_seconds: float | None = None) -> dict:
+               scale: float = 20.0, seed: int = 0, warmup_ratio: float = 0.1, max_seconds: float | None = None,
+               shuffle: bool = True) -> dict:
     """A plain MultipleNegativesRankingLoss loop (cosine x scale, in-batch negatives plus any extra columns).
 
-    ``pairs`` are (query, positive[, negative...]) tuples with the same number of columns. Used for the tiny "v2"
-    warm-up and by tests/checks; the pipeline's train stage uses SentenceTransformerTrainer.
+    ``pairs`` are (query, positive[, negative...]) tuples with the same number of columns, visited in a fresh
+    shuffled order each pass (``shuffle=False``: in the given order). Used for the tiny "v2" warm-up and by checks;
+    the pipeline's train stage uses SentenceTransformerTrainer.
     """
     import torch
 
@@ -738,7 +805,8 @@ def mnrl_train(model, pairs: list[tuple[str, ...]], *, steps: int, batch_size: i
     for step in range(steps):
         if len(order) < batch_size:
             fresh = list(range(len(pairs)))
-            rng.shuffle(fresh)
+            if shuffle:
+                rng.shuffle(fresh)
             order.extend(fresh)
         idx, order = order[:batch_size], order[batch_size:]
         batch = [pairs[i] for i in idx]

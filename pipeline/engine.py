@@ -38,14 +38,13 @@ import copy
 import inspect
 import itertools
 import logging
-import math
 import os
 import queue
 import threading
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -277,10 +276,10 @@ def _prepare(hf_model: torch.nn.Module, device: torch.device, dtype: torch.dtype
     prep = cache.get(key)
     if prep is not None and prep.fingerprint == fp:
         return prep
-    for old in cache.values():
+    for stale in [k for k, v in cache.items() if v.fingerprint != fp]:  # weights changed: drop old copies
+        old = cache.pop(stale)
         if old.hook_handle is not None:
             old.hook_handle.remove()
-    cache.clear()
 
     want_varlen = attention in ("auto", "varlen") and dtype in (torch.float16, torch.bfloat16) and varlen_available(device)
     if attention == "varlen" and not want_varlen:
@@ -603,15 +602,21 @@ def _collate(toks: _Tokens, order: np.ndarray, pos_offset: int, packed: bool, pa
 
 
 # -------------------------------------------------------------------------------------------- the runner
-def _iter_chunks(n: int, chunk: int) -> Iterator[tuple[int, int, int]]:
-    for c, s in enumerate(range(0, n, chunk)):
-        yield c, s, min(n, s + chunk)
+def _chunk_bounds(n: int, chunk: int, ramp: bool) -> list[tuple[int, int]]:
+    """[start, end) of the tokenisation chunks. With ``ramp`` the first chunks are small (2048, 4096, ...) so
+    the device starts working while the next, larger chunks are being tokenised."""
+    out, s, size = [], 0, (min(chunk, 2048) if ramp else chunk)
+    while s < n:
+        e = min(n, s + size)
+        out.append((s, e))
+        s, size = e, min(chunk, size * 2)
+    return out
 
 
 def _producer(items, tokenizer: _Tokenizer, prep: _Prepared, cfg: dict, q: "queue.Queue", stop: threading.Event, stats):
     try:
         pad_id = cfg["pad_id"]
-        for c, s, e in _iter_chunks(len(items), cfg["chunk"]):
+        for c, (s, e) in enumerate(cfg["bounds"]):
             if stop.is_set():
                 return
             t0 = time.perf_counter()
@@ -621,14 +626,20 @@ def _producer(items, tokenizer: _Tokenizer, prep: _Prepared, cfg: dict, q: "queu
             stats["tokens"] += int(lens.sum())
             stats["attn_tokens"] += float(np.square(lens.astype(np.float64)).sum())
             order = np.argsort(-lens, kind="stable")
-            packed = prep.attn == "varlen"
+            # cfg["packed"] only ever goes True -> False (permanent fallback, set by the consumer); packed batches
+            # still queued then are re-padded by the consumer. prep.attn is not read here: it changes briefly
+            # while the consumer checks the packed path against the padded one.
+            packed = cfg["packed"]
             bounds = token_budget_batches(lens[order], cfg["batch_tokens"], cfg["max_batch"], packed=packed)
             for a, b in bounds:
                 if stop.is_set():
                     return
                 sel = order[a:b]
-                packed = prep.attn == "varlen"
+                packed = packed and cfg["packed"]
                 B, L, T, tensors = _collate(toks, sel, prep.pos_offset, packed, pad_id, cfg["want_tt"], cfg["pin"])
+                tensors["local_idx"] = torch.from_numpy(np.ascontiguousarray(sel, dtype=np.int64))
+                if cfg["pin"]:
+                    tensors["local_idx"] = tensors["local_idx"].pin_memory()
                 stats["padded_tokens"] += B * L
                 _put(q, _Batch(sel, c, B, L, T, packed, tensors), stop)
             _put(q, _ChunkEnd(c, s, e - s), stop)
@@ -656,7 +667,7 @@ def _packed_to_padded(batch: _Batch, pad_id: int) -> _Batch:
     B, L = batch.B, batch.L
     ids = torch.full((B, L), pad_id, dtype=torch.int64, device=t["input_ids"].device)
     ids[t["rows"], t["cols"]] = t["input_ids"][0]
-    nt = {"input_ids": ids, "lens": t["lens"]}
+    nt = {"input_ids": ids, "lens": t["lens"], "local_idx": t["local_idx"]}
     if "token_type_ids" in t:
         tt = torch.zeros((B, L), dtype=torch.int64, device=ids.device)
         tt[t["rows"], t["cols"]] = t["token_type_ids"][0]
@@ -728,7 +739,9 @@ class _Runner:
             "pad_id": 0 if pad_id is None else int(pad_id),
             "want_tt": want_tt,
             "pin": self.device.type == "cuda",
+            "packed": self.prep.attn == "varlen",
         }
+        self.cfg["bounds"] = _chunk_bounds(len(items), self.cfg["chunk"], ramp=self.device.type == "cuda")
         self.show_progress = show_progress
         self.desc = desc
         self.attention = attention
@@ -806,6 +819,7 @@ class _Runner:
                         if not batch.packed:
                             raise
                         log.warning("engine: varlen attention failed (%s); falling back to padded SDPA", exc)
+                        self.cfg["packed"] = False
                         _fallback_to_padded(self.prep)
                         batch = _packed_to_padded(batch, self.cfg["pad_id"])
                         res = self.post(*_hf_forward(self.prep, batch, batch.tensors), batch)
@@ -814,6 +828,7 @@ class _Runner:
                         if self.attention == "auto":
                             padded = _packed_to_padded(batch, self.cfg["pad_id"])
                             if not self._verify_varlen(padded, res):
+                                self.cfg["packed"] = False
                                 res = self.post(*_hf_forward(self.prep, padded, padded.tensors), padded)
                         self.prep.verified = True
                     res = res.float()
@@ -822,17 +837,15 @@ class _Runner:
                     # batch_tokens/chunk bookkeeping
                     if batch.chunk != cur_chunk:
                         cur_chunk = batch.chunk
-                        s = cur_chunk * self.cfg["chunk"]
-                        chunk_n = min(self.cfg["chunk"], n - s)
+                        chunk_start, chunk_end = self.cfg["bounds"][cur_chunk]
                         if cuda:
-                            dev_buf = torch.empty((chunk_n,) + tuple(res.shape[1:]), dtype=torch.float32, device=self.device)
-                        chunk_start = s
-                    idx = torch.from_numpy(np.ascontiguousarray(batch.local_idx, dtype=np.int64))
+                            dev_buf = torch.empty((chunk_end - chunk_start,) + tuple(res.shape[1:]),
+                                                  dtype=torch.float32, device=self.device)
+                    idx = batch.tensors["local_idx"]
                     if cuda:
-                        dev_buf.index_copy_(0, idx.to(self.device, non_blocking=True), res)
+                        dev_buf.index_copy_(0, idx, res)
                     else:
-                        target = torch.from_numpy(out[chunk_start : chunk_start + self.cfg["chunk"]])
-                        target.index_copy_(0, idx, res)
+                        torch.from_numpy(out[chunk_start:chunk_end]).index_copy_(0, idx, res)
                     if bar is not None:
                         bar.update(batch.B)
             for h, e, s0, n0 in pending:

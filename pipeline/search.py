@@ -19,7 +19,6 @@ scores and order match an fp32 search. On the CPU everything is fp32 with score 
 from __future__ import annotations
 
 import logging
-import math
 import mmap
 import queue
 import threading
@@ -129,11 +128,45 @@ def _topk_grouped(S: torch.Tensor, k: int, group: int = _GROUP) -> tuple[torch.T
     return v, torch.gather(cols, 1, p)
 
 
-def _chunk_topk(S: torch.Tensor, k: int, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_pruned(S: torch.Tensor, k: int, thr: torch.Tensor, group: int | None = None):
+    """Exact top-k of the elements that can still enter a running top-k whose admission threshold is ``thr``
+    (the score of the last kept candidate, per row): only the few groups with the largest maxima are examined;
+    rows where a group outside them could still hold an element above ``thr`` are redone with
+    :func:`_topk_grouped` (this needs one host synchronisation per call). Elements not above ``thr`` may be
+    returned or not: the merge drops them."""
+    group = group or _GROUP
+    qb, C = S.shape
+    ng = C // group
+    kk = max(16, 2 * ((k + group - 1) // group))
+    if ng <= 2 * kk or kk * group < k:
+        return _topk_grouped(S, k, group)
+    main = ng * group
+    S3 = S[:, :main].view(qb, ng, group)
+    gmax = S3.amax(dim=2)
+    gv, gi = torch.topk(gmax, kk, dim=1)
+    cand = torch.gather(S3, 1, gi.unsqueeze(-1).expand(qb, kk, group)).reshape(qb, kk * group)
+    cols = (gi.unsqueeze(-1) * group + torch.arange(group, device=S.device)).reshape(qb, kk * group)
+    if main < C:
+        cand = torch.cat([cand, S[:, main:]], dim=1)
+        cols = torch.cat([cols, torch.arange(main, C, device=S.device).expand(qb, C - main)], dim=1)
+    v, p = torch.topk(cand, k, dim=1)
+    i = torch.gather(cols, 1, p)
+    bad = torch.nonzero(gv[:, -1].float() > thr).flatten()
+    if bad.numel():
+        vb, ib = _topk_grouped(S[bad], k, group)
+        v[bad], i[bad] = vb, ib
+    return v, i
+
+
+def _chunk_topk(S: torch.Tensor, k: int, method: str, thr: torch.Tensor | None = None):
     if method == "exact_ties":
         return _topk_exact_ties(S, k)
     if method == "grouped":
         return _topk_grouped(S, k)
+    if method == "pruned":
+        if thr is None:
+            return _topk_grouped(S, k)
+        return _topk_pruned(S, k, thr)
     return torch.topk(S, min(k, S.shape[1]), dim=1)
 
 
@@ -180,7 +213,8 @@ def exact_search(
     (on the compute device it is used in place). ``dtype`` "auto": fp16 on CUDA, fp32 on CPU. ``rescore``
     (default: when computing in half precision with the corpus resident on the GPU): recompute the final
     candidates' scores in fp32 and re-order. ``topk_method``: "auto" (grouped on CUDA, exact-ties on CPU),
-    "grouped", "topk", "exact_ties". Ties: broken by lower index exactly on CPU; on CUDA exactly unless more than
+    "grouped", "pruned" (grouped, examining after the first chunk only the groups that can beat the running
+    top-k; one host sync per block), "topk", "exact_ties". Ties: broken by lower index exactly on CPU; on CUDA exactly unless more than
     ``tie_margin`` + 1 corpus rows of one chunk share the k-th score.
     """
     t_start = time.perf_counter()
@@ -274,7 +308,8 @@ def exact_search(
                 for q0 in range(0, nq, query_chunk):
                     q1 = min(nq, q0 + query_chunk)
                     S = Q[q0:q1] @ chunk.T
-                    v, i = _chunk_topk(S, kc, topk_method)
+                    thr = best_s[q0:q1, keep - 1] if (topk_method == "pruned" and c0 > 0 and kc == keep) else None
+                    v, i = _chunk_topk(S, kc, topk_method, thr)
                     del S
                     best_s[q0:q1], best_i[q0:q1] = _merge(best_s[q0:q1], best_i[q0:q1], v.float(), i + c0, keep)
                 if bar is not None:

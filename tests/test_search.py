@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -96,6 +95,19 @@ def test_gpu_code_path_on_cpu():
     s, i = S.exact_search(q, torch.from_numpy(c), 10, device="cpu", dtype="fp16", corpus_chunk=1500,
                           query_chunk=16, topk_method="grouped", rescore=True, show_progress=False)
     assert S.LAST_SEARCH["rescore"] and S.LAST_SEARCH["resident"]
+    np.testing.assert_array_equal(i, ref_i)
+    np.testing.assert_allclose(s, ref_s, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["grouped", "pruned", "topk"])
+def test_gpu_topk_methods_exact(monkeypatch, method):
+    monkeypatch.setattr(S, "_GROUP", 8)
+    rng = np.random.default_rng(8)
+    c = _unit(rng, 6000, 16)
+    q = _unit(rng, 33, 16)
+    ref_s, ref_i = _brute(q, c, 12)
+    s, i = S.exact_search(q, c, 12, device="cpu", corpus_chunk=1000, query_chunk=8, topk_method=method,
+                          show_progress=False)
     np.testing.assert_array_equal(i, ref_i)
     np.testing.assert_allclose(s, ref_s, atol=1e-5)
 

@@ -113,6 +113,10 @@ def run(cfg: DictConfig) -> Path:
             negatives = sample_negatives({q: candidates.get(q, []) for q in queries},
                                          {q: set(p) for q, p in positives.items()}, int(tc.negatives_per_query),
                                          int(tc.neg_rank_min), int(tc.neg_rank_max), int(cfg.seed))
+            if tc.positives_per_query:
+                k = int(tc.positives_per_query)
+                positives = {q: (random.Random(f"{cfg.seed}:pos:{q}").sample(ps, k) if len(ps) > k else ps)
+                             for q, ps in positives.items()}
             dataset = pairs_dataset(queries, positives, negatives, corpus)
         n_pos = int(sum(dataset["label"]))
         st.counts.update({"queries": len(queries), "pairs": len(dataset), "positives": n_pos,

@@ -557,7 +557,7 @@ def run(cfg: DictConfig) -> Path:
             if not tc.keep_checkpoints:
                 shutil.rmtree(ckpt_dir, ignore_errors=True)
             (st.path / "metrics_before.json").unlink(missing_ok=True)
-            _log_before_after(before, after)
+            _log_before_after(before, after, version_names(cfg))
             tracker.log({"train/v2": _headlines(before), "train/v3": _headlines(after)})
             tracker.summary({"train": {k: v for k, v in summary.items() if k != "loss_curve"}})
     return st.path
@@ -590,14 +590,14 @@ def _headlines(result: Mapping[str, Any] | None) -> dict[str, float]:
             if isinstance(v, (int, float))}
 
 
-def _log_before_after(before, after) -> None:
+def _log_before_after(before, after, names: tuple[str, str]) -> None:
     if not before or not after:
         return
     for ev, ms in after["metrics"].items():
         for m, v in ms.items():
             b = before["metrics"].get(ev, {}).get(m)
             if isinstance(v, (int, float)) and isinstance(b, (int, float)):
-                log.info("train: %-10s %-16s v2 %.4f -> v3 %.4f (%+.4f)", ev, m, b, v, v - b)
+                log.info("train: %-10s %-16s %s %.4f -> %s %.4f (%+.4f)", ev, m, names[0], b, names[1], v, v - b)
 
 
 # --------------------------------------------------------------------------------------------- model card
@@ -611,7 +611,8 @@ def model_card(cfg: DictConfig, mine_dir: Path, metrics: Mapping[str, Any]) -> s
     report = _safe(lambda: json.loads((mine_dir / "report.json").read_text()), {})
     ce = _cross_encoder(cfg)
     rot, tr = metrics["rotation"], metrics["train"]
-    name = f"{cfg.model.name}-v3"
+    old, new = version_names(cfg)
+    name = f"{cfg.model.name}-{new}"
     lines = [
         "---",
         "library_name: sentence-transformers",
@@ -621,9 +622,10 @@ def model_card(cfg: DictConfig, mine_dir: Path, metrics: Mapping[str, Any]) -> s
         "",
         f"# {name}",
         "",
-        f"`{cfg.model.bi_encoder}` (v2) fine-tuned into v3 with the MSMARCO Models v3 recipe: v2 retrieved passages "
-        "for the training queries, a cross-encoder scored them, passages v2 ranked high but the cross-encoder "
-        "scored low became hard negatives, and v2 was trained further with MultipleNegativesRankingLoss.",
+        f"`{cfg.model.bi_encoder}` ({old}) fine-tuned into {new} with the MSMARCO Models v3 recipe: {old} retrieved "
+        f"passages for the training queries, a cross-encoder scored them, passages {old} ranked high but the "
+        f"cross-encoder scored low became hard negatives, and {old} was trained further with "
+        "MultipleNegativesRankingLoss.",
         "",
         "## Data",
         "",
@@ -666,7 +668,8 @@ def model_card(cfg: DictConfig, mine_dir: Path, metrics: Mapping[str, Any]) -> s
     ]
     before, after = metrics.get("before"), metrics.get("after")
     if before and after:
-        lines += ["## Evaluation", "", "| eval set | measure | v2 | v3 | change |", "|---|---|---|---|---|"]
+        lines += ["## Evaluation", "", f"Measured by the evaluate stage on `{cfg.data.name}`'s evaluation sets.", "",
+                  f"| eval set | measure | {old} | {new} | change |", "|---|---|---|---|---|"]
         for ev, ms in after["metrics"].items():
             for m, v in ms.items():
                 b = before["metrics"].get(ev, {}).get(m)

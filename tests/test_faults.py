@@ -1,0 +1,124 @@
+"""Fault injection: a real subprocess SIGKILLed inside retrieve, score, mine and train, then a rerun.
+
+The default suite kills each stage at 2 commit points (PIPELINE_FAULT_KILL_AT: the n-th atomic write, just
+before or just after its rename, i.e. with a half-written temporary file or a just-committed chunk); the
+slow suite adds 10 random points per stage. After every kill: no completion marker, and the rerun's
+artifacts equal an uninterrupted run's byte for byte (train: it finishes and its model loads).
+Disk-full is simulated with a write hook: a clear error, nothing marked complete, and a later run succeeds.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.artifacts import MANIFEST, MARKER, StageError, is_complete
+from pipeline.cli import run as run_stage
+from pipeline.config import REPO_ROOT, compose
+from pipeline.stages.common import stage_dir
+
+CHAIN = ["retrieve", "score", "mine", "train"]
+# Outputs that depend on wall-clock or on the process (timings, checkpoints' optimizer state) are not compared.
+NOT_COMPARED = {MANIFEST, MARKER, ".lock"}
+
+
+@pytest.fixture(scope="module")
+def overrides(demo_data_dir, tiny_bi_encoder, tiny_cross_encoder):
+    data = Path(demo_data_dir)
+    return [f"data.corpus={data / 'collection.tsv'}", f"data.train.queries={data / 'queries.train.tsv'}",
+            f"data.train.qrels={data / 'qrels.train.tsv'}", "data.train.max_queries=24",
+            f"model.bi_encoder={tiny_bi_encoder}", f"model.cross_encoder={tiny_cross_encoder}", "device=cpu",
+            "retrieve.top_k=10", "retrieve.encode_block=600", "retrieve.query_block=8",
+            "retrieve.precision=fp32", "score.precision=fp32", "score.chunk_pairs=60",
+            "mine.ce_score_margin=null", "train.epochs=1", "train.batch_size=8", "train.max_steps=3",
+            "train.save_steps=1", "train.evaluate=false", "train.precision=fp32", "tracking=none"]
+
+
+@pytest.fixture(scope="module")
+def reference(overrides, tmp_path_factory):
+    """The uninterrupted chain, stage by stage, in this process."""
+    root = tmp_path_factory.mktemp("fault_reference")
+    cfg = compose([*overrides, f"artifacts_root={root}"])
+    return {stage: run_stage(compose([*overrides, f"artifacts_root={root}", f"stage={stage}"])) for stage in CHAIN} | {
+        "root": root, "cfg": cfg}
+
+
+def _fresh_root(reference, stage: str, tmp_path: Path) -> Path:
+    """A new artifacts root holding copies of the stages before `stage` (keys do not depend on the root), and
+    no pair cache, so the stage has all its work to do."""
+    for upstream in CHAIN[: CHAIN.index(stage)]:
+        src = Path(reference[upstream])
+        shutil.copytree(src, tmp_path / upstream / src.name)
+    return tmp_path
+
+
+def _files(folder: Path, root: Path) -> dict[str, bytes]:
+    """Files of a stage folder; the artifacts root is masked (reports name their input folders)."""
+    mask = str(root.resolve()).encode()
+    return {p.relative_to(folder).as_posix(): p.read_bytes().replace(mask, b"<root>") for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in NOT_COMPARED and not p.relative_to(folder).as_posix().startswith("checkpoints")}
+
+
+def _kill_and_resume(overrides, reference, stage: str, root: Path, kill_at: str) -> None:
+    env = {**os.environ, "PIPELINE_FAULT_KILL_AT": kill_at, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    proc = subprocess.run([sys.executable, "-m", "pipeline", f"stage={stage}", *overrides, f"artifacts_root={root}"],
+                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    cfg = compose([*overrides, f"artifacts_root={root}", f"stage={stage}"])
+    folder = stage_dir(cfg, stage)
+    assert proc.returncode == -9, f"{stage} was not killed at commit {kill_at}:\n{proc.stderr[-2000:]}"
+    assert not (folder / MARKER).exists(), "a completion marker exists for an interrupted stage"
+    rerun = run_stage(cfg)
+    assert Path(rerun) == folder and is_complete(folder)
+    expected = Path(reference[stage])
+    if stage == "train":  # SGD on another process is not bit-reproducible; it must finish and load
+        from sentence_transformers import SentenceTransformer
+
+        assert SentenceTransformer(str(folder / "model"), device="cpu").encode(["a query"]).shape[0] == 1
+        return
+    got, want = _files(folder, root), _files(expected, reference["root"])
+    assert sorted(got) == sorted(want)
+    differing = [name for name in want if got[name] != want[name]]
+    assert not differing, f"{stage}: files differ from the uninterrupted run after kill at {kill_at}: {differing}"
+
+
+@pytest.mark.parametrize("stage,kill_at", [(s, k) for s in CHAIN for k in ("1:before", "2")])
+def test_sigkill_at_a_commit_then_rerun_equals_uninterrupted(overrides, reference, stage, kill_at, tmp_path):
+    _kill_and_resume(overrides, reference, stage, _fresh_root(reference, stage, tmp_path), kill_at)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", CHAIN)
+def test_sigkill_at_ten_random_points(overrides, reference, stage, tmp_path):
+    rng = random.Random(f"faults-{stage}")
+    for i in range(10):
+        root = _fresh_root(reference, stage, tmp_path / f"try{i}")
+        _kill_and_resume(overrides, reference, stage, root, f"{rng.randint(1, 4)}:{rng.choice(['before', 'after'])}")
+
+
+def test_disk_full_gives_a_clear_error_and_no_marker(overrides, reference, tmp_path, monkeypatch):
+    root = _fresh_root(reference, "mine", tmp_path)
+    cfg = compose([*overrides, f"artifacts_root={root}", "stage=mine"])
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def full_disk(src, dst):  # the third commit finds the disk full
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(StageError, match="no space left on device"):
+        run_stage(cfg)
+    folder = stage_dir(cfg, "mine")
+    assert not (folder / MARKER).exists() and not list(folder.rglob(".tmp-*"))
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert Path(run_stage(cfg)) == folder and is_complete(folder)
+    assert _files(folder, root) == _files(Path(reference["mine"]), reference["root"])
