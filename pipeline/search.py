@@ -175,8 +175,8 @@ def _chunk_reader(corpus, bounds, dtype: torch.dtype, pin: bool, q: "queue.Queue
         for c0, c1 in bounds:
             if stop.is_set():
                 return
-            block = np.asarray(corpus[c0:c1])
-            t = torch.from_numpy(np.ascontiguousarray(block)).to(dtype)
+            np_dtype = np.float16 if dtype == torch.float16 else np.float32
+            t = torch.from_numpy(np.array(corpus[c0:c1], dtype=np_dtype, copy=True)).to(dtype)
             if isinstance(corpus, np.memmap):
                 _release_pages(corpus, c0, c1)
             if pin:
@@ -255,7 +255,7 @@ def exact_search(
             for c0 in range(0, N, corpus_chunk):
                 c1 = min(N, c0 + corpus_chunk)
                 src = corpus[c0:c1]
-                src = src if isinstance(src, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(src))
+                src = src if isinstance(src, torch.Tensor) else torch.from_numpy(np.array(src, copy=True))
                 resident[c0:c1].copy_(src.to(cdt).pin_memory() if src.device.type == "cpu" else src, non_blocking=True)
                 if isinstance(corpus, np.memmap):
                     _release_pages(corpus, c0, c1)

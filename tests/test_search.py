@@ -31,7 +31,7 @@ def _unit(rng, n, d, dtype=np.float32):
     return x.astype(dtype)
 
 
-@pytest.mark.parametrize("corpus_chunk,query_chunk", [(1000, 64), (97, 13), (10, 7)])
+@pytest.mark.parametrize("corpus_chunk,query_chunk", [(1000, 64), (97, 13), (30, 7)])
 def test_exact_equals_bruteforce_across_chunk_boundaries(corpus_chunk, query_chunk):
     rng = np.random.default_rng(1)
     c = _unit(rng, 1000, 32)

@@ -26,6 +26,7 @@ from pipeline.artifacts import StageError, StageRun, atomic_path, atomic_write_t
 from pipeline.config import plain
 from pipeline.models import load_bi_encoder, model_identity, resolve_device
 from pipeline.shards import block_bounds, n_blocks, run_sharded, shard_blocks, shard_settings, try_lock, write_parquet
+from pipeline import signals
 from pipeline.stages import common
 
 log = logging.getLogger(__name__)
@@ -188,11 +189,13 @@ def encode_corpus(ctx: _Ctx, st: StageRun) -> np.ndarray:
                 atomic_write_text(_block_done(final, b), f"{lo} {hi}\n")
                 encoded += hi - lo
                 bar.update(hi - lo)
+            signals.stop_if_requested()
         todo = busy
         if todo:  # held by other live shards: wait for them rather than encode twice
             if waited == 0.0:
                 log.info("retrieve: waiting for %d corpus blocks that other shards are encoding", len(todo))
             time.sleep(2.0)
+            signals.stop_if_requested()
             waited += 2.0
     bar.close()
     st.counts["corpus_rows_encoded_here"] = st.counts.get("corpus_rows_encoded_here", 0) + encoded
@@ -241,6 +244,7 @@ def _qblock_file(out_dir: Path, b: int) -> Path:
     return out_dir / f"block-{b:06d}.parquet"
 
 
+@signals.deferred()  # a SIGTERM/SIGUSR1/SIGUSR2 stops the run after the block in progress is committed
 def _work(ctx: _Ctx, st: StageRun, blocks: range, out_dir: Path) -> None:
     from tqdm.auto import tqdm
 
@@ -276,6 +280,7 @@ def _work(ctx: _Ctx, st: StageRun, blocks: range, out_dir: Path) -> None:
             write_parquet(table, _qblock_file(out_dir, b))
             bar.update(hi - lo)
             st.counts["queries_searched_here"] = st.counts.get("queries_searched_here", 0) + (hi - lo)
+            signals.stop_if_requested()
     bar.close()
 
 

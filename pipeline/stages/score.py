@@ -43,6 +43,7 @@ from pipeline.artifacts import (
 from pipeline.config import plain
 from pipeline.models import load_cross_encoder, model_identity, resolve_device
 from pipeline.shards import block_bounds, n_blocks, run_sharded, write_parquet
+from pipeline import signals
 from pipeline.stages import common
 
 log = logging.getLogger(__name__)
@@ -273,6 +274,7 @@ def _chunk_file(out_dir: Path, b: int) -> Path:
     return out_dir / f"chunk-{b:06d}.parquet"
 
 
+@signals.deferred()  # a SIGTERM/SIGUSR1/SIGUSR2 stops the run after the chunk in progress is committed
 def _work(ctx: _Ctx, st: StageRun, blocks: range, out_dir: Path) -> None:
     import pyarrow as pa
     from tqdm.auto import tqdm
@@ -321,6 +323,7 @@ def _work(ctx: _Ctx, st: StageRun, blocks: range, out_dir: Path) -> None:
         bar.update(hi - lo)
         if float(sc.debug_sleep_s) > 0:
             time.sleep(float(sc.debug_sleep_s))
+        signals.stop_if_requested()
     bar.close()
     st.counts["pairs_scored"] = st.counts.get("pairs_scored", 0) + scored
     st.counts["pairs_from_cache"] = st.counts.get("pairs_from_cache", 0) + from_cache

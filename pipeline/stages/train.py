@@ -520,6 +520,10 @@ def run(cfg: DictConfig) -> Path:
                 max_steps=tc.max_steps, save_steps=int(tc.save_steps), save_total_limit=tc.save_total_limit,
                 logging_steps=int(tc.logging_steps), dataloader_workers=int(tc.dataloader_workers),
                 seed=int(cfg.seed), report_to=tracking.report_to(cfg))
+            from pipeline import signals  # preemption stop + checkpoint; in-batch negatives gathered across ranks
+
+            st.extra["scale_out"] = signals.prepare_trainer(
+                trainer, gather_across_devices=bool(tc.gather_across_devices))
             resume = last_checkpoint(ckpt_dir)
             if resume is not None:
                 planned = -(-stats["queries"] // int(tc.batch_size)) * stats["epochs"]
