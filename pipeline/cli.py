@@ -21,6 +21,12 @@ STAGES = ("all", "retrieve", "score", "mine", "train", "teacher", "evaluate", "s
 def run(cfg: DictConfig):
     if cfg.stage not in STAGES:
         raise StageError(f"unknown stage {cfg.stage!r}; choose one of: {', '.join(STAGES)}")
+    if cfg.get("cpu_threads"):
+        # Tiny models gain nothing from a second thread, and OpenMP threads that spin while another process
+        # holds the core made a demo step 40x slower on a busy 2-core machine.
+        import torch
+
+        torch.set_num_threads(int(cfg.cpu_threads))
     return importlib.import_module(f"pipeline.stages.{cfg.stage}").run(cfg)
 
 

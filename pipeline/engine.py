@@ -299,6 +299,8 @@ def _prepare(hf_model: torch.nn.Module, device: torch.device, dtype: torch.dtype
         work, use_autocast, want_varlen = hf_model, True, False
     if not use_autocast:
         work.to(device=device, dtype=dtype) if dtype is not None else work.to(device=device)
+        if dtype is not None:
+            _keep_head_fp32(work)
         work.eval()
         for p in work.parameters():
             p.requires_grad_(False)
@@ -985,6 +987,26 @@ def encode_texts(
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         np.divide(emb, np.maximum(norms, 1e-12), out=emb)
     return emb
+
+
+def _keep_head_fp32(hf_model) -> None:
+    """Run a sequence-classification head in float32 on float32 inputs. A bf16 head returns logits on a
+    2^-8-relative grid: thresholds and margins (mine) then compare rounded values, and a small model's scores
+    collapse onto a handful of levels. The head is a few thousand parameters; the body stays in bf16."""
+    for name in ("pre_classifier", "classifier", "score"):
+        head = getattr(hf_model, name, None)
+        if not isinstance(head, torch.nn.Module) or getattr(head, "_fp32_head", False):
+            continue
+        head.float()
+        original = head.forward
+
+        def forward(*args, _original=original, **kwargs):
+            args = tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+            kwargs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()}
+            return _original(*args, **kwargs)
+
+        head.forward = forward
+        head._fp32_head = True
 
 
 def score_pairs(
