@@ -184,7 +184,7 @@ def run(cfg: DictConfig) -> Path:
     return st.path
 
 
-def _pair_accuracy(model, dataset, max_queries: int = 200) -> float:
+def _pair_accuracy(model, dataset, max_queries: int = 50) -> float:
     """How often a positive outscores a negative of the same query (on training pairs: a sanity figure that the
     head learnt something, not a measure of generalisation)."""
     import numpy as np
