@@ -65,7 +65,11 @@ def model_identity(spec: str) -> dict[str, Any]:
 
     spec = str(spec)
     if spec.startswith("demo:"):
-        return {"demo": spec}
+        from pipeline.demo import DEMO_MODEL_SETTINGS
+
+        # The settings decide what gets built: changing them rebuilds the model, so they must change every key
+        # that depends on it (else old embeddings of the previous build would be reused).
+        return {"demo": spec, "settings": DEMO_MODEL_SETTINGS}
     if Path(spec).is_dir():
         return {"local": _model_folder_fingerprint(Path(spec))}
     if Path(spec).exists():

@@ -139,7 +139,7 @@ def test_results_table_shows_published_figures(tmp_path):
             {"name": "other", "metrics": {"trec_dl": {"nDCG@10": 0.7}}, "published": {"dev": 40.0}}]
     table = evaluate.results_table(rows, cfg)
     lines = table.splitlines()
-    assert lines[0] == "| Approach | NDCG@10 (TREC DL 19 Reranking) | MRR@10 (MS Marco Dev) |"
+    assert lines[0] == "| Approach | NDCG@10 (demo rerank, TREC-DL style) | MRR@10 (demo dev) |"
     assert lines[2] == "| BM25 | 50.58 | 18.70 |"
     assert lines[3] == "| v3 | 68.91 (published 69.02) | 32.91 (published 33.13) |"
     assert lines[4] == "| other | 70.00 | – (published 40.00) |"
