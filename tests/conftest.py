@@ -28,12 +28,12 @@ def demo_data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory, demo_data_dir) -> Path:
     """A WordPiece tokenizer trained on the demo collection and training queries."""
-    from pipeline.demo import read_tsv_pairs, train_tokenizer
+    from pipeline.demo import DEMO_MODEL_SETTINGS, read_tsv_pairs, train_tokenizer
 
     texts = list(read_tsv_pairs(demo_data_dir / "collection.tsv").values())
     texts += list(read_tsv_pairs(demo_data_dir / "queries.train.tsv").values())
     out = tmp_path_factory.mktemp("tiny_tokenizer")
-    train_tokenizer(texts, out, vocab_size=4000)
+    train_tokenizer(texts, out, vocab_size=DEMO_MODEL_SETTINGS["vocab_size"])
     return out
 
 
