@@ -16,11 +16,20 @@ from pipeline.readers import DataError
 log = logging.getLogger("pipeline")
 
 STAGES = ("all", "retrieve", "score", "mine", "train", "teacher", "evaluate", "score_run", "plan", "verify")
+DISTRIBUTED_STAGES = ("train",)  # the stages that may run under torchrun (pipeline/distributed.py)
 
 
 def run(cfg: DictConfig):
     if cfg.stage not in STAGES:
         raise StageError(f"unknown stage {cfg.stage!r}; choose one of: {', '.join(STAGES)}")
+    from pipeline.distributed import world_size
+
+    if world_size() > 1 and cfg.stage not in DISTRIBUTED_STAGES:
+        # Every rank would open the same stage folder; only train knows how to share one among ranks.
+        raise StageError(f"stage={cfg.stage} does not run under torchrun ({world_size()} processes): only stage=train "
+                         f"does. Run it as `python -m pipeline stage={cfg.stage} ...` (retrieve and score split "
+                         f"across GPUs with shard.count / shard.index, see docs/scale-out.md), then "
+                         f"`torchrun ... -m pipeline stage=train ...`")
     if cfg.get("cpu_threads"):
         # Tiny models gain nothing from a second thread, and OpenMP threads that spin while another process
         # holds the core made a demo step 40x slower on a busy 2-core machine.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,19 @@ def minilm_dir() -> str:
     return str(Path(spec.origin).parent / "model")
 
 
+def rank_suffix() -> str:
+    """'' for a plain process and torchrun's rank 0, '-rank<r>' for the other ranks (their own Hydra log folder)."""
+    rank = int(os.environ.get("RANK") or 0)
+    return f"-rank{rank}" if rank else ""
+
+
 def register_resolvers() -> None:
     for name, fn in {
         "resource": resource_dir,
         "repo_root": lambda: str(REPO_ROOT),
         "basename": lambda p: Path(str(p)).name,
         "minilm_dir": minilm_dir,
+        "rank_suffix": rank_suffix,
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

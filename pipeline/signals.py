@@ -167,6 +167,14 @@ def _any_rank_requested() -> bool:
     return bool(flag.item())
 
 
+_stopped_at: int | None = None
+
+
+def training_stopped_at() -> int | None:
+    """The step at which the last training stopped on a signal (None: it ran to its end)."""
+    return _stopped_at
+
+
 def stop_callback():
     """A transformers TrainerCallback: on a signal, save a checkpoint at the end of the current step and stop;
     when training ends that way the signal is re-delivered, so the stage is never marked complete and the
@@ -175,12 +183,16 @@ def stop_callback():
 
     class StopOnSignal(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
+            global _stopped_at
+            _stopped_at = None
             install()
 
         def on_step_end(self, args, state, control, **kwargs):
+            global _stopped_at
             if _any_rank_requested():
                 if _requested is None:
                     request(signal.SIGTERM)
+                _stopped_at = int(state.global_step)
                 log.warning("train: stop requested at step %d: saving a checkpoint, then stopping", state.global_step)
                 control.should_save = True
                 control.should_training_stop = True

@@ -34,6 +34,22 @@ def test_rotation_draws_a_fresh_negative_each_epoch():
     assert [r[2] for rows in epochs for r in rows if r[0] == "q2"] == ["n4"] * 6
 
 
+def test_rotation_with_every_positive_per_epoch():
+    pools = {"q1": {"pos": ["p1", "p2", "p3"], "neg": ["n1", "n2", "n3", "n4"]}, "q2": {"pos": ["p4"], "neg": ["n5"]}}
+    epochs, stats = T.rotation(pools, ["q1", "q2"], epochs=2, seed=3, per_query=None)
+    assert stats["triplets"] == 8 and [len(rows) for rows in epochs] == [4, 4]
+    for rows in epochs:  # each epoch: every positive of q1 once
+        assert [r[1] for r in rows if r[0] == "q1"] == ["p1", "p2", "p3"]
+    q1_negs = [r[2] for rows in epochs for r in rows if r[0] == "q1"]
+    assert sorted(q1_negs[:4]) == ["n1", "n2", "n3", "n4"]  # one cycle through the negatives, across epochs
+    assert all(a != b for a, b in zip(q1_negs, q1_negs[1:]))
+    capped, stats = T.rotation(pools, ["q1", "q2"], epochs=3, seed=3, per_query=2)
+    assert stats["triplets"] == 9  # q1: 2 per epoch, q2: its single positive
+    assert [r[1] for rows in capped for r in rows if r[0] == "q1"] == ["p1", "p2", "p3", "p1", "p2", "p3"]
+    with pytest.raises(ValueError, match="triplets_per_query"):
+        T.rotation(pools, ["q1"], epochs=1, seed=0, per_query=0)
+
+
 def test_rotation_is_deterministic_for_a_seed():
     a, _ = T.rotation(POOLS, ["q1", "q2"], epochs=6, seed=7)
     b, _ = T.rotation(POOLS, ["q1", "q2"], epochs=6, seed=7)

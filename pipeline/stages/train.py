@@ -8,6 +8,16 @@ the per-epoch datasets are built up front from the mine stage's pools (seeded, s
 concatenated, and trained in one pass by a sampler that walks the epoch blocks in order with a no-duplicates
 shuffle inside each. A resume after a crash skips into the exact batch of the exact block.
 
+Several processes (`torchrun --nproc_per_node=N -m pipeline stage=train ...`, gloo on CPU, nccl on CUDA): rank 0
+(global) owns the stage folder -- lock, skip decision, evaluation before and after, the saved model, model card,
+manifest and `_COMPLETE` -- and tells the other ranks whether to skip or train and from which checkpoint
+(pipeline/distributed.py). Every rank builds the same seeded rotation (rank 0 checks a digest of it) and trains
+through SentenceTransformerTrainer, which runs DDP from torchrun's environment; inside the trainer only its own
+main-process logic writes checkpoints (each rank adds its rng_state_<rank>.pth), and no rank other than 0 touches
+the folder once training is over. `train.batch_size` is the batch of one optimizer step across all ranks
+(the effective batch): each of the N ranks takes batch_size / N rows of every no-duplicates batch, so N ranks
+with gathered in-batch negatives (train.gather_across_devices) train on the very batches one process would.
+
 Output: `model/` (SentenceTransformer dir, safetensors, README.md model card), `metrics.json` (before/after),
 `checkpoints/` while training (removed at the end unless train.keep_checkpoints).
 """
@@ -46,14 +56,42 @@ COLUMNS = ("query", "positive", "negative")
 
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
+    """What determines the trained weights. The world size (torchrun's process count) is not part of it:
+    `train.batch_size` is the batch of one optimizer step whatever the number of ranks, and with gathered in-batch
+    negatives (the default) N ranks see exactly the batches one process sees, so `python -m pipeline stage=train`
+    and `torchrun --nproc_per_node=N -m pipeline stage=train` with the same config share one folder: either
+    finds the other's result complete, and every later stage (run without torchrun) finds it too. Only ungathered
+    negatives under several ranks train differently (each query ranks only its rank's batch_size / N rows): then
+    that group size is part of the key."""
     return {
-        "train": plain(cfg.train),
+        "train": train_identity(cfg),
         "seed": int(cfg.seed),
         "data": train_data_identity(cfg),  # the eval sets change no weight: editing them must not retrain
         "bi_encoder": model_identity(str(cfg.model.bi_encoder)),
         "prompts": {"query": plain(cfg.model.query_prompt), "corpus": plain(cfg.model.corpus_prompt)},
         "mine": common.stage_dir(cfg, "mine").name,
     }
+
+
+def train_identity(cfg: DictConfig, world: int | None = None) -> dict[str, Any]:
+    """cfg.train for the key; `world` (default: this job's world size) matters only for ungathered negatives."""
+    from pipeline import distributed
+
+    section = plain(cfg.train)
+    world = distributed.world_size() if world is None else int(world)
+    if world > 1 and not section.get("gather_across_devices", True):
+        section["in_batch_group"] = int(section["batch_size"]) // world
+    return section
+
+
+def per_device_batch_size(batch_size: int, world: int) -> int:
+    """The rows each rank takes of a `batch_size` batch (the effective batch of one optimizer step)."""
+    batch_size, world = int(batch_size), int(world)
+    if batch_size < 1 or batch_size % world:
+        raise StageError(f"train.batch_size={batch_size} is the batch of one optimizer step across all {world} "
+                         f"ranks, so it must be a positive multiple of {world} (each rank takes batch_size / "
+                         f"{world} rows); e.g. train.batch_size={max(1, batch_size // world) * world}")
+    return batch_size // world
 
 
 def label(cfg: DictConfig) -> str:
@@ -135,11 +173,15 @@ def negative_sequence(negatives: Sequence[str], epochs: int, seed: int, qid: str
 
 
 def rotation(pools: Mapping[str, Mapping[str, Sequence[str]]], qids: Sequence[str], epochs: int,
-             seed: int) -> tuple[list[list[tuple[str, str, str]]], dict[str, int]]:
-    """Per epoch, one (qid, positive, negative) per query that has both; queries in the given order.
-    Positives rotate in their pool order, negatives as in `negative_sequence`."""
+             seed: int, per_query: int | None = 1) -> tuple[list[list[tuple[str, str, str]]], dict[str, int]]:
+    """Per epoch, `per_query` (qid, positive, negative) triplets per query that has both (None: one per judged
+    positive), each with the next positive in pool order and the next negative of `negative_sequence`; queries in
+    the given order. per_query=1 is the published rotation (one triplet per query per epoch); collections with
+    few queries and many judged passages per query (Cranfield, CISI, BEIR sets) need every positive each epoch."""
     if epochs < 1:
         raise ValueError(f"train.epochs must be >= 1, got {epochs}")
+    if per_query is not None and per_query < 1:
+        raise ValueError(f"train.triplets_per_query must be >= 1 or null, got {per_query}")
     kept, no_pool, no_pos, no_neg = [], 0, 0, 0
     for q in qids:
         pool = pools.get(q)
@@ -154,10 +196,12 @@ def rotation(pools: Mapping[str, Mapping[str, Sequence[str]]], qids: Sequence[st
     epochs_rows: list[list[tuple[str, str, str]]] = [[] for _ in range(epochs)]
     for q in kept:
         positives = pools[q]["pos"]
-        negs = negative_sequence(pools[q]["neg"], epochs, seed, q)
+        n = len(positives) if per_query is None else min(per_query, len(positives))
+        negs = negative_sequence(pools[q]["neg"], epochs * n, seed, q)
         for e in range(epochs):
-            epochs_rows[e].append((q, positives[e % len(positives)], negs[e]))
-    stats = {"queries": len(kept), "epochs": epochs, "triplets": len(kept) * epochs,
+            for j in range(n):
+                epochs_rows[e].append((q, positives[(e * n + j) % len(positives)], negs[e * n + j]))
+    stats = {"queries": len(kept), "epochs": epochs, "triplets": sum(len(rows) for rows in epochs_rows),
              "skipped_not_mined": no_pool, "skipped_no_positive": no_pos, "skipped_no_negative": no_neg}
     return epochs_rows, stats
 
@@ -215,31 +259,49 @@ def _default_batch_sampler_cls():
     return DefaultBatchSampler
 
 
-def make_rotation_sampler(block_size: int):
+def make_rotation_sampler(block_size: int, world_size: int = 1):
     """A `batch_sampler` factory for the trainer: epoch blocks of `block_size` rows, in order, each shuffled
-    with the no-duplicates rule (seed + block), so each block is one epoch of the rotation."""
-    return functools.partial(_rotation_sampler, block_size=block_size)
+    with the no-duplicates rule (seed + block), so each block is one epoch of the rotation. With several ranks
+    the trainer asks for the per-device batch; the batches are drawn at per-device x world_size and cut into one
+    slice per rank (see RotationBatchSampler)."""
+    return functools.partial(_rotation_sampler, block_size=block_size, world_size=int(world_size))
 
 
 def _rotation_sampler(dataset, batch_size: int, drop_last: bool, valid_label_columns=None, generator=None,
-                      seed: int = 0, *, block_size: int):
-    return RotationBatchSampler(dataset, batch_size, drop_last, valid_label_columns, generator, seed,
-                                block_size=block_size)
+                      seed: int = 0, *, block_size: int, world_size: int = 1):
+    return RotationBatchSampler(dataset, batch_size * world_size, drop_last, valid_label_columns, generator, seed,
+                                block_size=block_size, world_size=world_size)
 
 
 class RotationBatchSampler:
     """Walks the per-epoch blocks of a concatenated rotation dataset in order, with the library's
-    NoDuplicatesBatchSampler inside each block (so in-batch negatives are never a copy of a row's own texts)."""
+    NoDuplicatesBatchSampler inside each block (so in-batch negatives are never a copy of a row's own texts).
+
+    Several ranks (`world_size` > 1): `batch_size` is the batch of one optimizer step across all ranks. Each
+    no-duplicates batch of that size is yielded as `world_size` consecutive equal slices; accelerate hands the
+    i-th batch of the stream to rank i % world_size (BatchSamplerShard), so rank r trains on slice r of every
+    batch, the ranks never share a row, and the rows gathered across ranks (MNRL gather_across_devices) are the
+    whole duplicate-free batch -- the batch one process would train on. `all_gather` needs equal slices, so a
+    short batch (a block's last, or one the no-duplicates rule could not fill) loses its len % world_size trailing
+    rows (counted per pass in `rows_left_out`; world_size - 1 per short batch at most, usually one per epoch).
+    `self.batch_size` is then None: accelerate's round-robin must pass the shorter slices on instead of waiting for
+    full ones."""
 
     def __init__(self, dataset, batch_size: int, drop_last: bool, valid_label_columns=None, generator=None,
-                 seed: int = 0, *, block_size: int):
+                 seed: int = 0, *, block_size: int, world_size: int = 1):
         import torch
 
         n = len(dataset)
         if block_size <= 0 or n % block_size:
             raise ValueError(f"dataset of {n} rows is not a whole number of epoch blocks of {block_size}")
-        self.batch_size, self.drop_last, self.block_size = batch_size, drop_last, block_size
+        if world_size < 1 or batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} is not a multiple of the world size {world_size}")
+        self.world_size = int(world_size)
+        self.global_batch_size = batch_size
+        self.batch_size = batch_size if self.world_size == 1 else None
+        self.drop_last, self.block_size = drop_last, block_size
         self.epoch = 0
+        self.rows_left_out = 0
         NoDup = _no_duplicates_sampler_cls()
         self.blocks = [NoDup(_Block(dataset, lo, block_size), batch_size=batch_size, drop_last=drop_last,
                              valid_label_columns=valid_label_columns, generator=torch.Generator(), seed=seed + b)
@@ -249,13 +311,23 @@ class RotationBatchSampler:
         self.epoch = epoch  # the trainer runs one pass; the rotation's epochs are the blocks
 
     def __iter__(self) -> Iterator[list[int]]:
+        w = self.world_size
+        self.rows_left_out = 0  # in this pass
         for b, sampler in enumerate(self.blocks):
             lo = b * self.block_size
             for batch in sampler:
-                yield [lo + i for i in batch]
+                rows = [lo + i for i in batch]
+                if w == 1:
+                    yield rows
+                    continue
+                per = len(rows) // w
+                self.rows_left_out += len(rows) - per * w
+                if per:
+                    for r in range(w):
+                        yield rows[r * per:(r + 1) * per]
 
     def __len__(self) -> int:
-        return sum(len(s) for s in self.blocks)
+        return self.world_size * sum(len(s) for s in self.blocks)
 
 
 class LengthGroupedNoDuplicatesBatchSampler:
@@ -369,12 +441,18 @@ def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, bat
                  similarity: str = "cosine", precision: str = "auto", device: str = "auto",
                  max_steps: int | None = None, save_steps: int = 500, save_total_limit: int | None = 2,
                  logging_steps: int = 50, dataloader_workers: int = 0, seed: int = 42, report_to: str = "none",
-                 callbacks: Sequence[Any] = ()):
-    """The train stage's SentenceTransformerTrainer: one pass over the concatenated epoch blocks."""
+                 callbacks: Sequence[Any] = (), world_size: int | None = None):
+    """The train stage's SentenceTransformerTrainer: one pass over the concatenated epoch blocks. `batch_size` is
+    the batch of one optimizer step; under torchrun (`world_size`, default this job's) each rank takes
+    batch_size / world_size rows of it."""
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    from pipeline import distributed
 
     device = resolve_device(device)
     precision = resolve_precision(precision, device)
+    world = distributed.world_size() if world_size is None else int(world_size)
+    per_device = per_device_batch_size(batch_size, world)
     per_epoch = -(-block_size // batch_size)  # the no-duplicates sampler keeps the short last batch
     total = per_epoch * (len(dataset) // block_size)
     if max_steps:
@@ -383,7 +461,7 @@ def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, bat
         output_dir=str(output_dir),
         num_train_epochs=1,  # the rotation's epochs are blocks of the one pass
         max_steps=int(max_steps) if max_steps else -1,
-        per_device_train_batch_size=int(batch_size),
+        per_device_train_batch_size=per_device,
         learning_rate=float(lr),
         warmup_steps=warmup_for(total, warmup_steps, warmup_ratio),
         weight_decay=float(weight_decay),
@@ -392,7 +470,7 @@ def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, bat
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not device.startswith("cuda"),
-        batch_sampler=make_rotation_sampler(block_size),
+        batch_sampler=make_rotation_sampler(block_size, world),
         save_strategy="steps",
         save_steps=max(1, int(save_steps)),
         save_total_limit=save_total_limit,
@@ -405,6 +483,13 @@ def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, bat
         report_to=report_to,
         eval_strategy="no",
     )
+    if int(args.world_size) != world:
+        raise StageError(f"this job has {world} processes (torchrun's WORLD_SIZE) but the trainer set up "
+                         f"{args.world_size}; device={device} cannot run distributed here")
+    # sentence-transformers turns dataloader_drop_last on under DDP (an uneven last batch could hang a rank); the
+    # rotation sampler hands every rank an equal slice of every batch, so the short last batch of each epoch block
+    # is kept, as in one process.
+    args.dataloader_drop_last = False
     loss = mnrl_loss(model, scale, similarity)
     return SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
                                       callbacks=list(callbacks) or None)
@@ -459,8 +544,12 @@ def build_fast_trainer(model, train_dataset, *, batch_size: int = 64, precision:
 
 
 def last_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint whose trainer_state.json (written last by the trainer) is whole. Newer, half-written
-    ones (a kill during saving) are removed so the trainer's own rotation never counts them."""
+    """The newest checkpoint whose trainer_state.json (written last by the trainer's main process) is whole and
+    whose torch files (optimizer, scheduler, each rank's rng_state_<rank>.pth) are whole zip archives (checked
+    without loading them). Newer, half-written ones (a kill during saving) are removed so the trainer's own
+    rotation never counts them. Under torchrun only rank 0 calls this; the other ranks resume from its answer."""
+    import zipfile
+
     if not folder.is_dir():
         return None
     found = []
@@ -471,6 +560,9 @@ def last_checkpoint(folder: Path) -> Path | None:
     for _, child in sorted(found, reverse=True):
         try:
             json.loads((child / "trainer_state.json").read_text())
+            broken = [f.name for f in child.iterdir() if f.suffix in (".pt", ".pth") and not zipfile.is_zipfile(f)]
+            if broken:
+                raise ValueError(f"truncated {broken}")
             return child
         except (OSError, ValueError):
             log.warning("removing incomplete checkpoint %s (interrupted while saving)", child)
@@ -482,23 +574,32 @@ def last_checkpoint(folder: Path) -> Path | None:
 
 
 def run(cfg: DictConfig) -> Path:
-    from pipeline import tracking
+    """One process, or every rank under torchrun: rank 0 runs the stage (`_lead`), the others follow it
+    (`_follow`); see the module docstring and pipeline/distributed.py."""
+    from pipeline import distributed
+
+    world = distributed.world_size()
+    per_device_batch_size(int(cfg.train.batch_size), world)  # a bad batch size fails on every rank alike, at once
+    with distributed.coordinator(resolve_device(str(cfg.device))) as coord:
+        if coord.leader:
+            return _lead(cfg, coord)
+        distributed.quiet_followers(coord.rank)
+        return _follow(cfg, coord)
+
+
+def _lead(cfg: DictConfig, coord) -> Path:
+    """The stage proper (the only process, or rank 0): the folder, its lock, before/after, the model, the marker."""
+    from pipeline import signals, tracking
 
     tc = cfg.train
     with open_stage("train", identity(cfg), root=common.artifacts_root(cfg), label=label(cfg), config=plain(cfg),
                     force=cfg.force, resumable=True, lock_wait_s=cfg.lock_wait_s) as st:
         if st.done:
+            coord.tell("skip", path=str(st.path))
             return st.path
         mine_dir = common.completed(cfg, "mine")
         with st.timed("data"):
-            corpus = common.load_corpus(cfg)
-            queries, _, _ = common.training_set(cfg, corpus)
-            pools = load_pools(mine_dir / "pools.parquet")
-            epochs_rows, stats = rotation(pools, list(queries), int(tc.epochs), int(cfg.seed))
-            if not stats["queries"]:
-                raise StageError(f"no training query has both a positive and a mined negative in {mine_dir} "
-                                 f"({stats}); loosen the mine rules or check the data")
-            dataset = rotation_dataset(epochs_rows, queries, corpus)
+            dataset, stats, block_size, digest = _training_data(cfg, mine_dir)
         log.info("train: %d queries x %d epochs = %d triplets (rotation; skipped: %d not mined, %d without "
                  "negatives)", stats["queries"], stats["epochs"], stats["triplets"], stats["skipped_not_mined"],
                  stats["skipped_no_negative"])
@@ -507,32 +608,23 @@ def run(cfg: DictConfig) -> Path:
         with tracking.track(cfg, "train") as tracker:
             before = _load_or_eval_before(cfg, st.path) if tc.evaluate else None
             with st.timed("load_model"):
-                model = load_bi_encoder(str(cfg.model.bi_encoder), device=str(cfg.device),
-                                        artifacts_root=str(common.artifacts_root(cfg)),
-                                        max_seq_length=int(tc.max_seq_length))
+                model = _load_model(cfg)  # (builds a demo: model once, before the other ranks load it)
             ckpt_dir = st.path / "checkpoints"
-            trainer = make_trainer(
-                model, dataset, block_size=stats["queries"], output_dir=ckpt_dir, batch_size=int(tc.batch_size),
-                lr=float(tc.lr), warmup_steps=int(tc.warmup_steps),
-                warmup_ratio=None if tc.warmup_ratio is None else float(tc.warmup_ratio),
-                weight_decay=float(tc.weight_decay), max_grad_norm=float(tc.max_grad_norm), scale=float(tc.scale),
-                similarity=str(tc.similarity), precision=str(tc.precision), device=str(cfg.device),
-                max_steps=tc.max_steps, save_steps=int(tc.save_steps), save_total_limit=tc.save_total_limit,
-                logging_steps=int(tc.logging_steps), dataloader_workers=int(tc.dataloader_workers),
-                seed=int(cfg.seed), report_to=tracking.report_to(cfg))
-            from pipeline import signals  # preemption stop + checkpoint; in-batch negatives gathered across ranks
-
+            resume = last_checkpoint(ckpt_dir)
+            coord.tell("train", path=str(st.path), resume=str(resume) if resume else None, digest=digest)
+            trainer = _make_stage_trainer(cfg, model, dataset, block_size, ckpt_dir)
             st.extra["scale_out"] = signals.prepare_trainer(
                 trainer, gather_across_devices=bool(tc.gather_across_devices))
-            resume = last_checkpoint(ckpt_dir)
             if resume is not None:
-                planned = -(-stats["queries"] // int(tc.batch_size)) * stats["epochs"]
+                planned = -(-block_size // int(tc.batch_size)) * stats["epochs"]
                 log.info("train: resuming from %s (step %s of %d)", resume.name, resume.name[11:],
-                         min(planned, int(tc.max_steps)) if tc.max_steps else planned)
+                         int(tc.max_steps) if tc.max_steps else planned)
             with st.timed("train"):
                 started = time.perf_counter()
                 output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
                 seconds = time.perf_counter() - started
+            coord.training_done()  # every rank left the trainer: the folder is rank 0's alone again
+            _stop_if_interrupted(trainer)
             history = [h for h in trainer.state.log_history if "loss" in h]
             summary = {
                 "steps": int(trainer.state.global_step),
@@ -546,6 +638,8 @@ def run(cfg: DictConfig) -> Path:
                 "precision": resolve_precision(str(tc.precision), resolve_device(str(cfg.device))),
                 "warmup_steps": int(trainer.args.warmup_steps),
                 "resumed_from": resume.name if resume else None,
+                "world_size": st.extra["scale_out"]["world_size"],
+                "effective_batch_size": st.extra["scale_out"]["effective_batch_size"],
             }
             st.counts["steps"] = summary["steps"]
             st.extra["resumed_from"] = summary["resumed_from"]
@@ -564,7 +658,82 @@ def run(cfg: DictConfig) -> Path:
             _log_before_after(before, after, version_names(cfg))
             tracker.log({"train/v2": _headlines(before), "train/v3": _headlines(after)})
             tracker.summary({"train": {k: v for k, v in summary.items() if k != "loss_curve"}})
+    coord.tell("done", path=str(st.path))  # after _COMPLETE: the other ranks exit 0
     return st.path
+
+
+def _follow(cfg: DictConfig, coord) -> Path:
+    """A rank other than 0: wait for rank 0's decision, then build the same data set and train in step with it.
+    It writes nothing itself (the trainer's own rng_state_<rank>.pth in each checkpoint aside)."""
+    decision = coord.listen()
+    if decision["action"] == "skip":
+        return Path(decision["path"])
+    folder = Path(decision["path"])
+    dataset, _, block_size, digest = _training_data(cfg, common.completed(cfg, "mine"))
+    if digest != decision["digest"]:
+        raise StageError(f"rank {coord.rank} built another training set than rank 0 (digest {digest[:12]} vs "
+                         f"{decision['digest'][:12]}): do all ranks read the same files and config?")
+    trainer = _make_stage_trainer(cfg, _load_model(cfg), dataset, block_size, folder / "checkpoints")
+    from pipeline import signals
+
+    signals.prepare_trainer(trainer, gather_across_devices=bool(cfg.train.gather_across_devices))
+    trainer.train(resume_from_checkpoint=decision["resume"])
+    coord.training_done()
+    return Path(coord.listen()["path"])  # rank 0's "done", or its error (a stop signal, a failed save) raised here
+
+
+def _training_data(cfg: DictConfig, mine_dir: Path) -> tuple[Any, dict[str, int], int, str]:
+    """(dataset, rotation stats, rows per epoch block, digest of the rotation): the same on every rank (the digest,
+    which the ranks compare, is only computed under torchrun)."""
+    import hashlib
+
+    from pipeline import distributed
+
+    tc = cfg.train
+    corpus = common.load_corpus(cfg)
+    queries, _, _ = common.training_set(cfg, corpus)
+    pools = load_pools(mine_dir / "pools.parquet")
+    epochs_rows, stats = rotation(pools, list(queries), int(tc.epochs), int(cfg.seed),
+                                  None if tc.triplets_per_query is None else int(tc.triplets_per_query))
+    if not stats["queries"]:
+        raise StageError(f"no training query has both a positive and a mined negative in {mine_dir} "
+                         f"({stats}); loosen the mine rules or check the data")
+    dataset = rotation_dataset(epochs_rows, queries, corpus)
+    h = hashlib.sha256()
+    for rows in epochs_rows if distributed.world_size() > 1 else ():
+        h.update("\n".join("\t".join(row) for row in rows).encode("utf-8") + b"\x00")
+    return dataset, stats, len(epochs_rows[0]), h.hexdigest()
+
+
+def _load_model(cfg: DictConfig):
+    return load_bi_encoder(str(cfg.model.bi_encoder), device=str(cfg.device),
+                           artifacts_root=str(common.artifacts_root(cfg)), max_seq_length=int(cfg.train.max_seq_length))
+
+
+def _make_stage_trainer(cfg: DictConfig, model, dataset, block_size: int, ckpt_dir: Path):
+    from pipeline import tracking
+
+    tc = cfg.train
+    return make_trainer(
+        model, dataset, block_size=block_size, output_dir=ckpt_dir, batch_size=int(tc.batch_size),
+        lr=float(tc.lr), warmup_steps=int(tc.warmup_steps),
+        warmup_ratio=None if tc.warmup_ratio is None else float(tc.warmup_ratio),
+        weight_decay=float(tc.weight_decay), max_grad_norm=float(tc.max_grad_norm), scale=float(tc.scale),
+        similarity=str(tc.similarity), precision=str(tc.precision), device=str(cfg.device),
+        max_steps=tc.max_steps, save_steps=int(tc.save_steps), save_total_limit=tc.save_total_limit,
+        logging_steps=int(tc.logging_steps), dataloader_workers=int(tc.dataloader_workers),
+        seed=int(cfg.seed), report_to=tracking.report_to(cfg))
+
+
+def _stop_if_interrupted(trainer) -> None:
+    """Training that a signal stopped (its checkpoint saved) is never saved as the final model, even when the
+    signal's own handler let the process live (submitit logs and ignores SIGTERM): the next run resumes."""
+    from pipeline import signals
+
+    step = signals.training_stopped_at()
+    if step is not None:
+        raise StageError(f"train: stopped by a signal at step {step} (checkpoint saved); nothing was marked "
+                         f"complete, the next run resumes from checkpoints/checkpoint-{step}")
 
 
 def _evaluate(cfg: DictConfig, name: str, spec: str) -> dict[str, Any] | None:
@@ -660,6 +829,7 @@ def model_card(cfg: DictConfig, mine_dir: Path, metrics: Mapping[str, Any]) -> s
         "|---|---|",
         f"| loss | MultipleNegativesRankingLoss ({tc['similarity']} x {tc['scale']}), in-batch + 1 hard negative |",
         f"| epochs | {rot['epochs']} (a fresh positive/negative per query each epoch) |",
+        f"| triplets per query per epoch | {tc.get('triplets_per_query') or 'one per judged positive'} |",
         f"| triplets | {rot['triplets']} |",
         f"| batch size | {tc['batch_size']} (no duplicates within a batch) |",
         f"| learning rate | {tc['lr']} (linear decay, {tr['warmup_steps']} warm-up steps) |",
