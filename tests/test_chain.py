@@ -131,3 +131,26 @@ def test_train_resumes_after_sigkill(chain_run):
     assert resumed and int(resumed.split("-")[1]) >= 2
     assert manifest["counts"]["steps"] == 24
     assert (folder / "_COMPLETE").exists() and (folder / "model" / "model.safetensors").is_file()
+
+
+def test_eval_teacher_reranks_v2_top_k_with_the_trained_teacher(chain_run, tmp_path, monkeypatch):
+    """scripts/eval_teacher.py: v2's top-k cut keeps v2's own nDCG@10 (depth >= 10), and the teacher's rerank of the
+    same candidates is measured on every eval set."""
+    import importlib.util
+
+    from pipeline.stages import common
+
+    spec = importlib.util.spec_from_file_location("eval_teacher", REPO_ROOT / "scripts" / "eval_teacher.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "teacher.json"
+    monkeypatch.setattr(sys, "argv", ["eval_teacher.py", *chain_run["overrides"], "--depth", "20", "--out", str(out)])
+    assert script.main() == 0
+    report = json.loads(out.read_text())
+    before = json.loads((common.completed(chain_run["cfg"], "train") / "metrics.json").read_text())["before"]
+    assert set(report["evals"]) == {"trec_dl", "dev"}
+    for name, systems in report["evals"].items():
+        v2, reranked = systems["v2 top-20"], systems["v2 top-20 reranked by the cross-encoder"]
+        assert v2["nDCG@10"] == pytest.approx(before["metrics"][name]["nDCG@10"], abs=1e-9)
+        assert 0.0 <= reranked["nDCG@10"] <= 1.0 and reranked != v2
+    assert report["cross_encoder"].endswith("/model") and "teacher" in report["cross_encoder"]

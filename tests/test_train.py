@@ -5,7 +5,6 @@ after SIGKILL and the chain are in test_chain.py."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -6,7 +6,6 @@ throughput figures come from `conf/plan` (measured by scripts/bench_gpu.py, stat
 from __future__ import annotations
 
 import gzip
-import json
 from pathlib import Path
 from typing import Any
 

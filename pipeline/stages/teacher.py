@@ -149,8 +149,10 @@ def run(cfg: DictConfig) -> Path:
             save_total_limit=1, logging_steps=max(1, int(tc.logging_steps)), logging_first_step=True,
             seed=int(cfg.seed), data_seed=int(cfg.seed), report_to=tracking.report_to(cfg), eval_strategy="no",
             dataloader_pin_memory=device.startswith("cuda"),
-            # a fresh classification head learns nothing in a few dozen steps at a body's learning rate
-            learning_rate_mapping={r"(^|\.)classifier\.": float(tc.head_lr)} if tc.head_lr else {})
+            # A fresh classification head learns nothing in a few dozen steps at a body's learning rate, and on a
+            # bi-encoder body the [CLS] pooler was never trained either (all-MiniLM-L6-v2: weights of std 0.009,
+            # which damp every gradient reaching the body): both take head_lr.
+            learning_rate_mapping={r"(^|\.)(classifier|pooler)\.": float(tc.head_lr)} if tc.head_lr else {})
         with tracking.track(cfg, "teacher") as tracker:
             trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset,
                                           loss=BinaryCrossEntropyLoss(model, pos_weight=pos_weight))
