@@ -44,6 +44,17 @@ def _count_judged_queries(path: str | None, min_grade: int) -> int | None:
     return len(positives(read_qrels(str(path)), min_grade))
 
 
+def _triplets_per_epoch(path: str | None, min_grade: int, per_query: int | None, train_q: int) -> int:
+    """Triplets an epoch: per_query per training query, at most one per judged positive (train.triplets_per_query;
+    null = every positive). Without a readable qrels file (sizes given in the data config), per_query per query."""
+    if per_query == 1 or not path or not Path(str(path)).is_file():
+        return train_q * (per_query or 1)
+    from pipeline.readers import positives, read_qrels
+
+    counts = sorted((len(ps) for ps in positives(read_qrels(str(path)), min_grade).values()), reverse=True)
+    return sum(min(c, per_query or c) for c in counts[:train_q])
+
+
 def _hours(work: float, rate: float) -> float:
     return work / rate / 3600 if rate else float("nan")
 
@@ -87,7 +98,9 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
               "evaluate": dense_systems * (corpus * bool(retrieval_evals) + rerank_passages)}
     searched = train_q + dense_systems * sum(eval_q[n]["queries"] or 0 for n in retrieval_evals)
     batch = int(cfg.train.batch_size)
-    triplets = int(train_q * float(p.epochs))
+    per_query = cfg.train.get("triplets_per_query", 1)
+    triplets = int(_triplets_per_epoch(cfg.data.train.qrels, int(cfg.data.train.min_grade),
+                                       None if per_query is None else int(per_query), train_q) * float(p.epochs))
     dim = int(p.embedding_dim)
     disk = {
         "corpus_arrow": corpus * 350 / 1e9,  # ~350 bytes of text per MS MARCO passage
