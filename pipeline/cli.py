@@ -30,13 +30,18 @@ def run(cfg: DictConfig):
                          f"does. Run it as `python -m pipeline stage={cfg.stage} ...` (retrieve and score split "
                          f"across GPUs with shard.count / shard.index, see docs/scale-out.md), then "
                          f"`torchrun ... -m pipeline stage=train ...`")
+    apply_cpu_threads(cfg)
+    return importlib.import_module(f"pipeline.stages.{cfg.stage}").run(cfg)
+
+
+def apply_cpu_threads(cfg: DictConfig) -> None:
+    """torch's intra-op threads = cfg.cpu_threads when set. Tiny models gain nothing from a second thread, and
+    OpenMP threads that spin while another process holds the core made a demo step 40x slower on a busy 2-core
+    machine."""
     if cfg.get("cpu_threads"):
-        # Tiny models gain nothing from a second thread, and OpenMP threads that spin while another process
-        # holds the core made a demo step 40x slower on a busy 2-core machine.
         import torch
 
         torch.set_num_threads(int(cfg.cpu_threads))
-    return importlib.import_module(f"pipeline.stages.{cfg.stage}").run(cfg)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")

@@ -86,12 +86,13 @@ def main() -> int:
 
     out = Path(args.out or f"docs/ablation-{base_cfg.data.name}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    lines = ["| configuration | " + " | ".join(title if m.lower() in title.lower() else f"{title} ({m})" for m, title in headline.values())
-             + " | queries kept | negatives | mine + train (s) |", "|---|" + "---|" * (len(headline) + 3)]
+    titles = [title if m.lower() in title.lower() else f"{title} ({m})" for m, title in headline.values()]
+    lines = ["| configuration | " + " | ".join(titles) + " | queries kept | negatives | mine + train (s) |",
+             "|---|" + "---|" * (len(headline) + 3)]
     for row in rows:
         cells = [f"{100 * row['metrics'][ev][m]:.2f}" for ev, (m, _) in headline.items()]
-        extra = ([str(row["kept_queries"]), str(row["negatives"]), " + ".join(f"{v:.0f}" for v in row["seconds"].values())]
-                 if "seconds" in row else ["", "", ""])
+        seconds = " + ".join(f"{v:.0f}" for v in row.get("seconds", {}).values() if v is not None)
+        extra = [str(row["kept_queries"]), str(row["negatives"]), seconds] if "seconds" in row else ["", "", ""]
         lines.append(f"| {row['name']} | " + " | ".join(cells + extra) + " |")
     shared = {s: _stage_seconds(base_cfg, s) for s in ("retrieve", "teacher", "score")}
     command = "python scripts/ablate_mining.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -99,8 +100,8 @@ def main() -> int:
     text = (f"# Mining-rule ablation: data={base_cfg.data.name}, model={base_cfg.model.name}\n\n" + "\n".join(lines)
             + "\n\nStage seconds from the manifests (this machine), shared by every variant: "
             + ", ".join(f"{k} {v:.0f}" for k, v in shared.items() if v is not None)
-            + f"\n\nWall time per variant (s, this run; a variant whose stages were already complete only finds them): "
-            f"{timings}\n\nCommand: `{command}`\n")
+            + "\n\nWall time per variant (s, this run; a variant whose stages were already complete only finds them): "
+            + f"{timings}\n\nCommand: `{command}`\n")
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps({"rows": rows, "timings_s": timings, "stage_seconds": shared,
                                                     "command": command},

@@ -26,18 +26,16 @@ def main() -> int:
     args = parser.parse_args()
 
     from pipeline import metrics
+    from pipeline.cli import apply_cpu_threads
     from pipeline.engine import score_pairs
     from pipeline.models import load_cross_encoder, resolve_device
     from pipeline.readers import read_qrels, read_queries, read_run
-    from pipeline.stages import common, evaluate, teacher
+    from pipeline.stages import common, evaluate, score
 
     cfg = compose([*args.overrides, "stage=evaluate"])
-    if cfg.get("cpu_threads"):
-        import torch
-
-        torch.set_num_threads(int(cfg.cpu_threads))
+    apply_cpu_threads(cfg)
     v2 = evaluate.evaluate_system(cfg, "v2", str(cfg.model.bi_encoder), str(cfg.model.similarity))
-    ce_spec = str(teacher.model_dir(cfg)) if teacher.needed(cfg) else str(cfg.model.cross_encoder)
+    ce_spec = score.cross_encoder_spec(cfg)  # the cross-encoder the score stage uses
     ce = load_cross_encoder(ce_spec, device=resolve_device(str(cfg.device)),
                             artifacts_root=str(common.artifacts_root(cfg)), max_length=int(cfg.score.max_length))
     corpus = common.load_corpus(cfg)
@@ -49,8 +47,8 @@ def main() -> int:
         top = {q: metrics.trec_order(ranked)[: args.depth] for q, ranked in run.items() if q in queries}
         keys = [(q, pid) for q, ranked in top.items() for pid, _ in ranked]
         texts = corpus.texts([pid for _, pid in keys])
-        scores = score_pairs(ce, [(queries[q], t) for (q, _), t in zip(keys, texts)], precision=str(cfg.score.precision),
-                             desc=f"rerank {name}")
+        scores = score_pairs(ce, [(queries[q], t) for (q, _), t in zip(keys, texts)],
+                             precision=str(cfg.score.precision), desc=f"rerank {name}")
         reranked: dict[str, dict[str, float]] = {}
         for (q, pid), s in zip(keys, scores):
             reranked.setdefault(q, {})[pid] = float(s)

@@ -87,13 +87,14 @@ def test_cli_unknown_stage_exits_nonzero(tmp_path):
 
 
 def test_plan_counts_triplets_per_query_capped_by_each_querys_positives(tmp_path):
-    from pipeline.stages.plan import _triplets_per_epoch
+    from pipeline.stages.plan import _positives_per_query, _triplets_per_epoch
 
     qrels = tmp_path / "qrels.tsv"  # q1: 3 positives (and a grade-0 judgement), q2: 1, q3: 12
     rows = ["q1 0 a 1", "q1 0 b 2", "q1 0 c 1", "q1 0 d 0", "q2 0 e 1"] + [f"q3 0 p{i} 1" for i in range(12)]
     qrels.write_text("\n".join(rows) + "\n")
-    assert _triplets_per_epoch(str(qrels), 1, 1, 3) == 3          # the published rotation: one per query
-    assert _triplets_per_epoch(str(qrels), 1, 8, 3) == 3 + 1 + 8   # capped at 8, and at each query's positives
-    assert _triplets_per_epoch(str(qrels), 1, None, 3) == 3 + 1 + 12
-    assert _triplets_per_epoch(str(qrels), 2, None, 3) == 1        # only q1's grade-2 passage is a positive
-    assert _triplets_per_epoch(None, 1, 8, 500) == 4000            # sizes from the config, no qrels to read
+    grade1, grade2 = _positives_per_query(str(qrels), 1), _positives_per_query(str(qrels), 2)
+    assert _triplets_per_epoch(grade1, 1, 3) == 3          # the published rotation: one per query
+    assert _triplets_per_epoch(grade1, 8, 3) == 3 + 1 + 8   # capped at 8, and at each query's positives
+    assert _triplets_per_epoch(grade1, None, 3) == 3 + 1 + 12
+    assert _triplets_per_epoch(grade2, None, 3) == 1        # only q1's grade-2 passage is a positive
+    assert _triplets_per_epoch(None, 8, 500) == 4000        # sizes from the config, no qrels to read

@@ -36,23 +36,26 @@ def _count_lines(path: str | None) -> int | None:
         return sum(1 for _ in fh)
 
 
-def _count_judged_queries(path: str | None, min_grade: int) -> int | None:
+def _positives_per_query(path: str | None, min_grade: int) -> list[int] | None:
+    """Judged positives of each query with at least one, most first; None without a readable qrels file."""
     if not path or not Path(str(path)).is_file():
         return None
     from pipeline.readers import positives, read_qrels
 
-    return len(positives(read_qrels(str(path)), min_grade))
+    return sorted((len(ps) for ps in positives(read_qrels(str(path)), min_grade).values()), reverse=True)
 
 
-def _triplets_per_epoch(path: str | None, min_grade: int, per_query: int | None, train_q: int) -> int:
+def _count_judged_queries(path: str | None, min_grade: int) -> int | None:
+    counts = _positives_per_query(path, min_grade)
+    return None if counts is None else len(counts)
+
+
+def _triplets_per_epoch(positive_counts: list[int] | None, per_query: int | None, train_q: int) -> int:
     """Triplets an epoch: per_query per training query, at most one per judged positive (train.triplets_per_query;
-    null = every positive). Without a readable qrels file (sizes given in the data config), per_query per query."""
-    if per_query == 1 or not path or not Path(str(path)).is_file():
+    null = every positive). Without the counts (sizes given in the data config, no qrels), per_query per query."""
+    if per_query == 1 or positive_counts is None:
         return train_q * (per_query or 1)
-    from pipeline.readers import positives, read_qrels
-
-    counts = sorted((len(ps) for ps in positives(read_qrels(str(path)), min_grade).values()), reverse=True)
-    return sum(min(c, per_query or c) for c in counts[:train_q])
+    return sum(min(c, per_query or c) for c in positive_counts[:train_q])
 
 
 def _hours(work: float, rate: float) -> float:
@@ -72,7 +75,12 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     sizes = dict(cfg.data.get("sizes") or {})
     p = cfg.plan
     corpus = sizes.get("corpus") or _count_lines(cfg.data.corpus)
-    train_q = sizes.get("train_queries") or _count_judged_queries(cfg.data.train.qrels, int(cfg.data.train.min_grade))
+    per_query = cfg.train.get("triplets_per_query", 1)
+    per_query = None if per_query is None else int(per_query)
+    # the training qrels are read once, and only when the data config's sizes leave something to count
+    train_positives = (_positives_per_query(cfg.data.train.qrels, int(cfg.data.train.min_grade))
+                       if not sizes.get("train_queries") or per_query != 1 else None)
+    train_q = sizes.get("train_queries") or (None if train_positives is None else len(train_positives))
     if cfg.data.train.max_queries and train_q:
         train_q = min(train_q, int(cfg.data.train.max_queries))
     known_eval = dict(sizes.get("eval_queries") or {})
@@ -98,9 +106,7 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
               "evaluate": dense_systems * (corpus * bool(retrieval_evals) + rerank_passages)}
     searched = train_q + dense_systems * sum(eval_q[n]["queries"] or 0 for n in retrieval_evals)
     batch = int(cfg.train.batch_size)
-    per_query = cfg.train.get("triplets_per_query", 1)
-    triplets = int(_triplets_per_epoch(cfg.data.train.qrels, int(cfg.data.train.min_grade),
-                                       None if per_query is None else int(per_query), train_q) * float(p.epochs))
+    triplets = int(_triplets_per_epoch(train_positives, per_query, train_q) * float(p.epochs))
     dim = int(p.embedding_dim)
     disk = {
         "corpus_arrow": corpus * 350 / 1e9,  # ~350 bytes of text per MS MARCO passage
