@@ -58,6 +58,24 @@ def tiny_cross_encoder(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_stage_overrides(request, demo_data_dir):
+    """A factory of overrides that run the stages on the shipped demo corpus (its first `max_queries` training
+    queries) with the tiny models, on CPU, in fp32 (stage tests compare outputs byte for byte)."""
+
+    def build(*, max_queries: int, top_k: int, cross_encoder: bool = True) -> list[str]:
+        data = Path(demo_data_dir)
+        out = [f"data.corpus={data / 'collection.tsv'}", f"data.train.queries={data / 'queries.train.tsv'}",
+               f"data.train.qrels={data / 'qrels.train.tsv'}", f"data.train.max_queries={max_queries}",
+               f"model.bi_encoder={request.getfixturevalue('tiny_bi_encoder')}", "device=cpu",
+               f"retrieve.top_k={top_k}", "retrieve.precision=fp32"]
+        if cross_encoder:
+            out += [f"model.cross_encoder={request.getfixturevalue('tiny_cross_encoder')}", "score.precision=fp32"]
+        return out
+
+    return build
+
+
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """/work/shared/data (real test collections, read-only); skips when absent."""
     if not SHARED_DATA.is_dir():

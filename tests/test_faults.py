@@ -30,13 +30,9 @@ NOT_COMPARED = {MANIFEST, MARKER, ".lock"}
 
 
 @pytest.fixture(scope="module")
-def overrides(demo_data_dir, tiny_bi_encoder, tiny_cross_encoder):
-    data = Path(demo_data_dir)
-    return [f"data.corpus={data / 'collection.tsv'}", f"data.train.queries={data / 'queries.train.tsv'}",
-            f"data.train.qrels={data / 'qrels.train.tsv'}", "data.train.max_queries=24",
-            f"model.bi_encoder={tiny_bi_encoder}", f"model.cross_encoder={tiny_cross_encoder}", "device=cpu",
-            "retrieve.top_k=10", "retrieve.encode_block=600", "retrieve.query_block=8",
-            "retrieve.precision=fp32", "score.precision=fp32", "score.chunk_pairs=60",
+def overrides(demo_stage_overrides):
+    return [*demo_stage_overrides(max_queries=24, top_k=10), "retrieve.encode_block=600", "retrieve.query_block=8",
+            "score.chunk_pairs=60",
             "mine.ce_score_margin=null", "train.epochs=1", "train.batch_size=8", "train.max_steps=3",
             "train.save_steps=1", "train.evaluate=false", "train.precision=fp32", "tracking=none"]
 

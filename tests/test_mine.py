@@ -154,14 +154,9 @@ def chain(request, tmp_path_factory):
     from pipeline.config import compose
     from pipeline.stages import mine, retrieve, score
 
-    data = Path(request.getfixturevalue("demo_data_dir"))
-    bi = str(request.getfixturevalue("tiny_bi_encoder"))
-    ce = str(request.getfixturevalue("tiny_cross_encoder"))
     root = tmp_path_factory.mktemp("mine_chain")
-    overrides = [f"artifacts_root={root}", f"data.corpus={data / 'collection.tsv'}",
-                 f"data.train.queries={data / 'queries.train.tsv'}", f"data.train.qrels={data / 'qrels.train.tsv'}",
-                 "data.train.max_queries=24", f"model.bi_encoder={bi}", f"model.cross_encoder={ce}", "device=cpu",
-                 "retrieve.top_k=12", "retrieve.precision=fp32", "score.precision=fp32", "score.chunk_pairs=100",
+    overrides = [f"artifacts_root={root}", *request.getfixturevalue("demo_stage_overrides")(max_queries=24, top_k=12),
+                 "score.chunk_pairs=100",
                  # an untrained cross-encoder scores everything alike: no margin, the rest of the rules on
                  "mine.ce_score_margin=null", "mine.num_negatives_per_system=3"]
     cfg = compose(overrides)

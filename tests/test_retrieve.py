@@ -3,7 +3,6 @@ search, resume after a kill, and shards run one by one + merge == one run (byte 
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,12 +17,8 @@ TOP_K = 8
 
 
 @pytest.fixture(scope="module")
-def setup(request):
-    data = Path(request.getfixturevalue("demo_data_dir"))
-    bi = str(request.getfixturevalue("tiny_bi_encoder"))
-    return [f"data.corpus={data / 'collection.tsv'}", f"data.train.queries={data / 'queries.train.tsv'}",
-            f"data.train.qrels={data / 'qrels.train.tsv'}", f"data.train.max_queries={N_QUERIES}",
-            f"model.bi_encoder={bi}", "device=cpu", f"retrieve.top_k={TOP_K}", "retrieve.precision=fp32",
+def setup(demo_stage_overrides):
+    return [*demo_stage_overrides(max_queries=N_QUERIES, top_k=TOP_K, cross_encoder=False),
             "retrieve.query_block=6", "retrieve.encode_block=1024"]
 
 

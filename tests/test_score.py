@@ -24,14 +24,8 @@ CHUNK = 40
 
 
 @pytest.fixture(scope="module")
-def setup(request):
-    data = Path(request.getfixturevalue("demo_data_dir"))
-    bi = str(request.getfixturevalue("tiny_bi_encoder"))
-    ce = str(request.getfixturevalue("tiny_cross_encoder"))
-    return [f"data.corpus={data / 'collection.tsv'}", f"data.train.queries={data / 'queries.train.tsv'}",
-            f"data.train.qrels={data / 'qrels.train.tsv'}", f"data.train.max_queries={N_QUERIES}",
-            f"model.bi_encoder={bi}", f"model.cross_encoder={ce}", "device=cpu", f"retrieve.top_k={TOP_K}",
-            "retrieve.precision=fp32", "score.precision=fp32", f"score.chunk_pairs={CHUNK}"]
+def setup(demo_stage_overrides):
+    return [*demo_stage_overrides(max_queries=N_QUERIES, top_k=TOP_K), f"score.chunk_pairs={CHUNK}"]
 
 
 @pytest.fixture(scope="module")
