@@ -1,0 +1,91 @@
+"""Tokenisation into flat (CSR) token arrays, in this process or in the engine's tokeniser processes.
+
+The engine (pipeline/engine.py) tokenises with the model's own fast tokenizer. One process tokenised MS MARCO
+passages at 40k/s on an H200 host (the Rust tokenizer alone 64k/s; the rest is turning Encoding objects into arrays
+under the GIL), while the GPU encodes 50k/s: for large inputs on a GPU the engine therefore runs this module as
+worker processes (``python -m pipeline.tokenize_worker``, see engine._TokenizerProcesses). A worker talks over its
+stdin/stdout: a pickled init message, then one pickled list of inputs per job, answered by the arrays. Plain
+subprocesses rather than multiprocessing: nothing re-imports the caller's main script (which multiprocessing's
+spawn and forkserver do), and no semaphores or fd passing are needed. Only numpy and tokenizers are imported here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pickle
+import struct
+import sys
+from typing import Any, BinaryIO, Callable, Sequence
+
+import numpy as np
+
+def build_tokenizer(tokenizer_json: str, max_len: int | None, direction: str):
+    """A tokenizers.Tokenizer from its JSON, without padding, truncating at ``max_len`` tokens (model-style)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.no_padding()
+    if max_len:
+        tok.enable_truncation(max_length=int(max_len), strategy="longest_first", direction=direction or "right")
+    else:
+        tok.no_truncation()
+    return tok
+
+
+def encode_csr(encode: Callable, items: Sequence, want_type_ids: bool):
+    """(ids int32, offsets int64 [n+1], type_ids int8 or None): row i is ids[offsets[i]:offsets[i+1]]."""
+    encs = encode(list(items), add_special_tokens=True)
+    n = len(encs)
+    lengths = np.fromiter((len(e.ids) for e in encs), np.int64, n)
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    total = int(offsets[-1])
+    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), np.int32, total)
+    type_ids = None
+    if want_type_ids:
+        type_ids = np.fromiter(itertools.chain.from_iterable(e.type_ids for e in encs), np.int8, total)
+    return ids, offsets, type_ids
+
+
+def send(stream: BinaryIO, obj: Any) -> None:
+    """One length-prefixed pickled message."""
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(struct.pack("<Q", len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def recv(stream: BinaryIO) -> Any:
+    """The next message of :func:`send`; EOFError when the other side has gone."""
+    head = stream.read(8)
+    if len(head) < 8:
+        raise EOFError("tokeniser process closed its pipe")
+    (size,) = struct.unpack("<Q", head)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError("tokeniser process closed its pipe mid-message")
+    return pickle.loads(data)
+
+
+def serve(inp: BinaryIO, out: BinaryIO) -> None:
+    """Worker loop: init message (tokenizer JSON, max length, truncation side, want type ids), then jobs (lists of
+    already-prompted inputs, pairs as 2-tuples) answered by ("ok", (ids, offsets, type_ids)) or ("error", text)."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the workers are the parallelism
+    tokenizer_json, max_len, direction, want_type_ids = recv(inp)
+    tok = build_tokenizer(tokenizer_json, max_len, direction)
+    encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
+    send(out, ("ready", os.getpid()))
+    while True:
+        try:
+            items = recv(inp)
+        except EOFError:
+            return
+        try:
+            send(out, ("ok", encode_csr(encode, items, bool(want_type_ids))))
+        except Exception as exc:  # reported to the engine, which tokenises in its own process instead
+            send(out, ("error", f"{type(exc).__name__}: {exc}"))
+
+
+if __name__ == "__main__":
+    serve(sys.stdin.buffer, sys.stdout.buffer)
