@@ -43,6 +43,11 @@ def world_size() -> int:
     return max(1, int(os.environ.get("WORLD_SIZE") or 1))
 
 
+def local_world_size() -> int:
+    """Processes of this job on this node (torchrun's LOCAL_WORLD_SIZE, else 1): they share its cores."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE") or 1))
+
+
 def rank() -> int:
     """This process's global rank (0 when not launched by torchrun)."""
     with contextlib.suppress(Exception):

@@ -36,6 +36,7 @@ which attention path ran ("varlen", "sdpa" or "model"), the dtype, real and padd
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import inspect
@@ -52,6 +53,8 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 import torch
 
+from pipeline import tokenize_worker
+
 if TYPE_CHECKING:  # pragma: no cover
     from sentence_transformers import CrossEncoder, SentenceTransformer
 
@@ -61,6 +64,7 @@ __all__ = [
     "encode_texts",
     "score_pairs",
     "resolve_precision",
+    "resolve_batch_tokens",
     "uses_dot_product",
     "encode_texts_multi_gpu",
     "score_pairs_multi_gpu",
@@ -121,6 +125,24 @@ def resolve_precision(precision: str, device) -> torch.dtype | None:
     if dev.type == "cpu":
         return torch.bfloat16 if _cpu_has_fast_bf16() else None
     return None
+
+
+def resolve_batch_tokens(batch_tokens, device) -> int:
+    """Tokens per batch. "auto": 65,536 on GPUs with 40 GB or more (measured best on an H200: larger batches
+    gain nothing once a batch's kernels fill the GPU), 32,768 on smaller GPUs, 16,384 on the CPU."""
+    if batch_tokens is None or str(batch_tokens).lower() == "auto":
+        dev = torch.device(device)
+        if dev.type != "cuda":
+            return 16384
+        try:
+            total = torch.cuda.get_device_properties(dev).total_memory
+        except Exception:  # pragma: no cover
+            total = 0
+        return 65536 if total >= 40 * 2**30 else 32768
+    value = int(batch_tokens)
+    if value < 1:
+        raise ValueError(f"batch_tokens must be auto or a positive number, got {batch_tokens!r}")
+    return value
 
 
 def uses_dot_product(model) -> bool:
@@ -392,6 +414,7 @@ class _Tokenizer:
         self.module = _transformer_module(model)
         self.backend = None
         self.verified = False
+        self.pool_broken = False
         self.slow_reason = ""
         tok = getattr(self.module, "tokenizer", None) if self.module is not None else None
         if tok is None:
@@ -409,24 +432,15 @@ class _Tokenizer:
             max_len = getattr(tok, "model_max_length", None)
         if max_len is None or max_len > 10**6:
             max_len = max_positions
+        self.max_len = max_len
+        self.direction = getattr(tok, "truncation_side", "right") or "right"
         try:
-            from tokenizers import Tokenizer
-
-            bt = Tokenizer.from_str(tok.backend_tokenizer.to_str())
-            bt.no_padding()
-            if max_len:
-                bt.enable_truncation(
-                    max_length=int(max_len),
-                    strategy="longest_first",
-                    direction=getattr(tok, "truncation_side", "right") or "right",
-                )
-            else:
-                bt.no_truncation()
+            self.tokenizer_json = tok.backend_tokenizer.to_str()
+            bt = tokenize_worker.build_tokenizer(self.tokenizer_json, max_len, self.direction)
             self.backend = bt
             self._encode = getattr(bt, "encode_batch_fast", bt.encode_batch)
         except Exception as exc:  # pragma: no cover
             self.slow_reason = f"backend tokenizer unusable: {exc}"
-        self.max_len = max_len
 
     def _prep_inputs(self, items: Sequence) -> list:
         if self.kind == "pairs":
@@ -440,17 +454,7 @@ class _Tokenizer:
         return items
 
     def _fast(self, items: Sequence) -> _Tokens:
-        encs = self._encode(self._prep_inputs(items), add_special_tokens=True)
-        n = len(encs)
-        lengths = np.fromiter((len(e.ids) for e in encs), np.int64, n)
-        offsets = np.zeros(n + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        total = int(offsets[-1])
-        ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), np.int32, total)
-        tt = None
-        if self.want_type_ids:
-            tt = np.fromiter(itertools.chain.from_iterable(e.type_ids for e in encs), np.int8, total)
-        return _Tokens(ids, offsets, tt)
+        return _Tokens(*tokenize_worker.encode_csr(self._encode, self._prep_inputs(items), self.want_type_ids))
 
     def _slow(self, items: Sequence, step: int = 1024) -> _Tokens:
         parts = []
@@ -505,17 +509,189 @@ class _Tokenizer:
                     return False
         return True
 
+    def submit(self, items: Sequence, pool) -> list | None:
+        """Start tokenising ``items`` in the worker pool (futures of sub-chunks); None: :meth:`result` tokenises
+        them in this thread."""
+        if pool is None or self.backend is None or self.pool_broken:
+            return None
+        prepped = self._prep_inputs(items)
+        step = max(512, -(-len(prepped) // (4 * max(1, getattr(pool, "_max_workers", 1)))))
+        try:
+            return [pool.submit(prepped[i : i + step]) for i in range(0, len(prepped), step)]
+        except Exception as exc:  # a closed pool: tokenised here instead
+            log.warning("engine: tokeniser processes unusable (%s); tokenising in this process", exc)
+            self.pool_broken = True
+            return None
+
+    def result(self, items: Sequence, handle: list | None) -> _Tokens:
+        """The tokens of ``items``, from the futures :meth:`submit` returned (checked like the in-thread path)."""
+        if handle is None or self.backend is None:
+            return self(items)
+        try:
+            parts = [f.result(timeout=RESULT_TIMEOUT_S) for f in handle]
+        except Exception as exc:  # a worker died, failed or stalled: this chunk and the rest are tokenised here
+            log.warning("engine: tokeniser process failed (%s: %s); tokenising in this process", type(exc).__name__, exc)
+            self.pool_broken = True
+            _close_pools()
+            return self(items)
+        lens = np.concatenate([np.diff(p[1]) for p in parts]) if parts else np.zeros(0, np.int64)
+        offsets = np.zeros(len(lens) + 1, np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        tts = [p[2] for p in parts]
+        toks = _Tokens(
+            np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32),
+            offsets,
+            None if (not parts or any(t is None for t in tts)) else np.concatenate(tts),
+        )
+        return self._checked(items, toks)
+
+    def _checked(self, items: Sequence, toks: _Tokens) -> _Tokens:
+        """``toks`` once the first chunk's fast tokens match the model's preprocess; else the preprocess's."""
+        if self.verified:
+            return toks
+        if self._verify(items, toks):
+            self.verified = True
+            return toks
+        log.warning("engine: %s; using the model's own preprocess", self.slow_reason)
+        self.backend = None
+        return self._slow(items)
+
     def __call__(self, items: Sequence) -> _Tokens:
         if self.backend is not None:
-            toks = self._fast(items)
-            if self.verified:
-                return toks
-            if self._verify(items, toks):
-                self.verified = True
-                return toks
-            log.warning("engine: %s; using the model's own preprocess", self.slow_reason)
-            self.backend = None
+            return self._checked(items, self._fast(items))
         return self._slow(items)
+
+
+# ------------------------------------------------------------------------------------ tokeniser processes
+_POOLS: dict[tuple, Any] = {}
+#: tokenise in worker processes from this many inputs on (below it the pool's start-up is not repaid)
+POOL_MIN_ITEMS = 50_000
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what Slurm / cgroups / taskset grant, not the machine's count
+    except (AttributeError, OSError):  # pragma: no cover - macOS
+        return os.cpu_count() or 1
+
+
+def resolve_tokenize_workers(workers: int | None, device: torch.device, n: int) -> int:
+    """Worker processes for tokenisation. ``None`` (auto): on CUDA with at least ``POOL_MIN_ITEMS`` inputs, every
+    usable core but two (the GPU-feeding thread and the collation thread), at most 16; else 0 (in this process,
+    where the CPU is the compute device or the input is small). The environment variable
+    PIPELINE_TOKENIZE_WORKERS overrides auto."""
+    if workers is None:
+        env = os.environ.get("PIPELINE_TOKENIZE_WORKERS")
+        if env not in (None, ""):
+            workers = int(env)
+        elif device.type == "cuda" and n >= POOL_MIN_ITEMS:
+            workers = min(16, _usable_cpus() - 2)
+        else:
+            workers = 0
+    return max(0, int(workers))
+
+
+class _TokenizerProcesses:
+    """``workers`` tokeniser subprocesses (``python -m pipeline.tokenize_worker``), each driven by one thread of a
+    thread pool: :meth:`submit` returns a Future of (ids, offsets, type_ids). Any failure (a worker that dies,
+    answers with an error, or does not answer within ``RESULT_TIMEOUT_S``) makes the caller close the pool and
+    tokenise in its own process: slower, never wrong, never stuck."""
+
+    START_TIMEOUT_S = 120.0
+
+    def __init__(self, workers: int, init: tuple):
+        import select
+        import subprocess
+        import sys
+        from concurrent.futures import ThreadPoolExecutor
+        from pathlib import Path
+
+        root = str(Path(__file__).resolve().parents[1])
+        path = os.environ.get("PYTHONPATH")
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false",
+                   PYTHONPATH=root + (os.pathsep + path if path else ""))
+        self._max_workers = workers
+        self._procs: list = []
+        self._free: "queue.Queue" = queue.Queue()
+        self._closed = False
+        try:
+            for _ in range(workers):
+                proc = subprocess.Popen([sys.executable, "-m", "pipeline.tokenize_worker"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, env=env)
+                self._procs.append(proc)
+                tokenize_worker.send(proc.stdin, {"init": list(init)})
+            deadline = time.monotonic() + self.START_TIMEOUT_S
+            for proc in self._procs:
+                ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+                if not ready:
+                    raise TimeoutError(f"a tokeniser process did not start within {self.START_TIMEOUT_S:.0f}s")
+                header, _ = tokenize_worker.recv(proc.stdout)
+                if header.get("status") != "ready":
+                    raise RuntimeError(f"tokeniser process answered {header!r} to its start")
+                self._free.put(proc)
+        except BaseException:
+            self.close()
+            raise
+        self._threads = ThreadPoolExecutor(workers, thread_name_prefix="tokenize")
+
+    def submit(self, items: list):
+        return self._threads.submit(self._roundtrip, items)
+
+    def _roundtrip(self, items: list):
+        proc = self._free.get()
+        if proc is None or self._closed:
+            raise RuntimeError("tokeniser processes closed")
+        tokenize_worker.send(proc.stdin, {"items": items})
+        header, arrays = tokenize_worker.recv(proc.stdout)
+        if header.get("status") != "ok":
+            raise RuntimeError(f"tokeniser process: {header.get('message', header)}")
+        self._free.put(proc)  # only a worker that answered is handed out again
+        return arrays[0], arrays[1], (arrays[2] if len(arrays) > 2 else None)
+
+    def close(self) -> None:
+        self._closed = True
+        for proc in self._procs:
+            with contextlib.suppress(Exception):
+                proc.kill()
+        for _ in self._procs:
+            self._free.put(None)  # wakes threads waiting for a worker
+        threads = getattr(self, "_threads", None)
+        if threads is not None:
+            threads.shutdown(wait=False, cancel_futures=True)
+        for proc in self._procs:
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=5)
+
+
+#: seconds to wait for one sub-chunk (normally well under one): past it the pool is closed and tokenising goes on
+#: in this process
+RESULT_TIMEOUT_S = 300.0
+
+
+def _tokenizer_pool(tok: _Tokenizer, workers: int):
+    """Tokeniser processes holding ``tok``'s tokenizer, kept for later calls with the same tokenizer; None (with a
+    warning) where they cannot start."""
+    key = (tok.tokenizer_json, tok.max_len, tok.direction, tok.want_type_ids, workers)
+    pool = _POOLS.get(key)
+    if pool is None:
+        _close_pools()
+        try:
+            pool = _TokenizerProcesses(workers, (tok.tokenizer_json, tok.max_len, tok.direction, tok.want_type_ids))
+        except Exception as exc:
+            log.warning("engine: tokeniser processes unavailable (%s: %s); tokenising in this process",
+                        type(exc).__name__, exc)
+            return None
+        _POOLS[key] = pool
+    return pool
+
+
+def _close_pools() -> None:
+    for pool in _POOLS.values():
+        pool.close()
+    _POOLS.clear()
+
+
+atexit.register(_close_pools)
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -619,13 +795,19 @@ def _chunk_bounds(n: int, chunk: int, ramp: bool) -> list[tuple[int, int]]:
 
 
 def _producer(items, tokenizer: _Tokenizer, prep: _Prepared, cfg: dict, q: "queue.Queue", stop: threading.Event, stats):
+    handles: dict = {}
     try:
         pad_id = cfg["pad_id"]
-        for c, (s, e) in enumerate(cfg["bounds"]):
+        chunks, pool = cfg["bounds"], cfg["pool"]
+        for c, (s, e) in enumerate(chunks):
             if stop.is_set():
                 return
+            # the pool tokenises up to `ahead` chunks beyond the one being batched, so the device never waits
+            for ahead in range(c, min(len(chunks), c + cfg["ahead"] + 1)):
+                if ahead not in handles:
+                    handles[ahead] = tokenizer.submit(items[chunks[ahead][0] : chunks[ahead][1]], pool)
             t0 = time.perf_counter()
-            toks = tokenizer(items[s:e])
+            toks = tokenizer.result(items[s:e], handles.pop(c))
             stats["tokenize_s"] += time.perf_counter() - t0
             lens = toks.lengths
             stats["tokens"] += int(lens.sum())
@@ -651,6 +833,10 @@ def _producer(items, tokenizer: _Tokenizer, prep: _Prepared, cfg: dict, q: "queu
         _put(q, _Stop(), stop)
     except BaseException as exc:  # forwarded to the consumer
         _put(q, exc, stop)
+    finally:
+        for handle in handles.values():
+            for fut in handle or ():
+                fut.cancel()
 
 
 def _put(q: "queue.Queue", item, stop: threading.Event) -> None:
@@ -717,7 +903,7 @@ class _Runner:
     """Shared machinery of encode_texts and score_pairs."""
 
     def __init__(self, kind: str, model, hf_model, items, *, prompt, batch_tokens, max_batch, precision,
-                 show_progress, desc, attention, chunk, post: Callable):
+                 show_progress, desc, attention, chunk, post: Callable, tokenize_workers: int | None = 0):
         self.kind = kind
         self.model = model
         self.items = items
@@ -739,13 +925,17 @@ class _Runner:
         pad_id = getattr(tok, "pad_token_id", None)
         self.cfg = {
             "chunk": max(1, int(chunk or DEFAULT_CHUNK)),
-            "batch_tokens": batch_tokens,
+            "batch_tokens": resolve_batch_tokens(batch_tokens, self.device),
             "max_batch": max_batch,
             "pad_id": 0 if pad_id is None else int(pad_id),
             "want_tt": want_tt,
             "pin": self.device.type == "cuda",
             "packed": self.prep.attn == "varlen",
+            "ahead": 2,  # chunks tokenised ahead by the pool
         }
+        workers = resolve_tokenize_workers(tokenize_workers, self.device, len(items))
+        self.cfg["pool"] = _tokenizer_pool(self.tokenizer, workers) if workers and self.tokenizer.backend else None
+        self.tokenize_workers = workers if self.cfg["pool"] is not None else 0
         self.cfg["bounds"] = _chunk_bounds(len(items), self.cfg["chunk"], ramp=self.device.type == "cuda")
         self.show_progress = show_progress
         self.desc = desc
@@ -875,6 +1065,7 @@ class _Runner:
             padded_tokens=stats["padded_tokens"] if self.prep.attn != "varlen" else stats["tokens"],
             attn_tokens_sq=stats["attn_tokens"],
             tokenize_s=stats["tokenize_s"],
+            tokenize_workers=self.tokenize_workers,
             wall_s=time.perf_counter() - t_start,
         )
         return out
@@ -934,14 +1125,15 @@ def encode_texts(
     *,
     prompt: str | None = None,
     normalize: bool | None = None,
-    batch_tokens: int = 16384,
-    max_batch: int = 512,
+    batch_tokens: int | str = "auto",
+    max_batch: int = 2048,
     precision: str = "auto",
     show_progress: bool = True,
     desc: str = "encode",
     attention: str = "auto",
     chunk_size: int = DEFAULT_CHUNK,
     devices: Sequence[str] | None = None,
+    tokenize_workers: int | None = None,
 ) -> np.ndarray:
     """Embed ``texts`` with a SentenceTransformer; float32 [n, dim] in input order.
 
@@ -951,6 +1143,7 @@ def encode_texts(
     token budget per batch (packed tokens under varlen attention); 65,536 suits an H100/H200.
     ``attention``: "auto" (packed varlen on CUDA in half precision, checked once against padding),
     "varlen", or "padded". ``devices``: several devices -> one process per device (see encode_texts_multi_gpu).
+    ``tokenize_workers``: tokeniser processes (None: auto, see :func:`resolve_tokenize_workers`; 0: in this process).
     """
     if devices is not None and len(devices) > 1:
         return encode_texts_multi_gpu(
@@ -974,7 +1167,7 @@ def encode_texts(
     runner = _Runner(
         "texts", model, module.auto_model, texts, prompt=prompt, batch_tokens=batch_tokens, max_batch=max_batch,
         precision=precision, show_progress=show_progress, desc=desc, attention=attention, chunk=chunk_size,
-        post=_st_post(model, prompt_length),
+        post=_st_post(model, prompt_length), tokenize_workers=tokenize_workers,
     )
     emb = runner.run()
     if len(texts) == 0:
@@ -1013,14 +1206,15 @@ def score_pairs(
     model: "CrossEncoder",
     pairs: Sequence[tuple[str, str]],
     *,
-    batch_tokens: int = 16384,
-    max_batch: int = 512,
+    batch_tokens: int | str = "auto",
+    max_batch: int = 2048,
     precision: str = "auto",
     show_progress: bool = True,
     desc: str = "score",
     attention: str = "auto",
     chunk_size: int = DEFAULT_CHUNK,
     devices: Sequence[str] | None = None,
+    tokenize_workers: int | None = None,
 ) -> np.ndarray:
     """Raw logits of a CrossEncoder for (query, passage) pairs: float32 [n] (``[n, num_labels]`` when the model
     has several labels), input order, NO activation (callers apply ``model.activation_fn`` when configured)."""
@@ -1038,7 +1232,7 @@ def score_pairs(
     runner = _Runner(
         "pairs", model, hf, pairs, prompt=None, batch_tokens=batch_tokens, max_batch=max_batch,
         precision=precision, show_progress=show_progress, desc=desc, attention=attention, chunk=chunk_size,
-        post=_ce_post(model),
+        post=_ce_post(model), tokenize_workers=tokenize_workers,
     )
     scores = runner.run()
     if len(pairs) == 0:
@@ -1050,7 +1244,10 @@ def score_pairs(
 
 # ----------------------------------------------------------------------------------------- multi-device
 def _mp_worker(rank, fn_name, model, items, start, end, device, out, kwargs):  # pragma: no cover - subprocess
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, kwargs.pop("_nprocs", 1))))
+    nprocs = max(1, kwargs.pop("_nprocs", 1))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
+    if kwargs.get("tokenize_workers") is None and torch.device(device).type == "cuda":
+        kwargs["tokenize_workers"] = max(0, min(16, _usable_cpus() // nprocs - 2))  # the node's cores, shared
     model.to(device)
     fn = encode_texts if fn_name == "encode" else score_pairs
     res = fn(model, items, **kwargs)

@@ -4,7 +4,7 @@ The engine (pipeline/engine.py) tokenises with the model's own fast tokenizer. O
 passages at 40k/s on an H200 host (the Rust tokenizer alone 64k/s; the rest is turning Encoding objects into arrays
 under the GIL), while the GPU encodes 50k/s: for large inputs on a GPU the engine therefore runs this module as
 worker processes (``python -m pipeline.tokenize_worker``, see engine._TokenizerProcesses). A worker talks over its
-stdin/stdout: a pickled init message, then one pickled list of inputs per job, answered by the arrays. Plain
+stdin/stdout: an init message, then one list of inputs per job (JSON), answered by the raw token arrays. Plain
 subprocesses rather than multiprocessing: nothing re-imports the caller's main script (which multiprocessing's
 spawn and forkserver do), and no semaphores or fd passing are needed. Only numpy and tokenizers are imported here.
 """
@@ -12,11 +12,11 @@ spawn and forkserver do), and no semaphores or fd passing are needed. Only numpy
 from __future__ import annotations
 
 import itertools
+import json
 import os
-import pickle
 import struct
 import sys
-from typing import Any, BinaryIO, Callable, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 
@@ -48,43 +48,57 @@ def encode_csr(encode: Callable, items: Sequence, want_type_ids: bool):
     return ids, offsets, type_ids
 
 
-def send(stream: BinaryIO, obj: Any) -> None:
-    """One length-prefixed pickled message."""
-    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+def send(stream: BinaryIO, header: dict, arrays: Sequence[np.ndarray] = ()) -> None:
+    """One message: a JSON header (8-byte length first), then the raw bytes of ``arrays`` (dtypes and lengths in
+    the header). Plain data both ways: nothing executable crosses the pipe."""
+    arrays = [np.ascontiguousarray(a) for a in arrays]
+    header = dict(header, arrays=[[a.dtype.str, int(a.size)] for a in arrays])
+    data = json.dumps(header).encode("utf-8")
     stream.write(struct.pack("<Q", len(data)))
     stream.write(data)
+    for a in arrays:
+        stream.write(a.tobytes())
     stream.flush()
 
 
-def recv(stream: BinaryIO) -> Any:
-    """The next message of :func:`send`; EOFError when the other side has gone."""
-    head = stream.read(8)
-    if len(head) < 8:
-        raise EOFError("tokeniser process closed its pipe")
-    (size,) = struct.unpack("<Q", head)
+def _read(stream: BinaryIO, size: int) -> bytes:
     data = stream.read(size)
     if len(data) < size:
-        raise EOFError("tokeniser process closed its pipe mid-message")
-    return pickle.loads(data)
+        raise EOFError("tokeniser process closed its pipe")
+    return data
+
+
+def recv(stream: BinaryIO) -> tuple[dict, list[np.ndarray]]:
+    """The next message of :func:`send`: (header, arrays); EOFError when the other side has gone."""
+    (size,) = struct.unpack("<Q", _read(stream, 8))
+    header = json.loads(_read(stream, size).decode("utf-8"))
+    arrays = []
+    for dtype, count in header.pop("arrays", []):
+        dt = np.dtype(dtype)
+        arrays.append(np.frombuffer(_read(stream, dt.itemsize * int(count)), dtype=dt).copy())
+    return header, arrays
 
 
 def serve(inp: BinaryIO, out: BinaryIO) -> None:
-    """Worker loop: init message (tokenizer JSON, max length, truncation side, want type ids), then jobs (lists of
-    already-prompted inputs, pairs as 2-tuples) answered by ("ok", (ids, offsets, type_ids)) or ("error", text)."""
+    """Worker loop: an init message (tokenizer JSON, max length, truncation side, want type ids), then jobs (lists
+    of already-prompted inputs, pairs as 2-lists) answered by ids, offsets (and type ids) or an error text."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the workers are the parallelism
-    tokenizer_json, max_len, direction, want_type_ids = recv(inp)
+    init, _ = recv(inp)
+    tokenizer_json, max_len, direction, want_type_ids = init["init"]
     tok = build_tokenizer(tokenizer_json, max_len, direction)
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
-    send(out, ("ready", os.getpid()))
+    send(out, {"status": "ready", "pid": os.getpid()})
     while True:
         try:
-            items = recv(inp)
+            job, _ = recv(inp)
         except EOFError:
             return
         try:
-            send(out, ("ok", encode_csr(encode, items, bool(want_type_ids))))
+            items = [tuple(x) if isinstance(x, list) else x for x in job["items"]]
+            ids, offsets, type_ids = encode_csr(encode, items, bool(want_type_ids))
+            send(out, {"status": "ok"}, [ids, offsets] + ([type_ids] if type_ids is not None else []))
         except Exception as exc:  # reported to the engine, which tokenises in its own process instead
-            send(out, ("error", f"{type(exc).__name__}: {exc}"))
+            send(out, {"status": "error", "message": f"{type(exc).__name__}: {exc}"})
 
 
 if __name__ == "__main__":

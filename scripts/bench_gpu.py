@@ -9,7 +9,8 @@ Rows (each baseline measured in the same run as ours):
                      baselines CrossEncoder.predict fp32 default, and bf16 batch 256
   3. exact top-100   500k queries x 8.84M x 768 (random unit vectors made on the GPU) vs
                      sentence_transformers.util.semantic_search (measured on a query subset and extrapolated)
-  4. training        MNRL batch 64: pipeline.stages.train.build_fast_trainer when it exists
+  4. training        MNRL batch 64: the train stage's trainer (pipeline.stages.train.make_trainer) vs
+                     SentenceTransformerTrainer bf16 defaults
 plus parity checks with all-MiniLM-L6-v2's real weights: embeddings cosine vs ST fp32, cross-encoder Spearman vs
 CrossEncoder.predict fp32 (a MiniLM cross-encoder fine-tuned for a few steps here on the DL20 qrels), top-10
 overlap of our search vs semantic_search.
@@ -190,6 +191,13 @@ def measure_matmul_peak(dev) -> float | None:
     return 2 * 8192**3 / dt
 
 
+def topk_kw(method: str) -> dict:
+    """exact_search keywords for a probe name: "grouped128" = grouped top-k over groups of 128 columns."""
+    if method.startswith("grouped") and method[7:].isdigit():
+        return {"topk_method": "grouped", "topk_group": int(method[7:])}
+    return {"topk_method": method}
+
+
 # ------------------------------------------------------------------------------------------------ rows
 class Bench:
     def __init__(self, args):
@@ -310,9 +318,10 @@ class Bench:
         self.results["rows"]["encode_info"] = {"tokens_per_passage": tok_per, "params_nonemb": P, **run}
         ours = self.add("encode", f"ours (batch_tokens {bt}, {run['attention']})", len(ours_texts), dt, "passages/s",
                         flops_per_item * len(ours_texts))
-        sub = self.passages[:64] if self.quick else self.passages
-        _, dt = timed(self.dev, eng.encode_texts, model, sub, show_progress=False)
-        self.add("encode", "ours (API defaults, 16384 tokens)", len(sub), dt, "passages/s", flops_per_item * len(sub))
+        _, dt = timed(self.dev, eng.encode_texts, model, ours_texts, batch_tokens=bt, max_batch=mb, show_progress=False,
+                      tokenize_workers=0)
+        self.add("encode", "ours, tokeniser in the GPU process", len(ours_texts), dt, "passages/s",
+                 flops_per_item * len(ours_texts), note="tokenize_workers=0: what the worker processes gain")
         # baselines
         n1 = 64 if self.quick else 4096
         b1 = rng.sample(self.passages, n1)
@@ -422,15 +431,15 @@ class Bench:
         if gpu:
             qb = queries[:4096].half()
             Sb = qb @ corpus[:262144].T
-            for meth in ("topk", "grouped"):
-                S._chunk_topk(Sb, 108, meth)
+            for meth, grp in (("topk", None), ("grouped", 64), ("grouped", 128), ("grouped", 256)):
+                S._chunk_topk(Sb, 108, meth, group=grp)
                 sync(self.dev)
                 t = time.perf_counter()
                 for _ in range(5):
-                    S._chunk_topk(Sb, 108, meth)
+                    S._chunk_topk(Sb, 108, meth, group=grp)
                 sync(self.dev)
                 ms = (time.perf_counter() - t) / 5 * 1e3
-                self.results.setdefault("search_topk_ms", {})[meth] = ms
+                self.results.setdefault("search_topk_ms", {})[meth if grp is None else f"{meth}{grp}"] = ms
             t = time.perf_counter()
             for _ in range(5):
                 qb @ corpus[:262144].T
@@ -438,18 +447,18 @@ class Bench:
             gemm_ms = (time.perf_counter() - t) / 5 * 1e3
             tk = self.results["search_topk_ms"]
             log(f"  one 4096 x 262144 block: fp16 GEMM {gemm_ms:.2f} ms, torch.topk {tk['topk']:.2f} ms, "
-                f"grouped top-k {tk['grouped']:.2f} ms")
+                + ", ".join(f"{m} {v:.2f} ms" for m, v in tk.items() if m != "topk"))
             del Sb, qb
-            methods = ["grouped", "pruned"] + (["topk"] if tk["topk"] < tk["grouped"] else [])
+            methods = ["grouped64", "grouped128", "grouped256"] + (["topk"] if tk["topk"] < tk["grouped64"] else [])
         else:
             methods = ["auto"]
         # warm-up, then a probe per top-k method over the whole corpus; the fastest sizes and runs the full job
-        S.exact_search(queries[:1024], corpus[: min(N, 1 << 20)], k, show_progress=False, topk_method=methods[0])
+        S.exact_search(queries[:1024], corpus[: min(N, 1 << 20)], k, show_progress=False, **topk_kw(methods[0]))
         probe = min(nq, 16384 if gpu else nq)
         probes = {}
         for meth in methods:
             (_, _), probes[meth] = timed(self.dev, S.exact_search, queries[:probe], corpus, k, show_progress=False,
-                                         topk_method=meth)
+                                         **topk_kw(meth))
         method = min(probes, key=probes.get)
         dt = probes[method]
         self.results["search_probe_s"] = {"queries": probe, **probes}
@@ -465,7 +474,7 @@ class Bench:
             res_i = None
         else:
             (res_s, res_i), dt_run = timed(self.dev, S.exact_search, queries[:n_run], corpus, k, show_progress=False,
-                                           topk_method=method)
+                                           **topk_kw(method))
         info = dict(S.LAST_SEARCH)
         flops = 2.0 * n_run * N * d
         ours = self.add("search", f"ours exact_search ({info['dtype']}, {method}, rescore {info['rescore']})", n_run,
@@ -478,7 +487,7 @@ class Bench:
         base_hits, dt = timed(self.dev, util.semantic_search, qsub, corpus, top_k=k)
         base = self.add("search", "ST util.semantic_search (defaults)", nb, dt, "queries/s", 2.0 * nb * N * d,
                         extrapolated=True, note=f"measured on {nb} queries; full {nq}: ~{nq / (nb / dt):.0f}s")
-        ours_s, ours_i = S.exact_search(queries[:nb], corpus, k, show_progress=False, topk_method=method)
+        ours_s, ours_i = S.exact_search(queries[:nb], corpus, k, show_progress=False, **topk_kw(method))
         ov = np.mean([len(set(ours_i[r, :10].tolist()) & {h["corpus_id"] for h in base_hits[r][:10]}) / 10
                       for r in range(nb)])
         self.results["rows"]["search_ratio"] = {"vs_semantic_search": ours / base, "top10_overlap_random": ov,
@@ -491,7 +500,7 @@ class Bench:
     def row_train(self):
         log("\n[4] training, MNRL batch 64")
         try:
-            from pipeline.stages.train import build_fast_trainer  # noqa: F401
+            from pipeline.stages.train import make_trainer
         except Exception as exc:
             log(f"  train row: not available ({type(exc).__name__}: {exc})")
             self.results["rows"]["train"] = {"available": False, "reason": f"{type(exc).__name__}: {exc}"}
@@ -502,14 +511,14 @@ class Bench:
             log("  train row: not available (datasets is not installed here)")
             self.results["rows"]["train"] = {"available": False, "reason": "datasets missing"}
             return
-        steps = 2 if self.quick else 30
+        steps = 2 if self.quick else 60
         try:
-            self._train_rows(build_fast_trainer, steps, batch=8 if self.quick else 64)
-        except Exception as exc:  # the train stage is someone else's module: report, don't fail the bench
+            self._train_rows(make_trainer, steps, batch=8 if self.quick else 64)
+        except Exception as exc:  # report, don't hide the other rows
             log(f"  train row: failed ({type(exc).__name__}: {exc})")
             self.results["rows"]["train"] = {"available": True, "error": f"{type(exc).__name__}: {exc}"}
 
-    def _train_rows(self, build_fast_trainer, steps: int, batch: int = 64):
+    def _train_rows(self, make_trainer, steps: int, batch: int = 64):
         import datasets
         from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
@@ -535,9 +544,11 @@ class Bench:
                 )
                 trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=ds,
                                                      loss=MultipleNegativesRankingLoss(model))
-            else:
-                trainer = build_fast_trainer(model=model, train_dataset=ds, output_dir=str(out), batch_size=batch,
-                                             max_steps=steps)
+            else:  # the train stage's own trainer (rotation sampler with no duplicates, its data loading, AdamW)
+                trainer = make_trainer(model, ds, block_size=len(ds), output_dir=str(out), batch_size=batch,
+                                       lr=2e-5, warmup_steps=0, precision="bf16" if gpu else "fp32",
+                                       device=str(self.dev), max_steps=steps, save_steps=10**9,
+                                       logging_steps=10**9, dataloader_workers="auto")
             from transformers import TrainerCallback
 
             dev = self.dev
@@ -550,10 +561,10 @@ class Bench:
 
             trainer.add_callback(Clock())
             res, dt = timed(self.dev, trainer.train)
-            warm = min(5, max(1, steps // 4))
+            warm = min(10, max(1, steps // 4))  # DataLoader workers and kernels warm up first
             last = max(stamps) if stamps else 0
             loss = getattr(res, "training_loss", float("nan"))
-            name = "SentenceTransformerTrainer bf16" if label == "baseline" else "build_fast_trainer"
+            name = "SentenceTransformerTrainer bf16" if label == "baseline" else "train stage make_trainer"
             if last > warm:
                 self.add("train", f"{label} ({name})", batch * (last - warm), stamps[last] - stamps[warm],
                          "triplets/s", note=f"batch {batch}, steps {warm}-{last} (steady state), loss {loss:.3f}")

@@ -271,3 +271,57 @@ def test_packed_path_score(packed_on_cpu, tiny_ce, passages):
     ours = engine.score_pairs(tiny_ce, pairs, precision="bf16", show_progress=False, batch_tokens=2000)
     assert engine.LAST_RUN["attention"] == "varlen"
     assert _spearman(ours, ref) >= 0.995
+
+
+def test_tokeniser_processes_match_in_process(tiny_ce, minilm, passages):
+    """Tokenising in worker processes (what a GPU run does with large inputs) gives the same tokens, type ids and
+    order as tokenising in this process: identical fp32 outputs, over several chunks tokenised ahead."""
+    qs = ["what is the capital of france", "how long to boil an egg", "symptoms of flu"]
+    pairs = [(qs[i % len(qs)], p) for i, p in enumerate(passages)]
+    here = engine.score_pairs(tiny_ce, pairs, precision="fp32", show_progress=False, chunk_size=16,
+                              tokenize_workers=0)
+    assert engine.LAST_RUN["tokenize_workers"] == 0
+    pooled = engine.score_pairs(tiny_ce, pairs, precision="fp32", show_progress=False, chunk_size=16,
+                                tokenize_workers=2)
+    assert engine.LAST_RUN["tokenize_workers"] == 2 and engine.LAST_RUN["tokens"] > 0
+    np.testing.assert_array_equal(pooled, here)
+    emb_here = engine.encode_texts(minilm, passages[:40], precision="fp32", show_progress=False, chunk_size=8,
+                                   tokenize_workers=0)
+    emb_pool = engine.encode_texts(minilm, passages[:40], precision="fp32", show_progress=False, chunk_size=8,
+                                   tokenize_workers=2)
+    np.testing.assert_array_equal(emb_pool, emb_here)
+    engine._close_pools()
+
+
+def test_tokenize_workers_auto():
+    cpu, gpu = engine.torch.device("cpu"), engine.torch.device("cuda", 0)
+    assert engine.resolve_tokenize_workers(None, cpu, 10**6) == 0  # the CPU is busy computing
+    assert engine.resolve_tokenize_workers(None, gpu, 100) == 0  # too small to repay the start-up
+    assert engine.resolve_tokenize_workers(3, cpu, 10) == 3
+    big = engine.resolve_tokenize_workers(None, gpu, 10**6)
+    assert big == max(0, min(16, engine._usable_cpus() - 2))
+
+
+def test_tokeniser_process_failure_falls_back(tiny_ce, passages, monkeypatch, caplog):
+    """A tokeniser process that fails (or stalls past RESULT_TIMEOUT_S) costs speed, not results: the pool is
+    closed and the rest is tokenised in this process."""
+    qs = ["what is the capital of france", "symptoms of flu"]
+    pairs = [(qs[i % len(qs)], p) for i, p in enumerate(passages)]
+    here = engine.score_pairs(tiny_ce, pairs, precision="fp32", show_progress=False, tokenize_workers=0)
+    calls = {"n": 0}
+    real = engine._TokenizerProcesses._roundtrip
+
+    def flaky(self, items):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            self.close()  # as if the workers were killed
+            raise EOFError("tokeniser process closed its pipe")
+        return real(self, items)
+
+    monkeypatch.setattr(engine._TokenizerProcesses, "_roundtrip", flaky)
+    with caplog.at_level("WARNING", logger="pipeline.engine"):
+        pooled = engine.score_pairs(tiny_ce, pairs, precision="fp32", show_progress=False, chunk_size=16,
+                                    tokenize_workers=2)
+    np.testing.assert_array_equal(pooled, here)
+    assert calls["n"] >= 3 and "tokenising in this process" in caplog.text
+    assert not engine._POOLS  # the broken pool is gone; the next call starts a fresh one

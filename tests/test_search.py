@@ -77,13 +77,19 @@ def test_ties_break_by_lower_index():
             assert (np.diff(i[r])[same] > 0).all()
 
 
-def test_grouped_topk_is_exact():
+@pytest.mark.parametrize("group", [7, 64, 100])
+def test_grouped_topk_is_exact(group):
     rng = np.random.default_rng(4)
-    x = torch.from_numpy(rng.standard_normal((16, 5000)).astype(np.float32))
-    v, i = S._topk_grouped(x, 30, group=64)
+    x = rng.standard_normal((16, 5000)).astype(np.float32)  # 5000 columns: a tail outside the groups too
+    ng = 5000 // group
+    x[0, np.arange(min(30, group)) * ng + 3] += 10.0  # row 0: as much of the top 30 as fits in one strided group
+    x[1, -20:] += 10.0  # row 1: most of it in the tail
+    x = torch.from_numpy(x)
+    v, i = S._topk_grouped(x, 30, group=group)
     rv, ri = torch.topk(x, 30, dim=1)
     torch.testing.assert_close(v, rv)
     assert torch.equal(torch.sort(i, dim=1).values, torch.sort(ri, dim=1).values)
+    torch.testing.assert_close(torch.gather(x, 1, i), v)  # the indices point at the values returned
 
 
 def test_gpu_code_path_on_cpu():

@@ -332,7 +332,7 @@ class _Dense:
         from pipeline.engine import encode_texts
 
         return encode_texts(self.model, list(texts), prompt=prompt, normalize=None if self.dot else True,
-                            batch_tokens=int(self.cfg.evaluate.batch_tokens), precision=str(self.cfg.evaluate.precision),
+                            batch_tokens=self.cfg.evaluate.batch_tokens, precision=str(self.cfg.evaluate.precision),
                             desc=desc)
 
     @property

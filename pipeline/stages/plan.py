@@ -129,10 +129,13 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
         "train": 4.0 + triplets * 48 / 1e9,
         "evaluate": 2.0 + search_chunk * dim * 4 * 2 / 1e9,
     }
-    tokens = int(cfg.retrieve.batch_tokens)
+    def gpu_tokens(value) -> int:  # "auto" is 65,536 on a 40 GB+ GPU (engine.resolve_batch_tokens)
+        return 65536 if str(value).lower() == "auto" else int(value)
+
+    tokens = gpu_tokens(cfg.retrieve.batch_tokens)
     gpu_mem = {
         "retrieve": _gpu_memory_gb(p.params_m.bi_encoder, False, tokens) + corpus * dim * 2 / 1e9,  # corpus resident
-        "score": _gpu_memory_gb(p.params_m.cross_encoder, False, int(cfg.score.batch_tokens)),
+        "score": _gpu_memory_gb(p.params_m.cross_encoder, False, gpu_tokens(cfg.score.batch_tokens)),
         "train": _gpu_memory_gb(p.params_m.bi_encoder, True, batch * 3 * int(cfg.train.max_seq_length)),
         "evaluate": _gpu_memory_gb(p.params_m.bi_encoder, False, tokens) + corpus * dim * 2 / 1e9,
     }

@@ -120,7 +120,7 @@ class _Ctx:
         rc = self.cfg.retrieve
         facts = self.facts
         return encode_texts(self.model, texts, prompt=facts[f"{role}_prompt"],
-                            normalize=facts["similarity_used"] == "cosine", batch_tokens=int(rc.batch_tokens),
+                            normalize=facts["similarity_used"] == "cosine", batch_tokens=rc.batch_tokens,
                             precision=str(rc.precision), show_progress=progress, desc=desc)
 
 

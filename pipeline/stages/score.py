@@ -306,7 +306,7 @@ def _work(ctx: _Ctx, st: StageRun, blocks: range, out_dir: Path) -> None:
             texts = ctx.corpus.texts(pids)
             with st.timed("score"):
                 logits = score_pairs(ctx.model, [(ctx.queries[q], t) for q, t in zip(qids, texts)],
-                                     batch_tokens=int(sc.batch_tokens), precision=str(sc.precision),
+                                     batch_tokens=sc.batch_tokens, precision=str(sc.precision),
                                      show_progress=len(todo) == 1, desc=f"score chunk {b}")
             logits = np.asarray(logits, dtype=np.float32).reshape(-1)
             if len(logits) != len(miss) or not np.isfinite(logits).all():
