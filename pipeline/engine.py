@@ -40,7 +40,6 @@ import atexit
 import contextlib
 import copy
 import inspect
-import itertools
 import logging
 import os
 import queue
@@ -515,7 +514,7 @@ class _Tokenizer:
         if pool is None or self.backend is None or self.pool_broken:
             return None
         prepped = self._prep_inputs(items)
-        step = max(512, -(-len(prepped) // (4 * max(1, getattr(pool, "_max_workers", 1)))))
+        step = max(512, -(-len(prepped) // (4 * max(1, pool.workers))))
         try:
             return [pool.submit(prepped[i : i + step]) for i in range(0, len(prepped), step)]
         except Exception as exc:  # a closed pool: tokenised here instead
@@ -568,24 +567,24 @@ _POOLS: dict[tuple, Any] = {}
 POOL_MIN_ITEMS = 50_000
 
 
-def _usable_cpus() -> int:
+def usable_cpus() -> int:
     try:
         return len(os.sched_getaffinity(0))  # what Slurm / cgroups / taskset grant, not the machine's count
     except (AttributeError, OSError):  # pragma: no cover - macOS
         return os.cpu_count() or 1
 
 
-def resolve_tokenize_workers(workers: int | None, device: torch.device, n: int) -> int:
+def resolve_tokenize_workers(workers: int | None, device: torch.device, n: int, processes: int = 1) -> int:
     """Worker processes for tokenisation. ``None`` (auto): on CUDA with at least ``POOL_MIN_ITEMS`` inputs, every
-    usable core but two (the GPU-feeding thread and the collation thread), at most 16; else 0 (in this process,
-    where the CPU is the compute device or the input is small). The environment variable
-    PIPELINE_TOKENIZE_WORKERS overrides auto."""
+    usable core but two (the GPU-feeding thread and the collation thread), at most 16, the node's cores split
+    between ``processes`` GPU processes; else 0 (in this process, where the CPU is the compute device or the input
+    is small). The environment variable PIPELINE_TOKENIZE_WORKERS overrides auto."""
     if workers is None:
         env = os.environ.get("PIPELINE_TOKENIZE_WORKERS")
         if env not in (None, ""):
             workers = int(env)
         elif device.type == "cuda" and n >= POOL_MIN_ITEMS:
-            workers = min(16, _usable_cpus() - 2)
+            workers = min(16, usable_cpus() // max(1, processes) - 2)
         else:
             workers = 0
     return max(0, int(workers))
@@ -610,7 +609,7 @@ class _TokenizerProcesses:
         path = os.environ.get("PYTHONPATH")
         env = dict(os.environ, TOKENIZERS_PARALLELISM="false",
                    PYTHONPATH=root + (os.pathsep + path if path else ""))
-        self._max_workers = workers
+        self.workers = workers
         self._procs: list = []
         self._free: "queue.Queue" = queue.Queue()
         self._closed = False
@@ -1140,7 +1139,7 @@ def encode_texts(
     ``prompt`` is prepended like ``SentenceTransformer.encode(prompt=...)`` (prompt tokens are excluded from
     pooling when the model's Pooling says so). ``normalize``: None keeps what the model does (its Normalize
     module if it has one), True L2-normalises, False adds no normalisation. ``batch_tokens`` is the padded
-    token budget per batch (packed tokens under varlen attention); 65,536 suits an H100/H200.
+    token budget per batch (packed tokens under varlen attention); "auto": see :func:`resolve_batch_tokens`.
     ``attention``: "auto" (packed varlen on CUDA in half precision, checked once against padding),
     "varlen", or "padded". ``devices``: several devices -> one process per device (see encode_texts_multi_gpu).
     ``tokenize_workers``: tokeniser processes (None: auto, see :func:`resolve_tokenize_workers`; 0: in this process).
@@ -1246,8 +1245,8 @@ def score_pairs(
 def _mp_worker(rank, fn_name, model, items, start, end, device, out, kwargs):  # pragma: no cover - subprocess
     nprocs = max(1, kwargs.pop("_nprocs", 1))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
-    if kwargs.get("tokenize_workers") is None and torch.device(device).type == "cuda":
-        kwargs["tokenize_workers"] = max(0, min(16, _usable_cpus() // nprocs - 2))  # the node's cores, shared
+    kwargs["tokenize_workers"] = resolve_tokenize_workers(kwargs.get("tokenize_workers"), torch.device(device),
+                                                          len(items), processes=nprocs)
     model.to(device)
     fn = encode_texts if fn_name == "encode" else score_pairs
     res = fn(model, items, **kwargs)

@@ -20,6 +20,7 @@ from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 
+
 def build_tokenizer(tokenizer_json: str, max_len: int | None, direction: str):
     """A tokenizers.Tokenizer from its JSON, without padding, truncating at ``max_len`` tokens (model-style)."""
     from tokenizers import Tokenizer

@@ -34,7 +34,7 @@ chunks, the "pruned" top-k), so these are the figures of that version:
   search  500k x 8.84M x 768 top-100 in 36.6 s = 13,662 queries/s (fp16 GEMM + grouped top-k + fp32 re-score);
           semantic_search 587 queries/s on 2,000 queries (~852 s for 500k, extrapolated) -> 23.3x; one 4096 x 262144
           block: GEMM 2.57 ms, torch.topk 7.57 ms, grouped top-k 5.68 ms (top-k dominates)
-  train   SentenceTransformerTrainer bf16 MNRL batch 64: 187 triplets/s steady state (build_fast_trainer not
+  train   SentenceTransformerTrainer bf16 MNRL batch 64: 187 triplets/s steady state (the project's trainer not
           measured: that run hit its time limit)
   parity  MiniLM embeddings bf16 (varlen and padded) vs ST fp32: cosine min 0.99987, mean 0.99995
 Targets of issue 8 not reached in that run: encode 50k/s, score 26k/s, search 30k q/s.

@@ -299,7 +299,9 @@ def test_tokenize_workers_auto():
     assert engine.resolve_tokenize_workers(None, gpu, 100) == 0  # too small to repay the start-up
     assert engine.resolve_tokenize_workers(3, cpu, 10) == 3
     big = engine.resolve_tokenize_workers(None, gpu, 10**6)
-    assert big == max(0, min(16, engine._usable_cpus() - 2))
+    assert big == max(0, min(16, engine.usable_cpus() - 2))
+    shared = engine.resolve_tokenize_workers(None, gpu, 10**6, processes=2)  # two GPU processes on one node
+    assert shared == max(0, min(16, engine.usable_cpus() // 2 - 2))
 
 
 def test_tokeniser_process_failure_falls_back(tiny_ce, passages, monkeypatch, caplog):

@@ -98,21 +98,6 @@ def test_rotation_sampler_walks_epoch_blocks_in_order_without_duplicates():
     assert again == batches                                    # a resume replays the same order
 
 
-def test_length_grouped_sampler_keeps_every_row_once_and_no_duplicates():
-    from datasets import Dataset
-
-    texts = [("x " * (i % 17)) + f"t{i}" for i in range(100)]
-    ds = Dataset.from_dict({"query": [f"q{i % 90}" for i in range(100)], "positive": texts,
-                            "negative": [f"n{i}" for i in range(100)]})
-    sampler = T.LengthGroupedNoDuplicatesBatchSampler(ds, batch_size=16, drop_last=False, seed=1, window_batches=2)
-    batches = list(sampler)
-    assert sorted(i for b in batches for i in b) == list(range(100))
-    for b in batches:
-        assert len({ds[i]["query"] for i in b}) == len(b)
-    spread = np.mean([np.ptp([sampler.lengths[i] for i in b]) for b in batches if len(b) == 16])
-    assert spread < np.ptp(sampler.lengths)                    # batches hold similar lengths
-
-
 # ------------------------------------------------------------------------------------------------ settings
 
 
@@ -178,17 +163,18 @@ def test_training_lowers_the_loss_and_the_saved_model_reloads(tiny_corpus, tiny_
     np.testing.assert_allclose(reloaded.encode(texts), model.encode(texts), atol=1e-5)
 
 
-def test_fast_trainer_keeps_the_loss_and_sets_throughput_options(tiny_bi_encoder, tmp_path):
-    from sentence_transformers import SentenceTransformer, util
+def test_dataloader_workers_rule(monkeypatch):
+    from pipeline import engine
 
-    model = SentenceTransformer(str(tiny_bi_encoder), device="cpu")
-    trainer = T.build_fast_trainer(model, _triplets(40), batch_size=8, precision="bf16", output_dir=tmp_path,
-                                   max_steps=1, dataloader_workers=0)
-    assert trainer.loss.scale == 20.0 and trainer.loss.similarity_fct is util.cos_sim
-    assert trainer.args.bf16 and trainer.args.optim.value == "adamw_torch_fused"
-    assert trainer.args.batch_sampler.func is T.LengthGroupedNoDuplicatesBatchSampler
-    trainer.train()
-    assert trainer.state.global_step == 1
+    assert T.resolve_dataloader_workers("auto", "cpu") == 0  # the CPU is busy with the model
+    monkeypatch.setattr(engine, "usable_cpus", lambda: 16)
+    assert T.resolve_dataloader_workers("auto", "cuda:0") == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four ranks share the node's 16 cores
+    assert T.resolve_dataloader_workers("auto", "cuda:0") == 1
+    assert T.resolve_dataloader_workers(3, "cuda:0") == 3
+    for bad in (-1, "many"):
+        with pytest.raises(ValueError, match="dataloader_workers"):
+            T.resolve_dataloader_workers(bad, "cpu")
 
 
 def test_tracking_is_off_by_default_and_offline_without_a_key(tmp_path, monkeypatch):

@@ -36,7 +36,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.artifacts import StageError, atomic_path, atomic_write_json, atomic_write_text, open_stage, read_manifest
@@ -331,73 +330,6 @@ class RotationBatchSampler:
         return self.world_size * sum(len(s) for s in self.blocks)
 
 
-class LengthGroupedNoDuplicatesBatchSampler:
-    """No-duplicates batches whose rows have similar lengths, to cut padding (throughput runs).
-
-    Sound for in-batch negatives because grouping is only local: the dataset is shuffled, cut into windows of
-    `window_batches` batches, each window sorted by length and cut into batches, and the batches of a window
-    shuffled, so every epoch still mixes queries at random across the window. The no-duplicates rule holds."""
-
-    def __init__(self, dataset, batch_size: int, drop_last: bool, valid_label_columns=None, generator=None,
-                 seed: int = 0, *, window_batches: int = 32):
-        import torch
-
-        self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
-        self.generator = generator or torch.Generator()
-        self.seed, self.epoch, self.window = seed, 0, max(1, window_batches) * batch_size
-        cols = [c for c in dataset.column_names if c not in set(valid_label_columns or [])]
-        self.columns = cols
-        self.lengths = np.zeros(len(dataset), dtype=np.int64)
-        for lo in range(0, len(dataset), 4096):
-            rows = dataset[lo:lo + 4096]
-            self.lengths[lo:lo + len(rows[cols[0]])] = [sum(len(str(rows[c][i])) for c in cols)
-                                                        for i in range(len(rows[cols[0]]))]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _values(self, index: int) -> set[str]:
-        row = self.dataset[int(index)]
-        return {str(row[c]) for c in self.columns}
-
-    def __iter__(self) -> Iterator[list[int]]:
-        import torch
-
-        self.generator.manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(len(self.dataset), generator=self.generator).numpy()
-        carry: list[int] = []
-        for lo in range(0, len(perm), self.window):
-            window = perm[lo:lo + self.window]
-            window = list(window[np.argsort(self.lengths[window], kind="stable")])
-            batches, carry = self._fill(carry + window)
-            for i in torch.randperm(len(batches), generator=self.generator).tolist():
-                yield batches[i]
-        if carry and not self.drop_last:
-            batches, rest = self._fill(carry, final=True)
-            yield from batches
-
-    def _fill(self, queue: list[int], final: bool = False) -> tuple[list[list[int]], list[int]]:
-        batches: list[list[int]] = []
-        while queue:
-            batch, values, rest = [], set(), []
-            for idx in queue:
-                v = self._values(idx) if len(batch) < self.batch_size else None
-                if v is not None and values.isdisjoint(v):
-                    batch.append(idx)
-                    values |= v
-                else:
-                    rest.append(idx)
-            if len(batch) < self.batch_size and not final:
-                return batches, batch + rest  # the short tail waits for the next window
-            batches.append(batch)
-            queue = rest
-        return batches, []
-
-    def __len__(self) -> int:
-        n = len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-
 # --------------------------------------------------------------------------------------------- trainer
 
 
@@ -444,9 +376,9 @@ def resolve_dataloader_workers(workers: int | str | None, device: str) -> int:
         if not str(device).startswith("cuda"):
             return 0
         from pipeline import distributed
-        from pipeline.engine import _usable_cpus
+        from pipeline.engine import usable_cpus
 
-        per_rank = _usable_cpus() // max(1, distributed.local_world_size())
+        per_rank = usable_cpus() // max(1, distributed.local_world_size())
         return max(0, min(4, per_rank // 2 - 1))
     try:
         value = int(workers)
@@ -524,54 +456,6 @@ def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, bat
     loss = mnrl_loss(model, scale, similarity)
     return SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
                                       callbacks=list(callbacks) or None)
-
-
-def build_fast_trainer(model, train_dataset, *, batch_size: int = 64, precision: str = "bf16", output_dir,
-                       max_steps: int, lr: float = 2e-5, warmup_steps: int = 0, dataloader_workers: int = 2,
-                       group_by_length: bool = True, window_batches: int = 32, torch_compile: bool = False,
-                       fused_adamw: bool = True, logging_steps: int = 50, seed: int = 42):
-    """A SentenceTransformerTrainer set up for throughput, for comparing triplets/s against the defaults.
-
-    Same loss as the train stage (MNRL, cosine x 20) and the same no-duplicates rule; what changes is how batches
-    reach the model: bf16 autocast (fp16 or fp32 on request), DataLoader workers with pinned memory and prefetch,
-    length-grouped batches (local windows, see LengthGroupedNoDuplicatesBatchSampler), fused AdamW, optionally
-    torch.compile. No checkpoints, no evaluation, no reporting: nothing but training steps."""
-    import torch
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
-    from sentence_transformers.sentence_transformer.training_args import BatchSamplers
-
-    cuda = torch.cuda.is_available() and str(getattr(model, "device", "cuda")).startswith("cuda")
-    if precision not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"precision {precision!r} is not one of bf16, fp16, fp32")
-    if precision == "fp16" and not cuda:
-        raise ValueError("fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    workers = int(dataloader_workers)
-    sampler = (functools.partial(LengthGroupedNoDuplicatesBatchSampler, window_batches=window_batches)
-               if group_by_length else BatchSamplers.NO_DUPLICATES)
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=int(max_steps),
-        per_device_train_batch_size=int(batch_size),
-        learning_rate=float(lr),
-        warmup_steps=int(warmup_steps),
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        use_cpu=not cuda,
-        batch_sampler=sampler,
-        dataloader_num_workers=workers,
-        dataloader_pin_memory=cuda,
-        dataloader_persistent_workers=workers > 0,
-        dataloader_prefetch_factor=4 if workers > 0 else None,
-        optim="adamw_torch_fused" if fused_adamw else "adamw_torch",
-        torch_compile=bool(torch_compile),
-        save_strategy="no",
-        eval_strategy="no",
-        logging_steps=int(logging_steps),
-        report_to="none",
-        seed=int(seed),
-    )
-    return SentenceTransformerTrainer(model=model, args=args, train_dataset=train_dataset,
-                                      loss=mnrl_loss(model, 20.0, "cosine"))
 
 
 def last_checkpoint(folder: Path) -> Path | None:
