@@ -401,8 +401,7 @@ def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, bat
     batch_size / world_size rows of it.
 
     On CUDA the batches are tokenised by DataLoader worker processes (see :func:`resolve_dataloader_workers`) and
-    handed over in pinned memory, and AdamW is the fused (one kernel per step) implementation: the same updates as
-    the default AdamW, without the per-parameter kernel launches that dominate a batch-64 step."""
+    handed over in pinned memory. AdamW is the library's default, the fused implementation (one kernel per step)."""
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
     from pipeline import distributed
@@ -440,7 +439,6 @@ def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, bat
         dataloader_pin_memory=cuda,
         dataloader_persistent_workers=workers > 0,
         dataloader_prefetch_factor=4 if workers > 0 else None,
-        optim="adamw_torch_fused" if cuda else "adamw_torch",
         seed=int(seed),
         data_seed=int(seed),
         report_to=report_to,
