@@ -156,6 +156,7 @@ def uses_dot_product(model) -> bool:
 
 # ------------------------------------------------------------------------------------- variable-length attn
 _VARLEN_FN: Callable | None = None
+_VARLEN_TRAIN_FN: Callable | None = None
 _VARLEN_REGISTERED = False
 
 
@@ -187,8 +188,26 @@ def _resolve_varlen_fn() -> Callable | None:
     return fn
 
 
+def _resolve_varlen_train_fn() -> Callable | None:
+    """Varlen attention for training: aten's flash-attention op, which has a registered backward and takes the
+    attention-dropout probability (``varlen_attn`` has neither dropout nor, in older torch, a backward)."""
+    global _VARLEN_TRAIN_FN
+    if _VARLEN_TRAIN_FN is not None:
+        return _VARLEN_TRAIN_FN
+    op = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    if op is None:
+        return None
+
+    def fn(q, k, v, cu, max_len, scale, dropout):
+        return op(q, k, v, cu, cu, max_len, max_len, float(dropout), False, False, scale=scale)[0]
+
+    _VARLEN_TRAIN_FN = fn
+    return fn
+
+
 def _varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention-interface function over a packed batch: query/key/value [1, H, T, D]."""
+    """transformers attention-interface function over a packed batch: query/key/value [1, H, T, D]. With
+    gradients (pipeline/packing.py's training) the differentiable op, with the module's attention dropout."""
     cu = kwargs.get("cu_seq_lens_q")
     max_len = kwargs.get("max_length_q")
     if cu is None or max_len is None:
@@ -196,7 +215,13 @@ def _varlen_attention_forward(module, query, key, value, attention_mask, scaling
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
-    out = _resolve_varlen_fn()(q, k, v, cu, int(max_len), scaling)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad) or dropout:
+        fn = _resolve_varlen_train_fn()
+        if fn is None:
+            raise RuntimeError("no differentiable variable-length attention in this torch")
+        out = fn(q, k, v, cu, int(max_len), scaling, dropout or 0.0)
+    else:
+        out = _resolve_varlen_fn()(q, k, v, cu, int(max_len), scaling)
     return out.unsqueeze(0), None
 
 
@@ -234,6 +259,8 @@ class _Prepared:
     ctx: dict = field(default_factory=dict)
     verified: bool = False
     fingerprint: tuple = ()
+    compiled: list = field(default_factory=list)  # the layers' compiled call functions (empty: eager)
+    compile_checked: bool = False
 
 
 _PREPARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -291,10 +318,11 @@ def _repad_hook(prep: _Prepared):
     return hook
 
 
-def _prepare(hf_model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None, attention: str) -> _Prepared:
+def _prepare(hf_model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None, attention: str,
+             compile_layers: bool = False) -> _Prepared:
     """A working copy of the HF model on ``device`` in ``dtype`` with the chosen attention, cached while the
     original's weights are unchanged (fingerprint over data pointers and in-place version counters)."""
-    key = (str(device), dtype, attention)
+    key = (str(device), dtype, attention, bool(compile_layers))
     fp = _fingerprint(hf_model)
     cache = _PREPARED.setdefault(hf_model, {})
     prep = cache.get(key)
@@ -343,8 +371,45 @@ def _prepare(hf_model: torch.nn.Module, device: torch.device, dtype: torch.dtype
     )
     if attn == "varlen":
         prep.hook_handle = _find_encoder(work).register_forward_hook(_repad_hook(prep))
+    if compile_layers and not use_autocast:
+        _compile_layers(prep)
     cache[key] = prep
     return prep
+
+
+def _encoder_layers(hf: torch.nn.Module) -> list[torch.nn.Module]:
+    encoder = _find_encoder(hf)
+    for name in ("layer", "layers"):
+        layers = getattr(encoder, name, None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return list(layers)
+    return []
+
+
+def _compile_layers(prep: _Prepared) -> None:
+    """torch.compile each transformer layer (dynamic shapes: one graph for every batch size and length), so
+    the residual adds, LayerNorms, bias adds and GELUs between the matmuls run fused instead of as separate passes
+    over the activations (29% of encode time on an H200, scripts/profile_gpu.py). Compiled lazily by the first
+    batch; checked against the eager layers on that batch (see _Runner._forward)."""
+    layers = _encoder_layers(prep.hf)
+    if not layers or not all(hasattr(layer, "_compiled_call_impl") for layer in layers):
+        log.warning("engine: compile_layers: no transformer layers found to compile; running eagerly")
+        return
+    for layer in layers:
+        layer.compile(dynamic=True)
+    prep.compiled = [layer._compiled_call_impl for layer in layers]
+
+
+def _use_compiled(prep: _Prepared, on: bool) -> None:
+    for layer, impl in zip(_encoder_layers(prep.hf), prep.compiled):
+        layer._compiled_call_impl = impl if on else None
+
+
+def resolve_compile_layers(compile_layers: bool | None) -> bool:
+    """None: the PIPELINE_COMPILE_LAYERS environment variable (1/true: on), else off."""
+    if compile_layers is None:
+        return os.environ.get("PIPELINE_COMPILE_LAYERS", "").strip().lower() in ("1", "true", "yes")
+    return bool(compile_layers)
 
 
 def _fallback_to_padded(prep: _Prepared) -> None:
@@ -902,7 +967,8 @@ class _Runner:
     """Shared machinery of encode_texts and score_pairs."""
 
     def __init__(self, kind: str, model, hf_model, items, *, prompt, batch_tokens, max_batch, precision,
-                 show_progress, desc, attention, chunk, post: Callable, tokenize_workers: int | None = 0):
+                 show_progress, desc, attention, chunk, post: Callable, tokenize_workers: int | None = 0,
+                 compile_layers: bool | None = False):
         self.kind = kind
         self.model = model
         self.items = items
@@ -915,7 +981,7 @@ class _Runner:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = resolve_precision(precision, self.device)
-        self.prep = _prepare(hf_model, self.device, self.dtype, attention)
+        self.prep = _prepare(hf_model, self.device, self.dtype, attention, resolve_compile_layers(compile_layers))
         cfg_max_pos = getattr(getattr(hf_model, "config", None), "max_position_embeddings", None)
         max_positions = (cfg_max_pos - self.prep.pos_offset) if cfg_max_pos else None
         tok = getattr(_transformer_module(model), "tokenizer", None) or getattr(model, "tokenizer", None)
@@ -940,10 +1006,34 @@ class _Runner:
         self.desc = desc
         self.attention = attention
 
+    def _forward(self, batch: _Batch) -> torch.Tensor:
+        """The model on one batch; compiled layers that fail, or that disagree with the eager layers on their
+        first batch, are switched off for good (eager results)."""
+        prep = self.prep
+        if not prep.compiled:
+            return self.post(*_hf_forward(prep, batch, batch.tensors), batch)
+        try:
+            res = self.post(*_hf_forward(prep, batch, batch.tensors), batch)
+        except Exception as exc:
+            log.warning("engine: compiled layers failed (%s: %s); running them eagerly", type(exc).__name__, exc)
+            _use_compiled(prep, False)
+            prep.compiled = []
+            return self.post(*_hf_forward(prep, batch, batch.tensors), batch)
+        if not prep.compile_checked:
+            _use_compiled(prep, False)
+            eager = self.post(*_hf_forward(prep, batch, batch.tensors), batch)
+            prep.compile_checked = True
+            if not _close(res, eager):
+                log.warning("engine: compiled layers disagree with the eager ones; running them eagerly")
+                prep.compiled = []
+                return eager
+            _use_compiled(prep, True)
+        return res
+
     def _verify_varlen(self, padded: _Batch, result: torch.Tensor) -> bool:
         """Compare the first packed batch with the padded path, once per prepared model."""
         _fallback_to_padded(self.prep)
-        ref = self.post(*_hf_forward(self.prep, padded, padded.tensors), padded)
+        ref = self._forward(padded)
         if _close(result, ref):  # restore the varlen path
             _set_attn(self.prep.hf, VARLEN_ATTN_NAME)
             self.prep.attn = "varlen"
@@ -1008,7 +1098,7 @@ class _Runner:
                     if batch.packed and self.prep.attn != "varlen":
                         batch = _packed_to_padded(batch, self.cfg["pad_id"])
                     try:
-                        res = self.post(*_hf_forward(self.prep, batch, batch.tensors), batch)
+                        res = self._forward(batch)
                     except Exception as exc:
                         if not batch.packed:
                             raise
@@ -1016,14 +1106,14 @@ class _Runner:
                         self.cfg["packed"] = False
                         _fallback_to_padded(self.prep)
                         batch = _packed_to_padded(batch, self.cfg["pad_id"])
-                        res = self.post(*_hf_forward(self.prep, batch, batch.tensors), batch)
+                        res = self._forward(batch)
                     if batch.packed and not first_packed_done:
                         first_packed_done = True
                         if self.attention == "auto":
                             padded = _packed_to_padded(batch, self.cfg["pad_id"])
                             if not self._verify_varlen(padded, res):
                                 self.cfg["packed"] = False
-                                res = self.post(*_hf_forward(self.prep, padded, padded.tensors), padded)
+                                res = self._forward(padded)
                         self.prep.verified = True
                     res = res.float()
                     if out is None:
@@ -1065,6 +1155,7 @@ class _Runner:
             attn_tokens_sq=stats["attn_tokens"],
             tokenize_s=stats["tokenize_s"],
             tokenize_workers=self.tokenize_workers,
+            compiled_layers=len(self.prep.compiled),
             wall_s=time.perf_counter() - t_start,
         )
         return out
@@ -1133,6 +1224,7 @@ def encode_texts(
     chunk_size: int = DEFAULT_CHUNK,
     devices: Sequence[str] | None = None,
     tokenize_workers: int | None = None,
+    compile_layers: bool | None = None,
 ) -> np.ndarray:
     """Embed ``texts`` with a SentenceTransformer; float32 [n, dim] in input order.
 
@@ -1144,6 +1236,8 @@ def encode_texts(
     ``attention``: "auto" (packed varlen on CUDA in half precision, checked once against padding),
     "varlen", or "padded". ``devices``: several devices -> one process per device (see encode_texts_multi_gpu).
     ``tokenize_workers``: tokeniser processes (None: auto, see :func:`resolve_tokenize_workers`; 0: in this process).
+    ``compile_layers``: torch.compile the transformer layers (None: env PIPELINE_COMPILE_LAYERS, default off;
+    see :func:`_compile_layers`).
     """
     if devices is not None and len(devices) > 1:
         return encode_texts_multi_gpu(
@@ -1167,7 +1261,7 @@ def encode_texts(
     runner = _Runner(
         "texts", model, module.auto_model, texts, prompt=prompt, batch_tokens=batch_tokens, max_batch=max_batch,
         precision=precision, show_progress=show_progress, desc=desc, attention=attention, chunk=chunk_size,
-        post=_st_post(model, prompt_length), tokenize_workers=tokenize_workers,
+        post=_st_post(model, prompt_length), tokenize_workers=tokenize_workers, compile_layers=compile_layers,
     )
     emb = runner.run()
     if len(texts) == 0:
@@ -1215,6 +1309,7 @@ def score_pairs(
     chunk_size: int = DEFAULT_CHUNK,
     devices: Sequence[str] | None = None,
     tokenize_workers: int | None = None,
+    compile_layers: bool | None = None,
 ) -> np.ndarray:
     """Raw logits of a CrossEncoder for (query, passage) pairs: float32 [n] (``[n, num_labels]`` when the model
     has several labels), input order, NO activation (callers apply ``model.activation_fn`` when configured)."""
@@ -1232,7 +1327,7 @@ def score_pairs(
     runner = _Runner(
         "pairs", model, hf, pairs, prompt=None, batch_tokens=batch_tokens, max_batch=max_batch,
         precision=precision, show_progress=show_progress, desc=desc, attention=attention, chunk=chunk_size,
-        post=_ce_post(model), tokenize_workers=tokenize_workers,
+        post=_ce_post(model), tokenize_workers=tokenize_workers, compile_layers=compile_layers,
     )
     scores = runner.run()
     if len(pairs) == 0:

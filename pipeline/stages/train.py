@@ -350,14 +350,40 @@ def resolve_precision(precision: str, device: str) -> str:
     return precision
 
 
-def mnrl_loss(model, scale: float = 20.0, similarity: str = "cosine"):
+def mnrl_loss(model, scale: float = 20.0, similarity: str = "cosine", packed_by=None):
+    """MultipleNegativesRankingLoss; with `packed_by` (a primed PackedTripletCollator) its packed form."""
     from sentence_transformers import util
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     if similarity not in SIMILARITIES:
         raise ValueError(f"train.similarity={similarity!r} is not one of {', '.join(SIMILARITIES)}")
     fn = util.cos_sim if similarity == "cosine" else util.dot_score
+    if packed_by is not None:
+        from pipeline.packing import PackedMNRL
+
+        return PackedMNRL(model, pos_offset=packed_by.pos_offset, pad_id=packed_by.pad_id, scale=float(scale),
+                          similarity_fct=fn)
     return MultipleNegativesRankingLoss(model, scale=float(scale), similarity_fct=fn)
+
+
+def packed_collator(model, dataset, device: str, precision: str, packing: str | bool = "auto"):
+    """The packed collator when packed training can run here (pipeline/packing.py), else None (the library's
+    collator and per-column padded forwards)."""
+    from pipeline.packing import PackedTripletCollator, packing_plan
+
+    use, why = packing_plan(model, device, precision, packing)
+    if not use:
+        log.info("train: padded batches (%s)", why)
+        return None
+    collator = PackedTripletCollator(model, [c for c in dataset.column_names if c in COLUMNS] or COLUMNS)
+    sample = dataset[: min(64, len(dataset))]
+    rows = [dict(zip(sample, values)) for values in zip(*sample.values())]
+    if not collator.prime(rows):
+        if str(packing).lower() == "true":
+            raise StageError("train.packing=true but the fast tokenisation differs from the model's preprocess")
+        log.info("train: padded batches (fast tokenisation differs from the model's preprocess)")
+        return None
+    return collator
 
 
 def warmup_for(total_steps: int, warmup_steps: int, warmup_ratio: float | None) -> int:
@@ -395,13 +421,17 @@ def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, bat
                  similarity: str = "cosine", precision: str = "auto", device: str = "auto",
                  max_steps: int | None = None, save_steps: int = 500, save_total_limit: int | None = 2,
                  logging_steps: int = 50, dataloader_workers: int | str = "auto", seed: int = 42,
-                 report_to: str = "none", callbacks: Sequence[Any] = (), world_size: int | None = None):
+                 report_to: str = "none", callbacks: Sequence[Any] = (), world_size: int | None = None,
+                 packing: str | bool = "auto"):
     """The train stage's SentenceTransformerTrainer: one pass over the concatenated epoch blocks. `batch_size` is
     the batch of one optimizer step; under torchrun (`world_size`, default this job's) each rank takes
     batch_size / world_size rows of it.
 
     On CUDA the batches are tokenised by DataLoader worker processes (see :func:`resolve_dataloader_workers`) and
-    handed over in pinned memory. AdamW is the library's default, the fused implementation (one kernel per step)."""
+    handed over in pinned memory, copied without blocking; where variable-length attention runs (`packing`, see
+    pipeline/packing.py) each batch is one packed forward. The host never waits on the device within a step (the
+    trainer's per-step NaN check is off: a NaN loss shows in the logged loss instead of being averaged away).
+    AdamW is the library's default, the fused implementation (one kernel per step)."""
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
     from pipeline import distributed
@@ -439,6 +469,8 @@ def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, bat
         dataloader_pin_memory=cuda,
         dataloader_persistent_workers=workers > 0,
         dataloader_prefetch_factor=4 if workers > 0 else None,
+        accelerator_config={"non_blocking": cuda},
+        logging_nan_inf_filter=False,
         seed=int(seed),
         data_seed=int(seed),
         report_to=report_to,
@@ -451,9 +483,10 @@ def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, bat
     # rotation sampler hands every rank an equal slice of every batch, so the short last batch of each epoch block
     # is kept, as in one process.
     args.dataloader_drop_last = False
-    loss = mnrl_loss(model, scale, similarity)
+    collator = packed_collator(model, dataset, device, precision, packing)
+    loss = mnrl_loss(model, scale, similarity, packed_by=collator)
     return SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
-                                      callbacks=list(callbacks) or None)
+                                      data_collator=collator, callbacks=list(callbacks) or None)
 
 
 def last_checkpoint(folder: Path) -> Path | None:
@@ -635,7 +668,7 @@ def _make_stage_trainer(cfg: DictConfig, model, dataset, block_size: int, ckpt_d
         similarity=str(tc.similarity), precision=str(tc.precision), device=str(cfg.device),
         max_steps=tc.max_steps, save_steps=int(tc.save_steps), save_total_limit=tc.save_total_limit,
         logging_steps=int(tc.logging_steps), dataloader_workers=tc.dataloader_workers,
-        seed=int(cfg.seed), report_to=tracking.report_to(cfg))
+        seed=int(cfg.seed), report_to=tracking.report_to(cfg), packing=tc.packing)
 
 
 def _stop_if_interrupted(trainer) -> None:

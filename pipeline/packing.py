@@ -1,0 +1,234 @@
+"""Packed (unpadded) MultipleNegativesRankingLoss training: every text of a batch in one forward pass.
+
+SentenceTransformerTrainer's default path tokenises each column into its own padded batch and runs one forward
+per column (anchor, then the candidates): a batch of 64 (query, positive, negative) triplets is three padded
+forwards in which passages of ~83 tokens are padded to the batch's longest (~200), and the host waits on the
+device once per step (the trainer's NaN filter). Here the DataLoader workers tokenise the three columns into one
+packed sequence (``input_ids`` [1, T], per-text ``position_ids``, ``cu_seq_lens``), the transformer runs once
+over it with FlashAttention's variable-length kernel (the engine's ``engine_varlen`` attention, with dropout and a
+backward pass when training), and the library's own Pooling (its flattened path), Normalize and
+MultipleNegativesRankingLoss.compute_loss_from_embeddings turn it into the same loss. The model is still called
+through ``self.model`` (the DDP wrapper under torchrun), so gradient synchronisation and gathered in-batch
+negatives work as before.
+
+Checked, not assumed: the first batch is embedded both packed and padded (eval mode, no gradient); any error or a
+cosine below 0.999 switches the loss to padded per-column forwards for the rest of the run (on the device, from the
+same packed batch: exactly the padded inputs the library's collator would have built). Used where varlen attention
+exists (CUDA, half precision, models with transformers' attention interface; see :func:`packing_plan`); elsewhere
+the train stage keeps the library's collator and loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import engine, tokenize_worker
+
+log = logging.getLogger(__name__)
+
+PREFIX = "packed_"  # the trainer's collect_features groups every "packed_*" key into one feature dict
+#: keys the model's forward (and its attention layers) receive; the rest is bookkeeping for the loss
+_FLASH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+_META_KEYS = ("rows", "columns", "column_tokens", "column_widths")
+MIN_COSINE = 0.999  # packed vs padded embeddings of the first batch (bf16 rounding gives ~0.9999)
+
+
+def _hf_model(model) -> torch.nn.Module | None:
+    module = engine._transformer_module(model)
+    return getattr(module, "auto_model", None) if module is not None else None
+
+
+def packing_plan(model, device: str, precision: str, setting: str | bool = "auto") -> tuple[bool, str]:
+    """(use packing, why). ``setting``: auto (on where it can run), true (on, or a clear error), false."""
+    setting = str(setting).lower()
+    if setting not in ("auto", "true", "false"):
+        raise ValueError(f"train.packing must be auto, true or false, got {setting!r}")
+    if setting == "false":
+        return False, "train.packing=false"
+    reason = ""
+    hf = _hf_model(model)
+    module = engine._transformer_module(model)
+    if precision not in ("bf16", "fp16"):
+        reason = f"precision {precision} (the flash kernel needs bf16 or fp16)"
+    elif not engine.varlen_available(device):
+        reason = f"no variable-length attention on {device}"
+    elif hf is None or not getattr(hf, "_supports_attention_backend", False):
+        reason = "the model has no transformers attention interface"
+    elif getattr(module, "tokenizer", None) is None or not getattr(module.tokenizer, "is_fast", False):
+        reason = "the model has no fast tokenizer"
+    elif len(model) < 2 or any(type(m).__name__ not in ("Transformer", "Pooling", "Normalize") for m in model):
+        reason = "modules other than Transformer, Pooling and Normalize"
+    elif not hasattr(model[1], "_forward_flattened"):
+        reason = "this sentence-transformers' Pooling has no flattened (packed) path"
+    if reason and setting == "true":
+        raise ValueError(f"train.packing=true but packed training cannot run here: {reason}")
+    return (not reason), (reason or "packed varlen attention")
+
+
+class PackedTripletCollator:
+    """DataLoader collate function: rows of text columns -> one packed batch (``packed_*`` keys).
+
+    Texts are concatenated column by column (all anchors, then all positives, then all negatives), tokenised
+    without padding exactly as the model's own ``preprocess`` would (checked against it by :meth:`prime`)."""
+
+    def __init__(self, model, columns: Sequence[str]):
+        module = engine._transformer_module(model)
+        hf = _hf_model(model)
+        tok = module.tokenizer
+        accepts_tt = "token_type_ids" in inspect.signature(hf.forward).parameters
+        self.want_type_ids = accepts_tt and "token_type_ids" in (getattr(tok, "model_input_names", None) or [])
+        max_pos = getattr(hf.config, "max_position_embeddings", None)
+        self.pos_offset = engine._pos_offset(hf)
+        self._tokenizer = engine._Tokenizer(model, "texts", None, self.want_type_ids,
+                                            (max_pos - self.pos_offset) if max_pos else None)
+        self.columns = list(columns)
+        self.pad_id = int(getattr(tok, "pad_token_id", None) or 0)
+        self.valid_label_columns: list[str] = []  # the trainer's samplers read this attribute of a collator
+        self.backend = None
+
+    def prime(self, rows: Sequence[dict[str, Any]]) -> bool:
+        """Check the fast tokenisation against the model's ``preprocess`` on these rows (in this process, before
+        DataLoader workers start); False: it differs, do not pack."""
+        texts = [str(row[c]) for c in self.columns for row in rows]
+        toks = self._tokenizer(texts)
+        if self._tokenizer.backend is None or not self._tokenizer.verified:
+            return False
+        self.backend = self._tokenizer.backend
+        self._tokenizer = None  # workers need only the Rust tokenizer, not the model it came with
+        return toks.ids.size > 0
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if self.backend is None:
+            raise RuntimeError("PackedTripletCollator.prime() must succeed before batches are collated")
+        B, C = len(rows), len(self.columns)
+        texts = [str(row[c]) for c in self.columns for row in rows]
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        ids, offsets, type_ids = tokenize_worker.encode_csr(encode, texts, self.want_type_ids)
+        lens = np.diff(offsets)
+        T, N = int(offsets[-1]), len(texts)
+        positions = np.arange(T, dtype=np.int64) - np.repeat(offsets[:-1], lens)
+        cu = torch.from_numpy(offsets.astype(np.int32))
+        batch = {
+            "input_ids": torch.from_numpy(ids.astype(np.int64)).view(1, T),
+            "position_ids": torch.from_numpy(positions + self.pos_offset).view(1, T),
+            "cu_seq_lens_q": cu,
+            "max_length_q": int(lens.max()),  # a Python int: the kernel needs it on the host, no device sync
+            "seq_idx": torch.from_numpy(np.repeat(np.arange(N, dtype=np.int64), lens)).view(1, T),
+            "rows": B,
+            "columns": C,
+            "column_tokens": [int(offsets[c * B]) for c in range(C + 1)],
+            "column_widths": [int(lens[c * B:(c + 1) * B].max()) for c in range(C)],
+        }
+        if type_ids is not None:
+            batch["token_type_ids"] = torch.from_numpy(type_ids.astype(np.int64)).view(1, T)
+        return {PREFIX + k: v for k, v in batch.items()}
+
+
+@contextlib.contextmanager
+def _attention(hf: torch.nn.Module, name: str):
+    """The HF model's attention implementation switched for one forward: its config (saved with every
+    checkpoint) never keeps the engine's name."""
+    config = hf.config
+    old = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
+
+
+def _mnrl_cls():
+    try:
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    except ImportError:  # pragma: no cover - sentence-transformers < 6
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
+    return MultipleNegativesRankingLoss
+
+
+class PackedMNRL(_mnrl_cls()):
+    """MultipleNegativesRankingLoss whose forward takes the packed batch of :class:`PackedTripletCollator`.
+
+    ``mode``: "unchecked" until the first batch, then "packed" or "padded" (the fallback) for the run. Feature
+    lists in the library's own per-column format (e.g. from its evaluator) go to the parent class unchanged."""
+
+    def __init__(self, model, *, pos_offset: int, pad_id: int, **kwargs):
+        super().__init__(model, **kwargs)
+        self.pos_offset, self.pad_id = int(pos_offset), int(pad_id)
+        self.mode = "unchecked"
+        self.check: dict[str, Any] = {}
+        module = engine._transformer_module(model)
+        params = getattr(module, "model_forward_params", None)
+        if params is not None:  # a model forward without **kwargs: let the flash keys through ST's filter
+            module.model_forward_params = set(params) | set(_FLASH_KEYS) | {"position_ids"}
+        self._hf = _hf_model(model)
+        engine._register_varlen()
+
+    def forward(self, sentence_features: Iterable[dict[str, Any]], labels: torch.Tensor | None) -> torch.Tensor:
+        features = list(sentence_features)
+        if len(features) != 1 or "cu_seq_lens_q" not in features[0]:
+            return super().forward(features, labels)
+        packed = dict(features[0])
+        meta = {k: packed.pop(k) for k in _META_KEYS}
+        packed["cu_seq_lens_k"] = packed["cu_seq_lens_q"]
+        packed["max_length_k"] = packed["max_length_q"]
+        if self.mode == "unchecked":
+            self._check(packed, meta)
+        embeddings = self._embed_packed(packed) if self.mode == "packed" else self._embed_padded(packed, meta)
+        return self.compute_loss_from_embeddings(list(embeddings.split(int(meta["rows"]))), labels)
+
+    def _embed_packed(self, packed: dict[str, Any]) -> torch.Tensor:
+        with _attention(self._hf, engine.VARLEN_ATTN_NAME):
+            return self.model(dict(packed))["sentence_embedding"]
+
+    def _embed_padded(self, packed: dict[str, Any], meta: dict[str, Any]) -> torch.Tensor:
+        """Per column, the right-padded batch the library's collator would have built, from the packed tensors."""
+        ids = packed["input_ids"][0]
+        tt = packed.get("token_type_ids")
+        seq = packed["seq_idx"][0]
+        pos = packed["position_ids"][0] - self.pos_offset
+        B, bounds, widths = int(meta["rows"]), meta["column_tokens"], meta["column_widths"]
+        out = []
+        for c, width in enumerate(widths):
+            a, b = bounds[c], bounds[c + 1]
+            rows, cols = seq[a:b] - c * B, pos[a:b]
+            feats = {"input_ids": ids.new_full((B, width), self.pad_id),
+                     "attention_mask": ids.new_zeros((B, width))}
+            feats["input_ids"][rows, cols] = ids[a:b]
+            feats["attention_mask"][rows, cols] = 1
+            if tt is not None:
+                feats["token_type_ids"] = ids.new_zeros((B, width))
+                feats["token_type_ids"][rows, cols] = tt[0, a:b]
+            out.append(self.model(feats)["sentence_embedding"])
+        return torch.cat(out)
+
+    def _check(self, packed: dict[str, Any], meta: dict[str, Any]) -> None:
+        """Packed vs padded embeddings of the first batch, dropout off and no gradient (one-time cost)."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                a = self._embed_packed(packed).float()
+                b = self._embed_padded(packed, meta).float()
+            cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+            worst = float(cos.min())
+            self.check = {"min_cosine": round(worst, 6), "texts": int(a.shape[0])}
+            self.mode = "packed" if worst >= MIN_COSINE else "padded"
+            if self.mode == "padded":
+                log.warning("train: packed forward disagrees with the padded one (cosine %.5f < %.3f); training "
+                            "with padded batches", worst, MIN_COSINE)
+        except Exception as exc:  # the kernel or the model refused packed inputs
+            self.check = {"error": f"{type(exc).__name__}: {exc}"}
+            self.mode = "padded"
+            log.warning("train: packed forward failed (%s: %s); training with padded batches", type(exc).__name__, exc)
+        finally:
+            self.model.train(training)
+        if self.mode == "packed":
+            log.info("train: packed batches (varlen attention), first batch cosine vs padded %.6f",
+                     self.check["min_cosine"])

@@ -1,0 +1,179 @@
+"""Packed MNRL training (pipeline/packing.py) on the CPU, with a per-sequence SDPA reference standing in for the
+CUDA flash kernel: the collator's tokens are the library's own, the packed loss and its gradients equal the
+library's MultipleNegativesRankingLoss, a broken kernel falls back to padded forwards, and the train stage's
+trainer runs packed, leaving the saved config's attention implementation untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import engine, packing
+from pipeline.stages import train as T
+
+QUERIES = ["what is a packed batch", "how do cross encoders score pairs", "define hard negative", "bm25 weighting"]
+POSITIVES = ["A packed batch concatenates sequences without padding tokens between them.",
+             "A cross-encoder reads the query and the passage together and outputs one relevance score.",
+             "A hard negative is a passage that looks relevant to the retriever but is not relevant.",
+             "BM25 weights terms by inverse document frequency and saturating term frequency, with length norms."]
+NEGATIVES = ["Bananas are rich in potassium.", "The river flows north for most of its length through the valley.",
+             "Sourdough needs a starter.", "Chess openings have names like the Sicilian defence and the French."]
+
+
+def _reference_train_varlen(q, k, v, cu, max_len, scale, dropout):
+    """Differentiable per-sequence SDPA over packed [T, H, D] tensors, with attention dropout."""
+    outs = []
+    bounds = cu.tolist()
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        qs, ks, vs = (x[a:b].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, scale=scale, dropout_p=dropout)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs)
+
+
+@pytest.fixture
+def packed_on_cpu(monkeypatch):
+    """Kernel calls counted: {"train": [dropout of each call], "inference": n}."""
+    calls = {"train": [], "inference": 0}
+
+    def inference(q, k, v, cu, max_len, scale):
+        calls["inference"] += 1
+        return _reference_train_varlen(q, k, v, cu, max_len, scale, 0.0)
+
+    def train(q, k, v, cu, max_len, scale, dropout):
+        calls["train"].append(dropout)
+        return _reference_train_varlen(q, k, v, cu, max_len, scale, dropout)
+
+    monkeypatch.setattr(engine, "_VARLEN_FN", inference)
+    monkeypatch.setattr(engine, "_VARLEN_TRAIN_FN", train)
+    monkeypatch.setattr(engine, "varlen_available", lambda device: engine._register_varlen())
+    return calls
+
+
+@pytest.fixture
+def bi_encoder(tiny_bi_encoder):
+    from sentence_transformers import SentenceTransformer
+
+    torch.manual_seed(0)
+    return SentenceTransformer(str(tiny_bi_encoder), device="cpu")
+
+
+def _rows():
+    return [{"query": q, "positive": p, "negative": n} for q, p, n in zip(QUERIES, POSITIVES, NEGATIVES)]
+
+
+def _primed(model):
+    collator = packing.PackedTripletCollator(model, T.COLUMNS)
+    assert collator.prime(_rows())
+    return collator
+
+
+def test_collator_packs_the_librarys_own_tokens(bi_encoder):
+    model = bi_encoder
+    model.max_seq_length = 12  # long passages are truncated as the library truncates them
+    batch = _primed(model)(_rows())
+    assert batch["packed_rows"] == 4 and batch["packed_columns"] == 3
+    cu = batch["packed_cu_seq_lens_q"].numpy()
+    ids = batch["packed_input_ids"][0].numpy()
+    pos = batch["packed_position_ids"][0].numpy()
+    seq = batch["packed_seq_idx"][0].numpy()
+    texts = QUERIES + POSITIVES + NEGATIVES
+    ref = model.preprocess(texts)
+    mask = ref["attention_mask"].numpy().astype(bool)
+    for i in range(len(texts)):
+        a, b = cu[i], cu[i + 1]
+        np.testing.assert_array_equal(ids[a:b], ref["input_ids"].numpy()[i][mask[i]])
+        np.testing.assert_array_equal(pos[a:b], np.arange(b - a))
+        assert (seq[a:b] == i).all()
+    assert max(np.diff(cu)) == batch["packed_max_length_q"] == 12
+    assert batch["packed_column_tokens"] == [int(cu[0]), int(cu[4]), int(cu[8]), int(cu[12])]
+    assert batch["packed_column_widths"] == [int(np.diff(cu)[c * 4:(c + 1) * 4].max()) for c in range(3)]
+
+
+def _losses(model, collator):
+    """(library MNRL loss, packed loss) on the same batch, eval mode, with their gradients."""
+    from sentence_transformers import util
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    model.eval()
+    rows = _rows()
+    columns = [[r[c] for r in rows] for c in T.COLUMNS]
+    ref_loss = MultipleNegativesRankingLoss(model, scale=20.0, similarity_fct=util.cos_sim)
+    model.zero_grad()
+    ref = ref_loss([model.preprocess(col) for col in columns], None)
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    packed_loss = packing.PackedMNRL(model, pos_offset=collator.pos_offset, pad_id=collator.pad_id, scale=20.0,
+                                     similarity_fct=util.cos_sim)
+    batch = collator(rows)
+    features = {k[len(packing.PREFIX):]: v for k, v in batch.items()}
+    model.zero_grad()
+    ours = packed_loss([features], None)
+    ours.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    return ref, ours, ref_grads, grads, packed_loss
+
+
+def test_packed_loss_and_gradients_equal_the_librarys(packed_on_cpu, bi_encoder):
+    ref, ours, ref_grads, grads, loss = _losses(bi_encoder, _primed(bi_encoder))
+    assert loss.mode == "packed" and loss.check["min_cosine"] > 0.9999
+    layers = bi_encoder[0].auto_model.config.num_hidden_layers
+    assert packed_on_cpu["inference"] == layers and packed_on_cpu["train"] == [0.0] * layers  # check, then loss
+    assert abs(float(ref.detach()) - float(ours.detach())) < 1e-5
+    assert len(grads) == len(ref_grads)
+    for a, b in zip(ref_grads, grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert bi_encoder[0].auto_model.config._attn_implementation != engine.VARLEN_ATTN_NAME
+
+
+def test_a_wrong_kernel_falls_back_to_padded_forwards(monkeypatch, packed_on_cpu, bi_encoder):
+    # a kernel that mixes the sequences of the pack (what a wrong cu_seq_lens would do)
+    monkeypatch.setattr(engine, "_VARLEN_FN", lambda q, k, v, cu, m, s: 10 * torch.flip(v, [0]))
+    ref, ours, ref_grads, grads, loss = _losses(bi_encoder, _primed(bi_encoder))
+    assert loss.mode == "padded" and loss.check["min_cosine"] < 0.999, loss.check
+    assert abs(float(ref.detach()) - float(ours.detach())) < 1e-5  # the fallback is the library's padded computation
+    for a, b in zip(ref_grads, grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_packing_plan_rules(bi_encoder):
+    use, why = packing.packing_plan(bi_encoder, "cpu", "fp32", "auto")
+    assert not use and "precision" in why
+    use, why = packing.packing_plan(bi_encoder, "cpu", "bf16", "auto")
+    assert not use and "variable-length" in why
+    with pytest.raises(ValueError, match="cannot run here"):
+        packing.packing_plan(bi_encoder, "cpu", "bf16", "true")
+    assert packing.packing_plan(bi_encoder, "cuda", "bf16", "false") == (False, "train.packing=false")
+    with pytest.raises(ValueError, match="auto, true or false"):
+        packing.packing_plan(bi_encoder, "cpu", "bf16", "sometimes")
+
+
+def test_stage_trainer_trains_packed_with_dropout(packed_on_cpu, bi_encoder, tmp_path):
+    import datasets
+
+    n = 48
+    rng = np.random.default_rng(0)
+    ds = datasets.Dataset.from_dict({
+        "query": [f"{QUERIES[i % 4]} {i}" for i in range(n)],
+        "positive": [f"{POSITIVES[i % 4]} item {i}" for i in range(n)],
+        "negative": [f"{NEGATIVES[int(rng.integers(4))]} other {i}" for i in range(n)]})
+    trainer = T.make_trainer(bi_encoder, ds, block_size=n, output_dir=tmp_path / "ckpt", batch_size=16, lr=1e-3,
+                             warmup_steps=0, logging_steps=1, save_steps=1000, device="cpu", precision="bf16",
+                             packing="true")
+    assert isinstance(trainer.loss, packing.PackedMNRL)
+    before = [p.detach().clone() for p in bi_encoder.parameters()]
+    trainer.train()
+    assert trainer.loss.mode == "packed"
+    dropout = bi_encoder[0].auto_model.config.attention_probs_dropout_prob
+    layers = bi_encoder[0].auto_model.config.num_hidden_layers
+    assert dropout > 0 and packed_on_cpu["train"] == [dropout] * (3 * layers)  # 3 steps, attention dropout on
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, bi_encoder.parameters()))
+    bi_encoder.save(str(tmp_path / "v3"), create_model_card=False)
+    import json
+
+    saved = json.loads((tmp_path / "v3" / "config.json").read_text())
+    assert saved.get("_attn_implementation", "sdpa") != engine.VARLEN_ATTN_NAME
+    assert bi_encoder[0].auto_model.config._attn_implementation != engine.VARLEN_ATTN_NAME
