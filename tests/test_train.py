@@ -163,6 +163,24 @@ def test_training_lowers_the_loss_and_the_saved_model_reloads(tiny_corpus, tiny_
     np.testing.assert_allclose(reloaded.encode(texts), model.encode(texts), atol=1e-5)
 
 
+def test_forked_dataloader_workers_get_single_threaded_tokenizers(monkeypatch, tiny_bi_encoder, tmp_path):
+    """A Rust tokenizer thread pool used before the DataLoader forks its workers would hang them with
+    TOKENIZERS_PARALLELISM=true: make_trainer turns it off when it starts workers, and only then."""
+    import os
+
+    import datasets
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(tiny_bi_encoder), device="cpu")
+    ds = datasets.Dataset.from_dict({"query": ["a", "b"], "positive": ["c", "d"], "negative": ["e", "f"]})
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    T.make_trainer(model, ds, block_size=2, output_dir=tmp_path / "a", batch_size=2, device="cpu")
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"  # no workers on the CPU: left alone
+    T.make_trainer(model, ds, block_size=2, output_dir=tmp_path / "b", batch_size=2, device="cpu",
+                   dataloader_workers=2)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+
+
 def test_dataloader_workers_rule(monkeypatch):
     from pipeline import engine
 

@@ -415,6 +415,20 @@ def resolve_dataloader_workers(workers: int | str | None, device: str) -> int:
     return value
 
 
+def _single_threaded_tokenizers_in_forked_workers() -> None:
+    """DataLoader workers are forked from a process whose Rust tokenizer may already have run its thread pool
+    (the engine, the packed collator's check). The pool's threads do not survive a fork: with
+    TOKENIZERS_PARALLELISM=true a worker's batch encode waits on them forever; unset, the library only turns
+    parallelism off after a warning. Each worker tokenises one batch at a time, so it is set off here, before
+    the workers start (the engine's own tokeniser processes are separate programs and unaffected by a fork)."""
+    import os
+
+    if os.environ.get("TOKENIZERS_PARALLELISM", "").strip().lower() not in ("false", "0", "off", "no"):
+        log.info("train: TOKENIZERS_PARALLELISM=false (DataLoader workers are forked; a tokenizer thread pool "
+                 "does not survive a fork)")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
 def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, batch_size: int = 64,
                  lr: float = 2e-5, warmup_steps: int = 1000, warmup_ratio: float | None = 0.1,
                  weight_decay: float = 0.01, max_grad_norm: float = 1.0, scale: float = 20.0,
@@ -440,6 +454,8 @@ def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, bat
     precision = resolve_precision(precision, device)
     workers = resolve_dataloader_workers(dataloader_workers, device)
     cuda = device.startswith("cuda")
+    if workers > 0:
+        _single_threaded_tokenizers_in_forked_workers()
     world = distributed.world_size() if world_size is None else int(world_size)
     per_device = per_device_batch_size(batch_size, world)
     per_epoch = -(-block_size // batch_size)  # the no-duplicates sampler keeps the short last batch
