@@ -215,7 +215,7 @@ def _varlen_attention_forward(module, query, key, value, attention_mask, scaling
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad) or dropout:
+    if (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)) or dropout:
         fn = _resolve_varlen_train_fn()
         if fn is None:
             raise RuntimeError("no differentiable variable-length attention in this torch")

@@ -110,24 +110,24 @@ class PackedTripletCollator:
         B, C = len(rows), len(self.columns)
         texts = [str(row[c]) for c in self.columns for row in rows]
         encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-        ids, offsets, type_ids = tokenize_worker.encode_csr(encode, texts, self.want_type_ids)
-        lens = np.diff(offsets)
-        T, N = int(offsets[-1]), len(texts)
-        positions = np.arange(T, dtype=np.int64) - np.repeat(offsets[:-1], lens)
-        cu = torch.from_numpy(offsets.astype(np.int32))
+        toks = engine._Tokens(*tokenize_worker.encode_csr(encode, texts, self.want_type_ids))
+        # the engine's packed collation: input_ids / position_ids [1, T], cu (int32), rows (text of each token)
+        _, longest, T, t = engine._collate(toks, np.arange(len(texts)), self.pos_offset, True, self.pad_id,
+                                           self.want_type_ids, False)
+        lens = toks.lengths
         batch = {
-            "input_ids": torch.from_numpy(ids.astype(np.int64)).view(1, T),
-            "position_ids": torch.from_numpy(positions + self.pos_offset).view(1, T),
-            "cu_seq_lens_q": cu,
-            "max_length_q": int(lens.max()),  # a Python int: the kernel needs it on the host, no device sync
-            "seq_idx": torch.from_numpy(np.repeat(np.arange(N, dtype=np.int64), lens)).view(1, T),
+            "input_ids": t["input_ids"],
+            "position_ids": t["position_ids"],
+            "cu_seq_lens_q": t["cu"],
+            "max_length_q": longest,  # a Python int: the kernel needs it on the host, no device sync
+            "seq_idx": t["rows"].view(1, T),
             "rows": B,
             "columns": C,
-            "column_tokens": [int(offsets[c * B]) for c in range(C + 1)],
+            "column_tokens": [int(toks.offsets[c * B]) for c in range(C + 1)],
             "column_widths": [int(lens[c * B:(c + 1) * B].max()) for c in range(C)],
         }
-        if type_ids is not None:
-            batch["token_type_ids"] = torch.from_numpy(type_ids.astype(np.int64)).view(1, T)
+        if "token_type_ids" in t:
+            batch["token_type_ids"] = t["token_type_ids"]
         return {PREFIX + k: v for k, v in batch.items()}
 
 
