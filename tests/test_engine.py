@@ -240,6 +240,7 @@ def packed_on_cpu(monkeypatch):
     """Run the packed (unpadded) path on the CPU with a reference kernel in place of the CUDA one."""
     monkeypatch.setattr(engine, "_VARLEN_FN", _reference_varlen)
     monkeypatch.setattr(engine, "varlen_available", lambda device: engine._register_varlen())
+    monkeypatch.setattr(engine, "_flash_device", lambda t: True)  # the CUDA kernels' code path, reference kernels
     engine._PREPARED.clear()
     yield
     engine._PREPARED.clear()

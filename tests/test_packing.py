@@ -48,6 +48,7 @@ def packed_on_cpu(monkeypatch):
     monkeypatch.setattr(engine, "_VARLEN_FN", inference)
     monkeypatch.setattr(engine, "_VARLEN_TRAIN_FN", train)
     monkeypatch.setattr(engine, "varlen_available", lambda device: engine._register_varlen())
+    monkeypatch.setattr(engine, "_flash_device", lambda t: True)  # the CUDA kernels' code path, reference kernels
     return calls
 
 
@@ -137,16 +138,73 @@ def test_a_wrong_kernel_falls_back_to_padded_forwards(monkeypatch, packed_on_cpu
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_packing_plan_rules(bi_encoder):
-    use, why = packing.packing_plan(bi_encoder, "cpu", "fp32", "auto")
+def test_packing_plan_rules(bi_encoder, monkeypatch):
+    assert packing.packing_plan(bi_encoder, "cpu", "fp32", "auto") == (True, "packed varlen attention")
+    use, why = packing.packing_plan(bi_encoder, "cuda", "fp32", "auto")  # the flash kernel needs half precision
     assert not use and "precision" in why
+    assert packing.packing_plan(bi_encoder, "cuda", "bf16", "false") == (False, "train.packing=false")
+    monkeypatch.setattr(bi_encoder[0].auto_model, "_supports_attention_backend", False)
     use, why = packing.packing_plan(bi_encoder, "cpu", "bf16", "auto")
-    assert not use and "variable-length" in why
+    assert not use and "attention interface" in why
     with pytest.raises(ValueError, match="cannot run here"):
         packing.packing_plan(bi_encoder, "cpu", "bf16", "true")
-    assert packing.packing_plan(bi_encoder, "cuda", "bf16", "false") == (False, "train.packing=false")
     with pytest.raises(ValueError, match="auto, true or false"):
         packing.packing_plan(bi_encoder, "cpu", "bf16", "sometimes")
+
+
+@pytest.fixture
+def cpu_kernel_calls(monkeypatch):
+    """The real CPU path (bucketed SDPA), its calls recorded as (dropout, gradient wanted)."""
+    calls = []
+    real = engine._segmented_sdpa
+
+    def recording(q, k, v, cu, max_len, scale, dropout=0.0):
+        calls.append((dropout, torch.is_grad_enabled() and q.requires_grad))
+        return real(q, k, v, cu, max_len, scale, dropout)
+
+    monkeypatch.setattr(engine, "_segmented_sdpa", recording)
+    return calls
+
+
+def test_cpu_packed_loss_and_gradients_equal_the_librarys(cpu_kernel_calls, bi_encoder):
+    """No stand-in kernel: the CPU's own packed path against the library's padded MNRL."""
+    ref, ours, ref_grads, grads, loss = _losses(bi_encoder, _primed(bi_encoder))
+    assert loss.mode == "packed" and loss.check["min_cosine"] > 0.9999
+    layers = bi_encoder[0].auto_model.config.num_hidden_layers
+    assert cpu_kernel_calls == [(0.0, False)] * layers + [(0.0, True)] * layers  # the check, then the loss
+    assert abs(float(ref.detach()) - float(ours.detach())) < 1e-5
+    assert len(grads) == len(ref_grads)
+    for a, b in zip(ref_grads, grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def _per_sequence(q, k, v, cu):
+    bounds = cu.tolist()
+    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        *(x[a:b].transpose(0, 1)[None] for x in (q, k, v)))[0].transpose(0, 1)
+        for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+@pytest.mark.parametrize("lengths", [[7, 300, 1, 64, 65, 80, 7, 7, 120, 2], [16] * 5])
+def test_segmented_sdpa_equals_attention_per_sequence(lengths):
+    torch.manual_seed(0)
+    cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
+    q, k, v = (torch.randn(int(cu[-1]), 4, 8, requires_grad=True) for _ in range(3))
+    ours = engine._segmented_sdpa(q, k, v, cu, max(lengths), None)
+    ref = _per_sequence(q, k, v, cu)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    plan = engine._segment_plan(tuple(cu.tolist()), q.device)
+    widths = [idx.shape[1] for idx, _, _ in plan[:-1]]
+    if len(set(lengths)) == 1:
+        assert widths == [16] and plan[0][1] is None  # equal lengths: one unmasked call
+    else:  # buckets of lengths within 1.25x or 16 tokens of their shortest: 1,2,7,7,7 | 64,65,80 | 120 | 300
+        assert widths == [7, 80, 120, 300]
+    # dropout reaches the kernel: p = 1 zeroes every attention output
+    dropped = engine._segmented_sdpa(q, k, v, cu, max(lengths), None, dropout=1.0)
+    assert float(dropped.detach().abs().max()) == 0.0
 
 
 def test_stage_trainer_trains_packed_with_dropout(packed_on_cpu, bi_encoder, tmp_path):

@@ -101,8 +101,12 @@ def test_rotation_sampler_walks_epoch_blocks_in_order_without_duplicates():
 # ------------------------------------------------------------------------------------------------ settings
 
 
-def test_precision_and_warmup_rules():
-    assert T.resolve_precision("auto", "cpu") == "fp32"
+def test_precision_and_warmup_rules(monkeypatch):
+    from pipeline import engine
+
+    for native_bf16, expected in ((True, "bf16"), (False, "fp32")):  # auto follows the CPU's bf16 support
+        monkeypatch.setattr(engine, "_cpu_has_fast_bf16", lambda native_bf16=native_bf16: native_bf16)
+        assert T.resolve_precision("auto", "cpu") == expected
     assert T.resolve_precision("bf16", "cpu") == "bf16"
     with pytest.raises(ValueError, match="fp16"):
         T.resolve_precision("fp16", "cpu")

@@ -334,14 +334,17 @@ class RotationBatchSampler:
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """auto: bf16 on CUDA with bf16 support, fp16 on older CUDA, fp32 on CPU (tiny models gain nothing there)."""
+    """auto: bf16 on CUDA with bf16 support, fp16 on older CUDA; on the CPU bf16 autocast where the CPU has native
+    bf16 (AVX512-BF16 or AMX: all-MiniLM-L6-v2 trains 1.6x faster than in fp32 on 2 EPYC cores), else fp32."""
     precision = str(precision)
     if precision not in PRECISIONS:
         raise ValueError(f"train precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     cuda = str(device).startswith("cuda")
     if precision == "auto":
         if not cuda:
-            return "fp32"
+            from pipeline.engine import _cpu_has_fast_bf16
+
+            return "bf16" if _cpu_has_fast_bf16() else "fp32"
         import torch
 
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -502,7 +505,22 @@ def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, bat
     collator = packed_collator(model, dataset, device, precision, packing)
     loss = mnrl_loss(model, scale, similarity, packed_by=collator)
     return SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
-                                      data_collator=collator, callbacks=list(callbacks) or None)
+                                      data_collator=collator, callbacks=[*callbacks, _plain_forward_after_training()])
+
+
+def _plain_forward_after_training():
+    """Accelerate wraps the model's forward in autocast for bf16/fp16 training and leaves it wrapped: the trained
+    model would keep encoding in bf16 in this process while its saved copy encodes in fp32. Undone at the end."""
+    from transformers import TrainerCallback
+
+    class PlainForward(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            original = getattr(model, "_original_forward", None) if model is not None else None
+            if original is not None and "forward" in vars(model):
+                model.forward = original
+                del model._original_forward
+
+    return PlainForward()
 
 
 def last_checkpoint(folder: Path) -> Path | None:
