@@ -891,10 +891,18 @@ def main(argv=None) -> int:
             b.results.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
             status = 1
             b.free()
+        write_results(args.out, b.results)  # after every row: a run cut short by a time limit keeps what it measured
     b.summary()
-    if args.out:
-        Path(args.out).write_text(json.dumps(b.results, indent=2, default=str))
+    write_results(args.out, b.results)
     return status
+
+
+def write_results(path: str | None, results: dict) -> None:
+    if not path:
+        return
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(results, indent=2, default=str))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -30,25 +30,16 @@ def test_teacher_needed_only_without_a_cross_encoder(tmp_path):
 
 
 def test_teacher_trains_a_cross_encoder_the_score_stage_finds(tmp_path, tiny_bi_encoder, tiny_cross_encoder):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from sentence_transformers import CrossEncoder
 
-    from pipeline.stages import common, retrieve, score
+    from pipeline.stages import common, score
 
     cfg = compose(["experiment=demo", f"artifacts_root={tmp_path}", f"model.bi_encoder={tiny_bi_encoder}",
                    f"model.teacher_base={tiny_cross_encoder}", "data.train.max_queries=40", "teacher.epochs=1",
                    "teacher.negatives_per_query=3", "teacher.neg_rank_max=6", "teacher.batch_size=16"])
     corpus = common.load_corpus(cfg)
     queries, positives, _ = common.training_set(cfg, corpus)
-    pids = corpus.id_at(list(range(10)))
-    # the retrieve stage's artifact for this config, written by hand: a positive among every query's candidates
-    with open_stage("retrieve", retrieve.identity(cfg), root=tmp_path, label=retrieve.label(cfg)) as st:
-        rows = [(q, p, r) for q in queries for r, p in enumerate([positives[q][0]] + pids[:9], 1)]
-        pq.write_table(pa.table({"qid": [r[0] for r in rows], "pid": [r[1] for r in rows],
-                                 "rank": pa.array([r[2] for r in rows], pa.int32()),
-                                 "bi_score": pa.array([0.0] * len(rows), pa.float32())}),
-                       st.path / "candidates.parquet")
+    _write_candidates(cfg, tmp_path)
 
     out = teacher.run(cfg)
     assert out == common.completed(cfg, "teacher")
@@ -64,3 +55,42 @@ def test_teacher_trains_a_cross_encoder_the_score_stage_finds(tmp_path, tiny_bi_
     assert (out / "model" / "model.safetensors").is_file()
     assert score.cross_encoder_spec(cfg) == str(out / "model")
     assert teacher.run(cfg) == out  # complete: skipped
+
+
+
+def _write_candidates(cfg, root):
+    """The retrieve stage's artifact for this config, written by hand: a positive among every query's candidates."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.stages import common, retrieve
+
+    corpus = common.load_corpus(cfg)
+    queries, positives, _ = common.training_set(cfg, corpus)
+    pids = corpus.id_at(list(range(10)))
+    with open_stage("retrieve", retrieve.identity(cfg), root=root, label=retrieve.label(cfg)) as st:
+        rows = [(q, p, r) for q in queries for r, p in enumerate([positives[q][0]] + pids[:9], 1)]
+        pq.write_table(pa.table({"qid": [r[0] for r in rows], "pid": [r[1] for r in rows],
+                                 "rank": pa.array([r[2] for r in rows], pa.int32()),
+                                 "bi_score": pa.array([0.0] * len(rows), pa.float32())}),
+                       st.path / "candidates.parquet")
+
+
+def test_a_fresh_head_is_seeded_whatever_ran_before(tmp_path, tiny_bi_encoder):
+    """A bi-encoder body as the teacher base gets a new classification head: the same config must give the same
+    teacher whether or not earlier work in the process consumed the random generator (stage=all vs stage=teacher)."""
+    import torch
+    from safetensors.torch import load_file
+
+    overrides = ["experiment=demo", f"artifacts_root={tmp_path}", f"model.bi_encoder={tiny_bi_encoder}",
+                 f"model.teacher_base={tiny_bi_encoder}", "data.train.max_queries=16", "teacher.epochs=1",
+                 "teacher.negatives_per_query=2", "teacher.batch_size=8"]
+    _write_candidates(compose(overrides), tmp_path)
+    weights = []
+    for draws, force in ((0, "false"), (1000, "true")):
+        torch.rand(draws)  # what a retrieve stage before it in the same process might have used
+        out = teacher.run(compose([*overrides, f"force={force}"]))
+        weights.append(load_file(str(out / "model" / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name

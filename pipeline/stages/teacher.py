@@ -127,6 +127,12 @@ def run(cfg: DictConfig) -> Path:
         device = resolve_device(str(cfg.device))
         precision = resolve_precision(str(tc.precision), device)
         with st.timed("load_model"):
+            import torch
+
+            # A base without a classification head (a bi-encoder body, as in experiment=beir_minilm) gets a fresh
+            # one here: seeded, or it would depend on how much of the RNG earlier stages of this process used
+            # (stage=all vs stage=teacher gave different teachers, and different v3 results downstream).
+            torch.manual_seed(int(cfg.seed))
             model = load_cross_encoder(str(cfg.model.teacher_base), device=device,
                                        artifacts_root=str(common.artifacts_root(cfg)), max_length=int(tc.max_length))
         if model.num_labels != 1:
