@@ -212,7 +212,7 @@ def _resolve_varlen_train_fn() -> Callable | None:
 #: bucket's, while the projections and feed-forward layers around it see no padding at all
 SEGMENT_LENGTH_RATIO = 1.25
 SEGMENT_SLACK = 16
-_SEGMENT_PLAN: dict[tuple[int, ...], list] = {}
+_SEGMENT_PLAN: dict[tuple, list] = {}
 
 
 def _segment_plan(bounds: tuple[int, ...], device) -> list:
@@ -220,7 +220,8 @@ def _segment_plan(bounds: tuple[int, ...], device) -> list:
     [(token index [n, L] into the packed batch, key mask [n, 1, 1, L] or None, valid [n, L]), ..., inverse]
     where ``inverse`` maps the buckets' concatenated valid rows back to packed order. The model's layers all
     share one cu_seq_lens, so the plan is built once per batch."""
-    plan = _SEGMENT_PLAN.get(bounds)
+    key = (bounds, str(device))
+    plan = _SEGMENT_PLAN.get(key)
     if plan is not None:
         return plan
     starts = np.asarray(bounds[:-1], np.int64)
@@ -249,7 +250,7 @@ def _segment_plan(bounds: tuple[int, ...], device) -> list:
     inverse[flat] = np.arange(len(flat))
     plan.append(torch.from_numpy(inverse).to(device))
     _SEGMENT_PLAN.clear()  # one batch at a time: the cache only serves the layers of the current forward
-    _SEGMENT_PLAN[bounds] = plan
+    _SEGMENT_PLAN[key] = plan
     return plan
 
 
