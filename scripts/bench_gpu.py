@@ -305,6 +305,32 @@ class Bench:
     def size(self, quick: int, cpu: int, gpu: int) -> int:
         return quick if self.quick else cpu if self.cpu_sizes else gpu
 
+    def bi_encoder(self):
+        """(SentenceTransformer, layers, hidden) for the encode, train and compile rows: distilbert-base with random
+        weights (2 layers with --quick); at CPU sizes all-MiniLM-L6-v2 (real weights, a sixth of the FLOPs)."""
+        if not self.cpu_sizes:
+            model, cfg = self.build_distilbert()
+            return model, cfg.n_layers, cfg.dim
+        from sentence_transformers import SentenceTransformer
+
+        torch.manual_seed(0)
+        model = SentenceTransformer(str(self.minilm), device=str(self.dev))
+        config = model[0].auto_model.config
+        return model, config.num_hidden_layers, config.hidden_size
+
+    def cross_encoder(self):
+        """(CrossEncoder, layers, hidden) for the score and compile rows: electra-base with random weights; at CPU
+        sizes an all-MiniLM-L6-v2 body with a random 1-label head."""
+        if not self.cpu_sizes:
+            ce, cfg = self.build_electra()
+        else:
+            from sentence_transformers import CrossEncoder
+
+            torch.manual_seed(0)
+            ce = CrossEncoder(str(self.minilm), num_labels=1, device=str(self.dev))
+            cfg = ce.model.config
+        return ce, cfg.num_hidden_layers, cfg.hidden_size
+
     @property
     def cpu_sizes(self) -> bool:
         """A measurement on the CPU (not --quick): all-MiniLM-L6-v2 in place of the base-size models and a few
@@ -313,19 +339,14 @@ class Bench:
 
     def row_encode(self):
         eng = self.engine
-        if self.cpu_sizes:
-            log("\n[1] corpus encode (CPU sizes): all-MiniLM-L6-v2, real passages")
-            model, layers, hidden = self.build_train_model()
-        else:
-            log("\n[1] corpus encode: distilbert-base architecture, random weights, mean pooling, real passages")
-            model, cfg = self.build_distilbert()
-            layers, hidden = cfg.n_layers, cfg.dim
+        log("\n[1] corpus encode (CPU sizes): all-MiniLM-L6-v2, real passages" if self.cpu_sizes else
+            "\n[1] corpus encode: distilbert-base architecture, random weights, mean pooling, real passages")
+        model, layers, hidden = self.bi_encoder()
         hf = model[0].auto_model
         P = nonemb_params(hf)
         rng = random.Random(0)
         gpu = self.dev.type == "cuda"
-        reps = 1 if self.quick or self.cpu_sizes else 4
-        ours_texts = (self.passages[:64] if self.quick else self.passages[:800] if self.cpu_sizes else self.passages) * reps
+        ours_texts = self.passages[:self.size(64, 800, len(self.passages))] * self.size(1, 1, 4)
         bt, mb = (65536, 2048) if gpu else (16384, 512)
         # warm-up (kernels, allocator, the one-time varlen check)
         eng.encode_texts(model, self.passages[:2048 if gpu else 64], batch_tokens=bt, max_batch=mb, show_progress=False)
@@ -345,12 +366,12 @@ class Bench:
             self.add("encode", "ours, tokeniser in the GPU process", len(ours_texts), dt, "passages/s",
                      flops_per_item * len(ours_texts), note="tokenize_workers=0: what the worker processes gain")
         # baselines
-        n1 = 64 if self.quick else 400 if self.cpu_sizes else 4096
+        n1 = self.size(64, 400, 4096)
         b1 = rng.sample(self.passages, n1)
         model.encode(b1[:32], show_progress_bar=False)
         _, dt = timed(self.dev, model.encode, b1, show_progress_bar=False)
         base1 = self.add("encode", "ST encode fp32 default (batch 32)", n1, dt, "passages/s", flops_per_item * n1)
-        n2 = 64 if self.quick else 400 if self.cpu_sizes else 8192
+        n2 = self.size(64, 400, 8192)
         b2 = rng.sample(self.passages, n2)
         m16 = copy.deepcopy(model).to(torch.float16 if gpu else torch.bfloat16)
         m16.encode(b2[:256], batch_size=256, show_progress_bar=False)
@@ -390,39 +411,31 @@ class Bench:
 
     def row_score(self):
         eng = self.engine
-        if self.cpu_sizes:
-            from sentence_transformers import CrossEncoder
-
-            log("\n[2] cross-encoder (CPU sizes): all-MiniLM-L6-v2 body, random 1-label head, real pairs")
-            torch.manual_seed(0)
-            ce = CrossEncoder(str(self.minilm), num_labels=1, device=str(self.dev))
-            cfg = ce.model.config
-        else:
-            log("\n[2] cross-encoder: electra-base architecture, random weights, real (query, passage) pairs")
-            ce, cfg = self.build_electra()
+        log("\n[2] cross-encoder (CPU sizes): all-MiniLM-L6-v2 body, random 1-label head, real pairs" if self.cpu_sizes
+            else "\n[2] cross-encoder: electra-base architecture, random weights, real (query, passage) pairs")
+        ce, layers, hidden = self.cross_encoder()
         P = nonemb_params(ce.model)
         gpu = self.dev.type == "cuda"
-        n_ours = 32 if self.quick else 800 if self.cpu_sizes else 2 * len(self.passages)
-        pairs = self.pairs(n_ours)
+        pairs = self.pairs(self.size(32, 800, 2 * len(self.passages)))
         bt, mb = (65536, 2048) if gpu else (16384, 512)
         eng.score_pairs(ce, pairs[: 2048 if gpu else 16], batch_tokens=bt, max_batch=mb, show_progress=False)
         ours_scores, dt = timed(self.dev, eng.score_pairs, ce, pairs, batch_tokens=bt, max_batch=mb,
                                 show_progress=False)
         run = dict(eng.LAST_RUN)
         tok_per = run["tokens"] / len(pairs)
-        fl_item = model_flops(P, cfg.num_hidden_layers, cfg.hidden_size, run["tokens"], run["attn_tokens_sq"]) / len(pairs)
+        fl_item = model_flops(P, layers, hidden, run["tokens"], run["attn_tokens_sq"]) / len(pairs)
         log(f"  tokens/pair {tok_per:.1f}, non-embedding params {P / 1e6:.1f}M, attention path: {run['attention']}, "
             f"dtype {run['dtype']}, tokenise {run['tokenize_s']:.2f}s")
         self.results["rows"]["score_info"] = {"tokens_per_pair": tok_per, "params_nonemb": P, **run}
         ours = self.add("score", f"ours (batch_tokens {bt}, {run['attention']})", len(pairs), dt, "pairs/s",
                         fl_item * len(pairs))
-        n1 = 16 if self.quick else 400 if self.cpu_sizes else 2048
+        n1 = self.size(16, 400, 2048)
         p1 = self.pairs(n1, seed=1)
         ident = torch.nn.Identity()
         ce.predict(p1[:32], show_progress_bar=False)
         ref32, dt = timed(self.dev, ce.predict, p1, show_progress_bar=False, activation_fn=ident)
         base1 = self.add("score", "CE predict fp32 default (batch 32)", n1, dt, "pairs/s", fl_item * n1)
-        n2 = 16 if self.quick else 400 if self.cpu_sizes else 4096
+        n2 = self.size(16, 400, 4096)
         p2 = self.pairs(n2, seed=2)
         ce16 = copy.deepcopy(ce).to(torch.bfloat16)
         ce16.predict(p2[:256], batch_size=256, show_progress_bar=False)
@@ -541,7 +554,7 @@ class Bench:
             log("  train row: not available (datasets is not installed here)")
             self.results["rows"]["train"] = {"available": False, "reason": "datasets missing"}
             return
-        steps = self.args.train_steps or (2 if self.quick else 60 if self.dev.type == "cuda" else 8)
+        steps = self.args.train_steps or self.size(2, 8, 60)
         try:
             self._train_rows(make_trainer, steps, batch=8 if self.quick else 64)
         except Exception as exc:  # report, don't hide the other rows
@@ -572,11 +585,11 @@ class Bench:
         from pipeline.stages.train import resolve_precision
 
         half = resolve_precision("auto", str(self.dev)) == "bf16"
-        log_every = 1 if self.quick else 5 if gpu else 1  # the loss curve's resolution (one host sync per logged step)
+        log_every = self.size(1, 1, 5)  # the loss curve's resolution (one host sync per logged step)
         curves: dict[str, list[tuple[int, float]]] = {}
         flops_per_triplet = None
         for label in ("baseline", "ours", "ours_padded"):
-            model, layers, hidden = self.build_train_model()
+            model, layers, hidden = self.bi_encoder()
             if flops_per_triplet is None:
                 tok = model[0].tokenizer
                 cut = model.max_seq_length
@@ -647,19 +660,6 @@ class Bench:
                 f"({same['last_third_rel_diff']:.2%})  [{'PASS' if same['last_third_rel_diff'] <= 0.02 else 'CHECK'} "
                 f"<= 2%]")
 
-    def build_train_model(self):
-        """(model, layers, hidden) for the training row: distilbert-base with random weights on a GPU; on the CPU
-        all-MiniLM-L6-v2 (real weights, a sixth of the FLOPs), so a few steps of batch 64 fit in minutes."""
-        if self.dev.type == "cuda" or self.quick:
-            model, cfg = self.build_distilbert()
-            return model, cfg.n_layers, cfg.dim
-        from sentence_transformers import SentenceTransformer
-
-        torch.manual_seed(0)
-        model = SentenceTransformer(str(self.minilm), device=str(self.dev))
-        config = model[0].auto_model.config
-        return model, config.num_hidden_layers, config.hidden_size
-
     # ---------------------------------------------------------------------------------- compiled layers
     def row_compile(self):
         """The engine with compile_layers=True (torch.compile of each transformer layer: fused LayerNorm / GELU /
@@ -670,21 +670,20 @@ class Bench:
         eng = self.engine
         gpu = self.dev.type == "cuda"
         bt, mb = (65536, 2048) if gpu else (16384, 512)
-        reps = 1 if self.quick else 2
         for kind in ("encode", "score"):
             if self.left() < 60:
                 log(f"  {kind}: skipped, {self.left():.0f}s left of the time budget")
                 break
             if kind == "encode":
-                model, cfg = self.build_distilbert()
-                items = (self.passages[:64] if self.quick else self.passages) * reps
+                model, layers, hidden = self.bi_encoder()
+                items = self.passages[:self.size(64, 800, len(self.passages))] * self.size(1, 1, 2)
                 fn, unit = eng.encode_texts, "passages/s"
-                P, layers, hidden = nonemb_params(model[0].auto_model), cfg.n_layers, cfg.dim
+                P = nonemb_params(model[0].auto_model)
             else:
-                model, cfg = self.build_electra()
-                items = self.pairs(32 if self.quick else 2 * len(self.passages))
+                model, layers, hidden = self.cross_encoder()
+                items = self.pairs(self.size(32, 800, 2 * len(self.passages)))
                 fn, unit = eng.score_pairs, "pairs/s"
-                P, layers, hidden = nonemb_params(model.model), cfg.num_hidden_layers, cfg.hidden_size
+                P = nonemb_params(model.model)
             warm = items[: 2048 if gpu else 64]
             fn(model, warm, batch_tokens=bt, max_batch=mb, show_progress=False)
             eager, dt_e = timed(self.dev, fn, model, items, batch_tokens=bt, max_batch=mb, show_progress=False)
