@@ -178,20 +178,13 @@ def test_cpu_packed_loss_and_gradients_equal_the_librarys(cpu_kernel_calls, bi_e
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def _per_sequence(q, k, v, cu):
-    bounds = cu.tolist()
-    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
-        *(x[a:b].transpose(0, 1)[None] for x in (q, k, v)))[0].transpose(0, 1)
-        for a, b in zip(bounds[:-1], bounds[1:])])
-
-
 @pytest.mark.parametrize("lengths", [[7, 300, 1, 64, 65, 80, 7, 7, 120, 2], [16] * 5])
 def test_segmented_sdpa_equals_attention_per_sequence(lengths):
     torch.manual_seed(0)
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
     q, k, v = (torch.randn(int(cu[-1]), 4, 8, requires_grad=True) for _ in range(3))
     ours = engine._segmented_sdpa(q, k, v, cu, max(lengths), None)
-    ref = _per_sequence(q, k, v, cu)
+    ref = _reference_train_varlen(q, k, v, cu, max(lengths), None, 0.0)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     grad = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):

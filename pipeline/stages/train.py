@@ -340,14 +340,12 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"train precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     cuda = str(device).startswith("cuda")
-    if precision == "auto":
-        if not cuda:
-            from pipeline.engine import _cpu_has_fast_bf16
-
-            return "bf16" if _cpu_has_fast_bf16() else "fp32"
+    if precision == "auto":  # the inference engine's rule, so training and inference agree on every machine
         import torch
 
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        from pipeline.engine import resolve_precision as engine_precision
+
+        return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[engine_precision("auto", device)]
     if precision == "fp16" and not cuda:
         raise ValueError("fp16 training needs a CUDA device; on CPU use precision=bf16 or fp32")
     return precision
