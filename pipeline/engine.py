@@ -6,7 +6,7 @@ restricted to torch, numpy, transformers and sentence-transformers (see docs/arc
 What it does differently from ``SentenceTransformer.encode`` / ``CrossEncoder.predict``:
 
 * tokenises once per chunk of inputs (default 65,536) with the model's own fast tokenizer, in a background
-  thread, into flat token arrays (no padded tensors, no per-item Python objects kept around); the first chunk
+  thread (or, opt-in, in worker processes: ``tokenize_workers``), into flat token arrays (no padded tensors, no per-item Python objects kept around); the first chunk
   is cross-checked against the model's own ``preprocess`` (prompt, lower-casing, truncation, special tokens);
   any difference switches to the model's own ``preprocess``;
 * sorts every chunk by token length and cuts it into token-budget batches (``batch_tokens`` padded tokens, at
@@ -25,6 +25,8 @@ What it does differently from ``SentenceTransformer.encode`` / ``CrossEncoder.pr
 * bf16: on CUDA a bf16 copy of the transformer (cached while the weights are unchanged); on CPUs with
   AVX512-BF16/AMX the same (2-3x faster than fp32 here); pooling and the rest of the SentenceTransformer run in
   fp32 on the transformer's output;
+* on CUDA, for jobs of 20k+ inputs, each transformer layer runs through ``torch.compile`` (one graph for all
+  layers: fused LayerNorms, GELUs and residual adds), checked against the eager layers on the first batch;
 * the collation thread produces pinned tensors that are copied with ``non_blocking=True``; results stay on the
   device and are copied to the host once per chunk, asynchronously; nothing in the loop synchronises with the
   host (no ``.item()``, no ``.cpu()`` per batch).
@@ -129,8 +131,10 @@ def resolve_precision(precision: str, device) -> torch.dtype | None:
 
 
 def resolve_batch_tokens(batch_tokens, device) -> int:
-    """Tokens per batch. "auto": 65,536 on GPUs with 40 GB or more (measured best on an H200: larger batches
-    gain nothing once a batch's kernels fill the GPU), 32,768 on smaller GPUs, 16,384 on the CPU."""
+    """Tokens per batch. "auto": 65,536 on GPUs with 40 GB or more, 32,768 on smaller GPUs, 16,384 on the CPU.
+    On an H200 the device alone gains nothing past 65,536 (session 3's profile), and the whole engine call did not
+    either: 131,072 tokens (max_batch 4,096) ran at 26.3k passages/s against 25.7k, and 16.0k pairs/s against 16.7k,
+    in one bench run (session 6, docs/bench/h200-2026-11-27-run3.txt)."""
     if batch_tokens is None or str(batch_tokens).lower() == "auto":
         dev = torch.device(device)
         if dev.type != "cuda":
@@ -144,6 +148,14 @@ def resolve_batch_tokens(batch_tokens, device) -> int:
     if value < 1:
         raise ValueError(f"batch_tokens must be auto or a positive number, got {batch_tokens!r}")
     return value
+
+
+def resolve_max_batch(max_batch: int | None, device) -> int:
+    """Rows per batch at most. None: 2,048 on CUDA (with 65,536 tokens a batch of ~83-token passages has ~790 rows;
+    the cap only binds for very short texts such as queries), 512 on the CPU."""
+    if max_batch:
+        return int(max_batch)
+    return 2048 if torch.device(device).type == "cuda" else 512
 
 
 def uses_dot_product(model) -> bool:
@@ -486,10 +498,21 @@ def _use_compiled(prep: _Prepared, on: bool) -> None:
         layer._compiled_call_impl = impl if on else None
 
 
-def resolve_compile_layers(compile_layers: bool | None) -> bool:
-    """None: the PIPELINE_COMPILE_LAYERS environment variable (1/true: on), else off."""
+#: compile the layers (auto) from this many inputs on: compiling costs 5-13 s once per process (H200), at ~20-40k
+#: inputs/s the gain of 1.2-2x repays it from ~20k inputs
+COMPILE_MIN_ITEMS = 20_000
+
+
+def resolve_compile_layers(compile_layers: bool | None, device: torch.device | None = None, n: int = 0) -> bool:
+    """None (auto): the PIPELINE_COMPILE_LAYERS environment variable (1/true: on, 0/false: off) where set; else on
+    for CUDA jobs of at least ``COMPILE_MIN_ITEMS`` inputs and off elsewhere (on the CPU it gained nothing). On an
+    H200 (session 6) compiled / eager was 2.01x encode and 2.27x score in one bench run, 1.21x and 1.30x in another,
+    about even in a third, never clearly slower; embeddings within cosine 0.99997 of the eager layers."""
     if compile_layers is None:
-        return os.environ.get("PIPELINE_COMPILE_LAYERS", "").strip().lower() in ("1", "true", "yes")
+        env = os.environ.get("PIPELINE_COMPILE_LAYERS", "").strip().lower()
+        if env:
+            return env in ("1", "true", "yes", "on")
+        return device is not None and device.type == "cuda" and n >= COMPILE_MIN_ITEMS
     return bool(compile_layers)
 
 
@@ -660,7 +683,7 @@ class _Tokenizer:
         if pool is None or self.backend is None or self.pool_broken:
             return None
         prepped = self._prep_inputs(items)
-        step = max(512, -(-len(prepped) // (4 * max(1, pool.workers))))
+        step = max(512, -(-len(prepped) // (2 * max(1, pool.workers))))  # ~1 MB messages: one pipe buffer each
         try:
             return [pool.submit(prepped[i : i + step]) for i in range(0, len(prepped), step)]
         except Exception as exc:  # a closed pool: tokenised here instead
@@ -709,7 +732,8 @@ class _Tokenizer:
 
 # ------------------------------------------------------------------------------------ tokeniser processes
 _POOLS: dict[tuple, Any] = {}
-#: tokenise in worker processes from this many inputs on (below it the pool's start-up is not repaid)
+#: with PIPELINE_TOKENIZE_WORKERS=pool, tokenise in worker processes from this many inputs on (below it the pool's
+#: start-up is not repaid)
 POOL_MIN_ITEMS = 50_000
 
 
@@ -720,17 +744,25 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+def pool_size(processes: int = 1) -> int:
+    """Tokeniser processes worth starting next to ``processes`` GPU processes: every usable core but two (the
+    GPU-feeding thread and the collation thread), at most 16, the node's cores split between the GPU processes."""
+    return max(0, min(16, usable_cpus() // max(1, processes) - 2))
+
+
 def resolve_tokenize_workers(workers: int | None, device: torch.device, n: int, processes: int = 1) -> int:
-    """Worker processes for tokenisation. ``None`` (auto): on CUDA with at least ``POOL_MIN_ITEMS`` inputs, every
-    usable core but two (the GPU-feeding thread and the collation thread), at most 16, the node's cores split
-    between ``processes`` GPU processes; else 0 (in this process, where the CPU is the compute device or the input
-    is small). The environment variable PIPELINE_TOKENIZE_WORKERS overrides auto."""
+    """Worker processes for tokenisation. ``None`` (auto): the environment variable PIPELINE_TOKENIZE_WORKERS where
+    set (a number, or "pool": :func:`pool_size` for CUDA jobs of ``POOL_MIN_ITEMS`` inputs or more), else 0, i.e.
+    tokenise in this process (a background thread, the Rust tokenizer's own threads). The processes are opt-in
+    because on an H200 they lost to in-process tokenisation in every paired comparison of session 6: encode 30.2k
+    vs 26.3k passages/s and score 18.6k vs 16.0k pairs/s (14 processes) in one bench run, encode 28.4k vs 22.8k
+    (14) and 26.7k (7) in another (docs/bench/h200-2026-11-27-run*.txt)."""
     if workers is None:
-        env = os.environ.get("PIPELINE_TOKENIZE_WORKERS")
-        if env not in (None, ""):
+        env = os.environ.get("PIPELINE_TOKENIZE_WORKERS", "").strip().lower()
+        if env == "pool":
+            workers = pool_size(processes) if device.type == "cuda" and n >= POOL_MIN_ITEMS else 0
+        elif env:
             workers = int(env)
-        elif device.type == "cuda" and n >= POOL_MIN_ITEMS:
-            workers = min(16, usable_cpus() // max(1, processes) - 2)
         else:
             workers = 0
     return max(0, int(workers))
@@ -764,6 +796,8 @@ class _TokenizerProcesses:
                 proc = subprocess.Popen([sys.executable, "-m", "pipeline.tokenize_worker"], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, env=env)
                 self._procs.append(proc)
+                for stream in (proc.stdin, proc.stdout):
+                    tokenize_worker.widen_pipe(stream)
                 tokenize_worker.send(proc.stdin, {"init": list(init)})
             deadline = time.monotonic() + self.START_TIMEOUT_S
             for proc in self._procs:
@@ -1049,7 +1083,7 @@ class _Runner:
 
     def __init__(self, kind: str, model, hf_model, items, *, prompt, batch_tokens, max_batch, precision,
                  show_progress, desc, attention, chunk, post: Callable, tokenize_workers: int | None = 0,
-                 compile_layers: bool | None = False):
+                 compile_layers: bool | None = None):
         self.kind = kind
         self.model = model
         self.items = items
@@ -1062,7 +1096,8 @@ class _Runner:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = resolve_precision(precision, self.device)
-        self.prep = _prepare(hf_model, self.device, self.dtype, attention, resolve_compile_layers(compile_layers))
+        self.prep = _prepare(hf_model, self.device, self.dtype, attention,
+                             resolve_compile_layers(compile_layers, self.device, len(items)))
         cfg_max_pos = getattr(getattr(hf_model, "config", None), "max_position_embeddings", None)
         max_positions = (cfg_max_pos - self.prep.pos_offset) if cfg_max_pos else None
         tok = getattr(_transformer_module(model), "tokenizer", None) or getattr(model, "tokenizer", None)
@@ -1072,7 +1107,7 @@ class _Runner:
         self.cfg = {
             "chunk": max(1, int(chunk or DEFAULT_CHUNK)),
             "batch_tokens": resolve_batch_tokens(batch_tokens, self.device),
-            "max_batch": int(max_batch) if max_batch else (2048 if self.device.type == "cuda" else 512),
+            "max_batch": resolve_max_batch(max_batch, self.device),
             "pad_id": 0 if pad_id is None else int(pad_id),
             "want_tt": want_tt,
             "pin": self.device.type == "cuda",
@@ -1250,7 +1285,9 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.shape[1] > 1:
         cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
         return bool((cos >= 0.995).all())
-    scale = b.abs().max().clamp_min(1e-6)
+    # single scores (cross-encoder logits): within 5% of the largest, or 0.05 absolute. The floor keeps
+    # near-zero logits (random heads: a session-6 bench model scored ~0.01 +- 0.001) from failing on rounding alone.
+    scale = b.abs().max().clamp_min(1.0)
     return bool(((a - b).abs().max() / scale) < 0.05)
 
 
@@ -1313,12 +1350,12 @@ def encode_texts(
     pooling when the model's Pooling says so). ``normalize``: None keeps what the model does (its Normalize
     module if it has one), True L2-normalises, False adds no normalisation. ``batch_tokens`` is the padded
     token budget per batch (packed tokens under varlen attention); "auto": see :func:`resolve_batch_tokens`.
-    ``max_batch``: rows per batch at most (None: 2,048 on CUDA, where the bench measured it, 512 on the CPU).
+    ``max_batch``: rows per batch at most (None: see :func:`resolve_max_batch`).
     ``attention``: "auto" (packed varlen on CUDA in half precision, checked once against padding),
     "varlen", or "padded". ``devices``: several devices -> one process per device (see encode_texts_multi_gpu).
     ``tokenize_workers``: tokeniser processes (None: auto, see :func:`resolve_tokenize_workers`; 0: in this process).
-    ``compile_layers``: torch.compile the transformer layers (None: env PIPELINE_COMPILE_LAYERS, default off;
-    see :func:`_compile_layers`).
+    ``compile_layers``: torch.compile the transformer layers (None: auto, on for CUDA jobs of 20k+ texts, see
+    :func:`resolve_compile_layers` and :func:`_compile_layers`).
     """
     if devices is not None and len(devices) > 1:
         return encode_texts_multi_gpu(

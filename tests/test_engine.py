@@ -294,15 +294,20 @@ def test_tokeniser_processes_match_in_process(tiny_ce, minilm, passages):
     engine._close_pools()
 
 
-def test_tokenize_workers_auto():
+def test_tokenize_workers_auto(monkeypatch):
     cpu, gpu = engine.torch.device("cpu"), engine.torch.device("cuda", 0)
+    monkeypatch.delenv("PIPELINE_TOKENIZE_WORKERS", raising=False)
     assert engine.resolve_tokenize_workers(None, cpu, 10**6) == 0  # the CPU is busy computing
-    assert engine.resolve_tokenize_workers(None, gpu, 100) == 0  # too small to repay the start-up
+    assert engine.resolve_tokenize_workers(None, gpu, 10**6) == 0  # in-process won every H200 comparison
     assert engine.resolve_tokenize_workers(3, cpu, 10) == 3
-    big = engine.resolve_tokenize_workers(None, gpu, 10**6)
-    assert big == max(0, min(16, engine.usable_cpus() - 2))
+    monkeypatch.setenv("PIPELINE_TOKENIZE_WORKERS", "pool")
+    assert engine.resolve_tokenize_workers(None, gpu, 100) == 0  # too small to repay the start-up
+    assert engine.resolve_tokenize_workers(None, cpu, 10**6) == 0
+    assert engine.resolve_tokenize_workers(None, gpu, 10**6) == max(0, min(16, engine.usable_cpus() - 2))
     shared = engine.resolve_tokenize_workers(None, gpu, 10**6, processes=2)  # two GPU processes on one node
     assert shared == max(0, min(16, engine.usable_cpus() // 2 - 2))
+    monkeypatch.setenv("PIPELINE_TOKENIZE_WORKERS", "5")
+    assert engine.resolve_tokenize_workers(None, cpu, 1) == 5
 
 
 def test_tokeniser_process_failure_falls_back(tiny_ce, passages, monkeypatch, caplog):
@@ -331,6 +336,21 @@ def test_tokeniser_process_failure_falls_back(tiny_ce, passages, monkeypatch, ca
 
 
 # --------------------------------------------------------------------------------------- compiled layers
+def test_compile_layers_auto_is_on_for_large_cuda_jobs_only(monkeypatch):
+    monkeypatch.delenv("PIPELINE_COMPILE_LAYERS", raising=False)
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    big = engine.COMPILE_MIN_ITEMS
+    assert engine.resolve_compile_layers(None, cuda, big) is True
+    assert engine.resolve_compile_layers(None, cuda, big - 1) is False  # the compile would not be repaid
+    assert engine.resolve_compile_layers(None, cpu, 10 * big) is False  # measured no gain on the CPU
+    assert engine.resolve_compile_layers(False, cuda, 10 * big) is False
+    assert engine.resolve_compile_layers(True, cpu, 1) is True
+    monkeypatch.setenv("PIPELINE_COMPILE_LAYERS", "0")
+    assert engine.resolve_compile_layers(None, cuda, 10 * big) is False
+    monkeypatch.setenv("PIPELINE_COMPILE_LAYERS", "1")
+    assert engine.resolve_compile_layers(None, cpu, 1) is True
+
+
 def _fake_compiled(monkeypatch, make_impl):
     """compile_layers with stand-in compiled call functions (no inductor run): make_impl(layer) -> callable."""
 
@@ -382,3 +402,15 @@ def test_compiled_layers_match_eager(minilm, minilm_ref, passages):
     assert engine.LAST_RUN["compiled_layers"] == minilm[0].auto_model.config.num_hidden_layers
     assert _cos(ours, minilm_ref[:64]).min() >= 0.9999
     engine._PREPARED.clear()
+
+
+def test_agreement_check_for_single_scores():
+    """The first-batch check (varlen vs padded, compiled vs eager): 5% of the largest logit, 0.05 absolute floor."""
+    ref = torch.tensor([[8.0], [-3.0], [0.5]])
+    assert engine._close(ref + 0.3, ref)  # 0.3 of 8: within 5%
+    assert not engine._close(ref + torch.tensor([[0.0], [0.0], [0.6]]), ref)  # 0.6 of 8: a real disagreement
+    tiny = torch.tensor([[0.011], [0.009], [0.010]])
+    assert engine._close(tiny + 0.004, tiny)  # rounding noise on near-zero logits
+    assert not engine._close(tiny + 0.2, tiny)
+    emb = torch.nn.functional.normalize(torch.randn(4, 16), dim=1)
+    assert engine._close(emb + 1e-3, emb) and not engine._close(-emb, emb)

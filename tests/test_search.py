@@ -105,6 +105,26 @@ def test_gpu_code_path_on_cpu():
     np.testing.assert_allclose(s, ref_s, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["grouped", "exact_ties"])
+def test_merging_once_per_query_block_equals_merging_every_chunk(method):
+    """The resident-corpus order (all chunks of a query block, one merge) gives the same top-k, ties included, as
+    the running merge after every chunk, and both equal brute force."""
+    rng = np.random.default_rng(11)
+    c = _unit(rng, 3000, 16)
+    c[1500:1510] = c[40]  # rows tied with row 40 in later chunks: the lower index must win in both orders
+    q = np.concatenate([_unit(rng, 20, 16), c[40:41]])
+    ref_s, ref_i = _brute(q, c, 15)
+    out = {}
+    for merge in ("once", "each"):
+        out[merge] = S.exact_search(q, torch.from_numpy(c), 15, device="cpu", corpus_chunk=400, query_chunk=8,
+                                    topk_method=method, merge=merge, show_progress=False)
+        assert S.LAST_SEARCH["merge"] == merge and S.LAST_SEARCH["resident"]
+        np.testing.assert_array_equal(out[merge][1], ref_i)
+    np.testing.assert_array_equal(out["once"][0], out["each"][0])
+    with pytest.raises(ValueError, match="merge"):
+        S.exact_search(q, c, 3, device="cpu", merge="sometimes", show_progress=False)
+
+
 @pytest.mark.parametrize("method", ["grouped", "pruned", "topk"])
 def test_gpu_topk_methods_exact(monkeypatch, method):
     monkeypatch.setattr(S, "_GROUP", 8)
