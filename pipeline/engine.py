@@ -975,6 +975,7 @@ def _chunk_bounds(n: int, chunk: int, ramp: bool) -> list[tuple[int, int]]:
 
 def _producer(items, tokenizer: _Tokenizer, prep: _Prepared, cfg: dict, q: "queue.Queue", stop: threading.Event, stats):
     handles: dict = {}
+    cpu0 = time.thread_time()
     try:
         pad_id = cfg["pad_id"]
         chunks, pool = cfg["bounds"], cfg["pool"]
@@ -1007,24 +1008,35 @@ def _producer(items, tokenizer: _Tokenizer, prep: _Prepared, cfg: dict, q: "queu
                 if cfg["pin"]:
                     tensors["local_idx"] = tensors["local_idx"].pin_memory()
                 stats["padded_tokens"] += B * L
-                _put(q, _Batch(sel, c, B, L, T, packed, tensors), stop)
-            _put(q, _ChunkEnd(c, s, e - s), stop)
+                _put(q, _Batch(sel, c, B, L, T, packed, tensors), stop, stats)
+            _put(q, _ChunkEnd(c, s, e - s), stop, stats)
         _put(q, _Stop(), stop)
     except BaseException as exc:  # forwarded to the consumer
         _put(q, exc, stop)
     finally:
+        stats["producer_cpu_s"] = time.thread_time() - cpu0
         for handle in handles.values():
             for fut in handle or ():
                 fut.cancel()
 
 
-def _put(q: "queue.Queue", item, stop: threading.Event) -> None:
+def _put(q: "queue.Queue", item, stop: threading.Event, stats: dict | None = None) -> None:
+    """Queue ``item`` unless the run stops; time spent waiting for room (the consumer is the slower side) is added
+    to ``stats["producer_blocked_s"]``."""
+    try:
+        q.put_nowait(item)
+        return
+    except queue.Full:
+        pass
+    t0 = time.perf_counter()
     while not stop.is_set():
         try:
             q.put(item, timeout=0.1)
-            return
+            break
         except queue.Full:
             continue
+    if stats is not None:
+        stats["producer_blocked_s"] = stats.get("producer_blocked_s", 0.0) + time.perf_counter() - t0
 
 
 def _to_device(t: dict, device: torch.device) -> dict:
@@ -1158,6 +1170,60 @@ class _Runner:
         log.warning("engine: packed varlen attention disagrees with padded attention; using padding")
         return False
 
+    def ceilings(self, device_batches: int = 64) -> dict:
+        """Diagnostics (scripts/bench_gpu.py): each side of :meth:`run` alone. Host: the collating thread
+        (tokenise, sort, collate, pin) into a consumer that only counts. Device: the first ``device_batches``
+        batches copied to the device beforehand, then forwards only (no tokenising or collating beside them)."""
+        q: "queue.Queue" = queue.Queue(maxsize=8)
+        stop = threading.Event()
+        stats = {"tokenize_s": 0.0, "tokens": 0, "padded_tokens": 0, "attn_tokens": 0.0}
+        producer = threading.Thread(target=_producer, args=(self.items, self.tokenizer, self.prep, self.cfg, q, stop,
+                                                            stats), daemon=True)
+        kept: list[_Batch] = []
+        n_items = 0
+        t0 = time.perf_counter()
+        producer.start()
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, _Stop):
+                    break
+                if isinstance(item, _Batch):
+                    n_items += item.B
+                    if len(kept) < device_batches:
+                        kept.append(item)
+        finally:
+            stop.set()
+            producer.join(timeout=5)
+        host_s = time.perf_counter() - t0
+        cuda = self.device.type == "cuda"
+        batches = []
+        for b in kept:
+            b = _Batch(b.local_idx, b.chunk, b.B, b.L, b.T, b.packed, _to_device(b.tensors, self.device))
+            if b.packed and self.prep.attn != "varlen":
+                b = _packed_to_padded(b, self.cfg["pad_id"])
+            batches.append(b)
+        tokens = sum(b.T for b in batches)
+        attn_sq = float(sum(float((b.tensors["lens"].double() ** 2).sum()) for b in batches))
+        with torch.inference_mode():
+            if batches:
+                self._forward(batches[0])  # warm: kernels, the compiled layers' check
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            t1 = time.perf_counter()
+            for b in batches:
+                self._forward(b)
+            if cuda:
+                torch.cuda.synchronize(self.device)
+            device_s = time.perf_counter() - t1
+        n_dev = sum(b.B for b in batches)
+        return {"host_items_per_s": n_items / host_s if host_s else 0.0, "host_s": host_s,
+                "producer_cpu_s": stats.get("producer_cpu_s", 0.0), "tokenize_wait_s": stats["tokenize_s"],
+                "device_items": n_dev, "device_s": device_s, "device_tokens": tokens, "device_attn_tokens_sq": attn_sq,
+                "device_items_per_s": n_dev / device_s if device_s else 0.0}
+
     def run(self) -> np.ndarray:
         n = len(self.items)
         stats = {"tokenize_s": 0.0, "tokens": 0, "padded_tokens": 0, "attn_tokens": 0.0}
@@ -1187,10 +1253,13 @@ class _Runner:
             else contextlib.nullcontext()
         )
         producer.start()
+        cpu0, waited = time.thread_time(), 0.0
         try:
             with torch.inference_mode(), autocast_cpu:
                 while True:
+                    t_get = time.perf_counter()
                     item = q.get()
+                    waited += time.perf_counter() - t_get
                     if isinstance(item, BaseException):
                         raise item
                     if isinstance(item, _Stop):
@@ -1251,6 +1320,7 @@ class _Runner:
             for h, e, s0, n0 in pending:
                 e.synchronize()
                 out[s0 : s0 + n0] = h.numpy()
+            consumer_cpu = time.thread_time() - cpu0
         finally:
             stop.set()
             producer.join(timeout=5)
@@ -1270,6 +1340,13 @@ class _Runner:
             padded_tokens=stats["padded_tokens"] if self.prep.attn != "varlen" else stats["tokens"],
             attn_tokens_sq=stats["attn_tokens"],
             tokenize_s=stats["tokenize_s"],
+            # where the host time went (which side waits for which): the GPU-feeding thread's CPU time and its
+            # waits for batches, the collating thread's CPU time (tokenising in this process included; the Rust
+            # tokenizer's own threads are not) and its waits for queue room
+            consumer_cpu_s=consumer_cpu,
+            consumer_wait_s=waited,
+            producer_cpu_s=stats.get("producer_cpu_s", 0.0),
+            producer_blocked_s=stats.get("producer_blocked_s", 0.0),
             tokenize_workers=self.tokenize_workers,
             compiled_layers=len(self.prep.compiled),
             wall_s=time.perf_counter() - t_start,
@@ -1456,6 +1533,30 @@ def score_pairs(
 
 
 # ----------------------------------------------------------------------------------------- multi-device
+def ceilings(model, items: Sequence, *, pairs: bool = False, device_batches: int = 64, **kwargs) -> dict:
+    """Each side of an :func:`encode_texts` (or, with ``pairs``, :func:`score_pairs`) call alone, in items/s: the
+    host side (tokenise, sort, collate, pin, with nothing consuming) and the device side (forwards over batches
+    already on the device). Which one the whole call runs at says where its time goes. Same keywords as those
+    functions (``batch_tokens``, ``max_batch``, ``precision``, ``attention``, ``tokenize_workers``,
+    ``compile_layers``, ``chunk_size``); a diagnostic for scripts/bench_gpu.py, not used by the stages."""
+    if pairs:
+        hf, post, kind = model.model, _ce_post(model), "pairs"
+        items = items if isinstance(items, (list, tuple)) else list(items)
+    else:
+        module = _transformer_module(model)
+        if module is None:
+            raise TypeError("ceilings needs a SentenceTransformer whose first module is a Transformer")
+        hf, post, kind = module.auto_model, _st_post(model, None), "texts"
+        items = list(items)
+    runner = _Runner(
+        kind, model, hf, items, prompt=None, batch_tokens=kwargs.get("batch_tokens", "auto"),
+        max_batch=kwargs.get("max_batch"), precision=kwargs.get("precision", "auto"), show_progress=False, desc="",
+        attention=kwargs.get("attention", "auto"), chunk=kwargs.get("chunk_size", DEFAULT_CHUNK), post=post,
+        tokenize_workers=kwargs.get("tokenize_workers"), compile_layers=kwargs.get("compile_layers"),
+    )
+    return runner.ceilings(device_batches)
+
+
 def _mp_worker(rank, fn_name, model, items, start, end, device, out, kwargs):  # pragma: no cover - subprocess
     nprocs = max(1, kwargs.pop("_nprocs", 1))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))

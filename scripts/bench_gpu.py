@@ -208,6 +208,16 @@ def measure_matmul_peak(dev) -> float | None:
     return 2 * n**3 / dt
 
 
+def host_note(run: dict) -> str:
+    """Which side of the engine waited (from engine.LAST_RUN): the GPU-feeding thread waiting for batches means the
+    collating/tokenising side is the bottleneck; the collating thread blocked on a full queue means the GPU side
+    is; a GPU-feeding thread with little CPU time and little waiting is held up elsewhere (the GIL, the driver)."""
+    if "consumer_cpu_s" not in run:
+        return ""
+    return (f"host: feeder cpu {run['consumer_cpu_s']:.2f}s, waited {run['consumer_wait_s']:.2f}s; collator cpu "
+            f"{run['producer_cpu_s']:.2f}s, blocked {run['producer_blocked_s']:.2f}s; wall {run['wall_s']:.2f}s")
+
+
 def compile_counters() -> dict[str, int]:
     """torch.compile's running totals (graphs compiled, graph breaks, recompilations): one graph for all layers and
     no breaks is the design; anything else shows where fused layers lose time."""
@@ -319,6 +329,21 @@ class Bench:
                 f"{'compiled' if run.get('compiled_layers') else 'eager'} layers, "
                 f"{run.get('tokenize_workers', 0)} tokeniser processes")
 
+    def sides(self, row: str, model, items, kw: dict, params: int, layers: int, hidden: int, unit: str) -> None:
+        """The stage defaults' host side alone (tokenise + collate, nothing consuming) and device side alone (forwards
+        over batches already on the device): the whole call can run no faster than the slower of the two."""
+        if self.left() < 60:
+            log(f"  {row} host/device sides: skipped, {self.left():.0f}s left of the time budget")
+            return
+        c = self.engine.ceilings(model, items, pairs=row == "score", **kw)
+        self.add(row, "side: host alone (tokenise, collate)", len(items), c["host_s"], unit,
+                 note=f"collator cpu {c['producer_cpu_s']:.2f}s, waited {c['tokenize_wait_s']:.2f}s for tokens")
+        if c["device_items"]:
+            self.add(row, f"side: device alone ({c['device_items']} items pre-copied)", c["device_items"],
+                     c["device_s"], unit, model_flops(params, layers, hidden, c["device_tokens"],
+                                                      c["device_attn_tokens_sq"]))
+        self.results["rows"][f"{row}_sides"] = c
+
     def variants(self, row: str, fn, model, items, kw: dict, flops_per_item: float, unit: str) -> None:
         """The same job with one setting changed at a time, to show what each default is worth (GPU only)."""
         if self.dev.type != "cuda":
@@ -336,7 +361,8 @@ class Bench:
                 break
             fn(model, items[: len(items) // 3], **var)  # a new pool, model copy or batch shape warms up untimed
             _, dt = timed(self.dev, fn, model, items, **var)
-            out[label] = self.add(row, f"variant: {label}", len(items), dt, unit, flops_per_item * len(items))
+            out[label] = self.add(row, f"variant: {label}", len(items), dt, unit, flops_per_item * len(items),
+                                  note=host_note(self.engine.LAST_RUN))
         self.results["rows"][f"{row}_variants"] = out
 
     def workers(self, n: int) -> int:
@@ -431,7 +457,8 @@ class Bench:
             f"waited {run['tokenize_s']:.2f}s for tokens")
         self.results["rows"]["encode_info"] = {"tokens_per_passage": tok_per, "params_nonemb": P, **run}
         ours = self.add("encode", f"ours (stage defaults: {self.describe(kw, run)})", len(ours_texts), dt,
-                        "passages/s", flops_per_item * len(ours_texts))
+                        "passages/s", flops_per_item * len(ours_texts), note=host_note(run))
+        self.sides("encode", model, ours_texts, kw, P, layers, hidden, "passages/s")
         self.variants("encode", eng.encode_texts, model, ours_texts, kw, flops_per_item, "passages/s")
         # baselines
         n1 = self.size(64, 400, 4096)
@@ -497,7 +524,8 @@ class Bench:
             f"{run['compiled_layers']}, waited {run['tokenize_s']:.2f}s for tokens")
         self.results["rows"]["score_info"] = {"tokens_per_pair": tok_per, "params_nonemb": P, **run}
         ours = self.add("score", f"ours (stage defaults: {self.describe(kw, run)})", len(pairs), dt, "pairs/s",
-                        fl_item * len(pairs))
+                        fl_item * len(pairs), note=host_note(run))
+        self.sides("score", ce, pairs, kw, P, layers, hidden, "pairs/s")
         self.variants("score", eng.score_pairs, ce, pairs, kw, fl_item, "pairs/s")
         n1 = self.size(16, 400, 2048)
         p1 = self.pairs(n1, seed=1)

@@ -414,3 +414,11 @@ def test_agreement_check_for_single_scores():
     assert not engine._close(tiny + 0.2, tiny)
     emb = torch.nn.functional.normalize(torch.randn(4, 16), dim=1)
     assert engine._close(emb + 1e-3, emb) and not engine._close(-emb, emb)
+
+
+def test_ceilings_time_each_side_alone(minilm, passages):
+    """The bench's diagnostic: the host side counts every input, the device side forwards real batches."""
+    c = engine.ceilings(minilm, passages[:40], precision="fp32", batch_tokens=512, device_batches=3)
+    assert c["host_items_per_s"] > 0 and c["host_s"] > 0
+    assert 0 < c["device_items"] < 40 and c["device_tokens"] > c["device_items"]  # 3 batches of several texts
+    assert c["device_items_per_s"] > 0 and c["device_attn_tokens_sq"] >= c["device_tokens"]
