@@ -4,8 +4,9 @@ Inputs are already normalised when cosine similarity is wanted: everything here 
 
 ``exact_search`` streams the corpus in chunks (a float16 ``np.memmap`` larger than RAM is fine: each chunk is read,
 used and released), multiplies each chunk with blocks of queries, keeps a per-chunk top-k and merges it into a
-running top-k held on the compute device; results are copied to the host once at the end. Ties are broken by the
-lower corpus index.
+running top-k held on the compute device; a corpus resident on the device is walked inside each query block instead,
+with one merge of all chunks' candidates per block. Results are copied to the host once at the end. Ties are broken
+by the lower corpus index.
 
 On CUDA the corpus is uploaded once in fp16 (kept resident when it fits in half the free memory, else streamed
 chunk by chunk from pinned buffers filled by a reader thread), queries are fp16 blocks, scores come out of one
