@@ -1170,15 +1170,30 @@ class _Runner:
         log.warning("engine: packed varlen attention disagrees with padded attention; using padding")
         return False
 
+    def _collating_thread(self) -> tuple[threading.Thread, "queue.Queue", threading.Event, dict]:
+        """The (not yet started) thread that tokenises and collates the inputs into a queue of batches, with its
+        queue, stop event and statistics."""
+        q: "queue.Queue" = queue.Queue(maxsize=8)
+        stop = threading.Event()
+        stats = {"tokenize_s": 0.0, "tokens": 0, "padded_tokens": 0, "attn_tokens": 0.0}
+        thread = threading.Thread(target=_producer, args=(self.items, self.tokenizer, self.prep, self.cfg, q, stop,
+                                                          stats), daemon=True)
+        return thread, q, stop, stats
+
+    def _on_device(self, batch: _Batch) -> _Batch:
+        """``batch`` copied to the device (asynchronously from pinned memory), re-padded where the packed path
+        has been switched off since it was collated."""
+        batch = _Batch(batch.local_idx, batch.chunk, batch.B, batch.L, batch.T, batch.packed,
+                       _to_device(batch.tensors, self.device))
+        if batch.packed and self.prep.attn != "varlen":
+            batch = _packed_to_padded(batch, self.cfg["pad_id"])
+        return batch
+
     def ceilings(self, device_batches: int = 64) -> dict:
         """Diagnostics (scripts/bench_gpu.py): each side of :meth:`run` alone. Host: the collating thread
         (tokenise, sort, collate, pin) into a consumer that only counts. Device: the first ``device_batches``
         batches copied to the device beforehand, then forwards only (no tokenising or collating beside them)."""
-        q: "queue.Queue" = queue.Queue(maxsize=8)
-        stop = threading.Event()
-        stats = {"tokenize_s": 0.0, "tokens": 0, "padded_tokens": 0, "attn_tokens": 0.0}
-        producer = threading.Thread(target=_producer, args=(self.items, self.tokenizer, self.prep, self.cfg, q, stop,
-                                                            stats), daemon=True)
+        producer, q, stop, stats = self._collating_thread()
         kept: list[_Batch] = []
         n_items = 0
         t0 = time.perf_counter()
@@ -1199,12 +1214,7 @@ class _Runner:
             producer.join(timeout=5)
         host_s = time.perf_counter() - t0
         cuda = self.device.type == "cuda"
-        batches = []
-        for b in kept:
-            b = _Batch(b.local_idx, b.chunk, b.B, b.L, b.T, b.packed, _to_device(b.tensors, self.device))
-            if b.packed and self.prep.attn != "varlen":
-                b = _packed_to_padded(b, self.cfg["pad_id"])
-            batches.append(b)
+        batches = [self._on_device(b) for b in kept]
         tokens = sum(b.T for b in batches)
         attn_sq = float(sum(float((b.tensors["lens"].double() ** 2).sum()) for b in batches))
         with torch.inference_mode():
@@ -1226,14 +1236,9 @@ class _Runner:
 
     def run(self) -> np.ndarray:
         n = len(self.items)
-        stats = {"tokenize_s": 0.0, "tokens": 0, "padded_tokens": 0, "attn_tokens": 0.0}
         t_start = time.perf_counter()
         out: np.ndarray | None = None
-        q: "queue.Queue" = queue.Queue(maxsize=8)
-        stop = threading.Event()
-        producer = threading.Thread(
-            target=_producer, args=(self.items, self.tokenizer, self.prep, self.cfg, q, stop, stats), daemon=True
-        )
+        producer, q, stop, stats = self._collating_thread()
         bar = None
         if self.show_progress and n:
             try:
@@ -1277,11 +1282,7 @@ class _Runner:
                                 out[s0 : s0 + n0] = h.numpy()
                             dev_buf = None
                         continue
-                    batch: _Batch = item
-                    dev = _to_device(batch.tensors, self.device)
-                    batch = _Batch(batch.local_idx, batch.chunk, batch.B, batch.L, batch.T, batch.packed, dev)
-                    if batch.packed and self.prep.attn != "varlen":
-                        batch = _packed_to_padded(batch, self.cfg["pad_id"])
+                    batch = self._on_device(item)
                     try:
                         res = self._forward(batch)
                     except Exception as exc:
@@ -1532,7 +1533,6 @@ def score_pairs(
     return scores
 
 
-# ----------------------------------------------------------------------------------------- multi-device
 def ceilings(model, items: Sequence, *, pairs: bool = False, device_batches: int = 64, **kwargs) -> dict:
     """Each side of an :func:`encode_texts` (or, with ``pairs``, :func:`score_pairs`) call alone, in items/s: the
     host side (tokenise, sort, collate, pin, with nothing consuming) and the device side (forwards over batches
@@ -1557,6 +1557,7 @@ def ceilings(model, items: Sequence, *, pairs: bool = False, device_batches: int
     return runner.ceilings(device_batches)
 
 
+# ----------------------------------------------------------------------------------------- multi-device
 def _mp_worker(rank, fn_name, model, items, start, end, device, out, kwargs):  # pragma: no cover - subprocess
     nprocs = max(1, kwargs.pop("_nprocs", 1))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))

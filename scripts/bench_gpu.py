@@ -318,10 +318,11 @@ class Bench:
 
     def job_kw(self, n: int) -> dict:
         """The engine's keywords for a job of ``n`` inputs as the stages run it (their auto settings resolved here,
-        so the warm-up call prepares the same model, compiled or not, and starts the same tokeniser pool)."""
+        so the warm-up call prepares the same model, compiled or not, and starts the same tokeniser pool, if any:
+        timing a pool's start-up would bill a once-per-job cost to a few seconds of work)."""
         return dict(batch_tokens=self.engine.resolve_batch_tokens("auto", self.dev),
                     max_batch=self.engine.resolve_max_batch(None, self.dev), show_progress=False,
-                    tokenize_workers=self.workers(n),
+                    tokenize_workers=self.engine.resolve_tokenize_workers(None, self.dev, n),
                     compile_layers=self.engine.resolve_compile_layers(None, self.dev, n))
 
     @staticmethod
@@ -366,11 +367,14 @@ class Bench:
                                   note=host_note(self.engine.LAST_RUN))
         self.results["rows"][f"{row}_variants"] = out
 
-    def workers(self, n: int) -> int:
-        """The tokeniser processes the engine's auto setting gives a job of ``n`` inputs, so the warm-up call starts
-        the same pool as the timed call (the stages start it once per job; timing its start-up would bill a
-        one-time cost to a few seconds of work)."""
-        return self.engine.resolve_tokenize_workers(None, self.dev, n)
+    def encode_items(self) -> list[str]:
+        """The passages the encode rows time (the headline, its variants, the compile row): all DL20 passages 6
+        times over on a GPU."""
+        return self.passages[:self.size(64, 800, len(self.passages))] * self.size(1, 1, 6)
+
+    def score_items(self) -> list[tuple[str, str]]:
+        """The (query, passage) pairs the score rows time: 3 per DL20 passage on a GPU."""
+        return self.pairs(self.size(32, 800, 3 * len(self.passages)))
 
     def free(self):
         gc.collect()
@@ -442,7 +446,7 @@ class Bench:
         P = nonemb_params(hf)
         rng = random.Random(0)
         gpu = self.dev.type == "cuda"
-        ours_texts = self.passages[:self.size(64, 800, len(self.passages))] * self.size(1, 1, 6)
+        ours_texts = self.encode_items()
         kw = self.job_kw(len(ours_texts))
         # warm-up: the compile, the one-time varlen check, the tokeniser processes' start, and on a GPU one whole
         # pass, so the caching allocators (device and pinned host memory) hold every batch shape, as they do for
@@ -513,7 +517,7 @@ class Bench:
         ce, layers, hidden = self.cross_encoder()
         P = nonemb_params(ce.model)
         gpu = self.dev.type == "cuda"
-        pairs = self.pairs(self.size(32, 800, 3 * len(self.passages)))
+        pairs = self.score_items()
         kw = self.job_kw(len(pairs))
         eng.score_pairs(ce, pairs if gpu else pairs[:16], **kw)  # warm-up: one whole pass on a GPU (see encode)
         ours_scores, dt = timed(self.dev, eng.score_pairs, ce, pairs, **kw)
@@ -768,7 +772,8 @@ class Bench:
         """The engine with compile_layers=True (torch.compile of each transformer layer: fused LayerNorm / GELU /
         residual adds) against the same call without, same model and inputs: compile time, steady-state speed,
         and agreement of the outputs. The stages compile by default on CUDA for jobs of 20k+ inputs
-        (engine.resolve_compile_layers) since this row measured 2.0x (encode) and 2.3x (score) on an H200."""
+        (engine.resolve_compile_layers): on H200s this row measured 2.0x / 2.3x (encode / score) in one run and
+        1.2x / 1.3x in another (session 6)."""
         log("\n[5] compiled transformer layers (encode and score, compile_layers=True vs eager)")
         eng = self.engine
         gpu = self.dev.type == "cuda"
@@ -778,12 +783,12 @@ class Bench:
                 break
             if kind == "encode":
                 model, layers, hidden = self.bi_encoder()
-                items = self.passages[:self.size(64, 800, len(self.passages))] * self.size(1, 1, 6)
+                items = self.encode_items()
                 fn, unit = eng.encode_texts, "passages/s"
                 P = nonemb_params(model[0].auto_model)
             else:
                 model, layers, hidden = self.cross_encoder()
-                items = self.pairs(self.size(32, 800, 3 * len(self.passages)))
+                items = self.score_items()
                 fn, unit = eng.score_pairs, "pairs/s"
                 P = nonemb_params(model.model)
             kw = dict(self.job_kw(len(items)), compile_layers=False)
