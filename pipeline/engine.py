@@ -8,7 +8,9 @@ What it does differently from ``SentenceTransformer.encode`` / ``CrossEncoder.pr
 * tokenises once per chunk of inputs (default 65,536) with the model's own fast tokenizer, in a background
   thread (or, opt-in, in worker processes: ``tokenize_workers``), into flat token arrays (no padded tensors, no per-item Python objects kept around); the first chunk
   is cross-checked against the model's own ``preprocess`` (prompt, lower-casing, truncation, special tokens);
-  any difference switches to the model's own ``preprocess``;
+  any difference switches to the model's own ``preprocess``. Inputs may instead be views over a corpus token store
+  (``pipeline.tokens.TextTokens`` / ``PairTokens``: the stages pass these for large corpora), which are turned into
+  model inputs with array operations instead of tokenised, checked the same way on the first chunk;
 * sorts every chunk by token length and cuts it into token-budget batches (``batch_tokens`` padded tokens, at
   most ``max_batch`` rows), so padding is small and batches are as large as memory allows;
 * on CUDA with a half-precision model, removes padding entirely: the batch is one packed sequence
@@ -56,7 +58,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 import torch
 
-from pipeline import tokenize_worker
+from pipeline import tokenize_worker, tokens
 
 if TYPE_CHECKING:  # pragma: no cover
     from sentence_transformers import CrossEncoder, SentenceTransformer
@@ -652,14 +654,16 @@ class _Tokenizer:
             t.type_ids = np.zeros_like(t.ids, dtype=np.int8)
         return t
 
-    def _verify(self, items: Sequence, fast: _Tokens) -> bool:
+    def _verify(self, items: Sequence, fast: _Tokens, fetch: Callable[[list[int]], list] | None = None) -> bool:
+        """``fast`` agrees with the model's preprocess on the first 32 and the 32 longest inputs (``fetch(picks)``
+        gives those inputs where ``items`` cannot be indexed)."""
         n = len(items)
         if n == 0:
             return True
         lens = fast.lengths
         pick = sorted(set(range(min(32, n))) | set(np.argsort(-lens, kind="stable")[:32].tolist()))
         try:
-            ref = self._slow([items[i] for i in pick], step=len(pick))
+            ref = self._slow(fetch(pick) if fetch else [items[i] for i in pick], step=len(pick))
         except Exception as exc:  # pragma: no cover
             log.debug("preprocess cross-check failed to run: %s", exc)
             return True
@@ -724,10 +728,77 @@ class _Tokenizer:
         self.backend = None
         return self._slow(items)
 
+    @property
+    def source(self) -> str:
+        """Where the tokens came from (LAST_RUN["tokenizer"])."""
+        return "fast" if self.backend is not None else f"preprocess ({self.slow_reason})"
+
     def __call__(self, items: Sequence) -> _Tokens:
         if self.backend is not None:
             return self._checked(items, self._fast(items))
         return self._slow(items)
+
+
+class _FromStore:
+    """Inputs that arrive as tokens (a :mod:`pipeline.tokens` view over a token store): the model's special tokens
+    and truncation are added by a :class:`tokens.Template` read off its tokenizer, and the first chunk is checked
+    against the model's own preprocess of the same texts. A store the model cannot use (another tokenizer, a
+    prompt, left truncation, a limit above the store's cap) or any difference: the view's texts are tokenised
+    instead, as if they had been passed as texts."""
+
+    backend = None  # nothing to hand to tokeniser processes
+
+    def __init__(self, inner: _Tokenizer, view):
+        self.inner = inner
+        self.template = None
+        self.verified = False
+        why = self._unusable(inner, view)
+        if why is None:
+            self.template = tokens.Template.probe(inner.tokenizer_json, int(inner.max_len))
+            if self.template is None:
+                why = "its special tokens could not be located"
+            elif not view.fits(self.template):
+                why, self.template = f"its limit of {inner.max_len} tokens exceeds the store's {view.store.cap}", None
+        if why is not None:
+            log.info("engine: token store not used (%s); tokenising the texts", why)
+
+    @staticmethod
+    def _unusable(inner: _Tokenizer, view) -> str | None:
+        if inner.backend is None:
+            return inner.slow_reason or "no fast tokenizer"
+        if view.kind != inner.kind:
+            return f"{view.kind} given where {inner.kind} are expected"
+        if inner.prompt:
+            return "a prompt is prepended"
+        if inner.direction != "right" or not inner.max_len:
+            return "the model truncates on the left or not at all"
+        if view.store.key != tokens.tokenizer_key(inner.tokenizer_json):
+            return "the store was built with another tokenizer"
+        return None
+
+    @property
+    def source(self) -> str:
+        return "token store" if self.template is not None else f"texts, {self.inner.source}"
+
+    def submit(self, items, pool) -> None:
+        return None
+
+    def result(self, items, handle=None) -> _Tokens:
+        return self(items)
+
+    def __call__(self, items) -> _Tokens:
+        if self.template is None:
+            return self.inner(items.texts())
+        toks = _Tokens(*items.assemble(self.template, self.inner.want_type_ids))
+        if self.verified:
+            return toks
+        if self.inner._verify(items, toks, fetch=items.texts):
+            self.verified = True
+            return toks
+        log.warning("engine: tokens from the store differ from the model's preprocess (%s); tokenising the texts",
+                    self.inner.slow_reason)
+        self.template = None
+        return self.inner(items.texts())
 
 
 # ------------------------------------------------------------------------------------ tokeniser processes
@@ -1115,6 +1186,8 @@ class _Runner:
         tok = getattr(_transformer_module(model), "tokenizer", None) or getattr(model, "tokenizer", None)
         want_tt = self.prep.accepts_token_type_ids and "token_type_ids" in (getattr(tok, "model_input_names", None) or [])
         self.tokenizer = _Tokenizer(model, kind, prompt, want_tt, max_positions)
+        if isinstance(items, tokens.TokenView):
+            self.tokenizer = _FromStore(self.tokenizer, items)
         pad_id = getattr(tok, "pad_token_id", None)
         self.cfg = {
             "chunk": max(1, int(chunk or DEFAULT_CHUNK)),
@@ -1336,7 +1409,7 @@ class _Runner:
             device=str(self.device),
             dtype=str(self.dtype).replace("torch.", "") if self.dtype is not None else "float32",
             attention=self.prep.attn,
-            tokenizer="fast" if self.tokenizer.backend is not None else f"preprocess ({self.tokenizer.slow_reason})",
+            tokenizer=self.tokenizer.source,
             tokens=stats["tokens"],
             padded_tokens=stats["padded_tokens"] if self.prep.attn != "varlen" else stats["tokens"],
             attn_tokens_sq=stats["attn_tokens"],
@@ -1446,7 +1519,7 @@ def encode_texts(
     module = _transformer_module(model)
     if module is None or not hasattr(module, "auto_model"):
         raise TypeError("encode_texts needs a SentenceTransformer whose first module is a Transformer")
-    texts = texts if isinstance(texts, (list, tuple)) else list(texts)
+    texts = texts if isinstance(texts, (list, tuple, *tokens.TokenView)) else list(texts)
     prompt_length = None
     if prompt:
         getter = getattr(module, "_get_prompt_length", None)
@@ -1519,7 +1592,7 @@ def score_pairs(
     hf = getattr(model, "model", None)
     if hf is None:
         raise TypeError("score_pairs needs a CrossEncoder with a transformers model")
-    pairs = pairs if isinstance(pairs, (list, tuple)) else list(pairs)
+    pairs = pairs if isinstance(pairs, (list, tuple, *tokens.TokenView)) else list(pairs)
     runner = _Runner(
         "pairs", model, hf, pairs, prompt=None, batch_tokens=batch_tokens, max_batch=max_batch,
         precision=precision, show_progress=show_progress, desc=desc, attention=attention, chunk=chunk_size,
@@ -1541,13 +1614,13 @@ def ceilings(model, items: Sequence, *, pairs: bool = False, device_batches: int
     ``compile_layers``, ``chunk_size``); a diagnostic for scripts/bench_gpu.py, not used by the stages."""
     if pairs:
         hf, post, kind = model.model, _ce_post(model), "pairs"
-        items = items if isinstance(items, (list, tuple)) else list(items)
+        items = items if isinstance(items, (list, tuple, *tokens.TokenView)) else list(items)
     else:
         module = _transformer_module(model)
         if module is None:
             raise TypeError("ceilings needs a SentenceTransformer whose first module is a Transformer")
         hf, post, kind = module.auto_model, _st_post(model, None), "texts"
-        items = list(items)
+        items = items if isinstance(items, (list, tuple, *tokens.TokenView)) else list(items)
     runner = _Runner(
         kind, model, hf, items, prompt=None, batch_tokens=kwargs.get("batch_tokens", "auto"),
         max_batch=kwargs.get("max_batch"), precision=kwargs.get("precision", "auto"), show_progress=False, desc="",
@@ -1573,7 +1646,7 @@ def _mp_worker(rank, fn_name, model, items, start, end, device, out, kwargs):  #
 def _multi(fn_name: str, model, items, devices: Sequence[str], out_shape_tail: tuple, **kwargs) -> np.ndarray:
     import torch.multiprocessing as mp
 
-    items = list(items)
+    items = items.texts() if isinstance(items, tokens.TokenView) else list(items)
     n = len(items)
     devices = list(devices)
     out = torch.empty((n,) + out_shape_tail, dtype=torch.float32).share_memory_()

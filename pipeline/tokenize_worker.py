@@ -34,9 +34,9 @@ def build_tokenizer(tokenizer_json: str, max_len: int | None, direction: str):
     return tok
 
 
-def encode_csr(encode: Callable, items: Sequence, want_type_ids: bool):
+def encode_csr(encode: Callable, items: Sequence, want_type_ids: bool, add_special_tokens: bool = True):
     """(ids int32, offsets int64 [n+1], type_ids int8 or None): row i is ids[offsets[i]:offsets[i+1]]."""
-    encs = encode(list(items), add_special_tokens=True)
+    encs = encode(list(items), add_special_tokens=add_special_tokens)
     n = len(encs)
     lengths = np.fromiter((len(e.ids) for e in encs), np.int64, n)
     offsets = np.zeros(n + 1, np.int64)

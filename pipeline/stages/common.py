@@ -48,6 +48,20 @@ def load_corpus(cfg: DictConfig) -> Corpus:
                        repair_encoding=bool(cfg.data.repair_encoding), empty_text=str(cfg.data.empty_text))
 
 
+def token_store(cfg: DictConfig, corpus: Corpus, model: Any):
+    """The corpus token store for ``model``'s tokenizer when ``token_cache`` asks for one (built on first use,
+    see pipeline/tokens.py); None: the stage passes texts and the engine tokenises them."""
+    from pipeline import tokens
+
+    if not tokens.wanted(cfg.token_cache, len(corpus)):
+        return None
+    tokenizer_json = tokens.fast_tokenizer_json(model)
+    if tokenizer_json is None:
+        log.info("token_cache: the model has no fast tokenizer; tokenising texts")
+        return None
+    return tokens.open_store(corpus, tokenizer_json, Path(str(cfg.cache_root)).expanduser(), wait_s=3600)
+
+
 def training_set(cfg: DictConfig, corpus: Corpus | None = None) -> tuple[dict[str, str], dict[str, list[str]], Qrels]:
     """(queries, positives, qrels) of the training split: only queries that have a positive and a text,
     in sorted-id order, capped at data.train.max_queries. Judged ids missing from the corpus are counted

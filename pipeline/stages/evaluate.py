@@ -52,7 +52,8 @@ from pipeline.config import plain
 from pipeline.models import load_bi_encoder, model_identity, resolve_device
 from pipeline.readers import (Candidates, Corpus, DataError, Qrels, corpus_source_fingerprint, read_candidates,
                               read_qrels, read_queries, write_run)
-from pipeline.stages.common import artifacts_root, load_corpus
+from pipeline.stages.common import artifacts_root, load_corpus, token_store
+from pipeline.tokens import TextTokens
 
 log = logging.getLogger(__name__)
 
@@ -328,10 +329,10 @@ class _Dense:
             "corpus_prompt": self.corpus_prompt, "max_seq_length": int(self.model.max_seq_length or 0),
             "precision": str(cfg.evaluate.precision), "device": self.device}
 
-    def encode(self, texts: Sequence[str], prompt: str | None, desc: str) -> np.ndarray:
+    def encode(self, texts: Sequence[str] | TextTokens, prompt: str | None, desc: str) -> np.ndarray:
         from pipeline.engine import encode_texts
 
-        return encode_texts(self.model, list(texts), prompt=prompt, normalize=None if self.dot else True,
+        return encode_texts(self.model, texts if isinstance(texts, TextTokens) else list(texts), prompt=prompt, normalize=None if self.dot else True,
                             batch_tokens=self.cfg.evaluate.batch_tokens, precision=str(self.cfg.evaluate.precision),
                             desc=desc)
 
@@ -371,14 +372,22 @@ class _Dense:
         dim = int(dim_of() or 0)
         with atomic_path(target) as tmp:
             out = None
+            store = None
+            if not self.corpus_prompt:  # a prompt is tokenised with each passage: no store serves it
+                with self.st.timed("token_store"):
+                    store = token_store(self.cfg, corpus, self.model)
+            self.facts["token_store"] = str(store.folder) if store is not None else None
             bar = tqdm(total=len(corpus), desc="corpus embeddings", unit=" passages", disable=len(corpus) <= chunk)
-            for lo, _ids, texts in corpus.iter_batches(chunk):
-                emb = self.encode(texts, self.corpus_prompt, desc=f"encode corpus {lo:,}+")
+            for lo in range(0, len(corpus), chunk):
+                hi = min(len(corpus), lo + chunk)
+                rows = TextTokens(store, np.arange(lo, hi), corpus.texts_at) if store is not None else \
+                    corpus.texts_at(np.arange(lo, hi))
+                emb = self.encode(rows, self.corpus_prompt, desc=f"encode corpus {lo:,}+")
                 if out is None:
                     dim = emb.shape[1]
                     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(corpus), dim))
-                out[lo:lo + len(texts)] = emb.astype(np.float16)
-                bar.update(len(texts))
+                out[lo:hi] = emb.astype(np.float16)
+                bar.update(hi - lo)
             bar.close()
             out.flush()
             del out

@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_write_json
 from pipeline.stages.common import artifacts_root
+from pipeline.tokens import wanted as tokens_wanted
 
 
 def identity(cfg: DictConfig) -> dict:
@@ -111,6 +112,8 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     disk = {
         "corpus_arrow": corpus * 350 / 1e9,  # ~350 bytes of text per MS MARCO passage
         "corpus_embeddings_per_model": corpus * dim * 2 / 1e9,
+        # token_cache: ~83 uint16 tokens + 12 bytes of offsets and lengths per MS MARCO passage, per tokenizer
+        "corpus_tokens_per_tokenizer": corpus * (83 * 2 + 12) / 1e9 if tokens_wanted(cfg.token_cache, corpus) else 0.0,
         "candidates": train_q * top_k * 24 / 1e9,
         "scores_and_pair_cache": 2 * pairs * 24 / 1e9,
         "model_and_checkpoints": 3 * p.params_m.bi_encoder * 1e6 * 4 * 3 / 1e9,

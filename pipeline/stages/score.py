@@ -20,6 +20,7 @@ Sharding splits the chunks (see pipeline.shards); the merged scores.parquet equa
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -230,6 +231,34 @@ class _Ctx:
                 raise StageError(f"cross-encoder {self.spec} has {labels} labels; scoring needs a single-logit model")
         return self._model
 
+    @functools.cached_property
+    def token_stores(self) -> tuple[Any, list[str], dict[str, int], Any] | None:
+        """(query token store, query texts, row of each query id, corpus token store) for the cross-encoder's
+        tokenizer; None where token_cache is off or the model has no fast tokenizer (texts are passed then)."""
+        from pipeline.tokens import TokenStore, fast_tokenizer_json
+
+        store = common.token_store(self.cfg, self.corpus, self.model)
+        if store is None:
+            return None
+        qtexts = list(self.queries.values())
+        return (TokenStore.from_texts(fast_tokenizer_json(self.model), qtexts), qtexts,
+                {q: i for i, q in enumerate(self.queries)}, store)
+
+    def pair_input(self, qids: list[str], pids: Any) -> Any:
+        """The (query, passage) pairs of ``qids`` and ``pids`` (an Arrow string array) as cross-encoder input:
+        a token-store view, or the texts."""
+        if self.token_stores is None:
+            texts = self.corpus.texts(pids.to_pylist())
+            return [(self.queries[q], t) for q, t in zip(qids, texts)]
+        from pipeline.tokens import PairTokens
+
+        qstore, qtexts, qrow, store = self.token_stores
+        prows = self.corpus.lookup_array(pids)
+        if (prows < 0).any():
+            raise StageError(f"score: {int((prows < 0).sum())} passage ids of the pair list are not in the corpus")
+        return PairTokens(qstore, qtexts, np.fromiter((qrow[q] for q in qids), np.int64, len(qids)), store, prows,
+                          self.corpus.texts_at)
+
 
 def activation_name(model: Any) -> str:
     fn = getattr(model, "activation_fn", None)
@@ -290,8 +319,11 @@ def _work(ctx: _Ctx, st: StageRun, blocks: range, out_dir: Path) -> None:
         cached = ctx.cache.lookup(ctx.pairs.column("qid"), ctx.pairs.column("pid")) if ctx.cache else \
             np.full(n, np.nan, dtype=np.float32)
     total = sum(block_bounds(b, size, n)[1] - block_bounds(b, size, n)[0] for b in todo)
-    log.info("score: %d chunks to do (%d pairs, %d of them cached)", len(todo), total,
-             sum(int((~np.isnan(cached[slice(*block_bounds(b, size, n))])).sum()) for b in todo))
+    hits = sum(int((~np.isnan(cached[slice(*block_bounds(b, size, n))])).sum()) for b in todo)
+    log.info("score: %d chunks to do (%d pairs, %d of them cached)", len(todo), total, hits)
+    with st.timed("token_store"):
+        stores = ctx.token_stores if total > hits else None
+    st.extra["token_store"] = str(stores[3].folder) if stores is not None else None
     bar = tqdm(total=total, desc="score pairs", unit=" pairs", smoothing=0.1)
     scored = from_cache = 0
     for b in todo:
@@ -302,10 +334,10 @@ def _work(ctx: _Ctx, st: StageRun, blocks: range, out_dir: Path) -> None:
         if len(miss):
             take = pa.array(miss)
             qids = sub.column("qid").take(take).to_pylist()
-            pids = sub.column("pid").take(take).to_pylist()
-            texts = ctx.corpus.texts(pids)
+            pid_array = sub.column("pid").take(take)
+            pids = pid_array.to_pylist()
             with st.timed("score"):
-                logits = score_pairs(ctx.model, [(ctx.queries[q], t) for q, t in zip(qids, texts)],
+                logits = score_pairs(ctx.model, ctx.pair_input(qids, pid_array),
                                      batch_tokens=sc.batch_tokens, precision=str(sc.precision),
                                      show_progress=len(todo) == 1, desc=f"score chunk {b}")
             logits = np.asarray(logits, dtype=np.float32).reshape(-1)

@@ -1,0 +1,236 @@
+"""The corpus token store (pipeline/tokens.py): tokens assembled from it equal the tokenizer's own output (special
+tokens, type ids, truncation, the longest-first rule for pairs) for a WordPiece and a byte-level BPE tokenizer; the
+engine gives identical embeddings and scores from it and falls back to texts when it cannot serve a model; the
+stages give identical results with it; a build is keyed by tokenizer, reused, and resumes after a failure."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import tokens
+
+TEXTS = ["the cat sat on the mat", "", "a b", "Hello, World! Unicode: naïve café", "word " * 700,
+         "short", "x " * 40, "The Quick brown fox jumps over the lazy dog " * 3]
+QUERIES = ["what is a cat", "", "q " * 600, "how long is a piece of string", "dog"]
+
+
+@pytest.fixture(scope="module")
+def wordpiece(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir))
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    """A RoBERTa-style tokenizer (byte-level BPE, <s> a </s></s> b </s>, no token type ids) trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(TEXTS * 5 + QUERIES * 5, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")),
+                                                      ("<s>", tok.token_to_id("<s>")))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                   cls_token="<s>", pad_token="<pad>", unk_token="<unk>")
+
+
+def _rows(ids, offsets):
+    return [ids[offsets[i]:offsets[i + 1]].tolist() for i in range(len(offsets) - 1)]
+
+
+@pytest.mark.parametrize("which", ["wordpiece", "bpe"])
+@pytest.mark.parametrize("max_len", [512, 24, 7])
+def test_assembled_tokens_equal_the_tokenizer(request, which, max_len):
+    hf = request.getfixturevalue(which)
+    js = hf.backend_tokenizer.to_str()
+    store, queries = tokens.TokenStore.from_texts(js, TEXTS), tokens.TokenStore.from_texts(js, QUERIES)
+    assert store.lengths.max() > tokens.CAP and store.ids.size < store.lengths.sum()  # the long text was cut
+    template = tokens.Template.probe(js, max_len)
+    assert template is not None
+    types = "token_type_ids" in hf.model_input_names
+
+    ids, offsets, tt = template.texts(store, np.arange(len(TEXTS)), types)
+    ref = hf(TEXTS, truncation=True, max_length=max_len)
+    assert _rows(ids, offsets) == ref["input_ids"]
+
+    rng = np.random.default_rng(0)
+    qrows, prows = rng.integers(0, len(QUERIES), 300), rng.integers(0, len(TEXTS), 300)
+    ids, offsets, tt = template.pairs(queries, qrows, store, prows, types)
+    ref = hf([QUERIES[i] for i in qrows], [TEXTS[i] for i in prows], truncation=True, max_length=max_len)
+    assert _rows(ids, offsets) == ref["input_ids"]
+    if types:
+        assert _rows(tt, offsets) == ref["token_type_ids"]
+
+
+def test_longest_first_rule_on_every_length_combination():
+    """The closed form of the pair truncation against the Rust tokenizer, every (n1, n2, room) up to 14 tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    vocab = {f"w{i}": i for i in range(40)} | {"[CLS]": 40, "[SEP]": 41, "[UNK]": 42}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.BertProcessing(("[SEP]", 41), ("[CLS]", 40))
+    js = tok.to_str()
+    a = [" ".join(f"w{i}" for i in range(n)) for n in range(15)]
+    b = [" ".join(f"w{i + 20}" for i in range(n)) for n in range(15)]
+    qs, ps = tokens.TokenStore.from_texts(js, a), tokens.TokenStore.from_texts(js, b)
+    qrows, prows = np.repeat(np.arange(15), 15), np.tile(np.arange(15), 15)
+    for max_len in range(3, 20):
+        ids, offsets, _ = tokens.Template.probe(js, max_len).pairs(qs, qrows, ps, prows, False)
+        tok.enable_truncation(max_length=max_len, strategy="longest_first")
+        ref = [e.ids for e in tok.encode_batch(list(zip([a[i] for i in qrows], [b[i] for i in prows])))]
+        assert _rows(ids, offsets) == ref, max_len
+
+
+def test_wanted_and_key():
+    assert tokens.wanted("auto", tokens.STORE_MIN_PASSAGES) and not tokens.wanted("auto", 10)
+    assert tokens.wanted(True, 1) and not tokens.wanted(False, 10**9)
+    with pytest.raises(ValueError, match="token_cache"):
+        tokens.wanted("sometimes", 1)
+
+
+def test_key_ignores_truncation_but_not_vocabulary(wordpiece, bpe):
+    js = wordpiece.backend_tokenizer.to_str()
+    spec = json.loads(js)
+    spec["truncation"] = {"direction": "Right", "max_length": 7, "strategy": "LongestFirst", "stride": 0}
+    assert tokens.tokenizer_key(json.dumps(spec)) == tokens.tokenizer_key(js)
+    assert tokens.tokenizer_key(bpe.backend_tokenizer.to_str()) != tokens.tokenizer_key(js)
+
+
+# ------------------------------------------------------------------------------------------------- engine
+
+
+@pytest.fixture(scope="module")
+def models(tiny_bi_encoder, tiny_cross_encoder):
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    return SentenceTransformer(str(tiny_bi_encoder), device="cpu"), CrossEncoder(str(tiny_cross_encoder), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def passages(demo_data_dir):
+    from pipeline.demo import read_tsv_pairs
+
+    return list(read_tsv_pairs(demo_data_dir / "collection.tsv").values())[:300] + ["", "word " * 300]
+
+
+def test_engine_from_store_equals_texts(models, passages):
+    from pipeline import engine
+
+    bi, ce = models
+    js = tokens.fast_tokenizer_json(bi)
+    store = tokens.TokenStore.from_texts(js, passages)
+    view = tokens.TextTokens(store, np.arange(len(passages)), lambda rows: [passages[i] for i in rows])
+    kw = dict(precision="fp32", show_progress=False, chunk_size=100)
+    want = engine.encode_texts(bi, passages, **kw)
+    got = engine.encode_texts(bi, view, **kw)
+    assert engine.LAST_RUN["tokenizer"] == "token store"
+    np.testing.assert_array_equal(got, want)
+    part = engine.encode_texts(bi, view[50:120], **kw)  # other batches: the same values up to float rounding
+    np.testing.assert_allclose(part, want[50:120], rtol=0, atol=1e-6)
+
+    queries = ["what is the answer", "q " * 200, ""]
+    cjs = tokens.fast_tokenizer_json(ce)
+    qstore, cstore = tokens.TokenStore.from_texts(cjs, queries), tokens.TokenStore.from_texts(cjs, passages)
+    rng = np.random.default_rng(1)
+    qrows, prows = rng.integers(0, 3, 250), rng.integers(0, len(passages), 250)
+    pairs = [(queries[q], passages[p]) for q, p in zip(qrows, prows)]
+    want = engine.score_pairs(ce, pairs, **kw)
+    got = engine.score_pairs(ce, tokens.PairTokens(qstore, queries, qrows, cstore, prows,
+                                                   lambda rows: [passages[i] for i in rows]), **kw)
+    assert engine.LAST_RUN["tokenizer"] == "token store"
+    np.testing.assert_array_equal(got, want)
+
+
+def test_engine_falls_back_to_texts(models, passages, bpe, caplog):
+    """A store of another tokenizer, or one whose tokens are wrong, is not used: the texts are tokenised and the
+    result is the same as from texts."""
+    from pipeline import engine
+
+    bi, _ = models
+    texts_at = lambda rows: [passages[i] for i in rows]  # noqa: E731
+    kw = dict(precision="fp32", show_progress=False)
+    want = engine.encode_texts(bi, passages, **kw)
+
+    other = tokens.TokenStore.from_texts(bpe.backend_tokenizer.to_str(), passages)
+    got = engine.encode_texts(bi, tokens.TextTokens(other, np.arange(len(passages)), texts_at), **kw)
+    assert engine.LAST_RUN["tokenizer"] == "texts, fast"
+    np.testing.assert_array_equal(got, want)
+
+    broken = tokens.TokenStore.from_texts(tokens.fast_tokenizer_json(bi), passages)
+    broken.ids[broken.offsets[3]] += 1  # passage 3 (checked: among the first 32) no longer matches its text
+    got = engine.encode_texts(bi, tokens.TextTokens(broken, np.arange(len(passages)), texts_at), **kw)
+    assert engine.LAST_RUN["tokenizer"] == "texts, fast"
+    assert "differ from the model's preprocess" in caplog.text
+    np.testing.assert_array_equal(got, want)
+
+    with_prompt = engine.encode_texts(bi, tokens.TextTokens(broken, np.arange(len(passages)), texts_at),
+                                      prompt="query: ", **kw)
+    np.testing.assert_array_equal(with_prompt, engine.encode_texts(bi, passages, prompt="query: ", **kw))
+
+
+# ------------------------------------------------------------------------------------------------- stages
+
+
+def test_store_build_is_keyed_reused_and_resumes(models, demo_data_dir, tmp_path, monkeypatch):
+    from pipeline.readers import Corpus
+
+    bi, _ = models
+    corpus = Corpus.open(demo_data_dir / "collection.tsv", tmp_path / "cache")
+    js = tokens.fast_tokenizer_json(bi)
+    monkeypatch.setattr(tokens, "BUILD_BLOCK", 64)
+    calls = []
+    real = tokens.raw_tokens
+
+    def failing_third_block(backend, texts):
+        calls.append(len(texts))
+        if len(calls) == 3:
+            raise RuntimeError("killed")
+        return real(backend, texts)
+
+    monkeypatch.setattr(tokens, "raw_tokens", failing_third_block)
+    with pytest.raises(RuntimeError, match="killed"):
+        tokens.open_store(corpus, js, tmp_path / "cache")
+    n_blocks = -(-len(corpus) // 64)
+    calls.clear()
+    monkeypatch.setattr(tokens, "raw_tokens", real)
+    store = tokens.open_store(corpus, js, tmp_path / "cache")
+    assert store.folder.name == f"{corpus.fingerprint}-{tokens.tokenizer_key(js)}"
+    manifest = json.loads((store.folder / "manifest.json").read_text())
+    assert manifest["tokenised_here"] == len(corpus) - 2 * 64 and manifest["passages"] == len(corpus) == len(store)
+    assert n_blocks > 3 and not list((tmp_path / "cache" / "tokens").glob(".*.parts"))
+    want = tokens.TokenStore.from_texts(js, corpus.texts_at(np.arange(len(corpus))))
+    np.testing.assert_array_equal(store.offsets, want.offsets)
+    np.testing.assert_array_equal(store.ids.astype(np.int32), want.ids)
+    assert store.ids.dtype == np.uint16
+    again = tokens.open_store(corpus, js, tmp_path / "cache")  # loaded, not rebuilt
+    assert again.folder == store.folder and json.loads((again.folder / "manifest.json").read_text()) == manifest
+
+
+def test_stages_give_identical_results_with_the_store(demo_stage_overrides, tmp_path):
+    from pipeline.config import compose
+    from pipeline.stages import retrieve, score
+
+    base = [*demo_stage_overrides(max_queries=12, top_k=6), "score.chunk_pairs=30", "retrieve.encode_block=700"]
+    results = {}
+    for setting in ("false", "true"):
+        root = tmp_path / setting
+        cfg = compose([*base, f"artifacts_root={root}", f"token_cache={setting}"])
+        r, s = retrieve.run(cfg), score.run(cfg)
+        stores = list((root / "cache" / "tokens").glob("*/manifest.json")) if (root / "cache" / "tokens").exists() \
+            else []
+        results[setting] = (pq.read_table(r / "candidates.parquet"), np.load(r / "corpus_emb.f16.npy"),
+                            pq.read_table(s / "scores.parquet"), len(stores))
+    off, on = results["false"], results["true"]
+    assert off[3] == 0 and on[3] == 1  # one store: the tiny bi-encoder and cross-encoder share their tokenizer
+    assert on[0].equals(off[0]) and on[2].equals(off[2])
+    np.testing.assert_array_equal(on[1], off[1])
