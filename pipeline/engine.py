@@ -839,7 +839,7 @@ def resolve_tokenize_workers(workers: int | None, device: torch.device, n: int, 
     return max(0, int(workers))
 
 
-class _TokenizerProcesses:
+class TokenizerProcesses:
     """``workers`` tokeniser subprocesses (``python -m pipeline.tokenize_worker``), each driven by one thread of a
     thread pool: :meth:`submit` returns a Future of (ids, offsets, type_ids). Any failure (a worker that dies,
     answers with an error, or does not answer within ``RESULT_TIMEOUT_S``) makes the caller close the pool and
@@ -926,7 +926,7 @@ def _tokenizer_pool(tok: _Tokenizer, workers: int):
     if pool is None:
         _close_pools()
         try:
-            pool = _TokenizerProcesses(workers, (tok.tokenizer_json, tok.max_len, tok.direction, tok.want_type_ids))
+            pool = TokenizerProcesses(workers, (tok.tokenizer_json, tok.max_len, tok.direction, tok.want_type_ids))
         except Exception as exc:
             log.warning("engine: tokeniser processes unavailable (%s: %s); tokenising in this process",
                         type(exc).__name__, exc)

@@ -3,7 +3,7 @@
 The engine (pipeline/engine.py) tokenises with the model's own fast tokenizer. One process tokenised MS MARCO
 passages at 40k/s on an H200 host (the Rust tokenizer alone 64k/s; the rest is turning Encoding objects into arrays
 under the GIL), while the GPU encodes 50k/s: for large inputs on a GPU the engine therefore runs this module as
-worker processes (``python -m pipeline.tokenize_worker``, see engine._TokenizerProcesses). A worker talks over its
+worker processes (``python -m pipeline.tokenize_worker``, see engine.TokenizerProcesses). A worker talks over its
 stdin/stdout: an init message, then one list of inputs per job (JSON), answered by the raw token arrays. Plain
 subprocesses rather than multiprocessing: nothing re-imports the caller's main script (which multiprocessing's
 spawn and forkserver do), and no semaphores or fd passing are needed. Only numpy and tokenizers are imported here.
@@ -94,15 +94,17 @@ def recv(stream: BinaryIO) -> tuple[dict, list[np.ndarray]]:
 
 
 def serve(inp: BinaryIO, out: BinaryIO) -> None:
-    """Worker loop: an init message (tokenizer JSON, max length, truncation side, want type ids), then jobs (lists
-    of already-prompted inputs, pairs as 2-lists) answered by ids, offsets (and type ids) or an error text."""
+    """Worker loop: an init message (tokenizer JSON, max length, truncation side, want type ids, and optionally
+    whether to add special tokens), then jobs (lists of already-prompted inputs, pairs as 2-lists) answered by ids,
+    offsets (and type ids) or an error text."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: the workers are the parallelism
     try:  # below the GPU-feeding threads of the engine's process: a worker never takes a core they need
         os.nice(10)
     except (AttributeError, OSError):  # pragma: no cover - platforms without nice
         pass
     init, _ = recv(inp)
-    tokenizer_json, max_len, direction, want_type_ids = init["init"]
+    tokenizer_json, max_len, direction, want_type_ids, *rest = init["init"]
+    special = bool(rest[0]) if rest else True  # False: raw tokens (pipeline/tokens.py builds its stores so)
     tok = build_tokenizer(tokenizer_json, max_len, direction)
     encode = getattr(tok, "encode_batch_fast", tok.encode_batch)
     send(out, {"status": "ready", "pid": os.getpid()})
@@ -113,7 +115,7 @@ def serve(inp: BinaryIO, out: BinaryIO) -> None:
             return
         try:
             items = [tuple(x) if isinstance(x, list) else x for x in job["items"]]
-            ids, offsets, type_ids = encode_csr(encode, items, bool(want_type_ids))
+            ids, offsets, type_ids = encode_csr(encode, items, bool(want_type_ids), add_special_tokens=special)
             send(out, {"status": "ok"}, [ids, offsets] + ([type_ids] if type_ids is not None else []))
         except Exception as exc:  # reported to the engine, which tokenises in its own process instead
             send(out, {"status": "error", "message": f"{type(exc).__name__}: {exc}"})

@@ -106,9 +106,10 @@ class TokenStore:
         return len(self.offsets) - 1
 
     @classmethod
-    def from_texts(cls, tokenizer_json: str, texts: Sequence[str]) -> TokenStore:
-        """An in-memory store (tests, the bench)."""
-        return cls(*raw_tokens(_backend(tokenizer_json), texts), tokenizer_key(tokenizer_json))
+    def from_texts(cls, tokenizer_json: str, texts: Sequence[str], workers: int = 0) -> TokenStore:
+        """An in-memory store (queries in the score stage, tests, the bench)."""
+        with RawTokenizer(tokenizer_json, workers) as tokenize:
+            return cls(*tokenize(texts), tokenizer_key(tokenizer_json))
 
     @classmethod
     def load(cls, folder: Path) -> TokenStore:
@@ -126,10 +127,71 @@ def raw_tokens(backend, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, n
     CAP tokens per text."""
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     ids, offsets, _ = tokenize_worker.encode_csr(encode, [str(t) for t in texts], False, add_special_tokens=False)
-    lengths = np.diff(offsets)
+    return _cut(ids, np.diff(offsets))
+
+
+def _cut(ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, offsets, lengths) of texts of ``lengths`` tokens stored back to back in ``ids``, each cut at CAP."""
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
     if len(lengths) and lengths.max() > CAP:
         ids, offsets, _ = _assemble([(ids, offsets[:-1], np.minimum(lengths, CAP))], None)
     return ids, offsets, lengths.astype(np.int32)
+
+
+def build_workers(n: int) -> int:
+    """Tokeniser processes for building a store of ``n`` passages: every usable core but two (engine.pool_size)
+    from engine.POOL_MIN_ITEMS passages on, else none. Unlike the engine's (opt-in) processes, nothing competes with
+    them for the GIL: the build runs before any model does."""
+    from pipeline import engine
+
+    return engine.pool_size() if n >= engine.POOL_MIN_ITEMS else 0
+
+
+class RawTokenizer:
+    """Raw tokenisation (no special tokens, lengths before the cut at CAP) in ``workers`` tokeniser processes
+    (engine.TokenizerProcesses), or in this process (the Rust tokenizer's own threads) with 0 workers, where they
+    cannot start, or after one fails. A context manager: the processes end with it."""
+
+    def __init__(self, tokenizer_json: str, workers: int = 0):
+        self.backend = _backend(tokenizer_json)
+        self.pool = None
+        if workers > 0:
+            from pipeline.engine import TokenizerProcesses
+
+            try:
+                self.pool = TokenizerProcesses(workers, (tokenizer_json, None, "right", False, False))
+            except Exception as exc:
+                log.warning("token store: tokeniser processes unavailable (%s); tokenising in this process", exc)
+
+    def __enter__(self) -> RawTokenizer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.pool is None:
+            return raw_tokens(self.backend, texts)
+        from pipeline.engine import RESULT_TIMEOUT_S
+
+        texts = [str(t) for t in texts]
+        step = max(512, -(-len(texts) // (4 * self.pool.workers)))
+        try:
+            futures = [self.pool.submit(texts[i:i + step]) for i in range(0, len(texts), step)]
+            parts = [f.result(timeout=RESULT_TIMEOUT_S) for f in futures]
+        except Exception as exc:  # a worker died or stalled: slower, never wrong
+            log.warning("token store: a tokeniser process failed (%s); tokenising in this process", exc)
+            self.close()
+            return raw_tokens(self.backend, texts)
+        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
+        lengths = np.concatenate([np.diff(p[1]) for p in parts]) if parts else np.zeros(0, np.int64)
+        return _cut(ids, lengths)
 
 
 def open_store(corpus, tokenizer_json: str, cache_root: str | os.PathLike, *, wait_s: float = 3600.0) -> TokenStore:
@@ -149,19 +211,21 @@ def open_store(corpus, tokenizer_json: str, cache_root: str | os.PathLike, *, wa
         parts = root / f".{folder.name}.parts"
         parts.mkdir(exist_ok=True)
         t0 = time.perf_counter()
-        backend, n = _backend(tokenizer_json), len(corpus)
-        vocab = int(backend.get_vocab_size(with_added_tokens=True))
-        dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.int32
+        n = len(corpus)
         blocks = [(lo, min(n, lo + BUILD_BLOCK)) for lo in range(0, n, BUILD_BLOCK)]
+        todo = [b for b in range(len(blocks)) if not (parts / f"block-{b:06d}.lengths.npy").exists()]
+        workers = build_workers(sum(blocks[b][1] - blocks[b][0] for b in todo))
         built = 0
-        for b, (lo, hi) in enumerate(blocks):
-            if (parts / f"block-{b:06d}.lengths.npy").exists():
-                continue
-            ids, offsets, lengths = raw_tokens(backend, corpus.texts_at(np.arange(lo, hi)))
-            _save(parts / f"block-{b:06d}.ids.npy", ids.astype(dtype, copy=False))
-            _save(parts / f"block-{b:06d}.lengths.npy", lengths)  # written last: marks the block done
-            built += hi - lo
-            log.info("token store: %d / %d passages tokenised", hi, n)
+        with RawTokenizer(tokenizer_json, workers) as tokenize:
+            vocab = int(tokenize.backend.get_vocab_size(with_added_tokens=True))
+            dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.int32
+            for b in todo:
+                lo, hi = blocks[b]
+                ids, _, lengths = tokenize(corpus.texts_at(np.arange(lo, hi)))
+                _save(parts / f"block-{b:06d}.ids.npy", ids.astype(dtype, copy=False))
+                _save(parts / f"block-{b:06d}.lengths.npy", lengths)  # written last: marks the block done
+                built += hi - lo
+                log.info("token store: %d / %d passages tokenised (%d tokeniser processes)", hi, n, workers)
         with atomic_path(folder) as tmp:
             tmp.mkdir()
             lengths = np.concatenate([np.load(parts / f"block-{b:06d}.lengths.npy") for b in range(len(blocks))]) \
@@ -179,6 +243,7 @@ def open_store(corpus, tokenizer_json: str, cache_root: str | os.PathLike, *, wa
                 "kind": "token_store", "format": FORMAT, "tokenizer_key": key, "cap": CAP, "dtype": np.dtype(dtype).name,
                 "corpus": corpus.fingerprint, "passages": n, "tokens": int(offsets[-1]),
                 "passages_over_cap": int((lengths > CAP).sum()), "tokenised_here": built,
+                "tokeniser_processes": workers,
                 "seconds": round(time.perf_counter() - t0, 2), "versions": package_versions()})
         for f in parts.iterdir():
             f.unlink()

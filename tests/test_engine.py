@@ -317,7 +317,7 @@ def test_tokeniser_process_failure_falls_back(tiny_ce, passages, monkeypatch, ca
     pairs = [(qs[i % len(qs)], p) for i, p in enumerate(passages)]
     here = engine.score_pairs(tiny_ce, pairs, precision="fp32", show_progress=False, tokenize_workers=0)
     calls = {"n": 0}
-    real = engine._TokenizerProcesses._roundtrip
+    real = engine.TokenizerProcesses._roundtrip
 
     def flaky(self, items):
         calls["n"] += 1
@@ -326,7 +326,7 @@ def test_tokeniser_process_failure_falls_back(tiny_ce, passages, monkeypatch, ca
             raise EOFError("tokeniser process closed its pipe")
         return real(self, items)
 
-    monkeypatch.setattr(engine._TokenizerProcesses, "_roundtrip", flaky)
+    monkeypatch.setattr(engine.TokenizerProcesses, "_roundtrip", flaky)
     with caplog.at_level("WARNING", logger="pipeline.engine"):
         pooled = engine.score_pairs(tiny_ce, pairs, precision="fp32", show_progress=False, chunk_size=16,
                                     tokenize_workers=2)

@@ -91,6 +91,24 @@ def test_longest_first_rule_on_every_length_combination():
         assert _rows(ids, offsets) == ref, max_len
 
 
+def test_tokeniser_processes_give_the_same_store(wordpiece, caplog):
+    """A store built by two tokeniser processes equals the in-process one; a pool that fails mid-way (a worker
+    killed) finishes in this process with the same result."""
+    js = wordpiece.backend_tokenizer.to_str()
+    texts = TEXTS * 300
+    want = tokens.TokenStore.from_texts(js, texts)
+    got = tokens.TokenStore.from_texts(js, texts, workers=2)
+    for name in ("ids", "offsets", "lengths"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    with tokens.RawTokenizer(js, workers=2) as tokenize:
+        assert tokenize.pool is not None
+        tokenize.pool._procs[0].kill()
+        ids, offsets, lengths = tokenize(texts)
+        assert tokenize.pool is None and "tokeniser process failed" in caplog.text
+    np.testing.assert_array_equal(ids, want.ids)
+    np.testing.assert_array_equal(lengths, want.lengths)
+
+
 def test_wanted_and_key():
     assert tokens.wanted("auto", tokens.STORE_MIN_PASSAGES) and not tokens.wanted("auto", 10)
     assert tokens.wanted(True, 1) and not tokens.wanted(False, 10**9)
