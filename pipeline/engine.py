@@ -1001,11 +1001,10 @@ def _collate(toks: _Tokens, order: np.ndarray, pos_offset: int, packed: bool, pa
     L = int(lens.max()) if B else 0
     T = int(lens.sum())
     starts = toks.offsets[order]
-    # flat gather indices of all tokens of the batch, row-major
-    rep_starts = np.repeat(starts - np.concatenate([[0], np.cumsum(lens)[:-1]]), lens)
-    flat_idx = rep_starts + np.arange(T, dtype=np.int64)
-    rows = np.repeat(np.arange(B, dtype=np.int64), lens)
-    cols = flat_idx - np.repeat(starts, lens)
+    # flat gather indices of all tokens of the batch, row-major (helpers that release the GIL: see pipeline/tokens.py)
+    flat_idx = tokens.ragged_arange(starts, lens, T)
+    rows = tokens.segment_ids(lens, T)
+    cols = np.arange(T, dtype=np.int64) - (np.cumsum(lens) - lens)[rows]
     ids = toks.ids[flat_idx].astype(np.int64)
     t: dict[str, torch.Tensor] = {}
     if packed:
@@ -1030,6 +1029,25 @@ def _collate(toks: _Tokens, order: np.ndarray, pos_offset: int, packed: bool, pa
     if pin:
         t = {k: v.pin_memory() for k, v in t.items()}
     return B, L, T, t
+
+
+_PROBE = torch.zeros(4)
+
+
+def _launch_slice(n: int = 100) -> None:
+    """``n`` tiny CPU tensor ops: the Python and dispatcher work of launching ``n`` kernels, which gives up the
+    GIL inside every op and needs it back after, as the GPU-feeding thread does."""
+    for _ in range(n):
+        _PROBE.add_(1.0)
+
+
+def _launch_rate(seconds: float) -> float:
+    """Slices of :func:`_launch_slice` per second in this thread, measured for ``seconds``."""
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        _launch_slice()
+        n += 1
+    return n / (time.perf_counter() - t0)
 
 
 # -------------------------------------------------------------------------------------------- the runner
@@ -1263,17 +1281,27 @@ class _Runner:
         return batch
 
     def ceilings(self, device_batches: int = 64) -> dict:
-        """Diagnostics (scripts/bench_gpu.py): each side of :meth:`run` alone. Host: the collating thread
-        (tokenise, sort, collate, pin) into a consumer that only counts. Device: the first ``device_batches``
-        batches copied to the device beforehand, then forwards only (no tokenising or collating beside them)."""
+        """Diagnostics (scripts/bench_gpu.py): each side of :meth:`run` without the other. Host: the collating
+        thread (tokenise, sort, collate, pin) into a consumer that counts batches and, between its queue checks,
+        does launch-like work (:func:`_launch_slice`) as the GPU-feeding thread would: ``launch_share`` is that
+        work's rate over its rate alone (1.0: the host side leaves the GPU-feeding thread all it needs; lower: it
+        holds the GIL or the cores that thread needs; on 2 CPU cores, session 7: about 0.5 while tokenising, 0.4-0.8
+        while assembling from a token store). Device: the first ``device_batches`` batches copied to the device
+        beforehand, then forwards only (no tokenising or collating beside them)."""
+        alone = _launch_rate(0.3)
         producer, q, stop, stats = self._collating_thread()
         kept: list[_Batch] = []
-        n_items = 0
+        n_items = work = 0
         t0 = time.perf_counter()
         producer.start()
         try:
             while True:
-                item = q.get()
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    _launch_slice()
+                    work += 1
+                    continue
                 if isinstance(item, BaseException):
                     raise item
                 if isinstance(item, _Stop):
@@ -1288,7 +1316,7 @@ class _Runner:
         host_s = time.perf_counter() - t0
         cuda = self.device.type == "cuda"
         batches = [self._on_device(b) for b in kept]
-        tokens = sum(b.T for b in batches)
+        n_tokens = sum(b.T for b in batches)
         attn_sq = float(sum(float((b.tensors["lens"].double() ** 2).sum()) for b in batches))
         with torch.inference_mode():
             if batches:
@@ -1304,7 +1332,8 @@ class _Runner:
         n_dev = sum(b.B for b in batches)
         return {"host_items_per_s": n_items / host_s if host_s else 0.0, "host_s": host_s,
                 "producer_cpu_s": stats.get("producer_cpu_s", 0.0), "tokenize_wait_s": stats["tokenize_s"],
-                "device_items": n_dev, "device_s": device_s, "device_tokens": tokens, "device_attn_tokens_sq": attn_sq,
+                "launch_share": (work / host_s) / alone if host_s and alone else None,
+                "device_items": n_dev, "device_s": device_s, "device_tokens": n_tokens, "device_attn_tokens_sq": attn_sq,
                 "device_items_per_s": n_dev / device_s if device_s else 0.0}
 
     def run(self) -> np.ndarray:

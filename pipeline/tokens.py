@@ -339,6 +339,35 @@ def _find(seq: Sequence[int], sub: Sequence[int], start: int) -> int:
     return -1
 
 
+# Ragged index helpers. Built from cumsum and fancy indexing, which release the GIL, rather than np.repeat, which
+# holds it: the engine runs them in its collating thread, beside the thread that launches the GPU's kernels.
+
+
+def ragged_arange(starts: np.ndarray, lens: np.ndarray, total: int | None = None) -> np.ndarray:
+    """concatenate(arange(starts[i], starts[i] + lens[i]) for every i), int64."""
+    lens = np.asarray(lens, np.int64)
+    keep = lens > 0
+    s, n = np.asarray(starts, np.int64)[keep], lens[keep]
+    total = int(n.sum()) if total is None else int(total)
+    out = np.ones(total, np.int64)
+    if total:
+        first = np.cumsum(n) - n  # where each row begins in the output
+        out[0] = s[0]
+        out[first[1:]] = s[1:] - (s[:-1] + n[:-1] - 1)
+        np.cumsum(out, out=out)
+    return out
+
+
+def segment_ids(lens: np.ndarray, total: int | None = None) -> np.ndarray:
+    """repeat(arange(len(lens)), lens), int64: the row of every token."""
+    lens = np.asarray(lens, np.int64)
+    total = int(lens.sum()) if total is None else int(total)
+    if not total:
+        return np.zeros(0, np.int64)
+    marks = np.bincount(np.cumsum(lens)[:-1], minlength=total + 1)[:total]  # a row starts after each row end
+    return np.cumsum(marks, dtype=np.int64)
+
+
 def _assemble(segments: list, types: list | None):
     """Concatenate per row: constant segments (an id array, the same for every row) and variable ones (source ids,
     start per row, length per row). Returns CSR (ids int32, offsets int64, type ids int8 or None)."""
@@ -362,10 +391,8 @@ def _assemble(segments: list, types: list | None):
             src, starts, _ = seg
             m = int(lens.sum())
             if m:
-                excl = np.cumsum(lens) - lens
-                step = np.arange(m, dtype=np.int64)
-                dst = np.repeat(at - excl, lens) + step
-                ids[dst] = src[np.repeat(starts - excl, lens) + step]
+                dst = ragged_arange(at, lens, m)
+                ids[dst] = src[ragged_arange(starts, lens, m)]
                 if tt is not None:
                     tt[dst] = types[s]
         at += lens

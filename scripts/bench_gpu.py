@@ -17,7 +17,7 @@ Rows (each baseline measured in the same run as ours):
 On a GPU, rows 1 and 2 time the stages' defaults after one untimed pass (the compile, the caching allocators), then
 variants with one setting changed at a time (tokeniser processes, eager layers, twice the batch). Both rows also
 time the inputs the stages pass for corpora of 100k+ passages: views over a corpus token store (pipeline/tokens.py),
-with the store's build (in process, and with tokeniser processes) and the host side alone.
+with the store's build (in process, and with tokeniser processes) and the host side.
 plus parity checks with all-MiniLM-L6-v2's real weights: embeddings cosine vs ST fp32, cross-encoder Spearman vs
 CrossEncoder.predict fp32 (a MiniLM cross-encoder fine-tuned for a few steps here on the DL20 qrels), top-10
 overlap of our search vs semantic_search.
@@ -335,15 +335,17 @@ class Bench:
 
     def sides(self, row: str, model, items, kw: dict, params: int, layers: int, hidden: int, unit: str,
               label: str = "") -> None:
-        """The stage defaults' host side alone (tokenise + collate, nothing consuming) and device side alone (forwards
-        over batches already on the device): the whole call can run no faster than the slower of the two. With a
+        """The stage defaults' host side (tokenise + collate, beside launch-like work instead of forwards: see
+        engine.ceilings) and device side alone (forwards over batches already on the device): the whole call can run
+        no faster than the slower of the two. With a
         ``label`` (inputs from a token store) only the host side: the device side is the same batches."""
         if self.left() < 60:
             log(f"  {row} host/device sides: skipped, {self.left():.0f}s left of the time budget")
             return
         c = self.engine.ceilings(model, items, pairs=row == "score", device_batches=0 if label else 64, **kw)
-        self.add(row, f"side: host alone ({label or 'tokenise, collate'})", len(items), c["host_s"], unit,
-                 note=f"collator cpu {c['producer_cpu_s']:.2f}s, waited {c['tokenize_wait_s']:.2f}s for tokens")
+        self.add(row, f"side: host ({label or 'tokenise, collate'})", len(items), c["host_s"], unit,
+                 note=f"collator cpu {c['producer_cpu_s']:.2f}s, waited {c['tokenize_wait_s']:.2f}s for tokens; "
+                      f"launch-like work beside it at {c['launch_share']:.2f} of its rate alone")
         if label:
             self.results["rows"][f"{row}_sides_{label.replace(' ', '_')}"] = c
             return
@@ -397,7 +399,7 @@ class Bench:
                    hidden: int) -> float:
         """The same job with its inputs read from a corpus token store, the stages' path for corpora of 100k+
         passages (tokenising is then done once per corpus and tokenizer, not once per call): the store's build, the
-        call, and the host side alone. Returns the call's throughput."""
+        call, and the host side. Returns the call's throughput."""
         view, build_s, n_store = self.store_view(model, row)
         self.add(row, "token store build (once per corpus+tokenizer)", n_store, build_s, "passages/s",
                  note="one process, the Rust tokenizer's own threads")

@@ -235,14 +235,14 @@ class _Ctx:
     def token_stores(self) -> tuple[Any, list[str], dict[str, int], Any] | None:
         """(query token store, query texts, row of each query id, corpus token store) for the cross-encoder's
         tokenizer; None where token_cache is off or the model has no fast tokenizer (texts are passed then)."""
-        from pipeline.tokens import TokenStore, fast_tokenizer_json
+        from pipeline.tokens import TokenStore, build_workers, fast_tokenizer_json
 
         store = common.token_store(self.cfg, self.corpus, self.model)
         if store is None:
             return None
         qtexts = list(self.queries.values())
-        return (TokenStore.from_texts(fast_tokenizer_json(self.model), qtexts), qtexts,
-                {q: i for i, q in enumerate(self.queries)}, store)
+        queries = TokenStore.from_texts(fast_tokenizer_json(self.model), qtexts, workers=build_workers(len(qtexts)))
+        return queries, qtexts, {q: i for i, q in enumerate(self.queries)}, store
 
     def pair_input(self, qids: list[str], pids: Any) -> Any:
         """The (query, passage) pairs of ``qids`` and ``pids`` (an Arrow string array) as cross-encoder input:
