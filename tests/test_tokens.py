@@ -109,6 +109,16 @@ def test_tokeniser_processes_give_the_same_store(wordpiece, caplog):
     np.testing.assert_array_equal(lengths, want.lengths)
 
 
+def test_ragged_helpers_equal_their_repeat_forms():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(0, 12))
+        lens, starts = rng.integers(0, 4, n), rng.integers(0, 50, n)  # zero-length rows included
+        want = np.concatenate([np.arange(a, a + k) for a, k in zip(starts, lens)] + [np.zeros(0, np.int64)])
+        np.testing.assert_array_equal(tokens.ragged_arange(starts, lens), want)
+        np.testing.assert_array_equal(tokens.segment_ids(lens), np.repeat(np.arange(n), lens))
+
+
 def test_wanted_and_key():
     assert tokens.wanted("auto", tokens.STORE_MIN_PASSAGES) and not tokens.wanted("auto", 10)
     assert tokens.wanted(True, 1) and not tokens.wanted(False, 10**9)
@@ -232,6 +242,29 @@ def test_store_build_is_keyed_reused_and_resumes(models, demo_data_dir, tmp_path
     assert store.ids.dtype == np.uint16
     again = tokens.open_store(corpus, js, tmp_path / "cache")  # loaded, not rebuilt
     assert again.folder == store.folder and json.loads((again.folder / "manifest.json").read_text()) == manifest
+
+
+def test_concurrent_builders_build_once(models, demo_data_dir, tmp_path, monkeypatch):
+    """Shards of one stage arriving together: one builds the store, the other waits for it and loads it."""
+    import threading
+
+    from pipeline.readers import Corpus
+
+    corpus = Corpus.open(demo_data_dir / "collection.tsv", tmp_path / "cache")
+    js = tokens.fast_tokenizer_json(models[0])
+    tokenised: list[int] = []
+    real = tokens.raw_tokens
+    monkeypatch.setattr(tokens, "raw_tokens", lambda backend, texts: tokenised.append(len(texts)) or real(backend, texts))
+    got: list = []
+    threads = [threading.Thread(target=lambda: got.append(tokens.open_store(corpus, js, tmp_path / "cache")))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 2 and got[0].folder == got[1].folder
+    assert sum(tokenised) == len(corpus)  # once, not twice
+    np.testing.assert_array_equal(got[0].offsets, got[1].offsets)
 
 
 def test_stages_give_identical_results_with_the_store(demo_stage_overrides, tmp_path):
