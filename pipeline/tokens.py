@@ -15,7 +15,8 @@ vocabulary fits, else int32), ``offsets.npy`` (int64, n + 1: passage i is ids[of
 tokens and truncation when it reads them (:class:`Template`, the tokenizer's own truncation rule, incl. the
 longest-first rule for pairs). The engine checks the assembled tokens of the first chunk of every call against the
 model's own ``preprocess`` of the same texts and tokenises the texts instead on any difference, so a store can
-make a run slower, never different. Built in blocks that are committed one by one, so a killed build resumes.
+make a run slower, never different. Built in blocks (BUILD_BLOCK passages or BUILD_BYTES of text) that are committed
+one by one, so a killed build resumes.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ log = logging.getLogger(__name__)
 CAP = 512
 #: ``token_cache: auto`` builds a store for corpora of this many passages or more (below it tokenising is seconds)
 STORE_MIN_PASSAGES = 100_000
-#: passages per committed block of a build (unit of resume)
+#: passages per committed block of a build (unit of resume), at most
 BUILD_BLOCK = 262_144
+#: text bytes per block, at most: the tokenizer's per-token objects of a block of long documents stay under ~1 GB
+BUILD_BYTES = 64 << 20
 FORMAT = 1
 
 
@@ -212,7 +215,7 @@ def open_store(corpus, tokenizer_json: str, cache_root: str | os.PathLike, *, wa
         parts.mkdir(exist_ok=True)
         t0 = time.perf_counter()
         n = len(corpus)
-        blocks = [(lo, min(n, lo + BUILD_BLOCK)) for lo in range(0, n, BUILD_BLOCK)]
+        blocks = _build_blocks(corpus)
         todo = [b for b in range(len(blocks)) if not (parts / f"block-{b:06d}.lengths.npy").exists()]
         workers = build_workers(sum(blocks[b][1] - blocks[b][0] for b in todo))
         built = 0
@@ -250,6 +253,25 @@ def open_store(corpus, tokenizer_json: str, cache_root: str | os.PathLike, *, wa
         parts.rmdir()
         log.info("token store: %d passages, %d tokens -> %s", n, int(offsets[-1]), folder)
     return TokenStore.load(folder)
+
+
+def _build_blocks(corpus) -> list[tuple[int, int]]:
+    """[lo, hi) passage rows of each build block: BUILD_BLOCK passages or BUILD_BYTES of text, whichever comes
+    first (a passage longer than that is a block of its own). Fixed by the corpus, so a resumed build cuts the same
+    blocks."""
+    import pyarrow.compute as pc
+
+    n = len(corpus)
+    nbytes = np.asarray(pc.binary_length(corpus.table.column("text")).to_numpy(zero_copy_only=False), np.int64)
+    ends = np.cumsum(nbytes)
+    blocks, lo = [], 0
+    while lo < n:
+        before = int(ends[lo - 1]) if lo else 0
+        hi = int(np.searchsorted(ends, before + BUILD_BYTES, side="right"))
+        hi = max(lo + 1, min(hi, lo + BUILD_BLOCK, n))
+        blocks.append((lo, hi))
+        lo = hi
+    return blocks
 
 
 def _save(path: Path, array: np.ndarray) -> None:

@@ -95,6 +95,11 @@ all-MiniLM-L6-v2, real DL20 passages), "MFU*" = against that matmul rate:
   train   MNRL batch 64, steps 2-8: make_trainer packed bf16 13.9 triplets/s (42.5%); SentenceTransformerTrainer bf16
           3.19 (9.8%) -> 4.3x; the stage's trainer unpacked 3.1; loss curves packed vs unpacked within 0.6%
   parity  embeddings cosine min 0.99992, top-10 overlap 0.9996 / 0.9953, cross-encoder Spearman 0.99987
+2026-11-27 (session 7), same box, `--device cpu --rows encode,score`: encode ours 114 passages/s (51% MFU*), 115 with
+inputs from a token store; ST fp32 59, bf16 batch 256 48 -> 1.9x / 2.4x either way; score ours 97 pairs/s, 98 from
+the store; CE.predict fp32 52, bf16 batch 256 56 -> 1.9x / 1.7x (1.8x from the store). The CPU is bound by the
+forwards (device side alone 119 / 103 items/s), so the store changes little here; its host side is 2.8x faster at
+these sizes (6,295 -> 17,750 passages/s) and 33-37x at 31k-94k inputs (scripts/bench_host.py).
 `--quick` (tiny sizes, 2-layer models; a smoke test, not a measurement) takes a few minutes.
 """
 
@@ -999,7 +1004,7 @@ class Bench:
     def summary(self):
         log("\n" + "=" * 118)
         log(f"SUMMARY  device: {self.device_name}  |  MFU peak: {self.peak_label}" +
-            (f"  |  measured bf16 matmul {self.measured_peak / 1e12:.0f} TFLOP/s" if self.measured_peak else ""))
+            (f"  |  measured bf16 matmul {self.measured_peak / 1e12:.3g} TFLOP/s" if self.measured_peak else ""))
         log(f"{'row':<8} {'system':<44} {'n':>8} {'seconds':>8} {'throughput':>14} {'MFU':>7} {'MFU*':>7}")
         for row, system, n, sec, tput, unit, mfu, mfu_m, extra, note in self.table:
             log(f"{row:<8} {system[:44]:<44} {n:>8} {sec:>8.2f} {tput:>10,.0f} {unit.split('/')[0][:3]}/s "

@@ -244,6 +244,22 @@ def test_store_build_is_keyed_reused_and_resumes(models, demo_data_dir, tmp_path
     assert again.folder == store.folder and json.loads((again.folder / "manifest.json").read_text()) == manifest
 
 
+def test_build_blocks_bound_passages_and_bytes(demo_data_dir, tmp_path, monkeypatch):
+    from pipeline.readers import Corpus
+
+    corpus = Corpus.open(demo_data_dir / "collection.tsv", tmp_path / "cache")
+    sizes = np.array([len(t.encode("utf-8")) for t in corpus.texts_at(np.arange(len(corpus)))])
+    monkeypatch.setattr(tokens, "BUILD_BLOCK", 50)
+    monkeypatch.setattr(tokens, "BUILD_BYTES", int(sizes.max()) * 4)
+    blocks = tokens._build_blocks(corpus)
+    assert blocks[0][0] == 0 and blocks[-1][1] == len(corpus)
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    assert all(0 < hi - lo <= 50 and sizes[lo:hi].sum() <= tokens.BUILD_BYTES for lo, hi in blocks)
+    assert any(hi - lo < 50 for lo, hi in blocks[:-1])  # the byte bound cut some blocks
+    monkeypatch.setattr(tokens, "BUILD_BYTES", 1)
+    assert tokens._build_blocks(corpus) == [(i, i + 1) for i in range(len(corpus))]  # one oversize passage each
+
+
 def test_concurrent_builders_build_once(models, demo_data_dir, tmp_path, monkeypatch):
     """Shards of one stage arriving together: one builds the store, the other waits for it and loads it."""
     import threading
