@@ -404,7 +404,10 @@ class Bench:
                    hidden: int) -> float:
         """The same job with its inputs read from a corpus token store, the stages' path for corpora of 100k+
         passages (tokenising is then done once per corpus and tokenizer, not once per call): the store's build, the
-        call, and the host side. Returns the call's throughput."""
+        call, and the host side. Returns the call's throughput (NaN when the time budget ran out)."""
+        if self.left() < 60:
+            log(f"  {row} from the token store: skipped, {self.left():.0f}s left of the time budget")
+            return float("nan")
         view, build_s, n_store = self.store_view(model, row)
         self.add(row, "token store build (once per corpus+tokenizer)", n_store, build_s, "passages/s",
                  note="one process, the Rust tokenizer's own threads")
@@ -425,6 +428,12 @@ class Bench:
         tput = self.add(row, f"ours, inputs from the token store ({run['tokenizer']})", len(view), dt, unit,
                         flops_per_item * len(view), note=host_note(run))
         self.sides(row, model, view, kw, params, layers, hidden, unit, label="from store")
+        # same tokens, same batches: the outputs must not move (the model's own preprocess defines the tokens)
+        k = min(len(view), 4096)
+        diff = float(np.abs(np.asarray(fn(model, view[:k], **kw)) - np.asarray(fn(model, view.texts(range(k)), **kw))
+                            ).max()) if k else 0.0
+        self.results["parity"][f"{row}_store_vs_texts_max_abs_diff"] = diff
+        log(f"  parity: {row} from the token store vs from texts, first {k} inputs: max abs difference {diff:.3g}")
         return tput
 
     def encode_items(self) -> list[str]:
@@ -1031,6 +1040,10 @@ class Bench:
         if p.get("top10_overlap"):
             o = p["top10_overlap"]
             log(f"        top-10 overlap search-only {o['search_only']:.4f}, end-to-end {o['end_to_end']:.4f}")
+        store = {k.split("_")[0]: v for k, v in p.items() if k.endswith("_store_vs_texts_max_abs_diff")}
+        if store:
+            log("        from the token store vs from texts, max abs difference: " +
+                ", ".join(f"{k} {v:.3g}" for k, v in store.items()))
         if p.get("cross_encoder"):
             c = p["cross_encoder"]
             log(f"        cross-encoder Spearman {c['spearman']:.5f} ({c['model']}; {c['dtype']}, {c['path']})")
