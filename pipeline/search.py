@@ -178,6 +178,14 @@ def _chunk_topk(S: torch.Tensor, k: int, method: str, thr: torch.Tensor | None =
     return torch.topk(S, min(k, S.shape[1]), dim=1)
 
 
+def _candidates(Qb: torch.Tensor, chunk: torch.Tensor, c0: int, kc: int, method: str, thr: torch.Tensor | None,
+                group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A query block's top-``kc`` candidates in one corpus chunk starting at row ``c0``: (float32 scores, corpus
+    rows). The score matrix lives only inside this call."""
+    v, i = _chunk_topk(Qb @ chunk.T, kc, method, thr, group)
+    return v.float(), i + c0
+
+
 def _chunk_reader(corpus, bounds, dtype: torch.dtype, pin: bool, q: "queue.Queue", stop: threading.Event):
     try:
         for c0, c1 in bounds:
@@ -328,14 +336,9 @@ def exact_search(
                 # time saved (each merge is several small sorts and gathers)
                 for q0 in range(0, nq, query_chunk):
                     q1 = min(nq, q0 + query_chunk)
-                    vs, ids = [], []
-                    for c0, c1 in bounds:
-                        S = Q[q0:q1] @ resident[c0:c1].T
-                        v, i = _chunk_topk(S, min(keep, c1 - c0), topk_method, None, topk_group)
-                        del S
-                        vs.append(v.float())
-                        ids.append(i + c0)
-                    cs, ci = torch.cat(vs, dim=1), torch.cat(ids, dim=1)
+                    parts = [_candidates(Q[q0:q1], resident[c0:c1], c0, min(keep, c1 - c0), topk_method, None,
+                                         topk_group) for c0, c1 in bounds]
+                    cs, ci = torch.cat([v for v, _ in parts], dim=1), torch.cat([i for _, i in parts], dim=1)
                     best_s[q0:q1], best_i[q0:q1] = _merge(cs[:, :0], ci[:, :0], cs, ci, keep)
                     if bar is not None:
                         bar.update(q1 - q0)
@@ -343,11 +346,9 @@ def exact_search(
                 kc = min(keep, c1 - c0)
                 for q0 in range(0, nq, query_chunk):
                     q1 = min(nq, q0 + query_chunk)
-                    S = Q[q0:q1] @ chunk.T
                     thr = best_s[q0:q1, keep - 1] if (topk_method == "pruned" and c0 > 0 and kc == keep) else None
-                    v, i = _chunk_topk(S, kc, topk_method, thr, topk_group)
-                    del S
-                    best_s[q0:q1], best_i[q0:q1] = _merge(best_s[q0:q1], best_i[q0:q1], v.float(), i + c0, keep)
+                    v, i = _candidates(Q[q0:q1], chunk, c0, kc, topk_method, thr, topk_group)
+                    best_s[q0:q1], best_i[q0:q1] = _merge(best_s[q0:q1], best_i[q0:q1], v, i, keep)
                 if bar is not None:
                     bar.update(c1 - c0)
             if rescore and resident is not None:
