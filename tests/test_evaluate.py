@@ -175,3 +175,16 @@ def test_cli_malformed_input_exits_2_with_file_and_line(tmp_path):
                 f"artifacts_root={tmp_path / 'art'}", cwd=tmp_path)
     assert proc.returncode == 2
     assert f"{folder / 'qrels' / 'test.tsv'}:3: expected 3 tab-separated columns" in proc.stdout + proc.stderr
+
+
+def test_dense_system_from_the_token_store_is_identical(tmp_path, bi_encoder_spec):
+    """token_cache=true: the corpus is encoded from its token store; embeddings and metrics equal the texts path."""
+    system = f"evaluate.systems=[{{name: tiny, model: '{bi_encoder_spec}', similarity: cosine}}]"
+    out = {}
+    for setting in ("false", "true"):
+        folder = evaluate.run(config(tmp_path / setting, system, "evaluate.bm25=false", f"token_cache={setting}"))
+        out[setting] = (np.load(folder / evaluate.EMB_FILE), json.loads((folder / "metrics.json").read_text()),
+                        read_manifest(folder)["extra"].get("token_store"))
+    np.testing.assert_array_equal(out["true"][0], out["false"][0])
+    assert out["true"][1]["metrics"] == out["false"][1]["metrics"]
+    assert out["false"][2] is None and "tokens" in out["true"][2]

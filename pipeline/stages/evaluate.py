@@ -381,7 +381,7 @@ class _Dense:
             for lo in range(0, len(corpus), chunk):
                 hi = min(len(corpus), lo + chunk)
                 rows = TextTokens(store, np.arange(lo, hi), corpus.texts_at) if store is not None else \
-                    corpus.texts_at(np.arange(lo, hi))
+                    corpus.table.column("text").slice(lo, hi - lo).to_pylist()
                 emb = self.encode(rows, self.corpus_prompt, desc=f"encode corpus {lo:,}+")
                 if out is None:
                     dim = emb.shape[1]
