@@ -116,9 +116,18 @@ class TokenStore:
 
     @classmethod
     def load(cls, folder: Path) -> TokenStore:
+        """The store in ``folder`` (memory-mapped), its arrays checked against each other and its manifest."""
         manifest = json.loads((folder / "manifest.json").read_text())
-        return cls(*(np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("ids", "offsets", "lengths")),
-                   manifest["tokenizer_key"], int(manifest["cap"]), folder)
+        try:
+            arrays = [np.load(folder / f"{name}.npy", mmap_mode="r") for name in ("ids", "offsets", "lengths")]
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"token store {folder} is damaged ({exc}); delete the folder to rebuild it") from exc
+        ids, offsets, lengths = arrays
+        n, total = int(manifest["passages"]), int(manifest["tokens"])
+        if len(offsets) != n + 1 or len(lengths) != n or len(ids) != total or int(offsets[-1]) != total:
+            raise ValueError(f"token store {folder} is damaged (its arrays disagree with its manifest); delete the "
+                             f"folder to rebuild it")
+        return cls(ids, offsets, lengths, manifest["tokenizer_key"], int(manifest["cap"]), folder)
 
 
 def _backend(tokenizer_json: str):
@@ -206,11 +215,11 @@ def open_store(corpus, tokenizer_json: str, cache_root: str | os.PathLike, *, wa
     root = Path(cache_root).expanduser().resolve() / "tokens"
     folder = root / f"{corpus.fingerprint}-{key}"
     if (folder / "manifest.json").exists():
-        return TokenStore.load(folder)
+        return _checked(TokenStore.load(folder), corpus)
     root.mkdir(parents=True, exist_ok=True)
     with folder_lock(root / f".{folder.name}.lockdir", wait_s=wait_s):
         if (folder / "manifest.json").exists():
-            return TokenStore.load(folder)
+            return _checked(TokenStore.load(folder), corpus)
         parts = root / f".{folder.name}.parts"
         parts.mkdir(exist_ok=True)
         t0 = time.perf_counter()
@@ -252,7 +261,14 @@ def open_store(corpus, tokenizer_json: str, cache_root: str | os.PathLike, *, wa
             f.unlink()
         parts.rmdir()
         log.info("token store: %d passages, %d tokens -> %s", n, int(offsets[-1]), folder)
-    return TokenStore.load(folder)
+    return _checked(TokenStore.load(folder), corpus)
+
+
+def _checked(store: TokenStore, corpus) -> TokenStore:
+    if len(store) != len(corpus):
+        raise ValueError(f"token store {store.folder} holds {len(store)} passages for a corpus of {len(corpus)}; "
+                         f"delete the folder to rebuild it")
+    return store
 
 
 def _build_blocks(corpus) -> list[tuple[int, int]]:

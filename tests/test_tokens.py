@@ -243,6 +243,18 @@ def test_store_build_is_keyed_reused_and_resumes(models, demo_data_dir, tmp_path
     again = tokens.open_store(corpus, js, tmp_path / "cache")  # loaded, not rebuilt
     assert again.folder == store.folder and json.loads((again.folder / "manifest.json").read_text()) == manifest
 
+    def replace(name, write):  # new files under the old names: the arrays mapped above keep their own
+        part = store.folder / f"new-{name}"
+        write(part)
+        part.replace(store.folder / name)
+
+    replace("offsets.npy", lambda p: np.save(p, np.asarray(store.offsets)[:-5]))  # a damaged store: a clear error
+    with pytest.raises(ValueError, match="damaged.*delete the folder"):
+        tokens.open_store(corpus, js, tmp_path / "cache")
+    replace("ids.npy", lambda p: p.write_bytes(b"not an array"))
+    with pytest.raises(ValueError, match="damaged.*delete the folder"):
+        tokens.open_store(corpus, js, tmp_path / "cache")
+
 
 def test_build_blocks_bound_passages_and_bytes(demo_data_dir, tmp_path, monkeypatch):
     from pipeline.readers import Corpus
