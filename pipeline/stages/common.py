@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from pipeline.artifacts import config_key, require_complete, stage_folder
+from pipeline.artifacts import StageError, config_key, require_complete, stage_folder
 from pipeline.config import plain
 from pipeline.readers import Corpus, Qrels, check_qrels_in_corpus, positives, read_qrels, read_queries
 
@@ -59,7 +59,10 @@ def token_store(cfg: DictConfig, corpus: Corpus, model: Any):
     if tokenizer_json is None:
         log.info("token_cache: the model has no fast tokenizer; tokenising texts")
         return None
-    return tokens.open_store(corpus, tokenizer_json, Path(str(cfg.cache_root)).expanduser(), wait_s=3600)
+    try:
+        return tokens.open_store(corpus, tokenizer_json, Path(str(cfg.cache_root)).expanduser(), wait_s=3600)
+    except ValueError as exc:  # a damaged store: one clear line, not a traceback
+        raise StageError(str(exc)) from exc
 
 
 def training_set(cfg: DictConfig, corpus: Corpus | None = None) -> tuple[dict[str, str], dict[str, list[str]], Qrels]:
