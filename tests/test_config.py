@@ -66,6 +66,40 @@ def test_plan_counts_msmarco_without_data_or_models(tmp_path, capsys):
     assert 6 < ref < 8  # the brief: about 7 hours at sentence-transformers defaults on one H200
 
 
+def test_plan_reads_its_figures_from_a_bench_output(tmp_path):
+    """plan.bench_json: the figures of a scripts/bench_gpu.py --out file, the token-store rows where the stages would
+    use a store (MS MARCO: token_cache auto), the texts rows where they would not; a file lacking a row is refused."""
+    from pipeline.stages import plan
+
+    def rec(system, tput):
+        return {"system": system, "throughput": tput}
+
+    store = "ours, inputs from the token store (token store)"
+    rows = {"encode": [rec("ours (stage defaults: ...)", 36000.0), rec(store, 50000.0),
+                       rec("ST encode fp32 default (batch 32)", 2000.0)],
+            "score": [rec("ours (stage defaults: ...)", 20000.0), rec(store, 25000.0),
+                      rec("CE predict fp32 default (batch 32)", 1500.0)],
+            "search": [rec("ours exact_search (float16)", 30000.0), rec("ST util.semantic_search (defaults)", 600.0)],
+            "train": [rec("baseline (SentenceTransformerTrainer bf16)", 250.0),
+                      rec("ours (train stage make_trainer)", 2000.0)]}
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"rows": rows, "env": {"device": "NVIDIA H200", "torch": "2.x"}}))
+    base = ["data=msmarco", "model=msmarco_distilbert_v2", f"artifacts_root={tmp_path}", f"plan.bench_json={bench}"]
+    est = plan.estimate(compose(base))
+    ref = est["gpu_hours"]["pipeline"]["reference_job"]
+    assert ref["encode"] == pytest.approx(17683646 / 50000 / 3600, abs=1e-3)
+    assert ref["score"] == pytest.approx(25e6 / 25000 / 3600, abs=1e-3)
+    assert ref["train"] == pytest.approx(502939 / 2000 / 3600, abs=1e-3)
+    assert est["gpu_hours"]["baseline"]["reference_job"]["encode"] == pytest.approx(17683646 / 2000 / 3600, abs=1e-3)
+    assert "NVIDIA H200" in est["throughput_source"] and "token store: encode, score" in est["throughput_source"]
+    texts = plan.estimate(compose([*base, "token_cache=false"]))["gpu_hours"]["pipeline"]["reference_job"]
+    assert texts["encode"] == pytest.approx(17683646 / 36000 / 3600, abs=1e-3)
+    del rows["search"][0]
+    bench.write_text(json.dumps({"rows": rows}))
+    with pytest.raises(ValueError, match="search: ours exact_search"):
+        plan.estimate(compose(base))
+
+
 def test_verify_reports_an_altered_artifact(tmp_path):
     from pipeline.artifacts import StageError
     from pipeline.stages import verify

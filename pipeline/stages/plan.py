@@ -1,7 +1,8 @@
 """`stage=plan`: what a run will do and cost, from the config and file sizes alone (no model is loaded).
 
 Counts come from `data.sizes` when the config knows them (MS MARCO) or from the files when they exist;
-throughput figures come from `conf/plan` (measured by scripts/bench_gpu.py, stated there)."""
+throughput figures come from `conf/plan` (measured by scripts/bench_gpu.py, stated there), or straight from a
+bench's JSON output (`plan.bench_json`)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,46 @@ def _gpu_memory_gb(params_m: float, train: bool, batch_tokens: int, hidden: int 
     acts = batch_tokens * hidden * layers * 2 * (14 if train else 4)
     optim = params_m * 1e6 * 16 if train else 0
     return (weights + acts + optim) / 1e9 + 1.0  # + CUDA context
+
+
+#: which bench rows give which plan figure: (row, system-name prefix) for this project and for the library
+_BENCH_ROWS = {
+    "encode_passages": ("encode", "ours (stage defaults", "ST encode fp32 default"),
+    "score_pairs": ("score", "ours (stage defaults", "CE predict fp32 default"),
+    "search_queries": ("search", "ours exact_search", "ST util.semantic_search"),
+    "train_triplets": ("train", "ours (train stage", "baseline (SentenceTransformerTrainer"),
+}
+#: the rows the stages' path for a corpus with a token store (token_cache) is measured by
+_STORE_SYSTEM = "ours, inputs from the token store"
+
+
+def figures_from_bench(path: str, use_store: bool) -> tuple[dict[str, float], dict[str, float], str]:
+    """(pipeline figures, baseline figures, source line) from a scripts/bench_gpu.py --out JSON. ``use_store``:
+    the encode and score figures of inputs from a corpus token store (what the stages run where token_cache is
+    on), when the file has them."""
+    import json
+
+    doc = json.loads(Path(path).read_text())
+    rows = doc.get("rows", {})
+
+    def pick(row: str, prefix: str) -> float | None:
+        for rec in rows.get(row, []) if isinstance(rows.get(row), list) else []:
+            if str(rec.get("system", "")).startswith(prefix) and rec.get("throughput") == rec.get("throughput"):
+                return float(rec["throughput"])
+        return None
+
+    ours, base, missing, store_used = {}, {}, [], []
+    for key, (row, mine, theirs) in _BENCH_ROWS.items():
+        stored = pick(row, _STORE_SYSTEM) if use_store and row in ("encode", "score") else None
+        ours[key], base[key] = stored or pick(row, mine), pick(row, theirs)
+        store_used += [row] if stored else []
+        missing += [f"{row}: {who}" for who, v in ((mine, ours[key]), (theirs, base[key])) if v is None]
+    if missing:
+        raise ValueError(f"plan.bench_json={path} lacks the rows {missing}")
+    env = doc.get("env", {})
+    source = (f"{path} ({env.get('device', '?')}, torch {env.get('torch', '?')}"
+              + (f"; encode/score from the token store: {', '.join(store_used)}" if store_used else "") + ")")
+    return ours, base, source
 
 
 def estimate(cfg: DictConfig) -> dict[str, Any]:
@@ -144,8 +185,13 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     }
     rates = {}
     ref = p.reference_job
+    figures = {"pipeline": p.pipeline, "baseline": p.baseline}
+    source = str(p.throughput_source)
+    if p.get("bench_json"):
+        ours, base, source = figures_from_bench(str(p.bench_json), tokens_wanted(cfg.token_cache, corpus))
+        figures = {"pipeline": DictConfig(ours), "baseline": DictConfig(base)}
     for which in ("pipeline", "baseline"):
-        r = p[which]
+        r = figures[which]
         enc_rate = r.encode_passages / float(p.bi_encoder_cost_factor)
         score_rate = r.score_pairs / float(p.cross_encoder_cost_factor)
         hours = {
@@ -173,7 +219,7 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
         "peak_gpu_memory_gb": {k: round(v, 1) for k, v in gpu_mem.items()},
         "gpu_hours": {w: {part: {k: round(v, 3) for k, v in h.items()} for part, h in d.items()}
                       for w, d in rates.items()},
-        "throughput_source": str(p.throughput_source),
+        "throughput_source": source,
         "unknown": unknown,
     }
 
