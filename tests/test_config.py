@@ -76,6 +76,8 @@ def test_plan_reads_its_figures_from_a_bench_output(tmp_path):
 
     store = "ours, inputs from the token store (token store)"
     rows = {"encode": [rec("ours (stage defaults: ...)", 36000.0), rec(store, 50000.0),
+                       rec("token store build (once per corpus+tokenizer)", 40000.0),
+                       rec("token store build, 14 tokeniser processes", 400000.0),
                        rec("ST encode fp32 default (batch 32)", 2000.0)],
             "score": [rec("ours (stage defaults: ...)", 20000.0), rec(store, 25000.0),
                       rec("CE predict fp32 default (batch 32)", 1500.0)],
@@ -90,10 +92,12 @@ def test_plan_reads_its_figures_from_a_bench_output(tmp_path):
     assert ref["encode"] == pytest.approx(17683646 / 50000 / 3600, abs=1e-3)
     assert ref["score"] == pytest.approx(25e6 / 25000 / 3600, abs=1e-3)
     assert ref["train"] == pytest.approx(502939 / 2000 / 3600, abs=1e-3)
+    assert ref["tokenise"] > 0 and ref["tokenise"] == pytest.approx(8841823 / 400000 / 3600, abs=1e-3)  # built once
+    assert ref["total"] == pytest.approx(sum(v for k, v in ref.items() if k != "total"), abs=1e-3)
     assert est["gpu_hours"]["baseline"]["reference_job"]["encode"] == pytest.approx(17683646 / 2000 / 3600, abs=1e-3)
     assert "NVIDIA H200" in est["throughput_source"] and "token store: encode, score" in est["throughput_source"]
     texts = plan.estimate(compose([*base, "token_cache=false"]))["gpu_hours"]["pipeline"]["reference_job"]
-    assert texts["encode"] == pytest.approx(17683646 / 36000 / 3600, abs=1e-3)
+    assert texts["encode"] == pytest.approx(17683646 / 36000 / 3600, abs=1e-3) and "tokenise" not in texts
     del rows["search"][0]
     bench.write_text(json.dumps({"rows": rows}))
     with pytest.raises(ValueError, match="search: ours exact_search"):
