@@ -636,18 +636,7 @@ class _Tokenizer:
             else:
                 feats = self.model.preprocess(sub, prompt=self.prompt) if self.prompt else self.model.preprocess(sub)
             parts.append(_csr_from_padded(feats))
-        if len(parts) == 1:
-            t = parts[0]
-        else:
-            lens = np.concatenate([p.lengths for p in parts])
-            offsets = np.zeros(len(lens) + 1, np.int64)
-            np.cumsum(lens, out=offsets[1:])
-            tts = [p.type_ids for p in parts]
-            t = _Tokens(
-                np.concatenate([p.ids for p in parts]),
-                offsets,
-                None if any(x is None for x in tts) else np.concatenate(tts),
-            )
+        t = _Tokens(*tokenize_worker.join_csr([(p.ids, p.offsets, p.type_ids) for p in parts]))
         if not self.want_type_ids:
             t.type_ids = None
         elif t.type_ids is None:
@@ -706,16 +695,7 @@ class _Tokenizer:
             self.pool_broken = True
             _close_pools()
             return self(items)
-        lens = np.concatenate([np.diff(p[1]) for p in parts]) if parts else np.zeros(0, np.int64)
-        offsets = np.zeros(len(lens) + 1, np.int64)
-        np.cumsum(lens, out=offsets[1:])
-        tts = [p[2] for p in parts]
-        toks = _Tokens(
-            np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32),
-            offsets,
-            None if (not parts or any(t is None for t in tts)) else np.concatenate(tts),
-        )
-        return self._checked(items, toks)
+        return self._checked(items, _Tokens(*tokenize_worker.join_csr(parts)))
 
     def _checked(self, items: Sequence, toks: _Tokens) -> _Tokens:
         """``toks`` once the first chunk's fast tokens match the model's preprocess; else the preprocess's."""

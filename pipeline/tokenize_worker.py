@@ -49,6 +49,21 @@ def encode_csr(encode: Callable, items: Sequence, want_type_ids: bool, add_speci
     return ids, offsets, type_ids
 
 
+def join_csr(parts: Sequence[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Consecutive (ids, offsets, type_ids or None) parts as one: offsets rebased, type ids kept only when every
+    part has them."""
+    if len(parts) == 1:
+        return tuple(parts[0])
+    if not parts:
+        return np.zeros(0, np.int32), np.zeros(1, np.int64), None
+    lengths = np.concatenate([np.diff(p[1]) for p in parts])
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    type_ids = [p[2] for p in parts]
+    return (np.concatenate([p[0] for p in parts]), offsets,
+            None if any(t is None for t in type_ids) else np.concatenate(type_ids))
+
+
 def widen_pipe(stream: BinaryIO, size: int = 1 << 20) -> None:
     """Grow a pipe's buffer to ``size`` bytes where Linux allows (F_SETPIPE_SZ; 1 MiB is the default ceiling for
     unprivileged processes): a sub-chunk's message then crosses in one or two system calls instead of one per 64 KiB,

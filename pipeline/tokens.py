@@ -201,9 +201,8 @@ class RawTokenizer:
             log.warning("token store: a tokeniser process failed (%s); tokenising in this process", exc)
             self.close()
             return raw_tokens(self.backend, texts)
-        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
-        lengths = np.concatenate([np.diff(p[1]) for p in parts]) if parts else np.zeros(0, np.int64)
-        return _cut(ids, lengths)
+        ids, offsets, _ = tokenize_worker.join_csr(parts)
+        return _cut(ids, np.diff(offsets))
 
 
 def open_store(corpus, tokenizer_json: str, cache_root: str | os.PathLike, *, wait_s: float = 3600.0) -> TokenStore:
