@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.artifacts import StageError, config_key, require_complete, stage_folder
@@ -48,12 +49,13 @@ def load_corpus(cfg: DictConfig) -> Corpus:
                        repair_encoding=bool(cfg.data.repair_encoding), empty_text=str(cfg.data.empty_text))
 
 
-def token_store(cfg: DictConfig, corpus: Corpus, model: Any):
+def token_store(cfg: DictConfig, corpus: Corpus, model: Any, prompt: str | None = None):
     """The corpus token store for ``model``'s tokenizer when ``token_cache`` asks for one (built on first use,
-    see pipeline/tokens.py); None: the stage passes texts and the engine tokenises them."""
+    see pipeline/tokens.py); None: the stage passes texts and the engine tokenises them. A ``prompt`` (prepended to
+    every passage) is tokenised with each passage, so no store serves it: None."""
     from pipeline import tokens
 
-    if not tokens.wanted(cfg.token_cache, len(corpus)):
+    if prompt or not tokens.wanted(cfg.token_cache, len(corpus)):
         return None
     tokenizer_json = tokens.fast_tokenizer_json(model)
     if tokenizer_json is None:
@@ -63,6 +65,15 @@ def token_store(cfg: DictConfig, corpus: Corpus, model: Any):
         return tokens.open_store(corpus, tokenizer_json, Path(str(cfg.cache_root)).expanduser(), wait_s=3600)
     except ValueError as exc:  # a damaged store: one clear line, not a traceback
         raise StageError(str(exc)) from exc
+
+
+def corpus_rows(corpus: Corpus, store: Any, lo: int, hi: int) -> Any:
+    """Corpus rows [lo, hi) as encoder input: a view over the token store, or their texts without one."""
+    if store is None:
+        return corpus.table.column("text").slice(lo, hi - lo).to_pylist()
+    from pipeline.tokens import TextTokens
+
+    return TextTokens(store, np.arange(lo, hi), corpus.texts_at)
 
 
 def training_set(cfg: DictConfig, corpus: Corpus | None = None) -> tuple[dict[str, str], dict[str, list[str]], Qrels]:

@@ -52,7 +52,7 @@ from pipeline.config import plain
 from pipeline.models import load_bi_encoder, model_identity, resolve_device
 from pipeline.readers import (Candidates, Corpus, DataError, Qrels, corpus_source_fingerprint, read_candidates,
                               read_qrels, read_queries, write_run)
-from pipeline.stages.common import artifacts_root, load_corpus, token_store
+from pipeline.stages.common import artifacts_root, corpus_rows, load_corpus, token_store
 from pipeline.tokens import TextTokens
 
 log = logging.getLogger(__name__)
@@ -332,7 +332,8 @@ class _Dense:
     def encode(self, texts: Sequence[str] | TextTokens, prompt: str | None, desc: str) -> np.ndarray:
         from pipeline.engine import encode_texts
 
-        return encode_texts(self.model, texts if isinstance(texts, TextTokens) else list(texts), prompt=prompt, normalize=None if self.dot else True,
+        texts = texts if isinstance(texts, TextTokens) else list(texts)
+        return encode_texts(self.model, texts, prompt=prompt, normalize=None if self.dot else True,
                             batch_tokens=self.cfg.evaluate.batch_tokens, precision=str(self.cfg.evaluate.precision),
                             desc=desc)
 
@@ -372,17 +373,14 @@ class _Dense:
         dim = int(dim_of() or 0)
         with atomic_path(target) as tmp:
             out = None
-            store = None
-            if not self.corpus_prompt:  # a prompt is tokenised with each passage: no store serves it
-                with self.st.timed("token_store"):
-                    store = token_store(self.cfg, corpus, self.model)
+            with self.st.timed("token_store"):
+                store = token_store(self.cfg, corpus, self.model, self.corpus_prompt)
             self.facts["token_store"] = str(store.folder) if store is not None else None
             bar = tqdm(total=len(corpus), desc="corpus embeddings", unit=" passages", disable=len(corpus) <= chunk)
             for lo in range(0, len(corpus), chunk):
                 hi = min(len(corpus), lo + chunk)
-                rows = TextTokens(store, np.arange(lo, hi), corpus.texts_at) if store is not None else \
-                    corpus.table.column("text").slice(lo, hi - lo).to_pylist()
-                emb = self.encode(rows, self.corpus_prompt, desc=f"encode corpus {lo:,}+")
+                emb = self.encode(corpus_rows(corpus, store, lo, hi), self.corpus_prompt,
+                                  desc=f"encode corpus {lo:,}+")
                 if out is None:
                     dim = emb.shape[1]
                     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(corpus), dim))

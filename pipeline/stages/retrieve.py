@@ -13,7 +13,6 @@ same way whoever computes it, so the merged candidates.parquet is byte-identical
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -115,19 +114,6 @@ class _Ctx:
         _ = self.model
         return self._facts
 
-    @functools.cached_property
-    def token_store(self) -> Any:
-        """The corpus token store (None: texts are passed), not built when a corpus prompt would bypass it."""
-        return None if self.facts["corpus_prompt"] else common.token_store(self.cfg, self.corpus, self.model)
-
-    def corpus_rows(self, lo: int, hi: int) -> Any:
-        """Corpus rows [lo, hi) as encoder input: a token-store view, or their texts."""
-        if self.token_store is not None:
-            from pipeline.tokens import TextTokens
-
-            return TextTokens(self.token_store, np.arange(lo, hi), self.corpus.texts_at)
-        return self.corpus.table.column("text").slice(lo, hi - lo).to_pylist()
-
     def encode(self, texts: Any, role: str, desc: str, progress: bool) -> np.ndarray:
         from pipeline.engine import encode_texts
 
@@ -183,9 +169,10 @@ def encode_corpus(ctx: _Ctx, st: StageRun) -> np.ndarray:
     bar = tqdm(total=n, initial=done_rows, desc="encode corpus", unit=" passages", smoothing=0.1,
                disable=not todo)
     waited = 0.0
+    store = None
     if todo:
         with st.timed("token_store"):
-            store = ctx.token_store
+            store = common.token_store(cfg, corpus, ctx.model, ctx.facts["corpus_prompt"])
         st.extra["token_store"] = str(store.folder) if store is not None else None
     while todo:
         busy = []
@@ -200,8 +187,8 @@ def encode_corpus(ctx: _Ctx, st: StageRun) -> np.ndarray:
                     continue
                 lo, hi = block_bounds(b, block, n)
                 with st.timed("encode_corpus"):
-                    emb = ctx.encode(ctx.corpus_rows(lo, hi), "corpus", desc=f"encode corpus {lo:,}+",
-                                     progress=total == 1)
+                    emb = ctx.encode(common.corpus_rows(corpus, store, lo, hi), "corpus",
+                                     desc=f"encode corpus {lo:,}+", progress=total == 1)
                     _write_rows(final, n, lo, emb)
                     del emb
                 atomic_write_text(_block_done(final, b), f"{lo} {hi}\n")
