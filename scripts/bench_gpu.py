@@ -388,15 +388,14 @@ class Bench:
         from pipeline import tokens
 
         tokenizer_json = tokens.fast_tokenizer_json(model)
-        n_distinct = self.size(64, 800, len(self.passages)) if row == "encode" else len(self.passages)
+        n_distinct, times = self.encode_shape() if row == "encode" else (len(self.passages), 1)
         t0 = time.perf_counter()
         store = tokens.TokenStore.from_texts(tokenizer_json, self.passages[:n_distinct])
         build_s = time.perf_counter() - t0
         texts_at = lambda rows: [self.passages[i] for i in rows.tolist()]  # noqa: E731
         if row == "encode":
-            rows = np.tile(np.arange(n_distinct), self.size(1, 1, 6))
-            return tokens.TextTokens(store, rows, texts_at), build_s, n_distinct
-        qrows, prows = self.pair_rows(self.size(32, 800, 3 * len(self.passages)))
+            return tokens.TextTokens(store, np.tile(np.arange(n_distinct), times), texts_at), build_s, n_distinct
+        qrows, prows = self.pair_rows(self.score_pair_count())
         queries = tokens.TokenStore.from_texts(tokenizer_json, self.queries)
         return tokens.PairTokens(queries, self.queries, qrows, store, prows, texts_at), build_s, n_distinct
 
@@ -436,14 +435,22 @@ class Bench:
         log(f"  parity: {row} from the token store vs from texts, first {k} inputs: max abs difference {diff:.3g}")
         return tput
 
+    def encode_shape(self) -> tuple[int, int]:
+        """(distinct passages, times over) of the passages the encode rows time: all DL20 passages 6 times on a GPU."""
+        return self.size(64, 800, len(self.passages)), self.size(1, 1, 6)
+
+    def score_pair_count(self) -> int:
+        """How many (query, passage) pairs the score rows time: 3 per DL20 passage on a GPU."""
+        return self.size(32, 800, 3 * len(self.passages))
+
     def encode_items(self) -> list[str]:
-        """The passages the encode rows time (the headline, its variants, the compile row): all DL20 passages 6
-        times over on a GPU."""
-        return self.passages[:self.size(64, 800, len(self.passages))] * self.size(1, 1, 6)
+        """The passages the encode rows time (the headline, its variants, the compile row)."""
+        distinct, times = self.encode_shape()
+        return self.passages[:distinct] * times
 
     def score_items(self) -> list[tuple[str, str]]:
-        """The (query, passage) pairs the score rows time: 3 per DL20 passage on a GPU."""
-        return self.pairs(self.size(32, 800, 3 * len(self.passages)))
+        """The (query, passage) pairs the score rows time."""
+        return self.pairs(self.score_pair_count())
 
     def free(self):
         gc.collect()
