@@ -60,21 +60,70 @@ def config_key(identity: Any, length: int = 12) -> str:
     return hashlib.sha256(canonical_json(identity).encode("utf-8")).hexdigest()[:length]
 
 
-def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
-    """Cheap identity of an input file (path, size, mtime): enough to notice a changed corpus without
-    reading 3 GB at every start. Directories are fingerprinted over their files."""
+def file_fingerprint(path: str | os.PathLike, exclude: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Content identity of an input file (its name, size and sha256) or folder (the relative path, size and sha256
+    of every file in it, hidden files and the relative paths in ``exclude`` left out). Where the input lies and
+    when it was last touched are not part of it: a corpus copied to node-local scratch, moved, or downloaded
+    again keys the same artifacts. The name stays in it because the readers parse by it (.gz, .jsonl). Each file
+    is read once per version (see :func:`content_digest`)."""
     p = Path(path).expanduser().resolve()
     if not p.exists():
-        return {"path": str(p), "missing": True}
+        return {"missing": str(p)}
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        files = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".")
+                       and f.relative_to(p).as_posix() not in exclude)
         digest = hashlib.sha256()
+        total = 0
         for f in files:
-            st = f.stat()
-            digest.update(f"{f.relative_to(p)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-        return {"path": str(p), "files": len(files), "digest": digest.hexdigest()[:16]}
+            size = f.stat().st_size
+            total += size
+            digest.update(f"{f.relative_to(p).as_posix()}\0{size}\0{content_digest(f)}\n".encode())
+        return {"files": len(files), "bytes": total, "sha256": digest.hexdigest()[:32]}
+    return {"name": p.name, "bytes": p.stat().st_size, "sha256": content_digest(p)[:32]}
+
+
+_DIGESTS: dict[tuple, str] = {}  # this process's digests, by file version
+_digest_dir: Path | None = None  # where digests are kept between processes (remember_digests_in)
+
+
+def remember_digests_in(folder: str | os.PathLike | None) -> None:
+    """Keep file digests in ``folder`` (the CLI passes ``<cache_root>/digests``), so that each version of a
+    3 GB corpus is read once, not at every stage start of every shard; None: within this process only."""
+    global _digest_dir
+    _digest_dir = Path(folder).expanduser().resolve() if folder else None
+
+
+def content_digest(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, remembered by file version (path, device, inode, size, mtime): a file changed
+    in place gets a new mtime and is read again (as make and git assume; a writer that restores the mtime of a
+    same-size file is not noticed)."""
+    p = Path(path).resolve()
     st = p.stat()
-    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    version = (str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if version in _DIGESTS:
+        return _DIGESTS[version]
+    record = _digest_dir / f"{config_key(list(version), 32)}.json" if _digest_dir else None
+    digest = None
+    if record is not None and record.exists():
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            kept = json.loads(record.read_text())
+            if kept["version"] == list(version) and re.fullmatch(r"[0-9a-f]{64}", kept["sha256"]):
+                digest = kept["sha256"]
+    if digest is None:
+        digest = sha256_file(p)
+        if record is not None:
+            # a plain rename, not a counted commit (the kill tests count those) and no fsync: a lost record costs a
+            # re-read, nothing else; so does a read-only cache
+            tmp = record.parent / f".tmp-{record.name}-{os.getpid()}-{time.monotonic_ns()}"
+            try:
+                record.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(json.dumps({"version": list(version), "sha256": digest}))
+                os.replace(tmp, record)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+    _DIGESTS[version] = digest
+    return digest
 
 
 def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:

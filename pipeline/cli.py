@@ -5,12 +5,13 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from pipeline.config import CONF_DIR  # importing it registers the resolvers before Hydra composes
-from pipeline.artifacts import StageError
+from pipeline.artifacts import StageError, remember_digests_in
 from pipeline.readers import DataError
 
 log = logging.getLogger("pipeline")
@@ -31,6 +32,8 @@ def run(cfg: DictConfig):
                          f"across GPUs with shard.count / shard.index, see docs/scale-out.md), then "
                          f"`torchrun ... -m pipeline stage=train ...`")
     apply_cpu_threads(cfg)
+    # input files are keyed by content: each version of a file is read once per cache, not at every stage start
+    remember_digests_in(Path(str(cfg.cache_root)).expanduser() / "digests")
     return importlib.import_module(f"pipeline.stages.{cfg.stage}").run(cfg)
 
 

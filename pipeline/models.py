@@ -59,8 +59,9 @@ def load_cross_encoder(spec: str, *, device: str = "auto", artifacts_root: str |
 
 
 def model_identity(spec: str) -> dict[str, Any]:
-    """What keys an artifact to a model: the hub id, or a local folder's fingerprint (so two local models in
-    different folders never share a cache, unlike util.mine_hard_negatives' cache_folder)."""
+    """What keys an artifact to a model: the hub id, or a local folder's content fingerprint (so two different
+    local models never share a cache, unlike util.mine_hard_negatives' cache_folder, and one model copied
+    elsewhere keeps its cached embeddings)."""
     from pipeline.artifacts import file_fingerprint
 
     spec = str(spec)
@@ -78,15 +79,9 @@ def model_identity(spec: str) -> dict[str, Any]:
 
 
 def _model_folder_fingerprint(folder: Path) -> dict[str, Any]:
-    """file_fingerprint of a model folder, minus its model card: README.md documents the model (the train stage
-    writes the measured figures into it after evaluating the model), it changes nothing the model computes."""
-    import hashlib
+    """file_fingerprint of a model folder (its files' contents), minus its model card: README.md documents the
+    model (the train stage writes the measured figures into it after evaluating the model), it changes nothing the
+    model computes."""
+    from pipeline.artifacts import file_fingerprint
 
-    folder = folder.expanduser().resolve()
-    files = sorted(f for f in folder.rglob("*") if f.is_file() and not f.name.startswith(".")
-                   and f.relative_to(folder).as_posix() != "README.md")
-    digest = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        digest.update(f"{f.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return {"path": str(folder), "files": len(files), "digest": digest.hexdigest()[:16]}
+    return file_fingerprint(folder, exclude=("README.md",))

@@ -19,7 +19,7 @@ import math
 import os
 import zlib
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -344,6 +344,16 @@ def corpus_source_fingerprint(source: str) -> dict[str, Any]:
         return {"source": source}
     path = Path(source)
     return file_fingerprint(path)
+
+
+def sources_by_content(section: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """``section`` (a data config section) for an artifact key: the files its ``keys`` name replaced by their
+    content fingerprints, so that where the data lies is in no key."""
+    out = dict(section)
+    for key in keys:
+        if out.get(key):
+            out[key] = corpus_source_fingerprint(str(out[key]))
+    return out
 
 
 class Corpus:

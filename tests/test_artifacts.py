@@ -114,3 +114,64 @@ def test_verify_folder_detects_changes(tmp_path):
     assert any("extra.txt: not in the manifest" in p for p in verify_folder(folder))
     (folder / "out.json").unlink()
     assert any("out.json: missing" in p for p in verify_folder(folder))
+
+
+def test_input_fingerprints_follow_content_not_place_or_mtime(tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from pipeline import artifacts
+
+    a = tmp_path / "a" / "collection.tsv"
+    a.parent.mkdir()
+    a.write_text("1\tfirst passage\n2\tsecond passage\n")
+    b = tmp_path / "b" / "collection.tsv"
+    b.parent.mkdir()
+    shutil.copyfile(a, b)
+    os.utime(b, ns=(1, 1))
+    assert artifacts.file_fingerprint(a) == artifacts.file_fingerprint(b)
+    b.write_text("1\tfirst passage\n2\tsecond passagE\n")  # same size, other bytes
+    assert artifacts.file_fingerprint(a) != artifacts.file_fingerprint(b)
+    assert artifacts.file_fingerprint(a)["bytes"] == artifacts.file_fingerprint(b)["bytes"]
+    # the name stays in it: the readers parse by it
+    c = tmp_path / "a" / "collection.jsonl"
+    shutil.copyfile(a, c)
+    assert artifacts.file_fingerprint(c) != artifacts.file_fingerprint(a)
+    # folders: by their files' relative paths and contents; excluded paths (a model card) change nothing
+    for name in ("m1", "m2"):
+        (tmp_path / name / "sub").mkdir(parents=True)
+        (tmp_path / name / "sub" / "weights.bin").write_bytes(b"\x00\x01")
+        (tmp_path / name / "README.md").write_text(f"card of {name}")
+    assert artifacts.file_fingerprint(tmp_path / "m1") != artifacts.file_fingerprint(tmp_path / "m2")
+    assert artifacts.file_fingerprint(tmp_path / "m1", exclude=("README.md",)) == \
+        artifacts.file_fingerprint(tmp_path / "m2", exclude=("README.md",))
+    (tmp_path / "m2" / "sub" / "weights.bin").write_bytes(b"\x00\x02")
+    assert artifacts.file_fingerprint(tmp_path / "m1", exclude=("README.md",)) != \
+        artifacts.file_fingerprint(tmp_path / "m2", exclude=("README.md",))
+
+
+def test_each_file_version_is_read_once_per_digest_cache(tmp_path, monkeypatch):
+    import os
+
+    from pipeline import artifacts
+
+    f = tmp_path / "queries.tsv"
+    f.write_text("1\twhat is a test\n")
+    reads = []
+    real = artifacts.sha256_file
+    monkeypatch.setattr(artifacts, "sha256_file", lambda p: reads.append(p) or real(p))
+    monkeypatch.setattr(artifacts, "_DIGESTS", {})
+    artifacts.remember_digests_in(tmp_path / "digests")
+    try:
+        first = artifacts.content_digest(f)
+        artifacts._DIGESTS.clear()  # as a new process would start
+        assert artifacts.content_digest(f) == first and len(reads) == 1
+        f.write_text("1\twhat is a tesT\n")  # changed in place: a new version, read again
+        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1_000_000))
+        assert artifacts.content_digest(f) != first and len(reads) == 2
+        for record in (tmp_path / "digests").glob("*.json"):  # a damaged record costs a re-read, not a wrong key
+            record.write_text("{not json")
+        artifacts._DIGESTS.clear()
+        assert artifacts.content_digest(f) == real(f) and len(reads) == 3
+    finally:
+        artifacts.remember_digests_in(None)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from pipeline.artifacts import open_stage
+from pipeline.artifacts import config_key, open_stage
 from pipeline.config import CONF_DIR, REPO_ROOT, compose
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -136,3 +136,38 @@ def test_plan_counts_triplets_per_query_capped_by_each_querys_positives(tmp_path
     assert _triplets_per_epoch(grade1, None, 3) == 3 + 1 + 12
     assert _triplets_per_epoch(grade2, None, 3) == 1        # only q1's grade-2 passage is a positive
     assert _triplets_per_epoch(None, 8, 500) == 4000        # sizes from the config, no qrels to read
+
+
+def test_stage_keys_do_not_follow_where_the_data_lies(tmp_path):
+    """The demo data copied elsewhere (node-local scratch, another checkout) keys the same artifacts; a changed
+    training file changes the keys of the stages that read it, a changed eval file only evaluate's."""
+    import os
+    import shutil
+
+    from pipeline.stages import evaluate, retrieve, train
+
+    here = Path(compose(["experiment=demo"]).data.corpus).parent
+    there = tmp_path / "copy"
+    shutil.copytree(here, there)
+    paths = ["corpus=collection.tsv", "train.queries=queries.train.tsv", "train.qrels=qrels.train.tsv",
+             "evals.trec_dl.queries=queries.dl.tsv", "evals.trec_dl.qrels=qrels.dl.txt",
+             "evals.trec_dl.candidates=top100.dl.tsv", "evals.dev.queries=queries.dev.tsv",
+             "evals.dev.qrels=qrels.dev.tsv"]
+    base = ["experiment=demo", f"artifacts_root={tmp_path / 'artifacts'}"]
+    moved = [*base, *(f"data.{key}={there / name}" for key, name in (p.split("=") for p in paths))]
+    assert str(there) in str(compose(moved).data.evals.dev.qrels)
+
+    def keys(overrides):
+        cfg = compose(overrides)
+        return [config_key(m.identity(cfg)) for m in (retrieve, train, evaluate)]
+
+    assert keys(moved) == keys(base)
+    os.utime(there / "qrels.dev.tsv", ns=(1, 1))  # touched: same bytes, another mtime
+    assert keys(moved) == keys(base)
+    dev = (there / "qrels.dev.tsv").read_text().splitlines()
+    (there / "qrels.dev.tsv").write_text("\n".join(dev[:-1]) + "\n")
+    changed = keys(moved)
+    assert changed[:2] == keys(base)[:2] and changed[2] != keys(base)[2]
+    train_qrels = (there / "qrels.train.tsv").read_text().splitlines()
+    (there / "qrels.train.tsv").write_text("\n".join(train_qrels[:-1]) + "\n")
+    assert all(a != b for a, b in zip(keys(moved), keys(base)))

@@ -12,7 +12,6 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.artifacts import StageError, config_key, require_complete, stage_folder
-from pipeline.config import plain
 from pipeline.readers import Corpus, Qrels, check_qrels_in_corpus, positives, read_qrels, read_queries
 
 log = logging.getLogger(__name__)
@@ -20,28 +19,6 @@ log = logging.getLogger(__name__)
 
 def artifacts_root(cfg: DictConfig) -> Path:
     return Path(str(cfg.artifacts_root)).expanduser().resolve()
-
-
-def data_identity(cfg: DictConfig) -> dict[str, Any]:
-    """The data config plus fingerprints of the files it names (a changed file changes every key)."""
-    from pipeline.readers import corpus_source_fingerprint
-
-    data = plain(cfg.data)
-    files = {}
-    for name, source in _data_sources(data):
-        files[name] = corpus_source_fingerprint(str(source))
-    return {"config": data, "files": files}
-
-
-def _data_sources(data: dict[str, Any]):
-    yield "corpus", data["corpus"]
-    for key in ("queries", "qrels"):
-        if (data.get("train") or {}).get(key):
-            yield f"train.{key}", data["train"][key]
-    for name, ev in (data.get("evals") or {}).items():
-        for key in ("queries", "qrels", "candidates"):
-            if ev.get(key):
-                yield f"evals.{name}.{key}", ev[key]
 
 
 def load_corpus(cfg: DictConfig) -> Corpus:

@@ -51,7 +51,7 @@ from pipeline.artifacts import (MANIFEST, StageError, atomic_path, atomic_write_
 from pipeline.config import plain
 from pipeline.models import load_bi_encoder, model_identity, resolve_device
 from pipeline.readers import (Candidates, Corpus, DataError, Qrels, corpus_source_fingerprint, read_candidates,
-                              read_qrels, read_queries, write_run)
+                              read_qrels, read_queries, sources_by_content, write_run)
 from pipeline.stages.common import artifacts_root, corpus_rows, load_corpus, token_store
 from pipeline.tokens import TextTokens
 
@@ -120,12 +120,10 @@ def _evals(cfg: DictConfig) -> dict[str, dict[str, Any]]:
 
 
 def eval_data_identity(cfg: DictConfig) -> dict[str, Any]:
-    """The corpus and every eval set, with fingerprints of the files they name (not the training split)."""
+    """The corpus and every eval set (not the training split), the files they name by content (see
+    readers.sources_by_content)."""
     data = plain(cfg.data)
-    evals = {}
-    for name, ev in _evals(cfg).items():
-        files = {k: corpus_source_fingerprint(str(ev[k])) for k in ("queries", "qrels", "candidates") if ev.get(k)}
-        evals[name] = {**ev, "files": files}
+    evals = {name: sources_by_content(ev, ("queries", "qrels", "candidates")) for name, ev in _evals(cfg).items()}
     return {"name": data["name"], "corpus": corpus_source_fingerprint(str(data["corpus"])),
             "repair_encoding": data.get("repair_encoding"), "empty_text": data.get("empty_text"), "evals": evals}
 

@@ -37,18 +37,15 @@ IDS_FILE = "corpus_ids.txt"
 
 
 def train_data_identity(cfg: DictConfig) -> dict[str, Any]:
-    """What the training side of the data is: the corpus and training files (with fingerprints) and the
-    settings that change their content, but not the evaluation sets (changing those must not re-retrieve)."""
-    from pipeline.readers import corpus_source_fingerprint
+    """What the training side of the data is: the contents of the corpus and training files and the settings
+    that change what is read from them, but not the evaluation sets (changing those must not re-retrieve) and not
+    where the files lie (a copy elsewhere keys the same artifacts)."""
+    from pipeline.readers import corpus_source_fingerprint, sources_by_content
 
     data = cfg.data
-    files = {"corpus": corpus_source_fingerprint(str(data.corpus))}
-    for key in ("queries", "qrels"):
-        if data.train[key]:
-            files[f"train.{key}"] = corpus_source_fingerprint(str(data.train[key]))
-    return {"corpus": str(data.corpus), "repair_encoding": bool(data.repair_encoding),
+    return {"corpus": corpus_source_fingerprint(str(data.corpus)), "repair_encoding": bool(data.repair_encoding),
             "empty_text": str(data.empty_text), "max_missing_qrels": float(data.max_missing_qrels),
-            "train": plain(data.train), "files": files}
+            "train": sources_by_content(plain(data.train), ("queries", "qrels"))}
 
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
