@@ -9,9 +9,11 @@ Rows (each baseline measured in the same run as ours):
                      baselines CrossEncoder.predict fp32 default, and bf16 batch 256
   3. exact top-100   500k queries x 8.84M x 768 (random unit vectors made on the GPU) vs
                      sentence_transformers.util.semantic_search (measured on a query subset and extrapolated)
-  4. training        MNRL batch 64: SentenceTransformerTrainer bf16 defaults (baseline) vs the train stage's
-                     trainer (pipeline.stages.train.make_trainer) packed, and the same trainer unpacked: same
-                     initial weights; the last two see the same batches, so their loss curves are compared
+  4. training        MNRL batch 64 over DL20's judged (query, relevant passage) pairs with random negatives:
+                     SentenceTransformerTrainer bf16 defaults (baseline) vs the train stage's trainer
+                     (pipeline.stages.train.make_trainer) packed, the same trainer unpacked, and on CUDA packed
+                     with compiled layers (train.compile_layers, not yet measured on a GPU): same initial weights;
+                     ours see the same batches, so their loss curves are compared with the unpacked one's
   5. compile         encode and score with compile_layers=True vs eager (compile time, speed, agreement); not in
                      the default rows since the encode and score rows' eager-layers variant measures the same gain
 On a GPU, rows 1 and 2 time the stages' defaults after one untimed pass (the compile, the caching allocators), then
@@ -757,9 +759,10 @@ class Bench:
             self.results["rows"]["train"] = {"available": True, "error": f"{type(exc).__name__}: {exc}"}
 
     def _train_rows(self, make_trainer, steps: int, batch: int = 64):
-        """Three runs from the same initial weights: SentenceTransformerTrainer bf16 defaults (the baseline), the
-        train stage's trainer with packing auto (packed where varlen attention runs), and the same trainer with
-        packing off. The last two see the same batches in the same order (same sampler and seed), so their loss
+        """Runs from the same initial weights: SentenceTransformerTrainer bf16 defaults (the baseline), the train
+        stage's trainer with packing auto (packed where varlen attention runs), the same trainer with packing off,
+        and on CUDA the packed trainer with compiled layers (train.compile_layers=true, off by default until this
+        row has measured it). Ours see the same batches in the same order (same sampler and seed), so their loss
         curves must agree up to dropout noise: that is the "same loss curve" check."""
         import datasets
         from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -771,8 +774,12 @@ class Bench:
             from sentence_transformers.losses import MultipleNegativesRankingLoss
         rng = random.Random(0)
         n = batch * (steps + 2)
-        trip = {"query": [self.queries[i % len(self.queries)] + f" {i}" for i in range(n)],
-                "positive": [rng.choice(self.passages) for _ in range(n)],
+        # judged (query, relevant passage) pairs of DL20, so the loss curves compared below learn something real;
+        # each query text made unique (the stage's sampler puts a text in a batch only once)
+        pairs = self.judged_pairs() or [(self.queries[i % len(self.queries)], rng.choice(self.passages))
+                                        for i in range(n)]
+        drawn = [rng.choice(pairs) for _ in range(n)]
+        trip = {"query": [f"{q} {i}" for i, (q, _) in enumerate(drawn)], "positive": [p for _, p in drawn],
                 "negative": [rng.choice(self.passages) for _ in range(n)]}
         ds = datasets.Dataset.from_dict(trip)
         gpu = self.dev.type == "cuda"
@@ -783,7 +790,11 @@ class Bench:
         log_every = self.size(1, 1, 5)  # the loss curve's resolution (one host sync per logged step)
         curves: dict[str, list[tuple[int, float]]] = {}
         flops_per_triplet = None
-        for label in ("baseline", "ours", "ours_padded"):
+        labels = ("baseline", "ours", "ours_padded") + (("ours_compiled",) if gpu else ())
+        for label in labels:
+            if label == "ours_compiled" and self.left() < self.reserve_s + 60:  # compiling takes tens of seconds
+                log(f"  train variant '{label}': skipped, {self.left():.0f}s left of the time budget")
+                continue
             model, layers, hidden = self.bi_encoder()
             if flops_per_triplet is None:
                 tok = model[0].tokenizer
@@ -809,7 +820,8 @@ class Bench:
                                        lr=2e-5, warmup_steps=0, precision="auto",
                                        device=str(self.dev), max_steps=steps, save_steps=10**9,
                                        logging_steps=log_every, dataloader_workers="auto",
-                                       packing="auto" if label == "ours" else "false")
+                                       packing="false" if label == "ours_padded" else "auto",
+                                       compile_layers=label == "ours_compiled")
             dev = self.dev
             stamps: dict[int, float] = {}
 
@@ -830,8 +842,11 @@ class Bench:
             check = getattr(trainer.loss, "check", {})
             name = {"baseline": "SentenceTransformerTrainer" + (" bf16" if half else " fp32"),
                     "ours": "train stage make_trainer (packing auto)",
-                    "ours_padded": "train stage make_trainer (packing off)"}[label]
+                    "ours_padded": "train stage make_trainer (packing off)",
+                    "ours_compiled": "train stage make_trainer (packing auto, compile_layers)"}[label]
             note = f"batch {batch}, loss {loss:.3f}, forward: {mode}" + (f" {check}" if check else "")
+            if label == "ours_compiled":
+                note += f", compiled layers: {trainer.loss.compiled} (compile time in the warm-up steps)"
             if last > warm:
                 self.add("train", f"{label} ({name})", batch * (last - warm), stamps[last] - stamps[warm],
                          "triplets/s", flops=flops_per_triplet * batch * (last - warm),
@@ -840,17 +855,21 @@ class Bench:
             del model, trainer
             self.free()
         self.results["train_loss_curves"] = curves
-        a, b = dict(curves.get("ours", [])), dict(curves.get("ours_padded", []))
-        common = sorted(set(a) & set(b))
-        if common:
+        b = dict(curves.get("ours_padded", []))
+        for label, what, key in (("ours", "packed", "train_same_loss_curve"),
+                                 ("ours_compiled", "packed + compiled layers", "train_same_loss_curve_compiled")):
+            a = dict(curves.get(label, []))
+            common = sorted(set(a) & set(b))
+            if not common:
+                continue
             diffs = [abs(a[s] - b[s]) for s in common]
             tail = common[-max(1, len(common) // 3):]
             ta, tb = np.mean([a[s] for s in tail]), np.mean([b[s] for s in tail])
             same = {"points": len(common), "max_abs_diff": float(max(diffs)), "mean_abs_diff": float(np.mean(diffs)),
                     "last_third_packed": float(ta), "last_third_padded": float(tb),
                     "last_third_rel_diff": float(abs(ta - tb) / max(abs(tb), 1e-9))}
-            self.results["train_same_loss_curve"] = same
-            log(f"  loss curve, packed vs padded (same batches, same seed, {len(common)} points): mean |diff| "
+            self.results[key] = same
+            log(f"  loss curve, {what} vs padded (same batches, same seed, {len(common)} points): mean |diff| "
                 f"{same['mean_abs_diff']:.4f}, max {same['max_abs_diff']:.4f}; last third {ta:.4f} vs {tb:.4f} "
                 f"({same['last_third_rel_diff']:.2%})  [{'PASS' if same['last_third_rel_diff'] <= 0.02 else 'CHECK'} "
                 f"<= 2%]")
@@ -982,15 +1001,19 @@ class Bench:
         del ce
         self.free()
 
+    def judged_pairs(self, min_grade: int = 2) -> list[tuple[str, str]]:
+        """(query text, passage text) of every DL20 judgement at ``min_grade`` or above."""
+        text = dict(zip(self.pids, self.passages))
+        qtext = dict(zip(self.qids, self.queries))
+        return [(qtext[q], text[p]) for q, p, g in self.qrels if g >= min_grade and q in qtext and p in text]
+
     def train_tiny_ce(self, steps: int):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         out = self.tmp / "minilm_ce"
         tok = AutoTokenizer.from_pretrained(str(self.minilm))
         model = AutoModelForSequenceClassification.from_pretrained(str(self.minilm), num_labels=1).float().to(self.dev)
-        text = dict(zip(self.pids, self.passages))
-        qtext = dict(zip(self.qids, self.queries))
-        pos = [(qtext[q], text[p]) for q, p, g in self.qrels if g >= 2 and q in qtext and p in text]
+        pos = self.judged_pairs()
         how = "MiniLM-L6 body + 1-label head, untrained (no qrels found)"
         if pos and steps:
             rng = random.Random(0)

@@ -98,6 +98,13 @@ def test_plan_reads_its_figures_from_a_bench_output(tmp_path):
     assert "NVIDIA H200" in est["throughput_source"] and "token store: encode, score" in est["throughput_source"]
     texts = plan.estimate(compose([*base, "token_cache=false"]))["gpu_hours"]["pipeline"]["reference_job"]
     assert texts["encode"] == pytest.approx(17683646 / 36000 / 3600, abs=1e-3) and "tokenise" not in texts
+    with pytest.raises(ValueError, match="train: ours_compiled"):  # train.compile_layers: its own row, or none
+        plan.estimate(compose([*base, "train.compile_layers=true"]))
+    rows["train"].append(rec("ours_compiled (train stage make_trainer (packing auto, compile_layers))", 3000.0))
+    bench.write_text(json.dumps({"rows": rows, "env": {"device": "NVIDIA H200", "torch": "2.x"}}))
+    compiled = plan.estimate(compose([*base, "train.compile_layers=true"]))["gpu_hours"]["pipeline"]["reference_job"]
+    assert compiled["train"] == pytest.approx(502939 / 3000 / 3600, abs=1e-3)
+    assert plan.estimate(compose(base))["gpu_hours"]["pipeline"]["reference_job"]["train"] == ref["train"]
     del rows["search"][0]
     bench.write_text(json.dumps({"rows": rows}))
     with pytest.raises(ValueError, match="search: ours exact_search"):

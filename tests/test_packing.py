@@ -45,8 +45,10 @@ def packed_on_cpu(monkeypatch):
         calls["train"].append(dropout)
         return _reference_train_varlen(q, k, v, cu, max_len, scale, dropout)
 
-    monkeypatch.setattr(engine, "_VARLEN_FN", inference)
-    monkeypatch.setattr(engine, "_VARLEN_TRAIN_FN", train)
+    # opaque to torch.compile (traced, their per-sequence loops would recompile for every length), as the
+    # flash kernels they stand for are single ops in the graph
+    monkeypatch.setattr(engine, "_VARLEN_FN", torch.compiler.disable(inference))
+    monkeypatch.setattr(engine, "_VARLEN_TRAIN_FN", torch.compiler.disable(train))
     monkeypatch.setattr(engine, "varlen_available", lambda device: engine._register_varlen())
     monkeypatch.setattr(engine, "_flash_device", lambda t: True)  # the CUDA kernels' code path, reference kernels
     return calls
@@ -228,3 +230,80 @@ def test_stage_trainer_trains_packed_with_dropout(packed_on_cpu, bi_encoder, tmp
     saved = json.loads((tmp_path / "v3" / "config.json").read_text())
     assert saved.get("_attn_implementation", "sdpa") != engine.VARLEN_ATTN_NAME
     assert bi_encoder[0].auto_model.config._attn_implementation != engine.VARLEN_ATTN_NAME
+
+
+# ------------------------------------------------------------------------ compiled layers (train.compile_layers)
+def _compiled_vs_eager(model, compile_layers: bool):
+    """Loss and gradients of one packed batch (eval mode: no dropout, so compiled and eager must agree)."""
+    from sentence_transformers import util
+
+    collator = _primed(model)
+    model.eval()
+    loss = packing.PackedMNRL(model, pos_offset=collator.pos_offset, pad_id=collator.pad_id, scale=20.0,
+                              similarity_fct=util.cos_sim, compile_layers=compile_layers)
+    features = {k[len(packing.PREFIX):]: v for k, v in collator(_rows()).items()}
+    model.zero_grad()
+    value = loss([features], None)
+    value.backward()
+    return loss, float(value.detach()), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def _layers_compiled(model) -> list[bool]:
+    return [layer._compiled_call_impl is not None for layer in engine._encoder_layers(model[0].auto_model)]
+
+
+def test_compiled_layers_give_the_eager_loss_and_gradients(monkeypatch, packed_on_cpu, bi_encoder):
+    monkeypatch.setattr(packing, "COMPILE_BACKEND", "aot_eager")  # dynamo + AOTAutograd, without C++ codegen
+    _, eager, eager_grads = _compiled_vs_eager(bi_encoder, False)
+    assert not any(_layers_compiled(bi_encoder))
+    loss, compiled, grads = _compiled_vs_eager(bi_encoder, True)
+    assert loss.mode == "packed" and loss.compiled == "on" and all(_layers_compiled(bi_encoder))
+    assert abs(compiled - eager) < 1e-6 and len(grads) == len(eager_grads)
+    for a, b in zip(eager_grads, grads):  # the trial step accumulated no gradient of its own
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    packing.release_compiled(bi_encoder)
+    assert not any(_layers_compiled(bi_encoder))
+
+
+@pytest.mark.parametrize("fails_in", ["forward", "backward"])
+def test_compiled_layers_that_fail_their_trial_step_train_eagerly(monkeypatch, packed_on_cpu, bi_encoder, fails_in,
+                                                                   caplog):
+    from torch._dynamo.backends.common import aot_autograd
+
+    def broken(gm, example_inputs):
+        raise RuntimeError(f"could not compile the {fails_in} graph")
+
+    backend = aot_autograd(fw_compiler=broken if fails_in == "forward" else (lambda gm, ex: gm),
+                           bw_compiler=broken if fails_in == "backward" else (lambda gm, ex: gm))
+    _, eager, eager_grads = _compiled_vs_eager(bi_encoder, False)
+    monkeypatch.setattr(packing, "COMPILE_BACKEND", backend)
+    import torch._dynamo
+
+    torch._dynamo.reset()  # no graph kept from another test
+    loss, value, grads = _compiled_vs_eager(bi_encoder, True)
+    assert loss.compiled.startswith("eager:") and f"the {fails_in} graph" in loss.compiled
+    assert not any(_layers_compiled(bi_encoder)) and "training with eager layers" in caplog.text
+    assert abs(value - eager) < 1e-6
+    for a, b in zip(eager_grads, grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_stage_trainer_with_compiled_layers_releases_them_after_training(monkeypatch, packed_on_cpu, bi_encoder,
+                                                                         tmp_path):
+    import datasets
+
+    monkeypatch.setattr(packing, "COMPILE_BACKEND", "aot_eager")
+    n = 32
+    ds = datasets.Dataset.from_dict({"query": [f"{QUERIES[i % 4]} {i}" for i in range(n)],
+                                     "positive": [f"{POSITIVES[i % 4]} item {i}" for i in range(n)],
+                                     "negative": [f"{NEGATIVES[(i + 1) % 4]} other {i}" for i in range(n)]})
+    trainer = T.make_trainer(bi_encoder, ds, block_size=n, output_dir=tmp_path / "ckpt", batch_size=16, lr=1e-3,
+                             warmup_steps=0, logging_steps=1, save_steps=1000, device="cpu", precision="fp32",
+                             packing="true", compile_layers=True)
+    before = [p.detach().clone() for p in bi_encoder.parameters()]
+    trainer.train()
+    assert trainer.loss.mode == "packed" and trainer.loss.compiled == "on"
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    assert any(not torch.equal(a, b.detach()) for a, b in zip(before, bi_encoder.parameters()))
+    assert not any(_layers_compiled(bi_encoder))  # the trained model encodes eagerly in this process

@@ -84,11 +84,13 @@ _BENCH_ROWS = {
 _STORE_SYSTEM = "ours, inputs from the token store"
 
 
-def figures_from_bench(path: str, use_store: bool) -> tuple[dict[str, float], dict[str, float], str]:
+def figures_from_bench(path: str, use_store: bool, compiled_train: bool = False
+                       ) -> tuple[dict[str, float], dict[str, float], str]:
     """(pipeline figures, baseline figures, source line) from a scripts/bench_gpu.py --out JSON. ``use_store``:
     the encode and score figures of inputs from a corpus token store (what the stages run where token_cache is
     on), when the file has them; the store's build is then a step of its own (``tokenise_passages``: the build
-    with tokeniser processes where the file has it), since those figures no longer include tokenising."""
+    with tokeniser processes where the file has it), since those figures no longer include tokenising.
+    ``compiled_train`` (train.compile_layers): the training figure of the packed trainer with compiled layers."""
     import json
 
     doc = json.loads(Path(path).read_text())
@@ -102,6 +104,7 @@ def figures_from_bench(path: str, use_store: bool) -> tuple[dict[str, float], di
 
     ours, base, missing, store_used = {}, {}, [], []
     for key, (row, mine, theirs) in _BENCH_ROWS.items():
+        mine = "ours_compiled (train stage" if key == "train_triplets" and compiled_train else mine
         stored = pick(row, _STORE_SYSTEM) if use_store and row in ("encode", "score") else None
         ours[key], base[key] = stored or pick(row, mine), pick(row, theirs)
         store_used += [row] if stored else []
@@ -192,7 +195,8 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     figures = {"pipeline": p.pipeline, "baseline": p.baseline}
     source = str(p.throughput_source)
     if p.get("bench_json"):
-        ours, base, source = figures_from_bench(str(p.bench_json), tokens_wanted(cfg.token_cache, corpus))
+        ours, base, source = figures_from_bench(str(p.bench_json), tokens_wanted(cfg.token_cache, corpus),
+                                                bool(cfg.train.compile_layers))
         figures = {"pipeline": DictConfig(ours), "baseline": DictConfig(base)}
     for which in ("pipeline", "baseline"):
         r = figures[which]
