@@ -1356,7 +1356,9 @@ class _Runner:
                             host = torch.empty(dev_buf.shape, dtype=dev_buf.dtype, pin_memory=True)
                             host.copy_(dev_buf, non_blocking=True)
                             ev = torch.cuda.Event()
-                            ev.record()
+                            # on this device's stream: a bare record() goes to the current device's, which for a
+                            # model on another GPU would not wait for the copy above
+                            ev.record(torch.cuda.current_stream(self.device))
                             pending.append((host, ev, item.start, item.n))
                             while len(pending) > 1:
                                 h, e, s0, n0 = pending.pop(0)
@@ -1645,6 +1647,8 @@ def _mp_worker(rank, fn_name, model, items, start, end, device, out, kwargs):  #
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
     kwargs["tokenize_workers"] = resolve_tokenize_workers(kwargs.get("tokenize_workers"), torch.device(device),
                                                           len(items), processes=nprocs)
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))  # the calls that name no device go to this worker's GPU
     model.to(device)
     fn = encode_texts if fn_name == "encode" else score_pairs
     res = fn(model, items, **kwargs)

@@ -126,6 +126,32 @@ def test_rotation_sampler_gives_each_rank_its_slice_of_the_single_process_batche
 # --------------------------------------------------------------------------------------------- SIGTERM mid-stage
 
 
+def test_shards_side_by_side_on_one_node_take_one_gpu_each(monkeypatch):
+    """device auto (or cuda) in shard i of n on a node whose process sees g GPUs: cuda:(i mod g), made current;
+    one GPU visible (a Slurm array task), an explicit index, or no sharding: unchanged."""
+    import torch
+
+    from pipeline.stages import common
+
+    current = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: current.append(i))
+    gpus = {"n": 4}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus["n"])
+
+    def device(**over):
+        return common.stage_device(compose([f"{k.replace('_', '.', 1)}={v}" for k, v in over.items()]))
+
+    assert [device(shard_count=8, shard_index=i) for i in range(8)] == [f"cuda:{i % 4}" for i in range(8)]
+    assert current == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert device(shard_count=8, shard_index=5, device="cuda") == "cuda:1"
+    current.clear()
+    assert device(shard_count=8, shard_index=5, device="cuda:3") == "cuda:3"  # an explicit GPU is kept
+    assert device(shard_count=1, shard_index=0) == "cuda" and device(device="cpu", shard_count=8) == "cpu"
+    gpus["n"] = 1
+    assert device(shard_count=8, shard_index=5) == "cuda" and current == []
+
+
 def test_sigterm_commits_a_chunk_exits_and_the_rerun_finishes_identically(setup, single, tmp_path):
     root = tmp_path
     shutil.copytree(single.retrieve, root / "retrieve" / single.retrieve.name)

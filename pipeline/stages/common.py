@@ -21,6 +21,27 @@ def artifacts_root(cfg: DictConfig) -> Path:
     return Path(str(cfg.artifacts_root)).expanduser().resolve()
 
 
+def stage_device(cfg: DictConfig) -> str:
+    """The device of a stage's models and search: ``cfg.device``, resolved. One shard of a sharded stage
+    (``shard.count`` > 1) that sees several GPUs and was given no GPU index (device auto or cuda) takes GPU
+    ``shard.index`` mod the GPU count, made this process's current device: shards started side by side on one node
+    (by hand, or as hydra/launcher=local jobs with all GPUs visible) use one GPU each instead of all using the first.
+    A Slurm array task, which sees only its own GPU, keeps cuda:0."""
+    import torch
+
+    from pipeline.models import resolve_device
+
+    device = resolve_device(str(cfg.device))
+    if device != "cuda" or int(cfg.shard.count) <= 1:
+        return device
+    gpus = torch.cuda.device_count()
+    if gpus <= 1:
+        return device
+    index = int(cfg.shard.index) % gpus
+    torch.cuda.set_device(index)  # the CUDA calls that name no device (events, streams) go to this GPU too
+    return f"cuda:{index}"
+
+
 def load_corpus(cfg: DictConfig) -> Corpus:
     return Corpus.open(str(cfg.data.corpus), Path(str(cfg.cache_root)).expanduser(),
                        repair_encoding=bool(cfg.data.repair_encoding), empty_text=str(cfg.data.empty_text))

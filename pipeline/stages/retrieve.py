@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from pipeline.artifacts import StageError, StageRun, atomic_path, atomic_write_text, folder_lock
 from pipeline.config import plain
-from pipeline.models import load_bi_encoder, model_identity, resolve_device
+from pipeline.models import load_bi_encoder, model_identity
 from pipeline.shards import block_bounds, n_blocks, run_sharded, shard_blocks, shard_settings, try_lock, write_parquet
 from pipeline import signals
 from pipeline.stages import common
@@ -93,7 +93,7 @@ class _Ctx:
             from pipeline import engine
 
             cfg = self.cfg
-            self._model = load_bi_encoder(str(cfg.model.bi_encoder), device=resolve_device(str(cfg.device)),
+            self._model = load_bi_encoder(str(cfg.model.bi_encoder), device=common.stage_device(cfg),
                                           artifacts_root=str(common.artifacts_root(cfg)),
                                           max_seq_length=cfg.retrieve.max_seq_length)
             sim = str(cfg.model.similarity)
@@ -263,7 +263,7 @@ def _work(ctx: _Ctx, st: StageRun, blocks: range, out_dir: Path) -> None:
     ids = ctx.corpus.table.column("id")
     backend = str(rc.backend)
     # faiss builds its index on every call: give it all of this shard's queries at once
-    kw = {"device": resolve_device(str(cfg.device)), "show_progress": False} if backend == "torch" else {}
+    kw = {"device": common.stage_device(cfg), "show_progress": False} if backend == "torch" else {}
     groups = [[b] for b in todo] if backend == "torch" else [todo]
     n_rows = sum(block_bounds(b, qb, len(ctx.qids))[1] - block_bounds(b, qb, len(ctx.qids))[0] for b in todo)
     bar = tqdm(total=n_rows, desc="retrieve", unit=" queries", smoothing=0.1)

@@ -42,7 +42,7 @@ from pipeline.artifacts import (
     require_complete,
 )
 from pipeline.config import plain
-from pipeline.models import load_cross_encoder, model_identity, resolve_device
+from pipeline.models import load_cross_encoder, model_identity
 from pipeline.shards import block_bounds, n_blocks, run_sharded, write_parquet
 from pipeline import signals
 from pipeline.stages import common
@@ -223,7 +223,7 @@ class _Ctx:
     @property
     def model(self) -> Any:
         if self._model is None:
-            self._model = load_cross_encoder(self.spec, device=resolve_device(str(self.cfg.device)),
+            self._model = load_cross_encoder(self.spec, device=common.stage_device(self.cfg),
                                              artifacts_root=str(common.artifacts_root(self.cfg)),
                                              max_length=self.cfg.score.max_length)
             labels = int(getattr(self._model, "num_labels", 1) or 1)
