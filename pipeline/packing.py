@@ -187,24 +187,25 @@ class PackedMNRL(_mnrl_cls()):
         if self.mode == "unchecked":
             self._check(packed, meta)
         if self.compiled == "pending":
-            self._compile(packed, meta, labels)
+            self._compile(packed)
         embeddings = self._embed_packed(packed) if self.mode == "packed" else self._embed_padded(packed, meta)
         return self.compute_loss_from_embeddings(list(embeddings.split(int(meta["rows"]))), labels)
 
-    def _compile(self, packed: dict[str, Any], meta: dict[str, Any], labels: torch.Tensor | None) -> None:
+    def _compile(self, packed: dict[str, Any]) -> None:
         """torch.compile each transformer layer (dynamic shapes: one graph for every packed length), so the
         LayerNorm, GELU, dropout and residual passes between the matmuls run fused, forward and backward. After the
         packed-vs-padded check (which runs eagerly: no graph is compiled for it) and only for the packed path
         (whose attention has no data-dependent host step). One trial step on this batch, forward and backward
-        through ``torch.autograd.grad`` (no gradient is accumulated), compiles both directions here: any failure or
-        a non-finite loss or gradient puts the layers back to eager for the run, instead of failing inside the
-        trainer's backward."""
+        through ``torch.autograd.grad`` (no gradient is accumulated) of a local stand-in loss (the layers' backward
+        graph does not depend on the loss; MNRL's would gather across ranks), compiles both directions here: any
+        failure or a non-finite output or gradient puts the layers back to eager for the run, instead of failing
+        inside the trainer's backward."""
         if self.mode != "packed":
             self.compiled = f"not compiled: {self.mode} forward"
             return
         if not engine._flash_device(next(self._hf.parameters())):
-            # the CPU's bucketed attention plans its buckets on the host: a graph break in every layer, and all
-            # MiniLM trained 18% slower compiled than eager on 2 EPYC cores (session 8)
+            # the CPU's bucketed attention plans its buckets on the host: a graph break in every layer; a packed
+            # forward + backward of all-MiniLM-L6-v2 ran 18% slower compiled than eager on 2 EPYC cores (session 8)
             self.compiled = "not compiled: the CPU's attention is not one kernel"
             return
         layers = engine._encoder_layers(self._hf)
@@ -217,7 +218,7 @@ class PackedMNRL(_mnrl_cls()):
             model = getattr(self.model, "module", self.model)  # not through DDP: this step syncs no gradient
             with _attention(self._hf, engine.VARLEN_ATTN_NAME):
                 embeddings = model(dict(packed))["sentence_embedding"]
-            loss = self.compute_loss_from_embeddings(list(embeddings.split(int(meta["rows"]))), labels)
+            loss = embeddings.float().sum()  # not a function of the norm alone: the embeddings may be unit vectors
             params = [p for p in model.parameters() if p.requires_grad]
             grads = [g for g in torch.autograd.grad(loss, params, allow_unused=True) if g is not None]
             finite = torch.stack([torch.isfinite(loss), *(torch.isfinite(g).all() for g in grads)]).all()
