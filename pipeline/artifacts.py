@@ -102,27 +102,38 @@ def content_digest(path: str | os.PathLike) -> str:
     version = (str(p), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if version in _DIGESTS:
         return _DIGESTS[version]
-    record = _digest_dir / f"{config_key(list(version), 32)}.json" if _digest_dir else None
-    digest = None
-    if record is not None and record.exists():
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            kept = json.loads(record.read_text())
-            if kept["version"] == list(version) and re.fullmatch(r"[0-9a-f]{64}", kept["sha256"]):
-                digest = kept["sha256"]
-    if digest is None:
+    if _digest_dir is None:
         digest = sha256_file(p)
-        if record is not None:
-            # a plain rename, not a counted commit (the kill tests count those) and no fsync: a lost record costs a
-            # re-read, nothing else; so does a read-only cache
-            tmp = record.parent / f".tmp-{record.name}-{os.getpid()}-{time.monotonic_ns()}"
-            try:
-                record.parent.mkdir(parents=True, exist_ok=True)
-                tmp.write_text(json.dumps({"version": list(version), "sha256": digest}))
-                os.replace(tmp, record)
-            except OSError:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+    else:
+        record = _digest_dir / f"{config_key(list(version), 32)}.json"
+        digest = _kept_digest(record, version)
+        if digest is None:
+            try:  # the tasks of an array job start together: one reads the file, the others wait for its record
+                with folder_lock(_digest_dir, wait_s=3600):
+                    digest = _kept_digest(record, version) or _keep_digest(record, version, sha256_file(p))
+            except OSError:  # a read-only cache: read the file here, every time
+                digest = sha256_file(p)
     _DIGESTS[version] = digest
+    return digest
+
+
+def _kept_digest(record: Path, version: tuple) -> str | None:
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        kept = json.loads(record.read_text())
+        if kept["version"] == list(version) and re.fullmatch(r"[0-9a-f]{64}", kept["sha256"]):
+            return kept["sha256"]
+    return None  # none yet, or damaged: read the file again
+
+
+def _keep_digest(record: Path, version: tuple, digest: str) -> str:
+    # a plain rename, not a counted commit (the kill tests count those), and no fsync: a lost record costs a re-read
+    tmp = record.parent / f".tmp-{record.name}-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        tmp.write_text(json.dumps({"version": list(version), "sha256": digest}))
+        os.replace(tmp, record)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     return digest
 
 

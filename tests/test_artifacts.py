@@ -175,3 +175,36 @@ def test_each_file_version_is_read_once_per_digest_cache(tmp_path, monkeypatch):
         assert artifacts.content_digest(f) == real(f) and len(reads) == 3
     finally:
         artifacts.remember_digests_in(None)
+
+
+def test_processes_starting_together_read_a_file_once(tmp_path, monkeypatch):
+    """Array tasks start together: the first to take the digests' lock reads the file, the others wait for its
+    record (threads here: each flock is its own open file, as in separate processes)."""
+    import threading
+    import time
+
+    from pipeline import artifacts
+
+    f = tmp_path / "collection.tsv"
+    f.write_text("1\tpassage\n" * 1000)
+    reads = []
+    real = artifacts.sha256_file
+
+    def slow(p):
+        reads.append(p)
+        time.sleep(0.3)
+        return real(p)
+
+    monkeypatch.setattr(artifacts, "sha256_file", slow)
+    monkeypatch.setattr(artifacts, "_DIGESTS", {})
+    artifacts.remember_digests_in(tmp_path / "digests")
+    try:
+        out = []
+        threads = [threading.Thread(target=lambda: out.append(artifacts.content_digest(f))) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(reads) == 1 and len(set(out)) == 1 and out[0] == real(f)
+    finally:
+        artifacts.remember_digests_in(None)
