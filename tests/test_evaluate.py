@@ -188,3 +188,34 @@ def test_dense_system_from_the_token_store_is_identical(tmp_path, bi_encoder_spe
     np.testing.assert_array_equal(out["true"][0], out["false"][0])
     assert out["true"][1]["metrics"] == out["false"][1]["metrics"]
     assert out["false"][2] is None and "tokens" in out["true"][2]
+
+
+def test_corpus_encode_split_over_processes_equals_one_process(tmp_path, bi_encoder_spec):
+    """evaluate.devices=[cpu, cpu]: two spawned processes each write their half of the embeddings file (from the
+    token store here); the file and the metrics equal the one-process encode's, and devices are not in the key."""
+    system = f"evaluate.systems=[{{name: tiny, model: '{bi_encoder_spec}', similarity: cosine}}]"
+    out = {}
+    for name, devices in (("one", "[]"), ("two", "[cpu,cpu]")):
+        folder = evaluate.run(config(tmp_path / name, system, "evaluate.bm25=false", "token_cache=true",
+                                     f"evaluate.devices={devices}"))
+        out[name] = (folder.name, np.load(folder / evaluate.EMB_FILE), json.loads((folder / "metrics.json").read_text()))
+    assert out["one"][0] == out["two"][0]
+    assert out["two"][2]["encode_devices"] == ["cpu", "cpu"] and out["one"][2]["encode_devices"] == ["cpu"]
+    # equal here; other batch compositions may round differently: within the float16 storage step
+    np.testing.assert_allclose(out["two"][1].astype(np.float32), out["one"][1].astype(np.float32), atol=1e-3)
+    assert out["two"][2]["metrics"] == out["one"][2]["metrics"]
+
+
+def test_encode_devices_setting(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert evaluate.encode_devices("auto", "cuda") == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert evaluate.encode_devices("auto", "cuda:1") == []  # a GPU named by the config: that one alone
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert evaluate.encode_devices("auto", "cuda") == []
+    assert evaluate.encode_devices("auto", "cpu") == [] and evaluate.encode_devices([], "cuda") == []
+    assert evaluate.encode_devices(["cuda:0"], "cuda") == []  # one device: this process
+    assert evaluate.encode_devices(["cuda:0", "cuda:1"], "cuda") == ["cuda:0", "cuda:1"]
+    with pytest.raises(ValueError, match="evaluate.devices"):
+        evaluate.encode_devices("cuda:0,cuda:1", "cuda")

@@ -64,7 +64,7 @@ SIMILARITIES = ("auto", "cosine", "dot")
 SYSTEM_KEYS = {"name", "model", "similarity", "query_prompt", "corpus_prompt", "published"}
 EMB_FILE = "corpus_emb.f16.npy"
 # evaluate keys that change no number of a system (which systems run, how the table is labelled)
-_NOT_IDENTITY = {"systems", "bm25", "published_system"}
+_NOT_IDENTITY = {"systems", "bm25", "published_system", "devices"}
 
 
 # --------------------------------------------------------------------------- configuration
@@ -302,6 +302,47 @@ def _corpus_rows(corpus: Corpus, cands: Candidates, source: str) -> dict[str, in
 # --------------------------------------------------------------------------- bi-encoder
 
 
+def encode_devices(setting: Any, device: str) -> list[str]:
+    """The devices the corpus encode is split over, one process each ([]: this process alone). auto: every GPU
+    this process sees when ``device`` is cuda without an index and there are several; a list names them (two CPU
+    entries split it into two CPU processes, which the tests use)."""
+    if setting is None or str(setting) == "auto":
+        import torch
+
+        if device != "cuda" or torch.cuda.device_count() < 2:
+            return []
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    if isinstance(setting, str):
+        raise ValueError(f"evaluate.devices must be auto or a list of devices, got {setting!r}")
+    devices = [str(d) for d in setting]
+    return devices if len(devices) > 1 else []
+
+
+def _encode_part(job: dict[str, Any], device: str, lo: int, hi: int) -> None:  # pragma: no cover - subprocess
+    """One process of _Dense._encode_corpus_split: passages lo..hi on ``device``, into the shared float16 file."""
+    import torch
+
+    from pipeline.engine import encode_texts
+    from pipeline.tokens import TokenStore
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(job["processes"])))
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))
+    model = load_bi_encoder(job["model"], device=device, artifacts_root=job["artifacts_root"],
+                            max_seq_length=job["max_seq_length"])
+    corpus = Corpus(Path(job["corpus"]))
+    store = TokenStore.load(Path(job["store"])) if job["store"] else None
+    out = np.load(job["target"], mmap_mode="r+")
+    for a in range(lo, hi, job["chunk"]):
+        b = min(hi, a + job["chunk"])
+        emb = encode_texts(model, corpus_rows(corpus, store, a, b), prompt=job["prompt"], normalize=job["normalize"],
+                           batch_tokens=job["batch_tokens"], precision=job["precision"], show_progress=False)
+        if emb.shape != (b - a, job["dim"]):
+            raise RuntimeError(f"{device}: embeddings of shape {emb.shape} for passages {a}..{b}, dim {job['dim']}")
+        out[a:b] = emb.astype(np.float16)
+    out.flush()
+
+
 class _Dense:
     def __init__(self, cfg: DictConfig, system: Mapping[str, Any], st):
         from pipeline import engine
@@ -374,6 +415,13 @@ class _Dense:
             with self.st.timed("token_store"):
                 store = token_store(self.cfg, corpus, self.model, self.corpus_prompt)
             self.facts["token_store"] = str(store.folder) if store is not None else None
+            devices = encode_devices(self.cfg.evaluate.devices, self.device)
+            self.facts["encode_devices"] = devices or [self.device]
+            if devices:
+                self._encode_corpus_split(tmp, store, devices, dim)
+                self.st.counts["corpus_embeddings"] = len(corpus)
+                self.facts["embedding_dim"] = dim
+                return
             bar = tqdm(total=len(corpus), desc="corpus embeddings", unit=" passages", disable=len(corpus) <= chunk)
             for lo in range(0, len(corpus), chunk):
                 hi = min(len(corpus), lo + chunk)
@@ -389,6 +437,41 @@ class _Dense:
             del out
         self.st.counts["corpus_embeddings"] = len(corpus)
         self.facts["embedding_dim"] = dim
+
+    def _encode_corpus_split(self, tmp: Path, store: Any, devices: list[str], dim: int) -> None:
+        """The corpus encode over several devices, one spawned process each on a contiguous range of passages,
+        each writing its rows straight into the float16 file (nothing gathered in one process's memory)."""
+        import torch.multiprocessing as mp
+
+        if dim <= 0:
+            raise StageError(f"system {self.system['name']!r}: the model states no embedding dimension, which a "
+                             f"corpus encode split over {devices} needs; set evaluate.devices=[]")
+        n = len(self.corpus)
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim)).flush()
+        bounds = np.linspace(0, n, len(devices) + 1).astype(int)
+        job = {"model": str(self.system["model"]), "artifacts_root": str(artifacts_root(self.cfg)),
+               "max_seq_length": self.cfg.evaluate.max_seq_length, "corpus": str(self.corpus.folder),
+               "store": str(store.folder) if store is not None else None, "prompt": self.corpus_prompt,
+               "normalize": None if self.dot else True, "batch_tokens": self.cfg.evaluate.batch_tokens,
+               "precision": str(self.cfg.evaluate.precision), "chunk": max(1, int(self.cfg.evaluate.corpus_chunk)),
+               "target": str(tmp), "processes": len(devices), "dim": dim}
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_encode_part, args=(job, dev, int(lo), int(hi)), daemon=True)
+                 for dev, lo, hi in zip(devices, bounds[:-1], bounds[1:]) if hi > lo]
+        log.info("evaluate: encoding %d passages on %s, one process each", n, ", ".join(devices))
+        try:
+            for proc in procs:
+                proc.start()
+            for proc in procs:
+                proc.join()
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+        failed = [(dev, proc.exitcode) for dev, proc in zip(devices, procs) if proc.exitcode != 0]
+        if failed:
+            raise StageError(f"system {self.system['name']!r}: the corpus encode failed on {failed} "
+                             f"(device, exit code); its log is above")
 
     def retrieve(self, name: str, queries: Mapping[str, str], k: int) -> dict[str, dict[str, float]]:
         from pipeline.search import search
