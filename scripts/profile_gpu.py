@@ -199,7 +199,7 @@ def row_search(bench) -> dict:
         v, i = S._topk_grouped(Sb, 108)
         r["merge_ms"] = t_of(lambda: S._merge(bs, bi, v.float(), i, 108))
         res[f"qblock{qb}"] = r
-        del Sb, Q
+        Sb = Q = None  # free the score block before the next size (lambdas above close over these names)
     # whole search over a 2M corpus, each method
     corpus2 = torch.cat([corpus, corpus.flip(0)])
     Q = torch.nn.functional.normalize(torch.randn((16384, d), generator=g, device=dev), dim=1)
