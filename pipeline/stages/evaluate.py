@@ -332,7 +332,7 @@ def _encode_part(job: dict[str, Any], device: str, lo: int, hi: int) -> None:  #
                             max_seq_length=job["max_seq_length"])
     corpus = Corpus(Path(job["corpus"]))
     store = TokenStore.load(Path(job["store"])) if job["store"] else None
-    out = np.load(job["target"], mmap_mode="r+")
+    out = np.load(job["target"], mmap_mode="r+")  # all writers on this host share its page cache: disjoint rows
     for a in range(lo, hi, job["chunk"]):
         b = min(hi, a + job["chunk"])
         emb = encode_texts(model, corpus_rows(corpus, store, a, b), prompt=job["prompt"], normalize=job["normalize"],
