@@ -11,11 +11,12 @@ Rows (each baseline measured in the same run as ours):
                      sentence_transformers.util.semantic_search (measured on a query subset and extrapolated)
   4. training        MNRL batch 64 over DL20's judged (query, relevant passage) pairs with random negatives:
                      SentenceTransformerTrainer bf16 defaults (baseline) vs the train stage's trainer
-                     (pipeline.stages.train.make_trainer) packed, the same trainer unpacked, and on CUDA packed
-                     with compiled layers (train.compile_layers, not yet measured on a GPU): same initial weights;
-                     ours see the same batches, so their loss curves are compared with the unpacked one's
+                     (pipeline.stages.train.make_trainer) packed, and the same trainer unpacked: same initial
+                     weights; ours see the same batches, so their loss curves are compared
   5. compile         encode and score with compile_layers=True vs eager (compile time, speed, agreement); not in
                      the default rows since the encode and score rows' eager-layers variant measures the same gain
+  6. train_compiled  the packed trainer of row 4 with compiled layers (train.compile_layers, not yet measured on a
+                     GPU; CUDA only), its loss curve against row 4's unpacked one; last, as compiling takes time
 On a GPU, rows 1 and 2 time the stages' defaults after one untimed pass (the compile, the caching allocators), then
 variants with one setting changed at a time (tokeniser processes, eager layers, twice the batch). Both rows also
 time the inputs the stages pass for corpora of 100k+ passages: views over a corpus token store (pipeline/tokens.py),
@@ -262,6 +263,7 @@ class Bench:
         self.t0 = time.perf_counter()
         self.results: dict = {"rows": {}, "parity": {}, "notes": []}
         self.reserve_s = 120.0  # seconds of the budget the search row leaves to the rows after it
+        self.train_batch = 8 if self.quick else 64  # triplets per step in the training rows
         self.baselines: dict[str, tuple[float, float]] = {}  # row -> the two library baselines' throughputs
         self.table: list[tuple] = []
         self.tmp = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
@@ -753,17 +755,33 @@ class Bench:
             return
         steps = self.args.train_steps or self.size(2, 8, 60)
         try:
-            self._train_rows(make_trainer, steps, batch=8 if self.quick else 64)
+            self._train_rows(make_trainer, steps, ("baseline", "ours", "ours_padded"), batch=self.train_batch)
         except Exception as exc:  # report, don't hide the other rows
             log(f"  train row: failed ({type(exc).__name__}: {exc})")
             self.results["rows"]["train"] = {"available": True, "error": f"{type(exc).__name__}: {exc}"}
 
-    def _train_rows(self, make_trainer, steps: int, batch: int = 64):
-        """Runs from the same initial weights: SentenceTransformerTrainer bf16 defaults (the baseline), the train
-        stage's trainer with packing auto (packed where varlen attention runs), the same trainer with packing off,
-        and on CUDA the packed trainer with compiled layers (train.compile_layers=true, off by default until this
-        row has measured it). Ours see the same batches in the same order (same sampler and seed), so their loss
-        curves must agree up to dropout noise: that is the "same loss curve" check."""
+    def row_train_compiled(self):
+        """The train stage's packed trainer with compiled layers (train.compile_layers), on the batches of the
+        training row, its loss curve against that row's unpacked one. Last of the default rows (compiling takes
+        tens of seconds; the required rows come first); CUDA only (the CPU keeps eager layers)."""
+        log("\n[6] training with compiled layers (train.compile_layers=true)")
+        if self.dev.type != "cuda":
+            log("  not run: the train stage compiles layers on CUDA only")
+            return
+        if not isinstance(self.results["rows"].get("train"), list):
+            log("  not run: the training row did not run")
+            return
+        from pipeline.stages.train import make_trainer
+
+        steps = self.args.train_steps or self.size(2, 8, 60)
+        self._train_rows(make_trainer, steps, ("ours_compiled",), batch=self.train_batch)  # row 4's very batches
+
+    def _train_rows(self, make_trainer, steps: int, labels: tuple[str, ...], batch: int = 64):
+        """Trainers from the same initial weights, each of ``labels``: "baseline" (SentenceTransformerTrainer bf16
+        defaults), "ours" (the train stage's trainer, packing auto: packed where varlen attention runs),
+        "ours_padded" (packing off), "ours_compiled" (packed, train.compile_layers=true: off by default until a
+        GPU run has measured it). Ours see the same batches in the same order (same data, sampler and seed), so
+        their loss curves must agree with the unpacked one up to dropout noise: the "same loss curve" check."""
         import datasets
         from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
         from transformers import TrainerCallback
@@ -788,13 +806,9 @@ class Bench:
 
         half = resolve_precision("auto", str(self.dev)) == "bf16"
         log_every = self.size(1, 1, 5)  # the loss curve's resolution (one host sync per logged step)
-        curves: dict[str, list[tuple[int, float]]] = {}
         flops_per_triplet = None
-        labels = ("baseline", "ours", "ours_padded") + (("ours_compiled",) if gpu else ())
+        curves: dict[str, list[tuple[int, float]]] = self.results.setdefault("train_loss_curves", {})
         for label in labels:
-            if label == "ours_compiled" and self.left() < self.reserve_s + 60:  # compiling takes tens of seconds
-                log(f"  train variant '{label}': skipped, {self.left():.0f}s left of the time budget")
-                continue
             model, layers, hidden = self.bi_encoder()
             if flops_per_triplet is None:
                 tok = model[0].tokenizer
@@ -854,10 +868,11 @@ class Bench:
             self.add("train", f"{label} wall incl. start-up", batch * steps, dt, "triplets/s", note=note)
             del model, trainer
             self.free()
-        self.results["train_loss_curves"] = curves
         b = dict(curves.get("ours_padded", []))
         for label, what, key in (("ours", "packed", "train_same_loss_curve"),
                                  ("ours_compiled", "packed + compiled layers", "train_same_loss_curve_compiled")):
+            if label not in labels:
+                continue
             a = dict(curves.get(label, []))
             common = sorted(set(a) & set(b))
             if not common:
@@ -1081,6 +1096,12 @@ class Bench:
             f"peak above; MFU* over the measured matmul rate. Total wall {time.perf_counter() - self.t0:.0f}s")
 
 
+#: seconds a row took on an H200 (session 6 runs; the compiled trainer: its compile, estimated): the search row
+#: shrinks to leave these to the rows after it
+ROW_COST_S = {"encode": 70.0, "score": 45.0, "train": 35.0, "parity": 40.0, "search": 30.0, "compile": 30.0,
+              "train_compiled": 60.0}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (CPU, < 2 minutes)")
@@ -1090,7 +1111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     # the search row last: it shrinks to whatever budget is left. The compile row is not a default one (the
     # eager-layers variant of the encode and score rows measures the same gain); add it with --rows ...,compile
-    ap.add_argument("--rows", default="encode,score,train,parity,search")
+    ap.add_argument("--rows", default="encode,score,train,parity,search,train_compiled")
     ap.add_argument("--train-steps", type=int, default=None,
                     help="optimizer steps per trainer in the training row (default 60 on a GPU, 8 on the CPU)")
     ap.add_argument("--budget-s", type=float, default=None,
@@ -1114,14 +1135,18 @@ def main(argv=None) -> int:
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     status = 0
     for pos, name in enumerate(rows):
-        b.reserve_s = 120.0 if pos + 1 < len(rows) else 15.0
+        # what the search row (which shrinks to fit) leaves to the rows after it
+        b.reserve_s = 15.0 + sum(ROW_COST_S.get(later, 60.0) for later in rows[pos + 1:])
         fn = {"encode": b.row_encode, "score": b.row_score, "search": b.row_search, "train": b.row_train,
-              "parity": b.parity, "compile": b.row_compile}[name]
+              "parity": b.parity, "compile": b.row_compile, "train_compiled": b.row_train_compiled}[name]
         t_row = time.perf_counter()
         try:
             if name == "train" and b.left() < 45:
                 log(f"\n[4] training: skipped, {b.left():.0f}s left of the time budget")
                 b.results["rows"]["train"] = {"available": None, "reason": "time budget"}
+                continue
+            if name == "train_compiled" and b.left() < 30:
+                log(f"\n[6] training with compiled layers: skipped, {b.left():.0f}s left of the time budget")
                 continue
             fn()
             log(f"  [{name} row: {time.perf_counter() - t_row:.0f}s wall]")
