@@ -33,6 +33,8 @@ Needs only torch, transformers, sentence-transformers and numpy (no hydra/faiss;
 datasets and omegaconf, carried as wheels to a GPU machine that lacks them, and reports itself unavailable without
 them). Usage:
     python scripts/bench_gpu.py [--quick] [--out results.json] [--data DIR] [--minilm DIR]
+On a GPU machine without hydra, faiss or datasets: `bash scripts/prepare_gpu_carry.sh` here, carry .whl and
+.benchdata there, and run `bash scripts/gpu_bench.sh` (this script with the carried wheels and data).
 On a machine without a GPU the same command measures CPU sizes instead (all-MiniLM-L6-v2 in place of the
 base-size models, hundreds of texts, a 200k-vector corpus, 8 training steps per trainer: ~25 minutes on 2 cores);
 `--quick` is a smoke test of every row that measures nothing.

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root with .whl/ and .benchdata/ (scripts/prepare_gpu_carry.sh) carried:
+# every default row of scripts/bench_gpu.py with its baseline, in one process; output and JSON into $OUT.
+#   bash scripts/gpu_bench.sh [bench_gpu.py options, e.g. --budget-s 240]
+# Then, here: python -m pipeline stage=plan experiment=v3_distilbert plan.bench_json=<$OUT/b.json>
+set -euo pipefail
+out=${OUT:-bench-out}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+python3 scripts/bench_gpu.py --data .benchdata/data --minilm .benchdata/minilm --train-steps 40 --out "$out/b.json" "$@" 2>&1 \
+    | { grep --line-buffered -v "it/s\]\|example/s\|{'loss\|{'train_runtime" || true; } | tee "$out/b.txt"
