@@ -18,7 +18,7 @@ Rows (each baseline measured in the same run as ours):
   6. train_compiled  the packed trainer of row 4 with compiled layers (train.compile_layers, not yet measured on a
                      GPU; CUDA only), its loss curve against row 4's unpacked one; last, as compiling takes time
 On a GPU, rows 1 and 2 time the stages' defaults after one untimed pass (the compile, the caching allocators), then
-variants with one setting changed at a time (tokeniser processes, eager layers, twice the batch). Both rows also
+the same with eager layers (`--variants all`: also tokeniser processes and twice the batch, settled in session 6). Both rows also
 time the inputs the stages pass for corpora of 100k+ passages: views over a corpus token store (pipeline/tokens.py),
 with the store's build (in process, and with tokeniser processes) and the host side.
 plus parity checks with all-MiniLM-L6-v2's real weights: embeddings cosine vs ST fp32, cross-encoder Spearman vs
@@ -370,12 +370,15 @@ class Bench:
         """The same job with one setting changed at a time, to show what each default is worth (GPU only)."""
         if self.dev.type != "cuda":
             return
-        tries = [("tokeniser in the GPU process" if kw["tokenize_workers"] else "tokeniser processes (auto count)",
-                  dict(kw, tokenize_workers=0 if kw["tokenize_workers"] else self.engine.pool_size()))]
+        tries = []
         if kw["compile_layers"]:
             tries.append(("eager layers", dict(kw, compile_layers=False)))
-        tries.append((f"batch_tokens {kw['batch_tokens'] * 2} (max_batch {kw['max_batch'] * 2})",
-                      dict(kw, batch_tokens=kw["batch_tokens"] * 2, max_batch=kw["max_batch"] * 2)))
+        if self.args.variants == "all":  # settled in session 6 (processes lost every comparison; 2x batch: even)
+            tries.append(("tokeniser in the GPU process" if kw["tokenize_workers"] else
+                          "tokeniser processes (auto count)",
+                          dict(kw, tokenize_workers=0 if kw["tokenize_workers"] else self.engine.pool_size())))
+            tries.append((f"batch_tokens {kw['batch_tokens'] * 2} (max_batch {kw['max_batch'] * 2})",
+                          dict(kw, batch_tokens=kw["batch_tokens"] * 2, max_batch=kw["max_batch"] * 2)))
         out = {}
         for label, var in tries:
             if self.left() < 60:
@@ -1114,6 +1117,9 @@ def main(argv=None) -> int:
     # the search row last: it shrinks to whatever budget is left. The compile row is not a default one (the
     # eager-layers variant of the encode and score rows measures the same gain); add it with --rows ...,compile
     ap.add_argument("--rows", default="encode,score,train,parity,search,train_compiled")
+    ap.add_argument("--variants", choices=("eager", "all"), default="eager",
+                    help="GPU variants of the encode and score rows: eager (the stage defaults with eager layers, "
+                         "what compiling is worth) or all (also tokeniser processes and twice the batch)")
     ap.add_argument("--train-steps", type=int, default=None,
                     help="optimizer steps per trainer in the training row (default 60 on a GPU, 8 on the CPU)")
     ap.add_argument("--budget-s", type=float, default=None,
