@@ -481,18 +481,29 @@ def _encoder_layers(hf: torch.nn.Module) -> list[torch.nn.Module]:
     return []
 
 
-def _compile_layers(prep: _Prepared) -> None:
-    """torch.compile each transformer layer (dynamic shapes: one graph for every batch size and length), so
-    the residual adds, LayerNorms, bias adds and GELUs between the matmuls run fused instead of as separate passes
-    over the activations (29% of encode time on an H200, scripts/profile_gpu.py). Compiled lazily by the first
-    batch; checked against the eager layers on that batch (see _Runner._forward)."""
-    layers = _encoder_layers(prep.hf)
+def compile_encoder_layers(hf: torch.nn.Module, backend: str | Callable = "inductor") -> list:
+    """torch.compile each transformer layer of ``hf`` in place (dynamic shapes: one graph for every batch size and
+    length; compiled lazily by the first call). Returns the layers' compiled call functions, [] where no layer can
+    be compiled (nothing is changed then). Used for inference (:func:`_compile_layers`) and training
+    (pipeline/packing.py)."""
+    layers = _encoder_layers(hf)
     if not layers or not all(hasattr(layer, "_compiled_call_impl") for layer in layers):
+        return []
+    for layer in layers:
+        layer.compile(dynamic=True, backend=backend)
+    return [layer._compiled_call_impl for layer in layers]
+
+
+def _compile_layers(prep: _Prepared) -> None:
+    """Compiled transformer layers (:func:`compile_encoder_layers`), so the residual adds, LayerNorms, bias adds
+    and GELUs between the matmuls run fused instead of as separate passes over the activations (29% of encode time
+    on an H200, scripts/profile_gpu.py); checked against the eager layers on the first batch (see
+    _Runner._forward)."""
+    compiled = compile_encoder_layers(prep.hf)
+    if not compiled:
         log.warning("engine: compile_layers: no transformer layers found to compile; running eagerly")
         return
-    for layer in layers:
-        layer.compile(dynamic=True)
-    prep.compiled = [layer._compiled_call_impl for layer in layers]
+    prep.compiled = compiled
 
 
 def _use_compiled(prep: _Prepared, on: bool) -> None:
@@ -1439,6 +1450,11 @@ class _Runner:
         return out
 
 
+def _as_items(items) -> Sequence:
+    """Inputs as the runner takes them: a list, tuple or token-store view as it is, any other iterable listed."""
+    return items if isinstance(items, (list, tuple, *tokens.TokenView)) else list(items)
+
+
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     a = a.float().reshape(a.shape[0], -1)
     b = b.float().reshape(b.shape[0], -1)
@@ -1530,7 +1546,7 @@ def encode_texts(
     module = _transformer_module(model)
     if module is None or not hasattr(module, "auto_model"):
         raise TypeError("encode_texts needs a SentenceTransformer whose first module is a Transformer")
-    texts = texts if isinstance(texts, (list, tuple, *tokens.TokenView)) else list(texts)
+    texts = _as_items(texts)
     prompt_length = None
     if prompt:
         getter = getattr(module, "_get_prompt_length", None)
@@ -1603,7 +1619,7 @@ def score_pairs(
     hf = getattr(model, "model", None)
     if hf is None:
         raise TypeError("score_pairs needs a CrossEncoder with a transformers model")
-    pairs = pairs if isinstance(pairs, (list, tuple, *tokens.TokenView)) else list(pairs)
+    pairs = _as_items(pairs)
     runner = _Runner(
         "pairs", model, hf, pairs, prompt=None, batch_tokens=batch_tokens, max_batch=max_batch,
         precision=precision, show_progress=show_progress, desc=desc, attention=attention, chunk=chunk_size,
@@ -1625,15 +1641,13 @@ def ceilings(model, items: Sequence, *, pairs: bool = False, device_batches: int
     ``compile_layers``, ``chunk_size``); a diagnostic for scripts/bench_gpu.py, not used by the stages."""
     if pairs:
         hf, post, kind = model.model, _ce_post(model), "pairs"
-        items = items if isinstance(items, (list, tuple, *tokens.TokenView)) else list(items)
     else:
         module = _transformer_module(model)
         if module is None:
             raise TypeError("ceilings needs a SentenceTransformer whose first module is a Transformer")
         hf, post, kind = module.auto_model, _st_post(model, None), "texts"
-        items = items if isinstance(items, (list, tuple, *tokens.TokenView)) else list(items)
     runner = _Runner(
-        kind, model, hf, items, prompt=None, batch_tokens=kwargs.get("batch_tokens", "auto"),
+        kind, model, hf, _as_items(items), prompt=None, batch_tokens=kwargs.get("batch_tokens", "auto"),
         max_batch=kwargs.get("max_batch"), precision=kwargs.get("precision", "auto"), show_progress=False, desc="",
         attention=kwargs.get("attention", "auto"), chunk=kwargs.get("chunk_size", DEFAULT_CHUNK), post=post,
         tokenize_workers=kwargs.get("tokenize_workers"), compile_layers=kwargs.get("compile_layers"),
@@ -1642,13 +1656,19 @@ def ceilings(model, items: Sequence, *, pairs: bool = False, device_batches: int
 
 
 # ----------------------------------------------------------------------------------------- multi-device
+def device_worker_setup(device: str, processes: int) -> None:
+    """In one of ``processes`` worker processes, one per device: its share of the CPU threads, and its GPU made
+    current (the CUDA calls that name no device, such as events and streams, then go to it)."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, processes)))
+    if torch.device(device).type == "cuda":
+        torch.cuda.set_device(torch.device(device))
+
+
 def _mp_worker(rank, fn_name, model, items, start, end, device, out, kwargs):  # pragma: no cover - subprocess
     nprocs = max(1, kwargs.pop("_nprocs", 1))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // nprocs))
+    device_worker_setup(device, nprocs)
     kwargs["tokenize_workers"] = resolve_tokenize_workers(kwargs.get("tokenize_workers"), torch.device(device),
                                                           len(items), processes=nprocs)
-    if torch.device(device).type == "cuda":
-        torch.cuda.set_device(torch.device(device))  # the calls that name no device go to this worker's GPU
     model.to(device)
     fn = encode_texts if fn_name == "encode" else score_pairs
     res = fn(model, items, **kwargs)

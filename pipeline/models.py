@@ -71,17 +71,8 @@ def model_identity(spec: str) -> dict[str, Any]:
         # The settings decide what gets built: changing them rebuilds the model, so they must change every key
         # that depends on it (else old embeddings of the previous build would be reused).
         return {"demo": spec, "settings": DEMO_MODEL_SETTINGS}
-    if Path(spec).is_dir():
-        return {"local": _model_folder_fingerprint(Path(spec))}
     if Path(spec).exists():
-        return {"local": file_fingerprint(spec)}
+        # a folder's model card (README.md) is left out: the train stage writes the measured figures into it after
+        # evaluating the model, and it changes nothing the model computes
+        return {"local": file_fingerprint(spec, exclude=("README.md",))}
     return {"hub": spec}
-
-
-def _model_folder_fingerprint(folder: Path) -> dict[str, Any]:
-    """file_fingerprint of a model folder (its files' contents), minus its model card: README.md documents the
-    model (the train stage writes the measured figures into it after evaluating the model), it changes nothing the
-    model computes."""
-    from pipeline.artifacts import file_fingerprint
-
-    return file_fingerprint(folder, exclude=("README.md",))

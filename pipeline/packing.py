@@ -208,12 +208,10 @@ class PackedMNRL(_mnrl_cls()):
             # forward + backward of all-MiniLM-L6-v2 ran 18% slower compiled than eager on 2 EPYC cores (session 8)
             self.compiled = "not compiled: the CPU's attention is not one kernel"
             return
-        layers = engine._encoder_layers(self._hf)
-        if not layers or not all(hasattr(layer, "_compiled_call_impl") for layer in layers):
+        layers = engine.compile_encoder_layers(self._hf, COMPILE_BACKEND)
+        if not layers:
             self.compiled = "not compiled: no transformer layers found"
             return
-        for layer in layers:
-            layer.compile(dynamic=True, backend=COMPILE_BACKEND)
         try:
             model = getattr(self.model, "module", self.model)  # not through DDP: this step syncs no gradient
             with _attention(self._hf, engine.VARLEN_ATTN_NAME):

@@ -265,7 +265,6 @@ class Bench:
         self.t0 = time.perf_counter()
         self.results: dict = {"rows": {}, "parity": {}, "notes": []}
         self.reserve_s = 120.0  # seconds of the budget the search row leaves to the rows after it
-        self.train_batch = 8 if self.quick else 64  # triplets per step in the training rows
         self.baselines: dict[str, tuple[float, float]] = {}  # row -> the two library baselines' throughputs
         self.table: list[tuple] = []
         self.tmp = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
@@ -758,9 +757,8 @@ class Bench:
             log("  train row: not available (datasets is not installed here)")
             self.results["rows"]["train"] = {"available": False, "reason": "datasets missing"}
             return
-        steps = self.args.train_steps or self.size(2, 8, 60)
         try:
-            self._train_rows(make_trainer, steps, ("baseline", "ours", "ours_padded"), batch=self.train_batch)
+            self._train_rows(make_trainer, ("baseline", "ours", "ours_padded"))
         except Exception as exc:  # report, don't hide the other rows
             log(f"  train row: failed ({type(exc).__name__}: {exc})")
             self.results["rows"]["train"] = {"available": True, "error": f"{type(exc).__name__}: {exc}"}
@@ -778,10 +776,9 @@ class Bench:
             return
         from pipeline.stages.train import make_trainer
 
-        steps = self.args.train_steps or self.size(2, 8, 60)
-        self._train_rows(make_trainer, steps, ("ours_compiled",), batch=self.train_batch)  # row 4's very batches
+        self._train_rows(make_trainer, ("ours_compiled",))  # the training row's very batches
 
-    def _train_rows(self, make_trainer, steps: int, labels: tuple[str, ...], batch: int = 64):
+    def _train_rows(self, make_trainer, labels: tuple[str, ...]):
         """Trainers from the same initial weights, each of ``labels``: "baseline" (SentenceTransformerTrainer bf16
         defaults), "ours" (the train stage's trainer, packing auto: packed where varlen attention runs),
         "ours_padded" (packing off), "ours_compiled" (packed, train.compile_layers=true: off by default until a
@@ -795,6 +792,8 @@ class Bench:
             from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
         except Exception:
             from sentence_transformers.losses import MultipleNegativesRankingLoss
+        # one shape for every trainer of both training rows, so they all see the same batches
+        steps, batch = self.args.train_steps or self.size(2, 8, 60), 8 if self.quick else 64
         rng = random.Random(0)
         n = batch * (steps + 2)
         # judged (query, relevant passage) pairs of DL20, so the loss curves compared below learn something real;

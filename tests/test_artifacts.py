@@ -150,61 +150,62 @@ def test_input_fingerprints_follow_content_not_place_or_mtime(tmp_path, monkeypa
         artifacts.file_fingerprint(tmp_path / "m2", exclude=("README.md",))
 
 
-def test_each_file_version_is_read_once_per_digest_cache(tmp_path, monkeypatch):
+@pytest.fixture
+def digest_cache(tmp_path, monkeypatch):
+    """Digests kept in tmp_path/digests, this process's memo empty, and every read of a file counted
+    (``reads``; each read takes ``delay`` seconds)."""
+    import time
+
+    from pipeline import artifacts
+
+    state = {"reads": [], "delay": 0.0, "real": artifacts.sha256_file}
+
+    def counted(path):
+        state["reads"].append(path)
+        time.sleep(state["delay"])
+        return state["real"](path)
+
+    monkeypatch.setattr(artifacts, "sha256_file", counted)
+    monkeypatch.setattr(artifacts, "_DIGESTS", {})
+    artifacts.remember_digests_in(tmp_path / "digests")
+    yield state
+    artifacts.remember_digests_in(None)
+
+
+def test_each_file_version_is_read_once_per_digest_cache(tmp_path, digest_cache):
     import os
 
     from pipeline import artifacts
 
     f = tmp_path / "queries.tsv"
     f.write_text("1\twhat is a test\n")
-    reads = []
-    real = artifacts.sha256_file
-    monkeypatch.setattr(artifacts, "sha256_file", lambda p: reads.append(p) or real(p))
-    monkeypatch.setattr(artifacts, "_DIGESTS", {})
-    artifacts.remember_digests_in(tmp_path / "digests")
-    try:
-        first = artifacts.content_digest(f)
-        artifacts._DIGESTS.clear()  # as a new process would start
-        assert artifacts.content_digest(f) == first and len(reads) == 1
-        f.write_text("1\twhat is a tesT\n")  # changed in place: a new version, read again
-        os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1_000_000))
-        assert artifacts.content_digest(f) != first and len(reads) == 2
-        for record in (tmp_path / "digests").glob("*.json"):  # a damaged record costs a re-read, not a wrong key
-            record.write_text("{not json")
-        artifacts._DIGESTS.clear()
-        assert artifacts.content_digest(f) == real(f) and len(reads) == 3
-    finally:
-        artifacts.remember_digests_in(None)
+    reads, real = digest_cache["reads"], digest_cache["real"]
+    first = artifacts.content_digest(f)
+    artifacts._DIGESTS.clear()  # as a new process would start
+    assert artifacts.content_digest(f) == first and len(reads) == 1
+    f.write_text("1\twhat is a tesT\n")  # changed in place: a new version, read again
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1_000_000))
+    assert artifacts.content_digest(f) != first and len(reads) == 2
+    for record in (tmp_path / "digests").glob("*.json"):  # a damaged record costs a re-read, not a wrong key
+        record.write_text("{not json")
+    artifacts._DIGESTS.clear()
+    assert artifacts.content_digest(f) == real(f) and len(reads) == 3
 
 
-def test_processes_starting_together_read_a_file_once(tmp_path, monkeypatch):
+def test_processes_starting_together_read_a_file_once(tmp_path, digest_cache):
     """Array tasks start together: the first to take the digests' lock reads the file, the others wait for its
     record (threads here: each flock is its own open file, as in separate processes)."""
     import threading
-    import time
 
     from pipeline import artifacts
 
     f = tmp_path / "collection.tsv"
     f.write_text("1\tpassage\n" * 1000)
-    reads = []
-    real = artifacts.sha256_file
-
-    def slow(p):
-        reads.append(p)
-        time.sleep(0.3)
-        return real(p)
-
-    monkeypatch.setattr(artifacts, "sha256_file", slow)
-    monkeypatch.setattr(artifacts, "_DIGESTS", {})
-    artifacts.remember_digests_in(tmp_path / "digests")
-    try:
-        out = []
-        threads = [threading.Thread(target=lambda: out.append(artifacts.content_digest(f))) for _ in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert len(reads) == 1 and len(set(out)) == 1 and out[0] == real(f)
-    finally:
-        artifacts.remember_digests_in(None)
+    digest_cache["delay"] = 0.3
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(artifacts.content_digest(f))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(digest_cache["reads"]) == 1 and len(set(out)) == 1 and out[0] == digest_cache["real"](f)

@@ -38,7 +38,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -318,29 +318,45 @@ def encode_devices(setting: Any, device: str) -> list[str]:
     return devices if len(devices) > 1 else []
 
 
+def _encode_range(encode: Callable[[Any, int], np.ndarray], corpus: Corpus, store: Any, lo: int, hi: int, chunk: int,
+                  out_for: Callable[[int], np.ndarray], progress: Callable[[int], Any] | None = None) -> int:
+    """Passages lo..hi, ``chunk`` at a time, through ``encode(items, first row)`` (token-store views or texts in,
+    embeddings out) into ``out_for(dim)`` (the float16 embeddings file, opened by the first step); returns the
+    dimension. Used by the one-process encode and by each process of the split one."""
+    out, dim = None, 0
+    for a in range(lo, hi, chunk):
+        b = min(hi, a + chunk)
+        emb = encode(corpus_rows(corpus, store, a, b), a)
+        if out is None:
+            dim = int(emb.shape[1])
+            out = out_for(dim)
+        out[a:b] = emb.astype(np.float16)
+        if progress is not None:
+            progress(b - a)
+    if out is not None:
+        out.flush()
+    return dim
+
+
 def _encode_part(job: dict[str, Any], device: str, lo: int, hi: int) -> None:  # pragma: no cover - subprocess
     """One process of _Dense._encode_corpus_split: passages lo..hi on ``device``, into the shared float16 file."""
-    import torch
-
-    from pipeline.engine import encode_texts
+    from pipeline.engine import device_worker_setup, encode_texts
     from pipeline.tokens import TokenStore
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(job["processes"])))
-    if torch.device(device).type == "cuda":
-        torch.cuda.set_device(torch.device(device))
+    device_worker_setup(device, int(job["processes"]))
     model = load_bi_encoder(job["model"], device=device, artifacts_root=job["artifacts_root"],
                             max_seq_length=job["max_seq_length"])
-    corpus = Corpus(Path(job["corpus"]))
+
+    def opened(dim: int) -> np.ndarray:
+        if dim != job["dim"]:
+            raise RuntimeError(f"{device}: embeddings of dimension {dim}, the model states {job['dim']}")
+        return np.load(job["target"], mmap_mode="r+")  # all writers on this host share its page cache: disjoint rows
+
     store = TokenStore.load(Path(job["store"])) if job["store"] else None
-    out = np.load(job["target"], mmap_mode="r+")  # all writers on this host share its page cache: disjoint rows
-    for a in range(lo, hi, job["chunk"]):
-        b = min(hi, a + job["chunk"])
-        emb = encode_texts(model, corpus_rows(corpus, store, a, b), prompt=job["prompt"], normalize=job["normalize"],
-                           batch_tokens=job["batch_tokens"], precision=job["precision"], show_progress=False)
-        if emb.shape != (b - a, job["dim"]):
-            raise RuntimeError(f"{device}: embeddings of shape {emb.shape} for passages {a}..{b}, dim {job['dim']}")
-        out[a:b] = emb.astype(np.float16)
-    out.flush()
+    _encode_range(lambda items, _: encode_texts(model, items, prompt=job["prompt"], normalize=job["normalize"],
+                                             batch_tokens=job["batch_tokens"], precision=job["precision"],
+                                             show_progress=False),
+                  Corpus(Path(job["corpus"])), store, lo, hi, job["chunk"], opened)
 
 
 class _Dense:
@@ -411,7 +427,6 @@ class _Dense:
         dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         dim = int(dim_of() or 0)
         with atomic_path(target) as tmp:
-            out = None
             with self.st.timed("token_store"):
                 store = token_store(self.cfg, corpus, self.model, self.corpus_prompt)
             self.facts["token_store"] = str(store.folder) if store is not None else None
@@ -419,22 +434,17 @@ class _Dense:
             self.facts["encode_devices"] = devices or [self.device]
             if devices:
                 self._encode_corpus_split(tmp, store, devices, dim)
-                self.st.counts["corpus_embeddings"] = len(corpus)
-                self.facts["embedding_dim"] = dim
-                return
-            bar = tqdm(total=len(corpus), desc="corpus embeddings", unit=" passages", disable=len(corpus) <= chunk)
-            for lo in range(0, len(corpus), chunk):
-                hi = min(len(corpus), lo + chunk)
-                emb = self.encode(corpus_rows(corpus, store, lo, hi), self.corpus_prompt,
-                                  desc=f"encode corpus {lo:,}+")
-                if out is None:
-                    dim = emb.shape[1]
-                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(corpus), dim))
-                out[lo:hi] = emb.astype(np.float16)
-                bar.update(hi - lo)
-            bar.close()
-            out.flush()
-            del out
+            else:
+                bar = tqdm(total=len(corpus), desc="corpus embeddings", unit=" passages",
+                           disable=len(corpus) <= chunk)
+                def encode(items, lo: int) -> np.ndarray:
+                    return self.encode(items, self.corpus_prompt, desc=f"encode corpus {lo:,}+")
+
+                def created(d: int) -> np.ndarray:
+                    return np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(corpus), d))
+
+                dim = _encode_range(encode, corpus, store, 0, len(corpus), chunk, created, bar.update)
+                bar.close()
         self.st.counts["corpus_embeddings"] = len(corpus)
         self.facts["embedding_dim"] = dim
 

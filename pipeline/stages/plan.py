@@ -82,6 +82,8 @@ _BENCH_ROWS = {
 }
 #: the rows the stages' path for a corpus with a token store (token_cache) is measured by
 _STORE_SYSTEM = "ours, inputs from the token store"
+#: the training row of the packed trainer with compiled layers (train.compile_layers)
+_COMPILED_TRAIN_SYSTEM = "ours_compiled (train stage"
 
 
 def figures_from_bench(path: str, use_store: bool, compiled_train: bool = False
@@ -104,7 +106,7 @@ def figures_from_bench(path: str, use_store: bool, compiled_train: bool = False
 
     ours, base, missing, store_used = {}, {}, [], []
     for key, (row, mine, theirs) in _BENCH_ROWS.items():
-        mine = "ours_compiled (train stage" if key == "train_triplets" and compiled_train else mine
+        mine = _COMPILED_TRAIN_SYSTEM if key == "train_triplets" and compiled_train else mine
         stored = pick(row, _STORE_SYSTEM) if use_store and row in ("encode", "score") else None
         ours[key], base[key] = stored or pick(row, mine), pick(row, theirs)
         store_used += [row] if stored else []
