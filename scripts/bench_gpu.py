@@ -18,7 +18,8 @@ Rows (each baseline measured in the same run as ours):
   6. train_compiled  the packed trainer of row 4 with compiled layers (train.compile_layers, not yet measured on a
                      GPU; CUDA only), its loss curve against row 4's unpacked one; last, as compiling takes time
 On a GPU, rows 1 and 2 time the stages' defaults after one untimed pass (the compile, the caching allocators), then
-the same with eager layers (`--variants all`: also tokeniser processes and twice the batch, settled in session 6). Both rows also
+the same with eager layers, and with eager layers and the feed-forward GELU as its own pass instead of in its GEMM's
+epilogue (`--variants all`: also tokeniser processes and twice the batch, settled in session 6). Both rows also
 time the inputs the stages pass for corpora of 100k+ passages: views over a corpus token store (pipeline/tokens.py),
 with the store's build (in process, and with tokeniser processes) and the host side.
 plus parity checks with all-MiniLM-L6-v2's real weights: embeddings cosine vs ST fp32, cross-encoder Spearman vs
@@ -68,6 +69,7 @@ jobs while measured, so the ratios are noisy).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import gzip
@@ -244,6 +246,21 @@ def compile_counters() -> dict[str, int]:
     return out
 
 
+@contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """Environment variables set for the duration of a block (the engine reads some settings from them)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
 def topk_kw(method: str) -> dict:
     """exact_search keywords for a probe name: "grouped128" = grouped top-k over groups of 128 columns, "pruned128"
     the same after the first chunk only over the groups that can beat the running top-k; a suffix "-each" merges
@@ -341,6 +358,7 @@ class Bench:
     def describe(kw: dict, run: dict) -> str:
         return (f"batch_tokens {kw['batch_tokens']}, {run['attention']}, "
                 f"{'compiled' if run.get('compiled_layers') else 'eager'} layers, "
+                f"{'fused' if run.get('fused_gelu') else 'separate'} GELU, "
                 f"{run.get('tokenize_workers', 0)} tokeniser processes")
 
     def sides(self, row: str, model, items, kw: dict, params: int, layers: int, hidden: int, unit: str,
@@ -369,22 +387,24 @@ class Bench:
         """The same job with one setting changed at a time, to show what each default is worth (GPU only)."""
         if self.dev.type != "cuda":
             return
-        tries = []
-        if kw["compile_layers"]:
-            tries.append(("eager layers", dict(kw, compile_layers=False)))
+        eager = dict(kw, compile_layers=False)
+        tries = [("eager layers", eager, {})] if kw["compile_layers"] else []
+        # the pair (eager layers, eager layers without the fused GELU epilogue) isolates what the fusion is worth
+        tries.append(("eager layers, GELU not fused into its GEMM", eager, {"PIPELINE_FUSE_GELU": "0"}))
         if self.args.variants == "all":  # settled in session 6 (processes lost every comparison; 2x batch: even)
             tries.append(("tokeniser in the GPU process" if kw["tokenize_workers"] else
                           "tokeniser processes (auto count)",
-                          dict(kw, tokenize_workers=0 if kw["tokenize_workers"] else self.engine.pool_size())))
+                          dict(kw, tokenize_workers=0 if kw["tokenize_workers"] else self.engine.pool_size()), {}))
             tries.append((f"batch_tokens {kw['batch_tokens'] * 2} (max_batch {kw['max_batch'] * 2})",
-                          dict(kw, batch_tokens=kw["batch_tokens"] * 2, max_batch=kw["max_batch"] * 2)))
+                          dict(kw, batch_tokens=kw["batch_tokens"] * 2, max_batch=kw["max_batch"] * 2), {}))
         out = {}
-        for label, var in tries:
+        for label, var, env in tries:
             if self.left() < 60:
                 log(f"  {row} variant '{label}': skipped, {self.left():.0f}s left of the time budget")
                 break
-            fn(model, items[: len(items) // 3], **var)  # a new pool, model copy or batch shape warms up untimed
-            _, dt = timed(self.dev, fn, model, items, **var)
+            with environment(env):
+                fn(model, items[: len(items) // 3], **var)  # a new pool, model copy or batch shape warms up untimed
+                _, dt = timed(self.dev, fn, model, items, **var)
             out[label] = self.add(row, f"variant: {label}", len(items), dt, unit, flops_per_item * len(items),
                                   note=host_note(self.engine.LAST_RUN))
         self.results["rows"][f"{row}_variants"] = out
@@ -1116,9 +1136,10 @@ def main(argv=None) -> int:
     # the search row last: it shrinks to whatever budget is left. The compile row is not a default one (the
     # eager-layers variant of the encode and score rows measures the same gain); add it with --rows ...,compile
     ap.add_argument("--rows", default="encode,score,train,parity,search,train_compiled")
-    ap.add_argument("--variants", choices=("eager", "all"), default="eager",
-                    help="GPU variants of the encode and score rows: eager (the stage defaults with eager layers, "
-                         "what compiling is worth) or all (also tokeniser processes and twice the batch)")
+    ap.add_argument("--variants", choices=("default", "all"), default="default",
+                    help="GPU variants of the encode and score rows: default (the stage defaults with eager layers, "
+                         "what compiling is worth, and the same without the fused GELU epilogue) or all (also "
+                         "tokeniser processes and twice the batch)")
     ap.add_argument("--train-steps", type=int, default=None,
                     help="optimizer steps per trainer in the training row (default 60 on a GPU, 8 on the CPU)")
     ap.add_argument("--budget-s", type=float, default=None,

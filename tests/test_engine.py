@@ -422,3 +422,68 @@ def test_ceilings_time_each_side_alone(minilm, passages):
     assert c["host_items_per_s"] > 0 and c["host_s"] > 0
     assert 0 < c["device_items"] < 40 and c["device_tokens"] > c["device_items"]  # 3 batches of several texts
     assert c["device_items_per_s"] > 0 and c["device_attn_tokens_sq"] >= c["device_tokens"]
+
+
+def _tiny_hf(kind: str, act: str = "gelu"):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if kind == "distilbert":
+        cfg = transformers.DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                            activation=act)
+        return transformers.DistilBertModel(cfg).eval()
+    cls = {"bert": (transformers.BertConfig, transformers.BertModel),
+           "electra": (transformers.ElectraConfig, transformers.ElectraForSequenceClassification),
+           "roberta": (transformers.RobertaConfig, transformers.RobertaModel)}[kind]
+    cfg = cls[0](vocab_size=100, hidden_size=32, embedding_size=32, num_hidden_layers=2, num_attention_heads=4,
+                 intermediate_size=64, max_position_embeddings=64, hidden_act=act, num_labels=1)
+    return cls[1](cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert", "electra", "roberta"])
+def test_fuse_gelu_epilogues_keeps_outputs(kind):
+    """Every feed-forward Linear + GELU becomes one fused GEMM (the CPU computes the exact GELU, so the outputs
+    stay); the ELECTRA head's own dense + GELU is not a feed-forward pair and stays."""
+    model = _tiny_hf(kind)
+    ids = torch.randint(5, 100, (3, 11))
+    with torch.inference_mode():
+        ref = model(input_ids=ids)[0]
+        assert engine.fuse_gelu_epilogues(model, torch.device("cpu"), None) == 2
+        got = model(input_ids=ids)[0]
+    assert sum(isinstance(m, engine._LinearGELU) for m in model.modules()) == 2
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_gelu_epilogues_leaves_other_activations_and_failures(monkeypatch):
+    relu = _tiny_hf("bert", act="relu")
+    assert engine.fuse_gelu_epilogues(relu, torch.device("cpu"), None) == 0
+    assert not engine._is_gelu(torch.nn.SiLU()) and engine._is_gelu(torch.nn.GELU(approximate="tanh"))
+    # a fused GEMM that fails, or disagrees with the pair it would replace, is not used
+    model = _tiny_hf("bert")
+    with monkeypatch.context() as m:
+        m.setattr(engine._LinearGELU, "forward", lambda self, x: self.linear(x))  # the GELU forgotten
+        assert engine.fuse_gelu_epilogues(model, torch.device("cpu"), None) == 0
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("no such epilogue here")
+
+    monkeypatch.setattr(torch, "_addmm_activation", unsupported)
+    assert engine.fuse_gelu_epilogues(model, torch.device("cpu"), None) == 0
+    assert not any(isinstance(m, engine._LinearGELU) for m in model.modules())
+
+
+def test_fused_gelu_in_the_engine(monkeypatch, minilm, minilm_ref, tiny_ce, passages):
+    """On by default in the engine's working copy, never in the caller's model; PIPELINE_FUSE_GELU=0 turns it off."""
+    monkeypatch.delenv("PIPELINE_FUSE_GELU", raising=False)
+    engine._PREPARED.clear()
+    ours = engine.encode_texts(minilm, passages[:32], precision="fp32", show_progress=False)
+    assert engine.LAST_RUN["fused_gelu"] == minilm[0].auto_model.config.num_hidden_layers
+    assert _cos(ours, minilm_ref[:32]).min() >= 0.99999
+    assert not any(isinstance(m, engine._LinearGELU) for m in minilm.modules())
+    pairs = [(passages[i][:40], passages[i + 1]) for i in range(20)]
+    fused = engine.score_pairs(tiny_ce, pairs, precision="fp32", show_progress=False)
+    assert engine.LAST_RUN["fused_gelu"] == 2
+    monkeypatch.setenv("PIPELINE_FUSE_GELU", "0")
+    plain = engine.score_pairs(tiny_ce, pairs, precision="fp32", show_progress=False)
+    assert engine.LAST_RUN["fused_gelu"] == 0
+    np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5)
+    engine._PREPARED.clear()
