@@ -384,14 +384,15 @@ class Bench:
         self.results["rows"][f"{row}_sides"] = c
 
     def variants(self, row: str, fn, model, items, kw: dict, flops_per_item: float, unit: str) -> None:
-        """The same job with one setting changed at a time, to show what each default is worth (GPU only)."""
-        if self.dev.type != "cuda":
-            return
+        """The same job with one setting changed at a time, to show what each default is worth (on the CPU only the
+        fused GELU's)."""
+        gpu = self.dev.type == "cuda"
         eager = dict(kw, compile_layers=False)
         tries = [("eager layers", eager, {})] if kw["compile_layers"] else []
         # the pair (eager layers, eager layers without the fused GELU epilogue) isolates what the fusion is worth
-        tries.append(("eager layers, GELU not fused into its GEMM", eager, {"PIPELINE_FUSE_GELU": "0"}))
-        if self.args.variants == "all":  # settled in session 6 (processes lost every comparison; 2x batch: even)
+        tries.append(("eager layers, GELU not fused into its GEMM" if gpu else "GELU not fused into its GEMM", eager,
+                      {"PIPELINE_FUSE_GELU": "0"}))
+        if gpu and self.args.variants == "all":  # settled in session 6 (processes lost every comparison; 2x batch: even)
             tries.append(("tokeniser in the GPU process" if kw["tokenize_workers"] else
                           "tokeniser processes (auto count)",
                           dict(kw, tokenize_workers=0 if kw["tokenize_workers"] else self.engine.pool_size()), {}))
