@@ -78,7 +78,8 @@ def test_plan_reads_its_figures_from_a_bench_output(tmp_path):
     rows = {"encode": [rec("ours (stage defaults: ...)", 36000.0), rec(store, 50000.0),
                        rec("token store build (once per corpus+tokenizer)", 40000.0),
                        rec("token store build, 14 tokeniser processes", 400000.0),
-                       rec("ST encode fp32 default (batch 32)", 2000.0)],
+                       rec("ST encode fp32 default (batch 32)", 2000.0),
+                       rec("ours fp32 (evaluate.precision=fp32, eager layers)", 5000.0)],
             "score": [rec("ours (stage defaults: ...)", 20000.0), rec(store, 25000.0),
                       rec("CE predict fp32 default (batch 32)", 1500.0)],
             "search": [rec("ours exact_search (float16)", 30000.0), rec("ST util.semantic_search (defaults)", 600.0)],
@@ -96,6 +97,9 @@ def test_plan_reads_its_figures_from_a_bench_output(tmp_path):
     assert ref["total"] == pytest.approx(sum(v for k, v in ref.items() if k != "total"), abs=1e-3)
     assert est["gpu_hours"]["baseline"]["reference_job"]["encode"] == pytest.approx(17683646 / 2000 / 3600, abs=1e-3)
     assert "NVIDIA H200" in est["throughput_source"] and "token store: encode, score" in est["throughput_source"]
+    assert est["work"]["passages_encoded"]["evaluate"] > 0  # data=msmarco evaluates in fp32: at ours fp32's rate
+    fp32_hours = est["gpu_hours"]["pipeline"]["this_run"]["encode"] - 8841823 / 50000 / 3600
+    assert fp32_hours == pytest.approx(est["work"]["passages_encoded"]["evaluate"] / 5000 / 3600, abs=1e-3)
     texts = plan.estimate(compose([*base, "token_cache=false"]))["gpu_hours"]["pipeline"]["reference_job"]
     assert texts["encode"] == pytest.approx(17683646 / 36000 / 3600, abs=1e-3) and "tokenise" not in texts
     with pytest.raises(ValueError, match="train: ours_compiled"):  # train.compile_layers: its own row, or none
@@ -109,6 +113,32 @@ def test_plan_reads_its_figures_from_a_bench_output(tmp_path):
     bench.write_text(json.dumps({"rows": rows}))
     with pytest.raises(ValueError, match="search: ours exact_search"):
         plan.estimate(compose(base))
+
+
+def test_plan_counts_the_evaluations_encodes_at_their_precision(tmp_path):
+    """The v3 experiment evaluates in bf16 on a GPU, as retrieve encodes: the v2 evaluation links retrieve's corpus
+    embeddings, so the chain encodes the corpus twice, as the reference job does. At evaluate.precision=fp32 both
+    evaluations encode it, at the fp32 rate (ours from a bench file, else the library's fp32 encode)."""
+    from pipeline.stages import plan
+
+    corpus, rerank = 8841823, 41042
+    base = ["experiment=v3_distilbert", f"artifacts_root={tmp_path}"]
+    fast = plan.estimate(compose(base))
+    assert fast["work"]["passages_encoded"] == {"retrieve": corpus, "evaluate": corpus + 2 * rerank}
+    hours = fast["gpu_hours"]["pipeline"]["this_run"]
+    rate = compose(base).plan.pipeline.encode_passages
+    assert hours["encode"] == pytest.approx((2 * corpus + 2 * rerank) / rate / 3600, abs=1e-3)
+    exact = plan.estimate(compose([*base, "evaluate.precision=fp32"]))
+    assert exact["work"]["passages_encoded"]["evaluate"] == 2 * (corpus + rerank)
+    st_fp32 = compose(base).plan.baseline.encode_passages
+    assert exact["gpu_hours"]["pipeline"]["this_run"]["encode"] == pytest.approx(
+        corpus / rate / 3600 + 2 * (corpus + rerank) / st_fp32 / 3600, abs=1e-3)
+    measured = plan.estimate(compose([*base, "evaluate.precision=fp32", "plan.pipeline.encode_passages_fp32=6000"]))
+    assert measured["gpu_hours"]["pipeline"]["this_run"]["encode"] == pytest.approx(
+        corpus / rate / 3600 + 2 * (corpus + rerank) / 6000 / 3600, abs=1e-3)
+    # another truncation than retrieve's: nothing to link
+    other = plan.estimate(compose([*base, "evaluate.max_seq_length=128"]))
+    assert other["work"]["passages_encoded"]["evaluate"] == 2 * (corpus + rerank)
 
 
 def test_verify_reports_an_altered_artifact(tmp_path):

@@ -128,3 +128,24 @@ def test_bad_settings_are_clear(setup, tmp_path):
         retrieve.run(compose([*setup, f"artifacts_root={tmp_path}", "shard.count=2", "shard.index=2"]))
     with pytest.raises(ValueError, match="retrieve.backend"):
         retrieve.run(compose([*setup, f"artifacts_root={tmp_path}", "retrieve.backend=annoy"]))
+
+
+def test_evaluation_links_the_retrieved_embeddings(single, setup):
+    """The chain's v2 evaluation encodes nothing: retrieve already encoded the corpus with that model, prompt,
+    normalisation, truncation and dtype, and evaluate links that file. Another dtype encodes anew."""
+    from pipeline.stages import evaluate
+
+    cfg, folder = single
+    assert read_manifest(folder)["extra"]["embedding_key"]
+    root = cfg.artifacts_root
+    same = evaluate.run(compose([*setup, f"artifacts_root={root}", "evaluate.bm25=false", "evaluate.precision=fp32"]))
+    assert (same / evaluate.EMB_FILE).stat().st_ino == (folder / retrieve.EMB_FILE).stat().st_ino
+    assert "encode_corpus" not in read_manifest(same)["timings_s"]
+    other = evaluate.run(compose([*setup, f"artifacts_root={root}", "evaluate.bm25=false", "evaluate.precision=bf16"]))
+    assert "encode_corpus" in read_manifest(other)["timings_s"]
+    assert (other / evaluate.EMB_FILE).stat().st_ino != (folder / retrieve.EMB_FILE).stat().st_ino
+    # the linked rows are the same passages in the same order: a bf16 encode of the corpus agrees with them row by row
+    fresh = np.load(other / evaluate.EMB_FILE).astype(np.float32)
+    linked = np.load(same / evaluate.EMB_FILE).astype(np.float32)
+    cos = (fresh * linked).sum(1) / (np.linalg.norm(fresh, axis=1) * np.linalg.norm(linked, axis=1))
+    assert cos.min() > 0.99

@@ -16,6 +16,9 @@ from pipeline.readers import Corpus, Qrels, check_qrels_in_corpus, positives, re
 
 log = logging.getLogger(__name__)
 
+#: a corpus's embeddings in a retrieve or evaluate folder: float16 rows in corpus order (see embedding_key)
+EMB_FILE = "corpus_emb.f16.npy"
+
 
 def artifacts_root(cfg: DictConfig) -> Path:
     return Path(str(cfg.artifacts_root)).expanduser().resolve()
@@ -72,6 +75,34 @@ def corpus_rows(corpus: Corpus, store: Any, lo: int, hi: int) -> Any:
     from pipeline.tokens import TextTokens
 
     return TextTokens(store, np.arange(lo, hi), corpus.texts_at)
+
+
+def resolve_prompt(model: Any, setting: Any, role: str) -> str | None:
+    """A configured prompt (a name in the model's prompts, else literal text); when null the model's own prompt
+    for the role (MTEB's query/document prompt names), else its default prompt. Retrieve and evaluate both."""
+    prompts = dict(getattr(model, "prompts", None) or {})
+    if setting:
+        return prompts.get(str(setting), str(setting))
+    for name in (("query",) if role == "query" else ("document", "passage", "corpus")):
+        if prompts.get(name):
+            return prompts[name]
+    default = getattr(model, "default_prompt_name", None)
+    return (prompts.get(default) or None) if default else None
+
+
+def embedding_key(model_spec: str, corpus: Corpus, prompt: str | None, normalized: bool, max_seq_length: int,
+                  precision: str, device: str) -> str:
+    """What a corpus's embeddings depend on (model, corpus, prompt, normalisation, truncation, the compute dtype
+    that ``precision`` means on ``device``): retrieve and evaluate record it, so that evaluate links the float16
+    embeddings of any complete folder with the same key instead of encoding the corpus again (the v2 evaluation
+    of a chain reuses what retrieve encoded with v2)."""
+    from pipeline.engine import resolve_precision
+    from pipeline.models import model_identity
+
+    dtype = resolve_precision(str(precision), device)
+    return config_key({"model": model_identity(str(model_spec)), "corpus": corpus.fingerprint, "prompt": prompt,
+                       "normalized": bool(normalized), "max_seq_length": int(max_seq_length),
+                       "dtype": str(dtype).replace("torch.", "") if dtype is not None else "float32"}, 16)
 
 
 def training_set(cfg: DictConfig, corpus: Corpus | None = None) -> tuple[dict[str, str], dict[str, list[str]], Qrels]:

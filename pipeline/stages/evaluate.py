@@ -52,7 +52,8 @@ from pipeline.config import plain
 from pipeline.models import load_bi_encoder, model_identity, resolve_device
 from pipeline.readers import (Candidates, Corpus, DataError, Qrels, corpus_source_fingerprint, read_candidates,
                               read_qrels, read_queries, sources_by_content, write_run)
-from pipeline.stages.common import artifacts_root, corpus_rows, load_corpus, token_store
+from pipeline.stages.common import (EMB_FILE, artifacts_root, corpus_rows, embedding_key, load_corpus,
+                                    resolve_prompt, token_store)
 from pipeline.tokens import TextTokens
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,6 @@ BM25 = "bm25"
 KINDS = ("retrieval", "rerank")
 SIMILARITIES = ("auto", "cosine", "dot")
 SYSTEM_KEYS = {"name", "model", "similarity", "query_prompt", "corpus_prompt", "published"}
-EMB_FILE = "corpus_emb.f16.npy"
 # evaluate keys that change no number of a system (which systems run, how the table is labelled)
 _NOT_IDENTITY = {"systems", "bm25", "published_system", "devices"}
 
@@ -375,8 +375,8 @@ class _Dense:
                                  f"({exc})") from exc
         sim = system["similarity"]
         self.dot = sim == "dot" or (sim == "auto" and engine.uses_dot_product(self.model))
-        self.query_prompt = _prompt(self.model, system.get("query_prompt"), "query")
-        self.corpus_prompt = _prompt(self.model, system.get("corpus_prompt"), "document")
+        self.query_prompt = resolve_prompt(self.model, system.get("query_prompt"), "query")
+        self.corpus_prompt = resolve_prompt(self.model, system.get("corpus_prompt"), "document")
         self._corpus: Corpus | None = None
         self._emb: np.ndarray | None = None
         self.facts: dict[str, Any] = {
@@ -414,11 +414,8 @@ class _Dense:
         return self._emb
 
     def _embedding_key(self) -> str:
-        from pipeline.artifacts import config_key
-
-        return config_key({"model": model_identity(str(self.system["model"])), "corpus": self.corpus.fingerprint,
-                           "prompt": self.corpus_prompt, "normalized": not self.dot,
-                           "max_seq_length": self.facts["max_seq_length"], "precision": self.facts["precision"]}, 16)
+        return embedding_key(str(self.system["model"]), self.corpus, self.corpus_prompt, not self.dot,
+                             self.facts["max_seq_length"], self.facts["precision"], self.device)
 
     def _encode_corpus(self, target: Path) -> None:
         from tqdm.auto import tqdm
@@ -523,24 +520,16 @@ class _Dense:
         return run
 
 
-def _prompt(model: Any, setting: Any, role: str) -> str | None:
-    """Configured prompt (a name in the model's prompts, else literal text); when null the model's own prompt
-    for the role (MTEB's 'query'/'document' prompt types), else its default prompt."""
-    prompts = dict(getattr(model, "prompts", None) or {})
-    if setting:
-        return prompts.get(str(setting), str(setting))
-    names = ("query",) if role == "query" else ("document", "passage", "corpus")
-    for n in names:
-        if prompts.get(n):
-            return prompts[n]
-    default = getattr(model, "default_prompt_name", None)
-    return (prompts.get(default) or None) if default else None
+#: stages whose complete folders may hold corpus embeddings this stage can link (same file name and layout: float16
+#: rows in corpus order): another evaluation's, and the retrieve stage's (the v2 encode of the chain)
+_EMBEDDING_STAGES = (STAGE, "retrieve")
 
 
 def _reuse_embeddings(root: Path, key: str, target: Path, here: Path) -> bool:
-    """Link the corpus embeddings of a complete evaluate folder with the same embedding key (same model, corpus,
-    prompt, normalisation, precision) instead of encoding the corpus again."""
-    for manifest in sorted((root / STAGE).glob(f"*/{MANIFEST}")):
+    """Link the corpus embeddings of a complete evaluate or retrieve folder with the same embedding key
+    (:func:`pipeline.stages.common.embedding_key`) instead of encoding the corpus again."""
+    manifests = [m for stage in _EMBEDDING_STAGES for m in sorted((root / stage).glob(f"*/{MANIFEST}"))]
+    for manifest in manifests:
         folder = manifest.parent
         if folder == here or not is_complete(folder) or not (folder / EMB_FILE).is_file():
             continue

@@ -82,6 +82,8 @@ _BENCH_ROWS = {
 }
 #: the rows the stages' path for a corpus with a token store (token_cache) is measured by
 _STORE_SYSTEM = "ours, inputs from the token store"
+#: the encode row's fp32 figure (evaluate.precision=fp32)
+_FP32_SYSTEM = "ours fp32"
 #: the training row of the packed trainer with compiled layers (train.compile_layers)
 _COMPILED_TRAIN_SYSTEM = "ours_compiled (train stage"
 
@@ -111,6 +113,7 @@ def figures_from_bench(path: str, use_store: bool, compiled_train: bool = False
         ours[key], base[key] = stored or pick(row, mine), pick(row, theirs)
         store_used += [row] if stored else []
         missing += [f"{row}: {who}" for who, v in ((mine, ours[key]), (theirs, base[key])) if v is None]
+    ours["encode_passages_fp32"] = pick("encode", _FP32_SYSTEM)  # optional: older files lack it
     if store_used:
         ours["tokenise_passages"] = pick("encode", "token store build, ") or pick("encode", "token store build")
         missing += [] if ours["tokenise_passages"] else ["encode: token store build"]
@@ -120,6 +123,17 @@ def figures_from_bench(path: str, use_store: bool, compiled_train: bool = False
     source = (f"{path} ({env.get('device', '?')}, torch {env.get('torch', '?')}"
               + (f"; encode/score from the token store: {', '.join(store_used)}" if store_used else "") + ")")
     return ours, base, source
+
+
+#: the compute dtype a precision setting means on a GPU (engine.resolve_precision: auto is bf16 there)
+_GPU_DTYPE = {"auto": "bf16", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16"}
+
+
+def _same_gpu_embeddings(cfg: DictConfig) -> bool:
+    """Whether the chain's v2 evaluation would find retrieve's corpus embeddings to link on a GPU: same dtype and
+    truncation (model, corpus, prompt and similarity are the chain's own in both)."""
+    dtype = [_GPU_DTYPE.get(str(x).lower(), "fp32") for x in (cfg.retrieve.precision, cfg.evaluate.precision)]
+    return dtype[0] == dtype[1] and cfg.retrieve.max_seq_length == cfg.evaluate.max_seq_length
 
 
 def estimate(cfg: DictConfig) -> dict[str, Any]:
@@ -153,8 +167,11 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     pairs = train_q * (depth + 1)  # candidates plus about one positive per query
     retrieval_evals = [n for n, v in eval_q.items() if v["kind"] == "retrieval"]
     rerank_passages = sum(known_rerank.get(n, 0) for n, v in eval_q.items() if v["kind"] == "rerank")
+    # the chain's v2 evaluation links the corpus embeddings retrieve made when they are the same (common.embedding_key)
+    reused = not evaluate_only and bool(train_q) and bool(retrieval_evals) and _same_gpu_embeddings(cfg)
     encode = {"retrieve": corpus if train_q else 0,
-              "evaluate": dense_systems * (corpus * bool(retrieval_evals) + rerank_passages)}
+              "evaluate": dense_systems * (corpus * bool(retrieval_evals) + rerank_passages) - corpus * reused}
+    eval_fp32 = _GPU_DTYPE.get(str(cfg.evaluate.precision).lower(), "fp32") == "fp32"
     searched = train_q + dense_systems * sum(eval_q[n]["queries"] or 0 for n in retrieval_evals)
     batch = int(cfg.train.batch_size)
     triplets = int(_triplets_per_epoch(train_positives, per_query, train_q) * float(p.epochs))
@@ -203,9 +220,13 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     for which in ("pipeline", "baseline"):
         r = figures[which]
         enc_rate = r.encode_passages / float(p.bi_encoder_cost_factor)
+        # evaluate.precision=fp32 (the exact path) encodes at the fp32 rate: ours where measured, else the library's
+        # fp32 encode (sentence-transformers' default is fp32, so that is also the baseline's own rate)
+        eval_rate = (r.get("encode_passages_fp32") or figures["baseline"].encode_passages) / float(
+            p.bi_encoder_cost_factor) if eval_fp32 else enc_rate
         score_rate = r.score_pairs / float(p.cross_encoder_cost_factor)
         hours = {
-            "encode": _hours(sum(encode.values()), enc_rate),
+            "encode": _hours(encode["retrieve"], enc_rate) + _hours(encode["evaluate"], eval_rate),
             "search": _hours(searched, r.search_queries),
             "score": _hours(pairs, score_rate),
             "train": _hours(triplets, r.train_triplets / float(p.bi_encoder_cost_factor)),

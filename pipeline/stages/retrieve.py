@@ -31,7 +31,7 @@ from pipeline.stages import common
 
 log = logging.getLogger(__name__)
 
-EMB_FILE = "corpus_emb.f16.npy"
+EMB_FILE = common.EMB_FILE
 EMB_BLOCKS = "corpus_emb.blocks"
 IDS_FILE = "corpus_ids.txt"
 
@@ -63,19 +63,6 @@ def label(cfg: DictConfig) -> str:
     return f"{cfg.data.name}-{cfg.model.name}"
 
 
-def resolve_prompt(model: Any, setting: Any, role: str) -> str | None:
-    """A configured prompt (a name in the model's prompts, else literal text); when null the model's own prompt
-    for the role (MTEB's query/document prompt names), else its default prompt -- as the evaluate stage does."""
-    prompts = dict(getattr(model, "prompts", None) or {})
-    if setting:
-        return prompts.get(str(setting), str(setting))
-    for name in (("query",) if role == "query" else ("document", "passage", "corpus")):
-        if prompts.get(name):
-            return prompts[name]
-    default = getattr(model, "default_prompt_name", None)
-    return (prompts.get(default) or None) if default else None
-
-
 @dataclass
 class _Ctx:
     cfg: DictConfig
@@ -93,17 +80,22 @@ class _Ctx:
             from pipeline import engine
 
             cfg = self.cfg
-            self._model = load_bi_encoder(str(cfg.model.bi_encoder), device=common.stage_device(cfg),
+            device = common.stage_device(cfg)
+            self._model = load_bi_encoder(str(cfg.model.bi_encoder), device=device,
                                           artifacts_root=str(common.artifacts_root(cfg)),
                                           max_seq_length=cfg.retrieve.max_seq_length)
             sim = str(cfg.model.similarity)
             if sim not in ("auto", "cosine", "dot"):
                 raise ValueError(f"model.similarity must be auto, cosine or dot, got {sim!r}")
             dot = sim == "dot" or (sim == "auto" and engine.uses_dot_product(self._model))
+            corpus_prompt = common.resolve_prompt(self._model, cfg.model.corpus_prompt, "document")
+            max_len = int(getattr(self._model, "max_seq_length", 0) or 0)
             self._facts = {"similarity_used": "dot" if dot else "cosine",
-                           "query_prompt": resolve_prompt(self._model, cfg.model.query_prompt, "query"),
-                           "corpus_prompt": resolve_prompt(self._model, cfg.model.corpus_prompt, "document"),
-                           "max_seq_length": int(getattr(self._model, "max_seq_length", 0) or 0)}
+                           "query_prompt": common.resolve_prompt(self._model, cfg.model.query_prompt, "query"),
+                           "corpus_prompt": corpus_prompt, "max_seq_length": max_len,
+                           "embedding_key": common.embedding_key(str(cfg.model.bi_encoder), self.corpus, corpus_prompt,
+                                                                 not dot, max_len, str(cfg.retrieve.precision),
+                                                                 device)}
         return self._model
 
     @property
