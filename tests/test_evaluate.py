@@ -219,3 +219,44 @@ def test_encode_devices_setting(monkeypatch):
     assert evaluate.encode_devices(["cuda:0", "cuda:1"], "cuda") == ["cuda:0", "cuda:1"]
     with pytest.raises(ValueError, match="evaluate.devices"):
         evaluate.encode_devices("cuda:0,cuda:1", "cuda")
+
+
+def test_corpus_encode_resumes_after_a_crash(tmp_path, bi_encoder_spec, monkeypatch):
+    """A run that dies mid-encode keeps its committed chunks; the rerun encodes only the others, and the embeddings
+    and metrics are those of an uninterrupted run."""
+    system = f"evaluate.systems=[{{name: tiny, model: '{bi_encoder_spec}', similarity: cosine}}]"
+    settings = [system, "evaluate.bm25=false", "evaluate.corpus_chunk=3", "token_cache=false"]  # 8 passages: 3 chunks
+    whole = evaluate.run(config(tmp_path / "whole", *settings))
+
+    corpus_calls = []
+    real = evaluate._Dense.encode
+
+    def crashing(self, texts, prompt, desc):
+        if desc.startswith("encode corpus"):
+            corpus_calls.append(desc)
+            if len(corpus_calls) == 3:
+                raise RuntimeError("node lost")
+        return real(self, texts, prompt, desc)
+
+    monkeypatch.setattr(evaluate._Dense, "encode", crashing)
+    cfg = config(tmp_path / "resumed", *settings)
+    with pytest.raises(RuntimeError, match="node lost"):
+        evaluate.run(cfg)
+    partial = next((tmp_path / "resumed" / "art" / evaluate.STAGE).glob(f"*/{evaluate.PARTIAL_FILE}"))
+    assert sorted(m.name for m in (partial.parent / evaluate.PARTIAL_MARKS).iterdir()) == ["rows-0-3.done",
+                                                                                          "rows-3-6.done"]
+    corpus_calls.clear()
+
+    def counting(self, texts, prompt, desc):
+        if desc.startswith("encode corpus"):
+            corpus_calls.append(desc)
+        return real(self, texts, prompt, desc)
+
+    monkeypatch.setattr(evaluate._Dense, "encode", counting)
+    resumed = evaluate.run(cfg)
+    assert corpus_calls == ["encode corpus 6+"]  # only the chunk the crash lost
+    assert not (resumed / evaluate.PARTIAL_FILE).exists() and not (resumed / evaluate.PARTIAL_MARKS).exists()
+    assert read_manifest(resumed)["counts"]["corpus_rows_resumed"] == 6 and verify_folder(resumed) == []
+    np.testing.assert_array_equal(np.load(resumed / evaluate.EMB_FILE), np.load(whole / evaluate.EMB_FILE))
+    assert json.loads((resumed / "metrics.json").read_text())["metrics"] == \
+        json.loads((whole / "metrics.json").read_text())["metrics"]

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline import metrics
+from pipeline import metrics, signals
 from pipeline.artifacts import (MANIFEST, StageError, atomic_path, atomic_write_json, atomic_write_text, is_complete,
                                 open_stage, read_manifest)
 from pipeline.config import plain
@@ -229,7 +229,8 @@ def _run_system(cfg: DictConfig, system: dict[str, Any]) -> dict[str, Any]:
     ident = system_identity(cfg, system)
     with open_stage(STAGE, ident, root=artifacts_root(cfg), label=_label_for(cfg, system),
                     config={"evaluate": plain(cfg.evaluate), "data": plain(cfg.data), "system": system},
-                    force=bool(cfg.force), lock_wait_s=float(cfg.lock_wait_s)) as st:
+                    force=bool(cfg.force), lock_wait_s=float(cfg.lock_wait_s),
+                    resumable=True) as st:  # a killed run keeps its committed corpus-encode chunks
         if not st.done:
             scorer = _Bm25(cfg, st) if system["model"] == BM25 else _Dense(cfg, system, st)
             results: dict[str, dict[str, float]] = {}
@@ -319,23 +320,67 @@ def encode_devices(setting: Any, device: str) -> list[str]:
 
 
 def _encode_range(encode: Callable[[Any, int], np.ndarray], corpus: Corpus, store: Any, lo: int, hi: int, chunk: int,
-                  out_for: Callable[[int], np.ndarray], progress: Callable[[int], Any] | None = None) -> int:
+                  out_for: Callable[[int], np.ndarray], progress: Callable[[int], Any] | None = None,
+                  done: Path | None = None) -> int:
     """Passages lo..hi, ``chunk`` at a time, through ``encode(items, first row)`` (token-store views or texts in,
     embeddings out) into ``out_for(dim)`` (the float16 embeddings file, opened by the first step); returns the
-    dimension. Used by the one-process encode and by each process of the split one."""
+    dimension (0 when every chunk was already done). With ``done`` (a folder), a chunk whose marker is there is
+    skipped, and each chunk written is flushed and then marked. Used by the one-process encode and by each process
+    of the split one."""
     out, dim = None, 0
     for a in range(lo, hi, chunk):
         b = min(hi, a + chunk)
+        mark = done / f"rows-{a}-{b}.done" if done is not None else None
+        if mark is not None and mark.exists():
+            if progress is not None:
+                progress(b - a)
+            continue
         emb = encode(corpus_rows(corpus, store, a, b), a)
         if out is None:
             dim = int(emb.shape[1])
             out = out_for(dim)
         out[a:b] = emb.astype(np.float16)
+        if mark is not None:
+            out.flush()
+            atomic_write_text(mark, f"{a} {b}\n")
         if progress is not None:
             progress(b - a)
+        signals.stop_if_requested()
     if out is not None:
         out.flush()
     return dim
+
+
+#: the corpus embeddings while they are encoded, and the markers of the committed chunks (see _Dense._encode_corpus)
+PARTIAL_FILE = "corpus_emb.partial.f16.npy"
+PARTIAL_MARKS = "corpus_emb.chunks"
+
+
+def _marked_rows(marks: Path) -> list[int]:
+    rows = []
+    for mark in marks.glob("rows-*.done") if marks.is_dir() else ():
+        a, _, b = mark.name[len("rows-"):-len(".done")].partition("-")
+        rows.append(int(b) - int(a))
+    return rows
+
+
+def _resumable_partial(partial: Path, n: int, dim: int) -> bool:
+    """Whether an earlier attempt's partial file can be continued: the shape this encode writes (a model that states
+    no dimension cannot tell, so it starts over)."""
+    if dim <= 0 or not partial.is_file():
+        return False
+    try:
+        mm = np.load(partial, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return mm.shape == (n, dim) and mm.dtype == np.float16
+
+
+def _open_partial(partial: Path, n: int, dim: int) -> np.ndarray:
+    """The partial embeddings file for writing: the existing one where it has this shape, else a new (sparse) one."""
+    if _resumable_partial(partial, n, dim):
+        return np.load(partial, mmap_mode="r+")
+    return np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(n, dim))
 
 
 def _encode_part(job: dict[str, Any], device: str, lo: int, hi: int) -> None:  # pragma: no cover - subprocess
@@ -356,7 +401,7 @@ def _encode_part(job: dict[str, Any], device: str, lo: int, hi: int) -> None:  #
     _encode_range(lambda items, _: encode_texts(model, items, prompt=job["prompt"], normalize=job["normalize"],
                                              batch_tokens=job["batch_tokens"], precision=job["precision"],
                                              show_progress=False),
-                  Corpus(Path(job["corpus"])), store, lo, hi, job["chunk"], opened)
+                  Corpus(Path(job["corpus"])), store, lo, hi, job["chunk"], opened, done=Path(job["marks"]))
 
 
 class _Dense:
@@ -405,7 +450,8 @@ class _Dense:
             target = self.st.path / EMB_FILE
             key = self._embedding_key()
             self.facts["embedding_key"] = key
-            if not _reuse_embeddings(artifacts_root(self.cfg), key, target, self.st.path):
+            # a file in place is complete (it is renamed there whole): an earlier attempt stopped after the encode
+            if not target.is_file() and not _reuse_embeddings(artifacts_root(self.cfg), key, target, self.st.path):
                 with self.st.timed("encode_corpus"):
                     self._encode_corpus(target)
             self._emb = np.load(target, mmap_mode="r")
@@ -417,35 +463,49 @@ class _Dense:
         return embedding_key(str(self.system["model"]), self.corpus, self.corpus_prompt, not self.dot,
                              self.facts["max_seq_length"], self.facts["precision"], self.device)
 
+    @signals.deferred()  # a SIGTERM/SIGUSR1/SIGUSR2 stops the encode after the chunk in progress is committed
     def _encode_corpus(self, target: Path) -> None:
+        """The corpus encode, resumable: rows go into ``PARTIAL_FILE`` chunk by chunk, each committed chunk leaves a
+        marker in ``PARTIAL_MARKS``, and a rerun of this folder (same key) encodes only the chunks without one. The
+        file is renamed to ``target`` when every chunk is in."""
         from tqdm.auto import tqdm
 
         corpus, chunk = self.corpus, max(1, int(self.cfg.evaluate.corpus_chunk))
         dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         dim = int(dim_of() or 0)
-        with atomic_path(target) as tmp:
-            with self.st.timed("token_store"):
-                store = token_store(self.cfg, corpus, self.model, self.corpus_prompt)
-            self.facts["token_store"] = str(store.folder) if store is not None else None
-            devices = encode_devices(self.cfg.evaluate.devices, self.device)
-            self.facts["encode_devices"] = devices or [self.device]
-            if devices:
-                self._encode_corpus_split(tmp, store, devices, dim)
-            else:
-                bar = tqdm(total=len(corpus), desc="corpus embeddings", unit=" passages",
-                           disable=len(corpus) <= chunk)
-                def encode(items, lo: int) -> np.ndarray:
-                    return self.encode(items, self.corpus_prompt, desc=f"encode corpus {lo:,}+")
+        partial, marks = self.st.path / PARTIAL_FILE, self.st.path / PARTIAL_MARKS
+        if not _resumable_partial(partial, len(corpus), dim):
+            partial.unlink(missing_ok=True)
+            shutil.rmtree(marks, ignore_errors=True)
+        marks.mkdir(parents=True, exist_ok=True)
+        done = sum(_marked_rows(marks))
+        if done:
+            log.info("evaluate: resuming the corpus encode, %d of %d passages already in %s", done, len(corpus),
+                     partial)
+        self.st.counts["corpus_rows_resumed"] = done
+        with self.st.timed("token_store"):
+            store = token_store(self.cfg, corpus, self.model, self.corpus_prompt)
+        self.facts["token_store"] = str(store.folder) if store is not None else None
+        devices = encode_devices(self.cfg.evaluate.devices, self.device)
+        self.facts["encode_devices"] = devices or [self.device]
+        if devices:
+            self._encode_corpus_split(partial, marks, store, devices, dim)
+        else:
+            bar = tqdm(total=len(corpus), initial=done, desc="corpus embeddings", unit=" passages",
+                       disable=len(corpus) <= chunk)
 
-                def created(d: int) -> np.ndarray:
-                    return np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(corpus), d))
+            def encode(items, lo: int) -> np.ndarray:
+                return self.encode(items, self.corpus_prompt, desc=f"encode corpus {lo:,}+")
 
-                dim = _encode_range(encode, corpus, store, 0, len(corpus), chunk, created, bar.update)
-                bar.close()
+            dim = _encode_range(encode, corpus, store, 0, len(corpus), chunk,
+                                lambda d: _open_partial(partial, len(corpus), d), bar.update, marks) or dim
+            bar.close()
+        os.replace(partial, target)
+        shutil.rmtree(marks, ignore_errors=True)
         self.st.counts["corpus_embeddings"] = len(corpus)
         self.facts["embedding_dim"] = dim
 
-    def _encode_corpus_split(self, tmp: Path, store: Any, devices: list[str], dim: int) -> None:
+    def _encode_corpus_split(self, tmp: Path, marks: Path, store: Any, devices: list[str], dim: int) -> None:
         """The corpus encode over several devices, one spawned process each on a contiguous range of passages,
         each writing its rows straight into the float16 file (nothing gathered in one process's memory)."""
         import torch.multiprocessing as mp
@@ -454,14 +514,14 @@ class _Dense:
             raise StageError(f"system {self.system['name']!r}: the model states no embedding dimension, which a "
                              f"corpus encode split over {devices} needs; set evaluate.devices=[]")
         n = len(self.corpus)
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim)).flush()
+        _open_partial(tmp, n, dim).flush()
         bounds = np.linspace(0, n, len(devices) + 1).astype(int)
         job = {"model": str(self.system["model"]), "artifacts_root": str(artifacts_root(self.cfg)),
                "max_seq_length": self.cfg.evaluate.max_seq_length, "corpus": str(self.corpus.folder),
                "store": str(store.folder) if store is not None else None, "prompt": self.corpus_prompt,
                "normalize": None if self.dot else True, "batch_tokens": self.cfg.evaluate.batch_tokens,
                "precision": str(self.cfg.evaluate.precision), "chunk": max(1, int(self.cfg.evaluate.corpus_chunk)),
-               "target": str(tmp), "processes": len(devices), "dim": dim}
+               "target": str(tmp), "marks": str(marks), "processes": len(devices), "dim": dim}
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_encode_part, args=(job, dev, int(lo), int(hi)), daemon=True)
                  for dev, lo, hi in zip(devices, bounds[:-1], bounds[1:]) if hi > lo]
