@@ -522,9 +522,10 @@ class _LinearGELU(torch.nn.Module):
     and written again by a separate GELU pass (11% of an eager encode on an H200, scripts/profile_gpu.py; compiled
     layers keep one fused bias + GELU pass). Inference only: the op has no backward."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, act: Any):
         super().__init__()
         self.linear = linear
+        self.replaced_act = act  # what unfuse_gelu_epilogues puts back
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lin = self.linear
@@ -557,7 +558,7 @@ def fuse_gelu_epilogues(hf: torch.nn.Module, device: torch.device, dtype: torch.
             lin, act = getattr(module, lin_name, None), getattr(module, act_name, None)
             if not isinstance(lin, torch.nn.Linear) or lin.bias is None or not _is_gelu(act):
                 continue
-            candidate = _LinearGELU(lin)
+            candidate = _LinearGELU(lin, act)
             x = torch.randn(64, lin.in_features, generator=torch.Generator().manual_seed(0)).to(device, dtype or
                                                                                             lin.weight.dtype)
             try:
@@ -572,6 +573,19 @@ def fuse_gelu_epilogues(hf: torch.nn.Module, device: torch.device, dtype: torch.
                 setattr(module, act_name, torch.nn.Identity())
                 fused += 1
     return fused
+
+
+def unfuse_gelu_epilogues(hf: torch.nn.Module) -> int:
+    """Undo :func:`fuse_gelu_epilogues` (each Linear and its GELU back in place); returns how many were undone."""
+    undone = 0
+    for module in list(hf.modules()):
+        for lin_name, act_name in _FFN_PAIRS:
+            fused = getattr(module, lin_name, None)
+            if isinstance(fused, _LinearGELU):
+                setattr(module, lin_name, fused.linear)
+                setattr(module, act_name, fused.replaced_act)
+                undone += 1
+    return undone
 
 
 def resolve_fuse_gelu() -> bool:
@@ -1294,6 +1308,25 @@ class _Runner:
         self.attention = attention
 
     def _forward(self, batch: _Batch) -> torch.Tensor:
+        """The model on one batch. Fused GELU GEMMs that fail (on a shape their check did not try) are undone for
+        good, and the batch runs again with separate GELUs (and eager layers: compiled ones were traced with the
+        fused GEMMs)."""
+        try:
+            return self._forward_layers(batch)
+        except Exception as exc:
+            prep = self.prep
+            if not prep.fused_gelu:
+                raise
+            log.warning("engine: a fused GELU GEMM failed (%s: %s); computing the GELUs separately",
+                        type(exc).__name__, exc)
+            unfuse_gelu_epilogues(prep.hf)
+            prep.fused_gelu = 0
+            if prep.compiled:
+                _use_compiled(prep, False)
+                prep.compiled = []
+            return self._forward_layers(batch)
+
+    def _forward_layers(self, batch: _Batch) -> torch.Tensor:
         """The model on one batch; compiled layers that fail, or that disagree with the eager layers on their
         first batch, are switched off for good (eager results)."""
         prep = self.prep

@@ -487,3 +487,24 @@ def test_fused_gelu_in_the_engine(monkeypatch, minilm, minilm_ref, tiny_ce, pass
     assert engine.LAST_RUN["fused_gelu"] == 0
     np.testing.assert_allclose(fused, plain, rtol=1e-5, atol=1e-5)
     engine._PREPARED.clear()
+
+
+def test_fused_gelu_that_fails_on_real_batches_is_undone(monkeypatch, minilm, minilm_ref, passages, caplog):
+    """A fused GEMM that passes its 64-row check but fails on a real batch: the engine puts the separate GELUs back
+    and the batch runs again; the results are the unfused ones."""
+    real = torch._addmm_activation
+
+    def small_only(bias, x, w, **kwargs):
+        if x.shape[0] > 64:
+            raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED")
+        return real(bias, x, w, **kwargs)
+
+    monkeypatch.delenv("PIPELINE_FUSE_GELU", raising=False)
+    monkeypatch.setattr(torch, "_addmm_activation", small_only)
+    engine._PREPARED.clear()
+    ours = engine.encode_texts(minilm, passages[:32], precision="fp32", show_progress=False)
+    assert engine.LAST_RUN["fused_gelu"] == 0 and "computing the GELUs separately" in caplog.text
+    assert _cos(ours, minilm_ref[:32]).min() >= 0.99999
+    hf = next(iter(engine._PREPARED[minilm[0].auto_model].values())).hf
+    assert not any(isinstance(m, engine._LinearGELU) for m in hf.modules())
+    engine._PREPARED.clear()
