@@ -136,6 +136,14 @@ def test_plan_counts_the_evaluations_encodes_at_their_precision(tmp_path):
     measured = plan.estimate(compose([*base, "evaluate.precision=fp32", "plan.pipeline.encode_passages_fp32=6000"]))
     assert measured["gpu_hours"]["pipeline"]["this_run"]["encode"] == pytest.approx(
         corpus / rate / 3600 + 2 * (corpus + rerank) / 6000 / 3600, abs=1e-3)
+    # every stage at fp32 is costed at the library's fp32 rates (encode and cross-encoder)
+    all_fp32 = plan.estimate(compose([*base, "retrieve.precision=fp32", "score.precision=fp32",
+                                      "evaluate.precision=fp32"]))
+    assert all_fp32["work"]["passages_encoded"]["evaluate"] == corpus + 2 * rerank  # same dtype again: linked
+    assert all_fp32["gpu_hours"]["pipeline"]["this_run"]["encode"] == pytest.approx(
+        (2 * corpus + 2 * rerank) / st_fp32 / 3600, abs=1e-3)
+    assert all_fp32["gpu_hours"]["pipeline"]["this_run"]["score"] == pytest.approx(
+        all_fp32["work"]["pairs_scored"] / compose(base).plan.baseline.score_pairs / 3600, abs=1e-3)
     # another truncation than retrieve's: nothing to link
     other = plan.estimate(compose([*base, "evaluate.max_seq_length=128"]))
     assert other["work"]["passages_encoded"]["evaluate"] == 2 * (corpus + rerank)

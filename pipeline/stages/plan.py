@@ -171,7 +171,8 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     reused = not evaluate_only and bool(train_q) and bool(retrieval_evals) and _same_gpu_embeddings(cfg)
     encode = {"retrieve": corpus if train_q else 0,
               "evaluate": dense_systems * (corpus * bool(retrieval_evals) + rerank_passages) - corpus * reused}
-    eval_fp32 = _GPU_DTYPE.get(str(cfg.evaluate.precision).lower(), "fp32") == "fp32"
+    fp32 = {stage: _GPU_DTYPE.get(str(cfg[stage].precision).lower(), "fp32") == "fp32"
+            for stage in ("retrieve", "score", "evaluate")}
     searched = train_q + dense_systems * sum(eval_q[n]["queries"] or 0 for n in retrieval_evals)
     batch = int(cfg.train.batch_size)
     triplets = int(_triplets_per_epoch(train_positives, per_query, train_q) * float(p.epochs))
@@ -219,14 +220,15 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
         figures = {"pipeline": DictConfig(ours), "baseline": DictConfig(base)}
     for which in ("pipeline", "baseline"):
         r = figures[which]
-        enc_rate = r.encode_passages / float(p.bi_encoder_cost_factor)
-        # evaluate.precision=fp32 (the exact path) encodes at the fp32 rate: ours where measured, else the library's
-        # fp32 encode (sentence-transformers' default is fp32, so that is also the baseline's own rate)
-        eval_rate = (r.get("encode_passages_fp32") or figures["baseline"].encode_passages) / float(
-            p.bi_encoder_cost_factor) if eval_fp32 else enc_rate
-        score_rate = r.score_pairs / float(p.cross_encoder_cost_factor)
+        # a stage at precision fp32 runs at an fp32 rate: ours where measured (encode), else the library's fp32 rate
+        # (its default, so also the baseline's own; an upper bound on the time)
+        fp32_encode = r.get("encode_passages_fp32") or figures["baseline"].encode_passages
+        encode_rate = {stage: (fp32_encode if fp32[stage] else r.encode_passages) / float(p.bi_encoder_cost_factor)
+                       for stage in ("retrieve", "evaluate")}
+        score_rate = (figures["baseline"].score_pairs if fp32["score"] else r.score_pairs) / float(
+            p.cross_encoder_cost_factor)
         hours = {
-            "encode": _hours(encode["retrieve"], enc_rate) + _hours(encode["evaluate"], eval_rate),
+            "encode": sum(_hours(encode[stage], encode_rate[stage]) for stage in ("retrieve", "evaluate")),
             "search": _hours(searched, r.search_queries),
             "score": _hours(pairs, score_rate),
             "train": _hours(triplets, r.train_triplets / float(p.bi_encoder_cost_factor)),
