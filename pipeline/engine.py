@@ -591,8 +591,8 @@ def unfuse_gelu_epilogues(hf: torch.nn.Module) -> int:
 def resolve_fuse_gelu() -> bool:
     """Whether the inference copy fuses each feed-forward GELU into its GEMM (:func:`fuse_gelu_epilogues`): the
     PIPELINE_FUSE_GELU environment variable (1/true: on, 0/false: off) where set, else on. On this project's CPU VM
-    it gave 6-9% on an all-MiniLM-L6-v2 encode (bf16 and fp32) with the same embeddings (the CPU computes the
-    exact GELU); on CUDA it moves the GELU into cuBLASLt's epilogue (not yet measured there)."""
+    it gave 5-8% on an all-MiniLM-L6-v2 encode (bf16; scoring even within the VM's noise) with the same outputs
+    (the CPU computes the exact GELU); on CUDA it moves the GELU into cuBLASLt's epilogue (not yet measured there)."""
     env = os.environ.get("PIPELINE_FUSE_GELU", "").strip().lower()
     return env in ("1", "true", "yes", "on") if env else True
 
