@@ -260,3 +260,27 @@ def test_corpus_encode_resumes_after_a_crash(tmp_path, bi_encoder_spec, monkeypa
     np.testing.assert_array_equal(np.load(resumed / evaluate.EMB_FILE), np.load(whole / evaluate.EMB_FILE))
     assert json.loads((resumed / "metrics.json").read_text())["metrics"] == \
         json.loads((whole / "metrics.json").read_text())["metrics"]
+
+
+def test_a_cut_short_encode_is_dropped_when_the_embeddings_can_be_linked(tmp_path, bi_encoder_spec, monkeypatch):
+    """A run cut short mid-encode, then another evaluation of the same embeddings completes: the rerun links that
+    file and leaves no partial rows behind."""
+    system = f"evaluate.systems=[{{name: tiny, model: '{bi_encoder_spec}', similarity: cosine}}]"
+    settings = [system, "evaluate.bm25=false", "evaluate.corpus_chunk=3", "token_cache=false"]
+    real = evaluate._Dense.encode
+
+    def crashing(self, texts, prompt, desc):
+        if desc == "encode corpus 3+":
+            raise RuntimeError("node lost")
+        return real(self, texts, prompt, desc)
+
+    cfg = config(tmp_path, *settings)
+    with monkeypatch.context() as m:
+        m.setattr(evaluate._Dense, "encode", crashing)
+        with pytest.raises(RuntimeError, match="node lost"):
+            evaluate.run(cfg)
+    other = evaluate.run(config(tmp_path, *settings, "evaluate.k=6"))  # another folder, the same embeddings
+    folder = evaluate.run(cfg)
+    assert folder != other and (folder / evaluate.EMB_FILE).stat().st_ino == (other / evaluate.EMB_FILE).stat().st_ino
+    assert not (folder / evaluate.PARTIAL_FILE).exists() and not (folder / evaluate.PARTIAL_MARKS).exists()
+    assert verify_folder(folder) == []

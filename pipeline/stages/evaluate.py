@@ -454,6 +454,9 @@ class _Dense:
             if not target.is_file() and not _reuse_embeddings(artifacts_root(self.cfg), key, target, self.st.path):
                 with self.st.timed("encode_corpus"):
                     self._encode_corpus(target)
+            # linked from elsewhere after an attempt of its own was cut short: its partial rows are not needed
+            (self.st.path / PARTIAL_FILE).unlink(missing_ok=True)
+            shutil.rmtree(self.st.path / PARTIAL_MARKS, ignore_errors=True)
             self._emb = np.load(target, mmap_mode="r")
             if self._emb.shape[0] != len(self.corpus):
                 raise StageError(f"{target}: {self._emb.shape[0]} embeddings for {len(self.corpus)} passages")
