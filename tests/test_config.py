@@ -130,6 +130,8 @@ def test_plan_counts_the_evaluations_encodes_at_their_precision(tmp_path):
     assert hours["encode"] == pytest.approx((2 * corpus + 2 * rerank) / rate / 3600, abs=1e-3)
     exact = plan.estimate(compose([*base, "evaluate.precision=fp32"]))
     assert exact["work"]["passages_encoded"]["evaluate"] == 2 * (corpus + rerank)
+    assert fast["fp32_stages"] == [] and exact["fp32_stages"] == ["evaluate"]
+    assert "in fp32 (precision=fp32, the exact path" in plan.format_plan(exact)
     st_fp32 = compose(base).plan.baseline.encode_passages
     assert exact["gpu_hours"]["pipeline"]["this_run"]["encode"] == pytest.approx(
         corpus / rate / 3600 + 2 * (corpus + rerank) / st_fp32 / 3600, abs=1e-3)

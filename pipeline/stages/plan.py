@@ -257,6 +257,9 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
         "gpu_hours": {w: {part: {k: round(v, 3) for k, v in h.items()} for part, h in d.items()}
                       for w, d in rates.items()},
         "throughput_source": source,
+        # stages that run in fp32 (costed at an fp32 rate: ours where a bench measured it, else the library's)
+        "fp32_stages": [stage for stage, is_fp32 in fp32.items()
+                        if is_fp32 and (pairs if stage == "score" else encode[stage])],
         "unknown": unknown,
     }
 
@@ -281,6 +284,9 @@ def format_plan(plan: dict[str, Any]) -> str:
         for part, hours in parts.items():
             lines.append(f"  GPU hours {which:<8} {part:<13} " + ", ".join(f"{k} {v:.2f}" for k, v in hours.items()))
     lines.append(f"  throughput figures: {plan['throughput_source']}")
+    if plan["fp32_stages"]:
+        lines.append(f"  in fp32 (precision=fp32, the exact path; bf16 is several times faster on a GPU): "
+                     f"{', '.join(plan['fp32_stages'])}")
     if plan["unknown"]:
         lines.append(f"  unknown (files absent, no data.sizes): {', '.join(plan['unknown'])}")
     return "\n".join(lines)
