@@ -82,7 +82,7 @@ _BENCH_ROWS = {
 }
 #: the rows the stages' path for a corpus with a token store (token_cache) is measured by
 _STORE_SYSTEM = "ours, inputs from the token store"
-#: the encode row's fp32 figure (evaluate.precision=fp32)
+#: the encode row's fp32 figure (a retrieve or evaluate at precision=fp32)
 _FP32_SYSTEM = "ours fp32"
 #: the training row of the packed trainer with compiled layers (train.compile_layers)
 _COMPILED_TRAIN_SYSTEM = "ours_compiled (train stage"
