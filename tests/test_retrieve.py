@@ -149,3 +149,20 @@ def test_evaluation_links_the_retrieved_embeddings(single, setup):
     linked = np.load(same / evaluate.EMB_FILE).astype(np.float32)
     cos = (fresh * linked).sum(1) / (np.linalg.norm(fresh, axis=1) * np.linalg.norm(linked, axis=1))
     assert cos.min() > 0.99
+
+
+def test_retrieve_links_embeddings_an_evaluation_made(single, setup, tmp_path):
+    """The v2 evaluated before the chain (same model, dtype, truncation): retrieve links that evaluation's corpus
+    embeddings instead of encoding, and retrieves what a fresh encode retrieves."""
+    from pipeline.stages import evaluate
+
+    root = tmp_path / "art"
+    ev = evaluate.run(compose([*setup, f"artifacts_root={root}", "evaluate.bm25=false", "evaluate.precision=fp32"]))
+    folder = retrieve.run(compose([*setup, f"artifacts_root={root}"]))
+    assert (folder / retrieve.EMB_FILE).stat().st_ino == (ev / evaluate.EMB_FILE).stat().st_ino
+    manifest = read_manifest(folder)
+    assert manifest["counts"]["corpus_rows_encoded_here"] == 0 and manifest["extra"]["corpus_embeddings_linked"]
+    assert verify_folder(folder) == []
+    ours = pq.read_table(folder / "candidates.parquet").column("pid").to_pylist()
+    fresh = pq.read_table(single[1] / "candidates.parquet").column("pid").to_pylist()
+    assert np.mean([a == b for a, b in zip(ours, fresh)]) >= 0.95 and len(ours) == len(fresh)

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline.artifacts import StageError, config_key, require_complete, stage_folder
+from pipeline.artifacts import (MANIFEST, StageError, atomic_path, config_key, is_complete, read_manifest,
+                                require_complete, stage_folder)
 from pipeline.readers import Corpus, Qrels, check_qrels_in_corpus, positives, read_qrels, read_queries
 
 log = logging.getLogger(__name__)
@@ -103,6 +106,35 @@ def embedding_key(model_spec: str, corpus: Corpus, prompt: str | None, normalize
     return config_key({"model": model_identity(str(model_spec)), "corpus": corpus.fingerprint, "prompt": prompt,
                        "normalized": bool(normalized), "max_seq_length": int(max_seq_length),
                        "dtype": str(dtype).replace("torch.", "") if dtype is not None else "float32"}, 16)
+
+
+#: stages whose complete folders may hold corpus embeddings another can link (EMB_FILE, same layout)
+EMBEDDING_STAGES = ("evaluate", "retrieve")
+
+
+def link_embeddings(root: Path, key: str, target: Path, here: Path) -> Path | None:
+    """Link (hard link; a copy across filesystems) the corpus embeddings of a complete retrieve or evaluate folder
+    whose recorded key is ``key`` (:func:`embedding_key`) to ``target``, instead of encoding the corpus again;
+    returns that folder, or None where there is none. The file is never written in place afterwards: a forced rerun
+    of either folder replaces it."""
+    manifests = [m for stage in EMBEDDING_STAGES for m in sorted((root / stage).glob(f"*/{MANIFEST}"))]
+    for manifest in manifests:
+        folder = manifest.parent
+        if folder == here or not is_complete(folder) or not (folder / EMB_FILE).is_file():
+            continue
+        try:
+            if read_manifest(folder).get("extra", {}).get("embedding_key") != key:
+                continue
+        except (OSError, ValueError):
+            continue
+        with atomic_path(target) as tmp:
+            try:
+                os.link(folder / EMB_FILE, tmp)
+            except OSError:
+                shutil.copyfile(folder / EMB_FILE, tmp)
+        log.info("reusing corpus embeddings of %s", folder)
+        return folder
+    return None
 
 
 def training_set(cfg: DictConfig, corpus: Corpus | None = None) -> tuple[dict[str, str], dict[str, list[str]], Qrels]:

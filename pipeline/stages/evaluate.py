@@ -46,14 +46,13 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline import metrics, signals
-from pipeline.artifacts import (MANIFEST, StageError, atomic_path, atomic_write_json, atomic_write_text, is_complete,
-                                open_stage, read_manifest)
+from pipeline.artifacts import StageError, atomic_write_json, atomic_write_text, open_stage
 from pipeline.config import plain
 from pipeline.models import load_bi_encoder, model_identity, resolve_device
 from pipeline.readers import (Candidates, Corpus, DataError, Qrels, corpus_source_fingerprint, read_candidates,
                               read_qrels, read_queries, sources_by_content, write_run)
-from pipeline.stages.common import (EMB_FILE, artifacts_root, corpus_rows, embedding_key, load_corpus,
-                                    resolve_prompt, token_store)
+from pipeline.stages.common import (EMB_FILE, artifacts_root, corpus_rows, embedding_key, link_embeddings,
+                                    load_corpus, resolve_prompt, token_store)
 from pipeline.tokens import TextTokens
 
 log = logging.getLogger(__name__)
@@ -451,7 +450,7 @@ class _Dense:
             key = self._embedding_key()
             self.facts["embedding_key"] = key
             # a file in place is complete (it is renamed there whole): an earlier attempt stopped after the encode
-            if not target.is_file() and not _reuse_embeddings(artifacts_root(self.cfg), key, target, self.st.path):
+            if not target.is_file() and not link_embeddings(artifacts_root(self.cfg), key, target, self.st.path):
                 with self.st.timed("encode_corpus"):
                     self._encode_corpus(target)
             # linked from elsewhere after an attempt of its own was cut short: its partial rows are not needed
@@ -583,32 +582,6 @@ class _Dense:
         return run
 
 
-#: stages whose complete folders may hold corpus embeddings this stage can link (same file name and layout: float16
-#: rows in corpus order): another evaluation's, and the retrieve stage's (the v2 encode of the chain)
-_EMBEDDING_STAGES = (STAGE, "retrieve")
-
-
-def _reuse_embeddings(root: Path, key: str, target: Path, here: Path) -> bool:
-    """Link the corpus embeddings of a complete evaluate or retrieve folder with the same embedding key
-    (:func:`pipeline.stages.common.embedding_key`) instead of encoding the corpus again."""
-    manifests = [m for stage in _EMBEDDING_STAGES for m in sorted((root / stage).glob(f"*/{MANIFEST}"))]
-    for manifest in manifests:
-        folder = manifest.parent
-        if folder == here or not is_complete(folder) or not (folder / EMB_FILE).is_file():
-            continue
-        try:
-            if read_manifest(folder).get("extra", {}).get("embedding_key") != key:
-                continue
-        except (OSError, ValueError):
-            continue
-        with atomic_path(target) as tmp:
-            try:
-                os.link(folder / EMB_FILE, tmp)
-            except OSError:
-                shutil.copyfile(folder / EMB_FILE, tmp)
-        log.info("reusing corpus embeddings of %s", folder)
-        return True
-    return False
 
 
 # --------------------------------------------------------------------------- BM25

@@ -159,6 +159,9 @@ def encode_corpus(ctx: _Ctx, st: StageRun) -> np.ndarray:
                disable=not todo)
     waited = 0.0
     store = None
+    if todo and done_rows == 0 and _link_corpus(ctx, total):
+        st.extra["corpus_embeddings_linked"] = True
+        todo = []
     if todo:
         with st.timed("token_store"):
             store = common.token_store(cfg, corpus, ctx.model, ctx.facts["corpus_prompt"])
@@ -197,6 +200,25 @@ def encode_corpus(ctx: _Ctx, st: StageRun) -> np.ndarray:
     if emb.shape[0] != n:
         raise StageError(f"{final / EMB_FILE}: {emb.shape[0]} rows for a corpus of {n}; force=true rebuilds it")
     return emb
+
+
+def _link_corpus(ctx: _Ctx, total: int) -> bool:
+    """Before any block is encoded: link the embeddings of a complete evaluate (or retrieve) folder with this
+    encode's key (the v2 evaluated before the chain, or the model an earlier iteration trained and evaluated) and
+    mark every block done, so no shard encodes. Under the blocks' folder lock: concurrent shards link once."""
+    final = ctx.final
+    (final / EMB_BLOCKS).mkdir(parents=True, exist_ok=True)
+    with folder_lock(final / EMB_BLOCKS, wait_s=600):
+        if (final / EMB_FILE).exists():  # a shard already created or linked it
+            return False
+        if common.link_embeddings(common.artifacts_root(ctx.cfg), ctx.facts["embedding_key"], final / EMB_FILE,
+                                  final) is None:
+            return False
+        n, block = len(ctx.corpus), int(ctx.cfg.retrieve.encode_block)
+        for b in range(total):
+            lo, hi = block_bounds(b, block, n)
+            atomic_write_text(_block_done(final, b), f"{lo} {hi}\n")
+    return True
 
 
 def _write_rows(final: Path, n: int, lo: int, emb: np.ndarray) -> None:
