@@ -593,8 +593,14 @@ def resolve_fuse_gelu() -> bool:
     PIPELINE_FUSE_GELU environment variable (1/true: on, 0/false: off) where set, else on. On this project's CPU VM
     it gave 5-8% on an all-MiniLM-L6-v2 encode (bf16; scoring even within the VM's noise) with the same outputs
     (the CPU computes the exact GELU); on CUDA it moves the GELU into cuBLASLt's epilogue (not yet measured there)."""
-    env = os.environ.get("PIPELINE_FUSE_GELU", "").strip().lower()
-    return env in ("1", "true", "yes", "on") if env else True
+    setting = _env_switch("PIPELINE_FUSE_GELU")
+    return True if setting is None else setting
+
+
+def _env_switch(name: str) -> bool | None:
+    """An on/off environment variable: 1/true/yes/on -> True, any other value -> False, unset or empty -> None."""
+    value = os.environ.get(name, "").strip().lower()
+    return value in ("1", "true", "yes", "on") if value else None
 
 
 def _use_compiled(prep: _Prepared, on: bool) -> None:
@@ -613,9 +619,9 @@ def resolve_compile_layers(compile_layers: bool | None, device: torch.device | N
     H200 (session 6) compiled / eager was 2.01x encode and 2.27x score in one bench run, 1.21x and 1.30x in another,
     about even in a third, never clearly slower; embeddings within cosine 0.99997 of the eager layers."""
     if compile_layers is None:
-        env = os.environ.get("PIPELINE_COMPILE_LAYERS", "").strip().lower()
-        if env:
-            return env in ("1", "true", "yes", "on")
+        setting = _env_switch("PIPELINE_COMPILE_LAYERS")
+        if setting is not None:
+            return setting
         return device is not None and device.type == "cuda" and n >= COMPILE_MIN_ITEMS
     return bool(compile_layers)
 

@@ -141,6 +141,11 @@ def _block_done(final: Path, block: int) -> Path:
     return final / EMB_BLOCKS / f"block-{block:06d}.done"
 
 
+def _mark_done(final: Path, block: int, lo: int, hi: int) -> None:
+    """Commit corpus block ``block`` (rows lo..hi of the embeddings file): no shard encodes it again."""
+    atomic_write_text(_block_done(final, block), f"{lo} {hi}\n")
+
+
 def encode_corpus(ctx: _Ctx, st: StageRun) -> np.ndarray:
     """Every corpus block encoded into the shared memmap (own share first, then unclaimed blocks, then waiting
     for blocks other live shards hold); returns the read-only memmap."""
@@ -183,7 +188,7 @@ def encode_corpus(ctx: _Ctx, st: StageRun) -> np.ndarray:
                                      desc=f"encode corpus {lo:,}+", progress=total == 1)
                     _write_rows(final, n, lo, emb)
                     del emb
-                atomic_write_text(_block_done(final, b), f"{lo} {hi}\n")
+                _mark_done(final, b, lo, hi)
                 encoded += hi - lo
                 bar.update(hi - lo)
             signals.stop_if_requested()
@@ -217,7 +222,7 @@ def _link_corpus(ctx: _Ctx, total: int) -> bool:
         n, block = len(ctx.corpus), int(ctx.cfg.retrieve.encode_block)
         for b in range(total):
             lo, hi = block_bounds(b, block, n)
-            atomic_write_text(_block_done(final, b), f"{lo} {hi}\n")
+            _mark_done(final, b, lo, hi)
     return True
 
 
