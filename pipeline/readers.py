@@ -420,6 +420,13 @@ class Corpus:
             return self._ids[int(rows)].as_py()
         return self._ids.take(np.asarray(rows, dtype=np.int64)).to_pylist()
 
+    def id_array(self, rows: np.ndarray) -> Any:
+        """The ids at ``rows`` as one Arrow string array (no Python object per id)."""
+        import pyarrow as pa
+
+        ids = self._ids.take(pa.array(np.asarray(rows, dtype=np.int64)))
+        return (ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids).cast(pa.string())
+
     def texts_at(self, rows: Sequence[int] | np.ndarray) -> list[str]:
         return self._text.take(np.asarray(rows, dtype=np.int64)).to_pylist()
 

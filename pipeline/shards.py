@@ -176,6 +176,9 @@ def run_sharded(cfg: DictConfig, stage: str, identity: dict[str, Any], label: st
     return st.path
 
 
+ROW_GROUP_ROWS = 1 << 20
+
+
 def write_parquet(table: Any, path: Path) -> None:
     """Atomic parquet with fixed settings, so equal tables give equal bytes (shards + merge == one run)."""
     import pyarrow.parquet as pq
@@ -183,4 +186,35 @@ def write_parquet(table: Any, path: Path) -> None:
     from pipeline.artifacts import atomic_path
 
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=1 << 20)
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+
+
+@contextlib.contextmanager
+def parquet_stream(path: Path, schema: Any) -> Iterator[Callable[[Any], None]]:
+    """Atomic parquet written table by table (yields ``write(table)``), so a result larger than memory is never one
+    table. Rows are regrouped into full row groups, so the bytes depend on the rows only, not on how they were fed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.artifacts import atomic_path
+
+    with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+        pending: list[Any] = []
+        held = 0
+
+        def flush(rows: int) -> None:
+            nonlocal pending, held
+            table = pa.concat_tables(pending)
+            writer.write_table(table.slice(0, rows), row_group_size=ROW_GROUP_ROWS)
+            pending, held = ([table.slice(rows)] if rows < table.num_rows else []), table.num_rows - rows
+
+        def write(table: Any) -> None:
+            nonlocal held
+            pending.append(table.select(schema.names).cast(schema))
+            held += table.num_rows
+            while held >= ROW_GROUP_ROWS:
+                flush(ROW_GROUP_ROWS)
+
+        yield write
+        if held:
+            flush(held)

@@ -158,3 +158,97 @@ def test_cross_encoder_from_teacher_when_null(setup, tmp_path):
     with pytest.raises(StageError, match="teacher"):
         score.cross_encoder_spec(cfg)
     assert score.identity(cfg)["cross_encoder"]["complete"] is False  # the key is computable before training
+
+
+# --------------------------------------------------------------------------------------------- pair list, inline data
+
+
+def _corpus(tmp_path, ids):
+    from pipeline.readers import Corpus
+
+    (tmp_path / "c.tsv").write_text("".join(f"{p}\tpassage {p}\n" for p in ids))
+    return Corpus.open(tmp_path / "c.tsv", tmp_path / "cache")
+
+
+def _cands(rows):
+    import pyarrow as pa
+
+    q, p, r = zip(*rows)
+    return pa.table({"qid": pa.array(q, pa.string()), "pid": pa.array(p, pa.string()), "rank": pa.array(r, pa.int32())})
+
+
+@pytest.mark.parametrize("ids", [["10", "11", "12", "13", "14"], ["d10", "d11", "d12", "d13", "d14"]])
+def test_pair_list_order_flags_and_batches(tmp_path, ids):
+    """Candidates in rank order whatever the file order, other queries' candidates and ranks past the depth dropped,
+    retrieved positives flagged, unretrieved positives after their query's candidates; the same from batches of
+    any size, and for integer (dense index) and other ids."""
+    d = dict(zip(["10", "11", "12", "13", "14"], ids))
+    cands = _cands([("q2", d["13"], 2), ("q1", d["11"], 2), ("q1", d["10"], 1), ("q9", d["10"], 1),
+                    ("q2", d["12"], 1), ("q1", d["12"], 3)])
+    corpus = _corpus(tmp_path, ids)
+    positives = {"q1": [d["14"], d["11"]], "q2": [d["12"]]}
+    pairs = score.build_pairs(cands, ["q1", "q2"], positives, 2, corpus)
+    t = pairs.table(0, pairs.num_rows).to_pydict()
+    assert list(zip(t["qid"], t["pid"], t["rank"], t["is_positive"])) == [
+        ("q1", d["10"], 1, False), ("q1", d["11"], 2, True), ("q1", d["14"], None, True),
+        ("q2", d["12"], 1, True), ("q2", d["13"], 2, False)]
+    assert pairs.table(1, 3).to_pydict()["pid"] == [d["11"], d["14"]]
+    for size in (1, 4):
+        again = score.build_pairs(cands.to_batches(max_chunksize=size), ["q1", "q2"], positives, 2, corpus)
+        assert again.table(0, again.num_rows).equals(pairs.table(0, pairs.num_rows))
+
+
+def test_pair_list_refuses_bad_candidates(tmp_path):
+    corpus = _corpus(tmp_path, ["1", "2"])
+    with pytest.raises(StageError, match="rank twice"):
+        score.build_pairs(_cands([("q", "1", 1), ("q", "2", 1)]), ["q"], {"q": ["1"]}, None, corpus)
+    with pytest.raises(StageError, match=r"1 candidate passage ids are not in the corpus, e.g. \['7'\]"):
+        score.build_pairs(_cands([("q", "1", 1), ("q", "7", 2)]), ["q"], {"q": ["1"]}, None, corpus)
+    with pytest.raises(StageError, match="ranks start at 1"):
+        score.build_pairs(_cands([("q", "1", 0)]), ["q"], {"q": ["1"]}, None, corpus)
+
+
+def test_pair_cache_lookup_takes_the_lowest_logit(tmp_path):
+    """Two processes that raced on a pair leave two logits: the lookup gives the lowest, whichever file or group
+    holds it; pairs of other queries, unknown passages and rows not asked for stay NaN."""
+    import pyarrow as pa
+
+    corpus = _corpus(tmp_path, ["1", "2", "3"])
+    pairs = score.build_pairs(_cands([("a", "1", 1), ("a", "2", 2), ("b", "1", 1), ("b", "3", 2)]), ["a", "b"],
+                              {"a": ["1"], "b": ["3"]}, None, corpus)
+    cache = score.PairCache(tmp_path / "pc", {"test": 1})
+    for q, p, s in [(["a", "b", "z"], ["2", "3", "1"], [0.5, 2.0, 9.0]), (["b", "a"], ["3", "9"], [1.5, 7.0]),
+                    (["b"], ["3"], [3.0])]:
+        cache.append(pa.table({"qid": q, "pid": p, "ce_score": pa.array(s, pa.float32())}))
+    for group_rows in (1, 100):
+        got = cache.lookup(pairs, np.arange(4), group_rows=group_rows)
+        assert np.array_equal(got, [np.nan, 0.5, np.nan, 1.5], equal_nan=True)
+    assert np.array_equal(cache.lookup(pairs, np.array([3, 1])), [1.5, 0.5])
+
+
+def test_parquet_stream_bytes_depend_on_rows_only(tmp_path, monkeypatch):
+    """The merge streams scores.parquet: however the rows are fed, the file has full row groups and equal bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline import shards
+
+    monkeypatch.setattr(shards, "ROW_GROUP_ROWS", 4)
+    table = pa.table({"x": pa.array(np.arange(10), pa.int64()), "y": pa.array([str(i) for i in range(10)])})
+    files = []
+    for feed in ([10], [1, 2, 3, 4], [3, 3, 3, 1]):
+        path = tmp_path / f"s{len(files)}.parquet"
+        with shards.parquet_stream(path, table.schema) as write:
+            lo = 0
+            for n in feed:
+                write(table.slice(lo, n))
+                lo += n
+        files.append(path.read_bytes())
+        meta = pq.ParquetFile(path).metadata
+        assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [4, 4, 2]
+        assert pq.read_table(path).equals(table)
+    assert files[0] == files[1] == files[2]
+    with pytest.raises(RuntimeError), shards.parquet_stream(tmp_path / "never.parquet", table.schema) as write:
+        write(table)
+        raise RuntimeError("killed")
+    assert not list(tmp_path.glob("*never*")) and not list(tmp_path.glob(".tmp-*"))

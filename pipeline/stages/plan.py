@@ -193,9 +193,9 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
         "retrieve": 2.7 + search_chunk * dim * 4 * 2 / 1e9 + train_q * dim * 4 / 1e9 + train_q * top_k * 32 / 1e9,
         # 1.0 GB for the process (torch, the cross-encoder, CUDA context) + the stage's own memory, measured by
         # scripts/bench_score.py (trivial scorer; peak RssAnon over the imports, worst of an empty and a full pair
-        # cache): 0.42 / 0.66 / 1.30 / 1.92 / 3.79 GB at 1.0 / 2.0 / 5.0 / 10.0 / 25.1M pairs, under 0.6 GB + 140 B
-        # per pair at every point (the pair list while it is built; the cache join holds its 4M-row groups)
-        "score": 1.0 + 0.6 + pairs * 140 / 1e9,
+        # cache): 0.29 / 0.45 / 0.85 / 1.25 / 1.85 GB at 1.0 / 2.0 / 5.0 / 10.0 / 25.1M pairs, under 0.6 GB + 75 B
+        # per pair at every point (13 B/pair of codes, the cache join's 24 B/pair and its 4M-row groups, Arrow's pool)
+        "score": 1.0 + 0.6 + pairs * 75 / 1e9,
         "mine": 1.0 + pairs * 40 / 1e9,  # the scored table's columns, vectorised
         "train": 4.0 + triplets * 48 / 1e9,
         "evaluate": 2.0 + search_chunk * dim * 4 * 2 / 1e9,

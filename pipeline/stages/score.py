@@ -16,6 +16,10 @@ Resumable and never scoring a pair twice:
   every logit already computed. The cache is append-only (atomic files written under a lock); reading it
   de-duplicates (qid, pid), keeping the lowest logit if two processes raced on one pair.
 Sharding splits the chunks (see pipeline.shards); the merged scores.parquet equals a single run's.
+
+Memory: the pair list is held as integer codes (query row, corpus row, rank, positive flag: 13 bytes a pair), built
+from the retrieve result batch by batch; ids become strings only for the chunk being scored or merged, and the
+merge streams scores.parquet chunk by chunk. The pair-cache join costs 24 bytes a pair more while it runs.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from pipeline.artifacts import (
 )
 from pipeline.config import plain
 from pipeline.models import load_cross_encoder, model_identity
-from pipeline.shards import block_bounds, n_blocks, run_sharded, write_parquet
+from pipeline.shards import block_bounds, n_blocks, parquet_stream, run_sharded, write_parquet
 from pipeline import signals
 from pipeline.stages import common
 
@@ -121,35 +125,53 @@ class PairCache:
     def files(self) -> list[Path]:
         return sorted(self.folder.glob("chunk-*.parquet"))
 
-    def lookup(self, qid: Any, pid: Any, group_rows: int = 4_000_000) -> np.ndarray:
-        """Cached logit of every (qid[i], pid[i]), NaN where none; duplicates resolve to the lowest logit, so
-        the answer never depends on file order."""
+    def lookup(self, pairs: Pairs, rows: np.ndarray, group_rows: int = 4_000_000) -> np.ndarray:
+        """Cached logit of the pairs at ``rows``, NaN where none; duplicates resolve to the lowest logit, so the
+        answer never depends on file order. Joined on integer keys (query row x corpus size + passage row): the
+        cached ids become keys one group of files at a time, and the pairs side costs 24 bytes a pair."""
         import pyarrow as pa
+        import pyarrow.compute as pc
         import pyarrow.dataset as ds
         import pyarrow.parquet as pq
 
-        n = len(qid)
-        out = np.full(n, np.nan, dtype=np.float32)
+        from pipeline.stages.mine import _numpy
+
+        out = np.full(len(rows), np.nan, dtype=np.float32)
         files = self.files()
-        if not files or n == 0:
+        if not files or len(rows) == 0:
             return out
-        left = pa.table({"qid": qid.cast(pa.string()), "pid": pid.cast(pa.string()),
-                         "_i": pa.array(np.arange(n, dtype=np.int64))})
+        keys = pairs.keys(rows)
+        order = np.argsort(keys)  # equal keys (a pair listed twice) get the same logit: no stable sort needed
+        keys.sort()
         groups: list[list[Path]] = [[]]
-        rows = 0
+        held = 0
         for f in files:
             m = pq.ParquetFile(f).metadata.num_rows
-            if groups[-1] and rows + m > group_rows:
+            if groups[-1] and held + m > group_rows:
                 groups.append([])
-                rows = 0
+                held = 0
             groups[-1].append(f)
-            rows += m
+            held += m
         for group in groups:
-            right = ds.dataset([str(f) for f in group], format="parquet").to_table(columns=["qid", "pid", "ce_score"])
-            right = right.cast(pa.schema([("qid", pa.string()), ("pid", pa.string()), ("ce_score", pa.float32())]))
-            hit = left.join(right, keys=["qid", "pid"], join_type="inner")
-            if hit.num_rows:
-                np.fmin.at(out, hit.column("_i").to_numpy(), hit.column("ce_score").to_numpy())
+            t = ds.dataset([str(f) for f in group], format="parquet").to_table(columns=["qid", "pid", "ce_score"])
+            q = _numpy(pc.fill_null(pc.index_in(t.column("qid").cast(pa.string()), value_set=pairs.query_ids), -1),
+                       np.int64)
+            t, q = t.filter(pa.array(q >= 0)), q[q >= 0]
+            p = pairs.corpus.lookup_array(t.column("pid"))
+            cached_keys = q[p >= 0] * pairs.key_base + p[p >= 0]
+            logits = _numpy(t.column("ce_score"), np.float32)[p >= 0]
+            by_key = np.lexsort((logits, cached_keys))  # each key's lowest logit first
+            cached_keys, logits = cached_keys[by_key], logits[by_key]
+            first = np.ones(len(cached_keys), dtype=bool)
+            first[1:] = cached_keys[1:] != cached_keys[:-1]
+            cached_keys, logits = cached_keys[first], logits[first]
+            lo = np.searchsorted(keys, cached_keys, side="left")
+            count = np.searchsorted(keys, cached_keys, side="right") - lo
+            hit = count > 0
+            if hit.any():
+                lo, count = lo[hit], count[hit]
+                at = order[np.repeat(lo - np.cumsum(count) + count, count) + np.arange(int(count.sum()))]
+                out[at] = np.fmin(out[at], np.repeat(logits[hit], count))
         return out
 
     def append(self, table: Any) -> None:
@@ -160,49 +182,116 @@ class PairCache:
 # --------------------------------------------------------------------------------------------- pairs
 
 
-def build_pairs(cands: Any, query_order: list[str], positives: dict[str, list[str]], depth: int | None) -> Any:
-    """(qid, pid, is_positive, rank): per query in `query_order`, its candidates (rank <= depth) in rank order,
-    then its positives that were not among them. Vectorised over Arrow columns and integer codes."""
+@dataclass
+class Pairs:
+    """The pair list as integer codes, 13 bytes a pair (25M pairs: 0.3 GB), where Arrow tables of id strings
+    took ~150 at their peak; ids become strings only for the rows being written."""
+    query_ids: Any  # Arrow string array: the training queries, in training order
+    corpus: Any  # pipeline.readers.Corpus
+    qrow: np.ndarray  # int32: row in query_ids
+    prow: np.ndarray  # int32: corpus row
+    rank: np.ndarray  # int32: bi-encoder rank; 0 for a positive not retrieved within the scored depth
+    is_positive: np.ndarray  # bool
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.qrow)
+
+    @property
+    def key_base(self) -> int:
+        return max(len(self.corpus), 1)
+
+    def keys(self, rows: np.ndarray, step: int = 1 << 22) -> np.ndarray:
+        """One int64 per (query, passage) at ``rows``: query row x corpus size + corpus row (filled in slices, so
+        the only full-size array is the result)."""
+        out = np.empty(len(rows), dtype=np.int64)
+        for lo in range(0, len(rows), step):
+            at = rows[lo:lo + step]
+            np.multiply(self.qrow[at], self.key_base, out=out[lo:lo + step], dtype=np.int64)
+            out[lo:lo + step] += self.prow[at]
+        return out
+
+    def table(self, lo: int, hi: int) -> Any:
+        """Rows lo..hi as (qid, pid, is_positive, rank) with rank null for an unretrieved positive."""
+        import pyarrow as pa
+
+        rank = self.rank[lo:hi]
+        return pa.table({"qid": self.query_ids.take(pa.array(self.qrow[lo:hi])),
+                         "pid": self.corpus.id_array(self.prow[lo:hi]),
+                         "is_positive": pa.array(self.is_positive[lo:hi]),
+                         "rank": pa.array(rank, pa.int32(), mask=rank == 0)})
+
+
+def _in_rank_order(cq: np.ndarray, rank: np.ndarray, step: int = 1 << 22) -> bool:
+    """(query row, rank) strictly increasing, checked in slices (bounded temporaries)."""
+    for lo in range(0, max(len(cq) - 1, 0), step):
+        hi = min(lo + step + 1, len(cq))
+        dq, dr = np.diff(cq[lo:hi]), np.diff(rank[lo:hi])
+        if not np.all((dq > 0) | ((dq == 0) & (dr > 0))):
+            return False
+    return True
+
+
+def build_pairs(cands: Any, query_order: list[str], positives: dict[str, list[str]], depth: int | None,
+                corpus: Any) -> Pairs:
+    """Per query in `query_order`, its candidates (rank <= depth) in rank order, then its positives that were not
+    among them. `cands`: the retrieve result's (qid, pid, rank) as a table or an iterable of record batches, turned
+    into codes batch by batch, so the candidates' id strings are never all in memory."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from pipeline.stages.mine import _member, _numpy
+    from pipeline.stages.mine import _chunked, _member, _numpy
 
     qvocab = pa.array(query_order, pa.string())
-    if depth is not None:
-        cands = cands.filter(pc.less_equal(cands.column("rank"), depth))
-    cq = _numpy(pc.fill_null(pc.index_in(cands.column("qid").cast(pa.string()), value_set=qvocab), -1), np.int64)
-    if (cq < 0).any():
-        cands, cq = cands.filter(pa.array(cq >= 0)), cq[cq >= 0]
-    rank = _numpy(cands.column("rank"), np.int64)
-    if len(rank):
-        key = cq * (int(rank.max()) + 1) + rank
-        if np.any(key[1:] <= key[:-1]):
-            order = np.argsort(key, kind="stable")
-            if np.any(np.diff(key[order]) == 0):
-                raise StageError("the retrieve result lists a rank twice for one query")
-            cands, cq, rank = cands.take(pa.array(order)), cq[order], rank[order]
+    cq_parts, cp_parts, rank_parts = [], [], []
+    for batch in cands.to_batches() if isinstance(cands, pa.Table) else cands:
+        if depth is not None:
+            batch = batch.filter(pc.less_equal(batch.column("rank"), depth))
+        q = _numpy(pc.fill_null(pc.index_in(batch.column("qid").cast(pa.string()), value_set=qvocab), -1), np.int64)
+        if (q < 0).any():  # candidates of queries outside the training set (data.train.max_queries)
+            batch, q = batch.filter(pa.array(q >= 0)), q[q >= 0]
+        p = corpus.lookup_array(batch.column("pid"))
+        if (p < 0).any():
+            raise StageError(f"score: {int((p < 0).sum())} candidate passage ids are not in the corpus, e.g. "
+                             f"{batch.column('pid').filter(pa.array(p < 0)).to_pylist()[:5]}")
+        if batch.column("rank").null_count:
+            raise StageError("score: the retrieve result has candidates without a rank")
+        cq_parts.append(q.astype(np.int32))
+        cp_parts.append(p.astype(np.int32))
+        rank_parts.append(_numpy(batch.column("rank"), np.int32))
+    cq, cp, rank = (_concatenate(parts) for parts in (cq_parts, cp_parts, rank_parts))
+    if len(rank) and int(rank.min()) < 1:
+        raise StageError(f"score: the retrieve result has rank {int(rank.min())}; ranks start at 1")
+    if not _in_rank_order(cq, rank):
+        order = np.lexsort((rank, cq))
+        cq, cp, rank = cq[order], cp[order], rank[order]
+        if np.any((np.diff(cq) == 0) & (np.diff(rank) == 0)):
+            raise StageError("the retrieve result lists a rank twice for one query")
     pos_q = np.array([i for i, q in enumerate(query_order) for _ in positives.get(q, ())], dtype=np.int64)
-    pos_p = pa.array([p for q in query_order for p in positives.get(q, ())], pa.string())
-    pvocab = pc.unique(pos_p) if len(pos_p) else pa.array([], pa.string())
-    V = max(len(pvocab), 1)
-    pos_keys = pos_q * V + _numpy(pc.index_in(pos_p, value_set=pvocab), np.int64)
-    cand_pc = _numpy(pc.fill_null(pc.index_in(cands.column("pid").cast(pa.string()), value_set=pvocab), -1), np.int64)
-    cand_keys = np.where(cand_pc >= 0, cq * V + cand_pc, -1)
-    cand_is_pos = _member(cand_keys, np.unique(pos_keys))
-    missing = ~_member(pos_keys, np.unique(cand_keys[cand_pc >= 0]))
-    q_all = np.concatenate([cq, pos_q[missing]])
-    order = np.argsort(q_all, kind="stable")
-    pid_all = pa.chunked_array([c for c in cands.column("pid").cast(pa.string()).chunks]
-                               + [pos_p.filter(pa.array(missing))], type=pa.string()).combine_chunks()
-    rank_all = np.concatenate([rank, np.zeros(int(missing.sum()), np.int64)])
-    take = pa.array(order)
-    return pa.table({
-        "qid": qvocab.take(pa.array(q_all[order])),
-        "pid": pid_all.take(take),
-        "is_positive": pa.array(np.concatenate([cand_is_pos, np.ones(int(missing.sum()), bool)])[order]),
-        "rank": pa.array(rank_all[order].astype(np.int32), pa.int32(), mask=rank_all[order] == 0),
-    })
+    pos_ids = pa.array([p for q in query_order for p in positives.get(q, ())], pa.string())
+    pos_p = corpus.lookup_array(pos_ids) if len(pos_ids) else np.zeros(0, np.int64)
+    if (pos_p < 0).any():
+        absent = pos_ids.filter(pa.array(pos_p < 0)).to_pylist()
+        raise StageError(f"score: {len(absent)} positives are not in the corpus, e.g. {absent[:5]}")
+    base = max(len(corpus), 1)
+    pos_keys = pos_q * base + pos_p
+    unique_pos = np.unique(pos_keys)
+    cand_is_pos = _chunked(len(cq), lambda lo, hi: _member(cq[lo:hi].astype(np.int64) * base + cp[lo:hi], unique_pos))
+    missing = ~_member(pos_keys, np.unique(cq[cand_is_pos].astype(np.int64) * base + cp[cand_is_pos]))
+    at = np.searchsorted(cq, pos_q[missing], side="right")  # after the query's candidates, in positives order
+    # one array at a time, so only one of them is ever held twice
+    cp = np.insert(cp, at, pos_p[missing].astype(np.int32))
+    rank = np.insert(rank, at, np.int32(0))
+    cand_is_pos = np.insert(cand_is_pos, at, True)
+    cq = np.insert(cq, at, pos_q[missing].astype(np.int32))
+    return Pairs(qvocab, corpus, cq, cp, rank, cand_is_pos)
+
+
+def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
+    """The parts as one int32 array, emptying the list (the parts are not kept beside the whole)."""
+    whole = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+    parts.clear()
+    return whole
 
 
 # --------------------------------------------------------------------------------------------- stage
@@ -213,7 +302,7 @@ class _Ctx:
     cfg: DictConfig
     corpus: Any
     queries: dict[str, str]
-    pairs: Any
+    pairs: Pairs
     n_blocks: int
     spec: str
     cache: PairCache | None
@@ -232,31 +321,31 @@ class _Ctx:
         return self._model
 
     @functools.cached_property
-    def token_stores(self) -> tuple[Any, list[str], dict[str, int], Any] | None:
-        """(query token store, query texts, row of each query id, corpus token store) for the cross-encoder's
-        tokenizer; None where token_cache is off or the model has no fast tokenizer (texts are passed then)."""
+    def token_stores(self) -> tuple[Any, Any] | None:
+        """(query token store, corpus token store) for the cross-encoder's tokenizer, queries in training order;
+        None where token_cache is off or the model has no fast tokenizer (texts are passed then)."""
         from pipeline.tokens import TokenStore, build_workers, fast_tokenizer_json
 
         store = common.token_store(self.cfg, self.corpus, self.model)
         if store is None:
             return None
-        qtexts = list(self.queries.values())
-        queries = TokenStore.from_texts(fast_tokenizer_json(self.model), qtexts, workers=build_workers(len(qtexts)))
-        return queries, qtexts, {q: i for i, q in enumerate(self.queries)}, store
+        queries = TokenStore.from_texts(fast_tokenizer_json(self.model), self.query_texts,
+                                        workers=build_workers(len(self.query_texts)))
+        return queries, store
 
-    def pair_input(self, qids: list[str], pids: Any) -> Any:
-        """The (query, passage) pairs of ``qids`` and ``pids`` (an Arrow string array) as cross-encoder input:
-        a token-store view, or the texts."""
+    @functools.cached_property
+    def query_texts(self) -> list[str]:
+        return list(self.queries.values())  # the order of pairs.query_ids
+
+    def pair_input(self, qrows: np.ndarray, prows: np.ndarray) -> Any:
+        """The (query, passage) pairs of query rows ``qrows`` and corpus rows ``prows`` as cross-encoder input: a
+        token-store view, or the texts."""
         if self.token_stores is None:
-            texts = self.corpus.texts(pids.to_pylist())
-            return [(self.queries[q], t) for q, t in zip(qids, texts)]
+            return list(zip((self.query_texts[q] for q in qrows), self.corpus.texts_at(prows)))
         from pipeline.tokens import PairTokens
 
-        qstore, qtexts, qrow, store = self.token_stores
-        prows = self.corpus.lookup_array(pids)
-        if (prows < 0).any():
-            raise StageError(f"score: {int((prows < 0).sum())} passage ids of the pair list are not in the corpus")
-        return PairTokens(qstore, qtexts, np.fromiter((qrow[q] for q in qids), np.int64, len(qids)), store, prows,
+        qstore, store = self.token_stores
+        return PairTokens(qstore, self.query_texts, qrows.astype(np.int64), store, prows.astype(np.int64),
                           self.corpus.texts_at)
 
 
@@ -293,8 +382,8 @@ def _prepare(cfg: DictConfig) -> _Ctx:
     spec = cross_encoder_spec(cfg)
     corpus = common.load_corpus(cfg)
     queries, positives, _ = common.training_set(cfg, corpus)
-    cands = pq.read_table(rdir / "candidates.parquet", columns=["qid", "pid", "rank"])
-    pairs = build_pairs(cands, list(queries), positives, cfg.score.depth)
+    cands = pq.ParquetFile(rdir / "candidates.parquet").iter_batches(batch_size=1 << 20, columns=["qid", "pid", "rank"])
+    pairs = build_pairs(cands, list(queries), positives, cfg.score.depth, corpus)
     cache = PairCache.for_config(cfg, spec, corpus) if cfg.score.use_cache else None
     return _Ctx(cfg, corpus, queries, pairs, n_blocks(pairs.num_rows, int(cfg.score.chunk_pairs)), spec, cache, rdir)
 
@@ -311,33 +400,33 @@ def _work(ctx: _Ctx, st: StageRun, blocks: range, out_dir: Path) -> None:
     from pipeline.engine import score_pairs
 
     sc = ctx.cfg.score
-    n, size = ctx.pairs.num_rows, int(sc.chunk_pairs)
+    pairs = ctx.pairs
+    n, size = pairs.num_rows, int(sc.chunk_pairs)
     todo = [b for b in blocks if not _chunk_file(out_dir, b).exists()]
     if not todo:
         return
+    rows = np.concatenate([np.arange(*block_bounds(b, size, n), dtype=np.int32 if n < 2**31 else np.int64)
+                           for b in todo])
     with st.timed("cache_lookup"):
-        cached = ctx.cache.lookup(ctx.pairs.column("qid"), ctx.pairs.column("pid")) if ctx.cache else \
-            np.full(n, np.nan, dtype=np.float32)
-    total = sum(block_bounds(b, size, n)[1] - block_bounds(b, size, n)[0] for b in todo)
-    hits = sum(int((~np.isnan(cached[slice(*block_bounds(b, size, n))])).sum()) for b in todo)
-    log.info("score: %d chunks to do (%d pairs, %d of them cached)", len(todo), total, hits)
+        cached = ctx.cache.lookup(pairs, rows) if ctx.cache else np.full(len(rows), np.nan, dtype=np.float32)
+    del rows
+    hits = int((~np.isnan(cached)).sum())
+    log.info("score: %d chunks to do (%d pairs, %d of them cached)", len(todo), len(cached), hits)
     with st.timed("token_store"):
-        stores = ctx.token_stores if total > hits else None
-    st.extra["token_store"] = str(stores[3].folder) if stores is not None else None
-    bar = tqdm(total=total, desc="score pairs", unit=" pairs", smoothing=0.1)
+        stores = ctx.token_stores if len(cached) > hits else None
+    st.extra["token_store"] = str(stores[1].folder) if stores is not None else None
+    bar = tqdm(total=len(cached), desc="score pairs", unit=" pairs", smoothing=0.1)
     scored = from_cache = 0
+    at = 0
     for b in todo:
         lo, hi = block_bounds(b, size, n)
-        sub = ctx.pairs.slice(lo, hi - lo)
-        values = cached[lo:hi].copy()
+        values = cached[at:at + hi - lo].copy()
+        at += hi - lo
+        chunk = pairs.table(lo, hi)
         miss = np.flatnonzero(np.isnan(values))
         if len(miss):
-            take = pa.array(miss)
-            qids = sub.column("qid").take(take).to_pylist()
-            pid_array = sub.column("pid").take(take)
-            pids = pid_array.to_pylist()
             with st.timed("score"):
-                logits = score_pairs(ctx.model, ctx.pair_input(qids, pid_array),
+                logits = score_pairs(ctx.model, ctx.pair_input(pairs.qrow[lo:hi][miss], pairs.prow[lo:hi][miss]),
                                      batch_tokens=sc.batch_tokens, precision=str(sc.precision),
                                      show_progress=len(todo) == 1, desc=f"score chunk {b}")
             logits = np.asarray(logits, dtype=np.float32).reshape(-1)
@@ -346,9 +435,10 @@ def _work(ctx: _Ctx, st: StageRun, blocks: range, out_dir: Path) -> None:
                                  f"{int((~np.isfinite(logits)).sum())}) for {len(miss)} pairs in chunk {b}")
             values[miss] = logits
             if ctx.cache is not None:
-                ctx.cache.append(pa.table({"qid": pa.array(qids, pa.string()), "pid": pa.array(pids, pa.string()),
+                take = pa.array(miss)
+                ctx.cache.append(pa.table({"qid": chunk.column("qid").take(take), "pid": chunk.column("pid").take(take),
                                            "ce_score": pa.array(logits, pa.float32())}))
-        write_parquet(pa.table({"qid": sub.column("qid"), "pid": sub.column("pid"),
+        write_parquet(pa.table({"qid": chunk.column("qid"), "pid": chunk.column("pid"),
                                 "ce_score": pa.array(values, pa.float32())}), _chunk_file(out_dir, b))
         scored += len(miss)
         from_cache += (hi - lo) - len(miss)
@@ -363,7 +453,6 @@ def _work(ctx: _Ctx, st: StageRun, blocks: range, out_dir: Path) -> None:
 
 def _merge(ctx: _Ctx, st: StageRun, dirs: list[Path]) -> None:
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     files = [f for d in dirs for f in sorted(d.glob("chunk-*.parquet"))]
@@ -372,24 +461,23 @@ def _merge(ctx: _Ctx, st: StageRun, dirs: list[Path]) -> None:
         missing = sorted(set(expected) - {f.name for f in files})
         raise StageError(f"score: chunks missing or unexpected in {', '.join(map(str, dirs))} (missing: "
                          f"{missing[:5]}); rerun the stage")
-    with st.timed("merge"):
-        chunks = pa.concat_tables([pq.read_table(f) for f in files]) if files else \
-            pa.table({"qid": pa.array([], pa.string()), "pid": pa.array([], pa.string()),
-                      "ce_score": pa.array([], pa.float32())})
-        pairs = ctx.pairs
-        if chunks.num_rows != pairs.num_rows or (chunks.num_rows and not _same_pairs(chunks, pairs)):
-            raise StageError("score: the committed chunks do not match the pair list (the retrieve result changed "
-                             "under the same key?); rerun with force=true")
-        table = pa.table({"qid": pairs.column("qid"), "pid": pairs.column("pid"),
-                          "ce_score": chunks.column("ce_score").cast(pa.float32()),
-                          "is_positive": pairs.column("is_positive"), "rank": pairs.column("rank")}).combine_chunks()
-        write_parquet(table, st.file("scores.parquet"))
+    pairs, size = ctx.pairs, int(ctx.cfg.score.chunk_pairs)
+    schema = pa.schema([("qid", pa.string()), ("pid", pa.string()), ("ce_score", pa.float32()),
+                        ("is_positive", pa.bool_()), ("rank", pa.int32())])
+    with st.timed("merge"), parquet_stream(st.file("scores.parquet"), schema) as write:
+        for b, f in enumerate(files):  # chunk by chunk: the merged table is never in memory
+            lo, hi = block_bounds(b, size, pairs.num_rows)
+            chunk, expect = pq.read_table(f), pairs.table(lo, hi)
+            if chunk.num_rows != hi - lo or not _same_pairs(chunk, expect):
+                raise StageError(f"score: committed chunk {f} does not match the pair list (the retrieve result "
+                                 "changed under the same key?); rerun with force=true")
+            write(expect.append_column("ce_score", chunk.column("ce_score").cast(pa.float32())))
     if any((d.parent / "manifest.json").exists() and d.parent.parent.name == "parts" for d in dirs):
         for key in ("pairs_scored", "pairs_from_cache"):
             st.counts[key] = sum(read_manifest(d.parent).get("counts", {}).get(key, 0) for d in dirs)
-    positives = int(pc.sum(pairs.column("is_positive")).as_py() or 0)
+    positives = int(pairs.is_positive.sum())
     st.counts.update({"pairs": pairs.num_rows, "positive_pairs": positives, "queries": len(ctx.queries),
-                      "candidate_pairs": int(pairs.num_rows - pc.sum(pc.is_null(pairs.column("rank"))).as_py())})
+                      "candidate_pairs": int((pairs.rank > 0).sum())})
     st.extra.update({"cross_encoder": ctx.spec, "activation": activation_name(ctx.model),
                      "max_length": int(getattr(ctx.model, "max_length", 0) or 0) or None,
                      "retrieve": str(ctx.retrieve), "depth": ctx.cfg.score.depth,
