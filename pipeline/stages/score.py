@@ -189,7 +189,7 @@ class Pairs:
     query_ids: Any  # Arrow string array: the training queries, in training order
     corpus: Any  # pipeline.readers.Corpus
     qrow: np.ndarray  # int32: row in query_ids
-    prow: np.ndarray  # int32: corpus row
+    prow: np.ndarray  # int32 (int64 past 2**31 passages): corpus row
     rank: np.ndarray  # int32: bi-encoder rank; 0 for a positive not retrieved within the scored depth
     is_positive: np.ndarray  # bool
 
@@ -243,6 +243,7 @@ def build_pairs(cands: Any, query_order: list[str], positives: dict[str, list[st
     from pipeline.stages.mine import _chunked, _member, _numpy
 
     qvocab = pa.array(query_order, pa.string())
+    row_type = np.int32 if len(corpus) < 2**31 else np.int64
     cq_parts, cp_parts, rank_parts = [], [], []
     for batch in cands.to_batches() if isinstance(cands, pa.Table) else cands:
         if depth is not None:
@@ -257,7 +258,7 @@ def build_pairs(cands: Any, query_order: list[str], positives: dict[str, list[st
         if batch.column("rank").null_count:
             raise StageError("score: the retrieve result has candidates without a rank")
         cq_parts.append(q.astype(np.int32))
-        cp_parts.append(p.astype(np.int32))
+        cp_parts.append(p.astype(row_type))
         rank_parts.append(_numpy(batch.column("rank"), np.int32))
     cq, cp, rank = (_concatenate(parts) for parts in (cq_parts, cp_parts, rank_parts))
     if len(rank) and int(rank.min()) < 1:
@@ -280,7 +281,7 @@ def build_pairs(cands: Any, query_order: list[str], positives: dict[str, list[st
     missing = ~_member(pos_keys, np.unique(cq[cand_is_pos].astype(np.int64) * base + cp[cand_is_pos]))
     at = np.searchsorted(cq, pos_q[missing], side="right")  # after the query's candidates, in positives order
     # one array at a time, so only one of them is ever held twice
-    cp = np.insert(cp, at, pos_p[missing].astype(np.int32))
+    cp = np.insert(cp, at, pos_p[missing].astype(row_type))
     rank = np.insert(rank, at, np.int32(0))
     cand_is_pos = np.insert(cand_is_pos, at, True)
     cq = np.insert(cq, at, pos_q[missing].astype(np.int32))
@@ -288,7 +289,7 @@ def build_pairs(cands: Any, query_order: list[str], positives: dict[str, list[st
 
 
 def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
-    """The parts as one int32 array, emptying the list (the parts are not kept beside the whole)."""
+    """The parts as one array (int32 when there are none), emptying the list: the parts are not kept beside the whole."""
     whole = np.concatenate(parts) if parts else np.zeros(0, np.int32)
     parts.clear()
     return whole
