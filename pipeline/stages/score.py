@@ -289,7 +289,7 @@ def build_pairs(cands: Any, query_order: list[str], positives: dict[str, list[st
 
 
 def _concatenate(parts: list[np.ndarray]) -> np.ndarray:
-    """The parts as one array (int32 when there are none), emptying the list: the parts are not kept beside the whole."""
+    """The parts as one array (int32 when there are none), emptying the list: no part is kept beside the whole."""
     whole = np.concatenate(parts) if parts else np.zeros(0, np.int32)
     parts.clear()
     return whole
