@@ -64,6 +64,10 @@ def test_plan_counts_msmarco_without_data_or_models(tmp_path, capsys):
     assert estimate["gpu_hours"]["baseline"]["this_run"]["total"] > 0
     ref = estimate["gpu_hours"]["baseline"]["reference_job"]["total"]
     assert 6 < ref < 8  # the brief: about 7 hours at sentence-transformers defaults on one H200
+    # the train stage's host RAM follows the mined pools: 20 negatives per query from two systems = 41 rows a query
+    pooled = plan.estimate(compose(["data=msmarco", "model=msmarco_distilbert_v2", "mine.num_negatives_per_system=20",
+                                    "mine.systems=['bm25=/elsewhere']"]))["peak_host_ram_gb"]["train"]
+    assert pooled == pytest.approx(estimate["peak_host_ram_gb"]["train"] + 502939 * (41 - 6) * 160 / 1e9, abs=0.1)
 
 
 def test_plan_reads_its_figures_from_a_bench_output(tmp_path):

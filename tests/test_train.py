@@ -71,6 +71,67 @@ def test_load_pools_orders_negatives_and_never_uses_a_positive(tmp_path):
     assert pools["q2"] == {"pos": ["p9"], "neg": []}
 
 
+def _pools_by_rows(cols: dict) -> dict:
+    """The row-by-row reading of pools.parquet that load_pools vectorises: the oracle of the test below."""
+    import math
+
+    n = len(cols["qid"])
+    pos, neg = {}, {}
+    for qid, pid, role, system, rank in zip(cols["qid"], cols["pid"], cols["role"], cols.get("system") or [""] * n,
+                                            cols.get("rank") or [None] * n):
+        qid, pid = str(qid), str(pid)
+        if role == "pos":
+            if pid not in pos.setdefault(qid, []):
+                pos[qid].append(pid)
+        else:
+            neg.setdefault(qid, []).append((str(system or ""), float(rank) if rank is not None else math.inf, pid))
+    pools = {}
+    for qid in set(pos) | set(neg):
+        seen, negatives = set(pos.get(qid, [])), []
+        for _, _, pid in sorted(neg.get(qid, [])):
+            if pid not in seen:
+                seen.add(pid)
+                negatives.append(pid)
+        pools[qid] = {"pos": pos.get(qid, []), "neg": negatives}
+    return pools
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_load_pools_equals_reading_row_by_row(tmp_path, seed):
+    """Random pools with repeated passages, passages that are both positive and negative, missing systems and
+    ranks, non-ASCII systems, integer ids, several row groups: the vectorised reading gives the row-by-row pools."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    n = 400
+    cols = {"qid": [f"q{i}" for i in rng.integers(0, 12, n)],
+            "pid": rng.integers(0, 40, n).tolist() if seed % 2 else [f"p{i}" for i in rng.integers(0, 40, n)],
+            "role": rng.choice(["pos", "neg", "neg", "neg"], n).tolist(),
+            "system": [None if s == "-" else s for s in rng.choice(["-", "", "bm25", "v2", "ä-sys", "Z"], n)],
+            "rank": [None if r == 0 else int(r) for r in rng.integers(0, 6, n)]}
+    pq.write_table(pa.table(cols), tmp_path / "pools.parquet", row_group_size=97)
+    assert T.load_pools(tmp_path / "pools.parquet") == _pools_by_rows(cols)
+    # a system column with no value (Arrow type null)
+    blank = {**cols, "system": [None] * n}
+    pq.write_table(pa.table(blank), tmp_path / "blank.parquet")
+    assert T.load_pools(tmp_path / "blank.parquet") == _pools_by_rows(blank)
+    # only the three required columns
+    pq.write_table(pa.table({k: cols[k] for k in ("qid", "pid", "role")}), tmp_path / "bare.parquet")
+    assert T.load_pools(tmp_path / "bare.parquet") == _pools_by_rows({k: cols[k] for k in ("qid", "pid", "role")})
+
+
+def test_load_pools_names_a_bad_role(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.artifacts import StageError
+
+    pq.write_table(pa.table({"qid": ["q1", "q2"], "pid": ["a", "b"], "role": ["pos", "hard"]}), tmp_path / "p.parquet")
+    with pytest.raises(StageError, match=r"role 'hard' for \(q2, b\) is neither"):
+        T.load_pools(tmp_path / "p.parquet")
+
+
 # ------------------------------------------------------------------------------------------------ samplers
 
 

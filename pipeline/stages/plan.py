@@ -176,6 +176,8 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     searched = train_q + dense_systems * sum(eval_q[n]["queries"] or 0 for n in retrieval_evals)
     batch = int(cfg.train.batch_size)
     triplets = int(_triplets_per_epoch(train_positives, per_query, train_q) * float(p.epochs))
+    negatives = int(cfg.mine.num_negatives_per_system or depth) * (1 + len(cfg.mine.systems or []))
+    pool_rows = train_q * (1 + min(negatives, int(cfg.mine.max_negatives or negatives)))  # the mine stage's pools
     dim = int(p.embedding_dim)
     disk = {
         "corpus_arrow": corpus * 350 / 1e9,  # ~350 bytes of text per MS MARCO passage
@@ -197,7 +199,10 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
         # per pair at every point (13 B/pair of codes, the cache join's 24 B/pair and its 4M-row groups, Arrow's pool)
         "score": 1.0 + 0.6 + pairs * 75 / 1e9,
         "mine": 1.0 + pairs * 40 / 1e9,  # the scored table's columns, vectorised
-        "train": 4.0 + triplets * 48 / 1e9,
+        # 4.0 GB for the process, model and trainer (a formula, not measured) + the data path, measured by
+        # scripts/bench_train_data.py (pools.parquet -> rotation -> dataset; peak RssAnon over the imports): 1.57 /
+        # 1.58 GB at 10.5M pool rows with 0.5M / 5M triplets (the v3 recipe: 500k queries x 21 rows, 1 / 10 epochs)
+        "train": 4.0 + pool_rows * 160 / 1e9 + triplets * 48 / 1e9,
         "evaluate": 2.0 + search_chunk * dim * 4 * 2 / 1e9,
     }
     def gpu_tokens(value) -> int:  # "auto" is 65,536 on a 40 GB+ GPU (engine.resolve_batch_tokens)

@@ -285,6 +285,7 @@ def build_pairs(cands: Any, query_order: list[str], positives: dict[str, list[st
     rank = np.insert(rank, at, np.int32(0))
     cand_is_pos = np.insert(cand_is_pos, at, True)
     cq = np.insert(cq, at, pos_q[missing].astype(np.int32))
+    pa.default_memory_pool().release_unused()  # Arrow's allocator keeps the candidate batches' freed buffers
     return Pairs(qvocab, corpus, cq, cp, rank, cand_is_pos)
 
 
