@@ -190,9 +190,10 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     }
     search_chunk = min(corpus, int(cfg.retrieve.get("encode_block", 262144) or 262144))
     host_ram = {  # what stays resident; the corpus Arrow file and embeddings are memory-mapped (page cache)
-        # measured (tiny model, CPU): 200k passages, 20k queries x top-100 -> 2.76 GB peak RSS; the merge holds
-        # every candidate row (~32 B), which the earlier formula left out
-        "retrieve": 2.7 + search_chunk * dim * 4 * 2 / 1e9 + train_q * dim * 4 / 1e9 + train_q * top_k * 32 / 1e9,
+        # measured (tiny model, CPU): 200k passages, 20k queries x top-100 -> 2.76 GB peak RSS; the merge streams
+        # the candidates one query block (~32 B a row) at a time
+        "retrieve": 2.7 + search_chunk * dim * 4 * 2 / 1e9 + train_q * dim * 4 / 1e9
+        + min(train_q, int(cfg.retrieve.query_block)) * top_k * 32 / 1e9,
         # 1.0 GB for the process (torch, the cross-encoder, CUDA context) + the stage's own memory, measured by
         # scripts/bench_score.py (trivial scorer; peak RssAnon over the imports, worst of an empty and a full pair
         # cache): 0.29 / 0.45 / 0.85 / 1.25 / 1.85 GB at 1.0 / 2.0 / 5.0 / 10.0 / 25.1M pairs, under 0.6 GB + 75 B

@@ -25,7 +25,8 @@ from omegaconf import DictConfig
 from pipeline.artifacts import StageError, StageRun, atomic_path, atomic_write_text, folder_lock
 from pipeline.config import plain
 from pipeline.models import load_bi_encoder, model_identity
-from pipeline.shards import block_bounds, n_blocks, run_sharded, shard_blocks, shard_settings, try_lock, write_parquet
+from pipeline.shards import (block_bounds, n_blocks, parquet_stream, run_sharded, shard_blocks, shard_settings,
+                             try_lock, write_parquet)
 from pipeline import signals
 from pipeline.stages import common
 
@@ -330,36 +331,42 @@ def _merge(ctx: _Ctx, st: StageRun, dirs: list[Path]) -> None:
         missing = sorted(set(expected) - set(names))
         raise StageError(f"retrieve: query blocks missing or unexpected in {', '.join(map(str, dirs))} "
                          f"(missing: {missing[:5]}); rerun the stage")
-    with st.timed("merge"):
-        table = pa.concat_tables([pq.read_table(f) for f in files]).combine_chunks()
-        write_parquet(table, st.file("candidates.parquet"))
-        write_trec(table, st.file("run.trec"), tag=f"{ctx.cfg.model.name}")
+    candidates = 0
+    schema = pa.schema([("qid", pa.string()), ("pid", pa.string()), ("rank", pa.int32()), ("bi_score", pa.float32())])
+    with st.timed("merge"):  # block by block: 500k queries x top-100 are never one table
+        with parquet_stream(st.file("candidates.parquet"), schema) as write, \
+                atomic_path(st.file("run.trec")) as tmp, open(tmp, "wb") as trec:
+            for f in files:
+                table = pq.read_table(f)
+                write(table)
+                write_trec(table, trec, tag=f"{ctx.cfg.model.name}")
+                candidates += table.num_rows
         if not st.file(IDS_FILE).exists():
             write_lines(ctx.corpus.table.column("id"), st.file(IDS_FILE))
     for b in range(n_blocks(len(ctx.corpus), int(ctx.cfg.retrieve.encode_block))):
         if not _block_done(ctx.final, b).exists():
             raise StageError(f"retrieve: corpus embedding block {b} is not marked complete; rerun the stage")
-    st.counts.update({"queries": len(ctx.qids), "candidates": table.num_rows, "corpus": len(ctx.corpus),
+    st.counts.update({"queries": len(ctx.qids), "candidates": candidates, "corpus": len(ctx.corpus),
                       "top_k": int(ctx.cfg.retrieve.top_k)})
     st.extra.update({"corpus_fingerprint": ctx.corpus.fingerprint, "embeddings": EMB_FILE,
                      "embedding_dtype": "float16", "query_blocks": ctx.n_blocks})
     if ctx._facts is not None:
         st.extra.update(ctx._facts)
-    log.info("retrieve: %d candidates for %d queries (top %d)", table.num_rows, len(ctx.qids), int(ctx.cfg.retrieve.top_k))
+    log.info("retrieve: %d candidates for %d queries (top %d)", candidates, len(ctx.qids), int(ctx.cfg.retrieve.top_k))
 
 
-def write_trec(table: Any, path: Path, tag: str, batch: int = 1 << 20) -> None:
-    """TREC run lines `qid Q0 pid rank score tag` built with Arrow string kernels (no per-line Python)."""
+def write_trec(table: Any, fh: Any, tag: str, batch: int = 1 << 20) -> None:
+    """TREC run lines `qid Q0 pid rank score tag` of ``table`` onto the binary file ``fh``, built with Arrow string
+    kernels (no per-line Python)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        for lo in range(0, table.num_rows, batch):
-            t = table.slice(lo, batch)
-            lines = pc.binary_join_element_wise(
-                t.column("qid"), " Q0 ", t.column("pid"), " ", pc.cast(t.column("rank"), pa.string()), " ",
-                pc.cast(t.column("bi_score"), pa.string()), f" {tag}\n", "")
-            _write_string_data(fh, lines)
+    for lo in range(0, table.num_rows, batch):
+        t = table.slice(lo, batch)
+        lines = pc.binary_join_element_wise(
+            t.column("qid"), " Q0 ", t.column("pid"), " ", pc.cast(t.column("rank"), pa.string()), " ",
+            pc.cast(t.column("bi_score"), pa.string()), f" {tag}\n", "")
+        _write_string_data(fh, lines)
 
 
 def write_lines(column: Any, path: Path, batch: int = 1 << 20) -> None:
