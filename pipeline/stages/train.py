@@ -198,7 +198,7 @@ def load_pools(path: str | Path) -> dict[str, dict[str, list[str]]]:
 @contextlib.contextmanager
 def _collector_paused() -> Iterator[None]:
     """Python's cyclic garbage collector off while millions of acyclic lists and dicts are built: its passes over
-    every object made so far took a third of load_pools' time at MS MARCO scale."""
+    every object made so far took 28% of load_pools' time on 3M pool rows (9.1 s against 6.6 s)."""
     was_on = gc.isenabled()
     gc.disable()
     try:
