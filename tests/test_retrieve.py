@@ -90,8 +90,11 @@ def test_resume_after_kill(single, setup, tmp_path):
     root = tmp_path / "art"
     copy = root / folder.relative_to(folder.parents[1])
     shutil.copytree(folder, copy)
+    second_corpus_block = sorted((copy / "corpus_emb.blocks").glob("rows-*.done"),
+                                 key=lambda m: int(m.name.split("-")[1]))[1]
+    assert second_corpus_block.name.startswith("rows-1024-")  # retrieve.encode_block=1024 here
     for name in (MARKER, "manifest.json", "candidates.parquet", "run.trec", "blocks/block-000002.parquet",
-                 "corpus_emb.blocks/block-000001.done"):
+                 second_corpus_block.relative_to(copy)):
         (copy / name).unlink()
     again = retrieve.run(compose([*setup, f"artifacts_root={root}"]))
     assert again == copy and is_complete(again)

@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline.artifacts import (MANIFEST, StageError, atomic_path, config_key, is_complete, read_manifest,
-                                require_complete, stage_folder)
+from pipeline.artifacts import (MANIFEST, StageError, atomic_path, atomic_write_text, config_key, folder_lock,
+                                is_complete, read_manifest, require_complete, stage_folder)
 from pipeline.readers import Corpus, Qrels, check_qrels_in_corpus, positives, read_qrels, read_queries
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,74 @@ def link_embeddings(root: Path, key: str, target: Path, here: Path) -> Path | No
         log.info("reusing corpus embeddings of %s", folder)
         return folder
     return None
+
+
+# the embeddings file while it is written: any writer (a retrieve shard, an evaluate device process, a rerun) writes
+# a range of rows and then commits it with a marker, and every writer skips the ranges already committed
+
+
+def rows_committed(marks: Path, lo: int, hi: int) -> bool:
+    return (marks / f"rows-{lo}-{hi}.done").exists()
+
+
+def commit_rows(marks: Path, lo: int, hi: int) -> None:
+    """Mark rows lo..hi of an embeddings file as written and synced: no writer does them again."""
+    atomic_write_text(marks / f"rows-{lo}-{hi}.done", f"{lo} {hi}\n")
+
+
+def committed_row_count(marks: Path) -> int:
+    """How many rows the markers in ``marks`` commit."""
+    total = 0
+    for mark in marks.glob("rows-*.done") if marks.is_dir() else ():
+        lo, _, hi = mark.name[len("rows-"):-len(".done")].partition("-")
+        total += int(hi) - int(lo)
+    return total
+
+
+def embeddings_file_fits(path: Path, n: int, dim: int) -> bool:
+    """Whether ``path`` is a float16 .npy of n x dim (an earlier attempt's file that this encode can continue)."""
+    if dim <= 0 or not path.is_file():
+        return False
+    try:
+        mm = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return mm.shape == (n, dim) and mm.dtype == np.float16
+
+
+def create_embeddings_file(path: Path, n: int, dim: int, lock_dir: Path) -> None:
+    """The float16 .npy of n x dim at ``path``, created once (sparse; under ``lock_dir``'s lock, renamed into place)
+    by whichever writer comes first."""
+    if not path.exists():
+        with folder_lock(lock_dir, wait_s=600):
+            if not path.exists():
+                with atomic_path(path) as tmp:
+                    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
+                    mm.flush()
+                    del mm
+
+
+def write_embedding_rows(path: Path, n: int, lo: int, emb: np.ndarray, lock_dir: Path) -> None:
+    """Write rows [lo, lo + len(emb)) of the float16 .npy at ``path`` (see :func:`create_embeddings_file`), then
+    sync them. Rows go in by byte range (pwrite), not through a writable memmap: a memmap dirties whole pages, and on
+    a shared filesystem two hosts writing neighbouring ranges would overwrite each other's half of a page."""
+    dim = int(emb.shape[1])
+    create_embeddings_file(path, n, dim, lock_dir)
+    mm = np.load(path, mmap_mode="r")
+    if mm.shape != (n, dim) or mm.dtype != np.float16:
+        raise StageError(f"{path} has shape {mm.shape} {mm.dtype}, expected ({n}, {dim}) float16; "
+                         f"force=true rebuilds it")
+    offset = int(mm.offset) + lo * dim * 2
+    del mm
+    data = memoryview(np.ascontiguousarray(emb, dtype=np.float16)).cast("B")
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], offset + done)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def training_set(cfg: DictConfig, corpus: Corpus | None = None) -> tuple[dict[str, str], dict[str, list[str]], Qrels]:

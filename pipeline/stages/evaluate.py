@@ -51,8 +51,9 @@ from pipeline.config import plain
 from pipeline.models import load_bi_encoder, model_identity, resolve_device
 from pipeline.readers import (Candidates, Corpus, DataError, Qrels, corpus_source_fingerprint, read_candidates,
                               read_qrels, read_queries, sources_by_content, write_run)
-from pipeline.stages.common import (EMB_FILE, artifacts_root, corpus_rows, embedding_key, link_embeddings,
-                                    load_corpus, resolve_prompt, token_store)
+from pipeline.stages.common import (EMB_FILE, artifacts_root, commit_rows, committed_row_count, corpus_rows,
+                                    create_embeddings_file, embedding_key, embeddings_file_fits, link_embeddings,
+                                    load_corpus, resolve_prompt, rows_committed, token_store, write_embedding_rows)
 from pipeline.tokens import TextTokens
 
 log = logging.getLogger(__name__)
@@ -319,67 +320,28 @@ def encode_devices(setting: Any, device: str) -> list[str]:
 
 
 def _encode_range(encode: Callable[[Any, int], np.ndarray], corpus: Corpus, store: Any, lo: int, hi: int, chunk: int,
-                  out_for: Callable[[int], np.ndarray], progress: Callable[[int], Any] | None = None,
-                  done: Path | None = None) -> int:
+                  target: Path, marks: Path, progress: Callable[[int], Any] | None = None) -> int:
     """Passages lo..hi, ``chunk`` at a time, through ``encode(items, first row)`` (token-store views or texts in,
-    embeddings out) into ``out_for(dim)`` (the float16 embeddings file, opened by the first step); returns the
-    dimension (0 when every chunk was already done). With ``done`` (a folder), a chunk whose marker is there is
-    skipped, and each chunk written is flushed and then marked. Used by the one-process encode and by each process
-    of the split one."""
-    out, dim = None, 0
+    embeddings out) into the float16 file ``target``; each chunk written is committed with a marker in ``marks``, and
+    a chunk already committed is skipped. Returns the dimension (0 when every chunk was already done). Used by the
+    one-process encode and by each process of the split one."""
+    dim = 0
     for a in range(lo, hi, chunk):
         b = min(hi, a + chunk)
-        mark = done / f"rows-{a}-{b}.done" if done is not None else None
-        if mark is not None and mark.exists():
-            if progress is not None:
-                progress(b - a)
-            continue
-        emb = encode(corpus_rows(corpus, store, a, b), a)
-        if out is None:
+        if not rows_committed(marks, a, b):
+            emb = encode(corpus_rows(corpus, store, a, b), a)
             dim = int(emb.shape[1])
-            out = out_for(dim)
-        out[a:b] = emb.astype(np.float16)
-        if mark is not None:
-            out.flush()
-            atomic_write_text(mark, f"{a} {b}\n")
+            write_embedding_rows(target, len(corpus), a, emb, marks)
+            commit_rows(marks, a, b)
         if progress is not None:
             progress(b - a)
         signals.stop_if_requested()
-    if out is not None:
-        out.flush()
     return dim
 
 
 #: the corpus embeddings while they are encoded, and the markers of the committed chunks (see _Dense._encode_corpus)
 PARTIAL_FILE = "corpus_emb.partial.f16.npy"
 PARTIAL_MARKS = "corpus_emb.chunks"
-
-
-def _marked_rows(marks: Path) -> list[int]:
-    rows = []
-    for mark in marks.glob("rows-*.done") if marks.is_dir() else ():
-        a, _, b = mark.name[len("rows-"):-len(".done")].partition("-")
-        rows.append(int(b) - int(a))
-    return rows
-
-
-def _resumable_partial(partial: Path, n: int, dim: int) -> bool:
-    """Whether an earlier attempt's partial file can be continued: the shape this encode writes (a model that states
-    no dimension cannot tell, so it starts over)."""
-    if dim <= 0 or not partial.is_file():
-        return False
-    try:
-        mm = np.load(partial, mmap_mode="r")
-    except (OSError, ValueError):
-        return False
-    return mm.shape == (n, dim) and mm.dtype == np.float16
-
-
-def _open_partial(partial: Path, n: int, dim: int) -> np.ndarray:
-    """The partial embeddings file for writing: the existing one where it has this shape, else a new (sparse) one."""
-    if _resumable_partial(partial, n, dim):
-        return np.load(partial, mmap_mode="r+")
-    return np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(n, dim))
 
 
 def _encode_part(job: dict[str, Any], device: str, lo: int, hi: int) -> None:  # pragma: no cover - subprocess
@@ -391,16 +353,11 @@ def _encode_part(job: dict[str, Any], device: str, lo: int, hi: int) -> None:  #
     model = load_bi_encoder(job["model"], device=device, artifacts_root=job["artifacts_root"],
                             max_seq_length=job["max_seq_length"])
 
-    def opened(dim: int) -> np.ndarray:
-        if dim != job["dim"]:
-            raise RuntimeError(f"{device}: embeddings of dimension {dim}, the model states {job['dim']}")
-        return np.load(job["target"], mmap_mode="r+")  # all writers on this host share its page cache: disjoint rows
-
     store = TokenStore.load(Path(job["store"])) if job["store"] else None
     _encode_range(lambda items, _: encode_texts(model, items, prompt=job["prompt"], normalize=job["normalize"],
                                              batch_tokens=job["batch_tokens"], precision=job["precision"],
                                              show_progress=False),
-                  Corpus(Path(job["corpus"])), store, lo, hi, job["chunk"], opened, done=Path(job["marks"]))
+                  Corpus(Path(job["corpus"])), store, lo, hi, job["chunk"], Path(job["target"]), Path(job["marks"]))
 
 
 class _Dense:
@@ -476,11 +433,11 @@ class _Dense:
         dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         dim = int(dim_of() or 0)
         partial, marks = self.st.path / PARTIAL_FILE, self.st.path / PARTIAL_MARKS
-        if not _resumable_partial(partial, len(corpus), dim):
+        if not embeddings_file_fits(partial, len(corpus), dim):  # continued only where this encode writes its shape
             partial.unlink(missing_ok=True)
             shutil.rmtree(marks, ignore_errors=True)
         marks.mkdir(parents=True, exist_ok=True)
-        done = sum(_marked_rows(marks))
+        done = committed_row_count(marks)
         if done:
             log.info("evaluate: resuming the corpus encode, %d of %d passages already in %s", done, len(corpus),
                      partial)
@@ -499,8 +456,7 @@ class _Dense:
             def encode(items, lo: int) -> np.ndarray:
                 return self.encode(items, self.corpus_prompt, desc=f"encode corpus {lo:,}+")
 
-            dim = _encode_range(encode, corpus, store, 0, len(corpus), chunk,
-                                lambda d: _open_partial(partial, len(corpus), d), bar.update, marks) or dim
+            dim = _encode_range(encode, corpus, store, 0, len(corpus), chunk, partial, marks, bar.update) or dim
             bar.close()
         os.replace(partial, target)
         shutil.rmtree(marks, ignore_errors=True)
@@ -516,14 +472,14 @@ class _Dense:
             raise StageError(f"system {self.system['name']!r}: the model states no embedding dimension, which a "
                              f"corpus encode split over {devices} needs; set evaluate.devices=[]")
         n = len(self.corpus)
-        _open_partial(tmp, n, dim).flush()
+        create_embeddings_file(tmp, n, dim, marks)  # here, at its full size: the processes only write rows into it
         bounds = np.linspace(0, n, len(devices) + 1).astype(int)
         job = {"model": str(self.system["model"]), "artifacts_root": str(artifacts_root(self.cfg)),
                "max_seq_length": self.cfg.evaluate.max_seq_length, "corpus": str(self.corpus.folder),
                "store": str(store.folder) if store is not None else None, "prompt": self.corpus_prompt,
                "normalize": None if self.dot else True, "batch_tokens": self.cfg.evaluate.batch_tokens,
                "precision": str(self.cfg.evaluate.precision), "chunk": max(1, int(self.cfg.evaluate.corpus_chunk)),
-               "target": str(tmp), "marks": str(marks), "processes": len(devices), "dim": dim}
+               "target": str(tmp), "marks": str(marks), "processes": len(devices)}
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_encode_part, args=(job, dev, int(lo), int(hi)), daemon=True)
                  for dev, lo, hi in zip(devices, bounds[:-1], bounds[1:]) if hi > lo]

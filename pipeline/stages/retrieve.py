@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline.artifacts import StageError, StageRun, atomic_path, atomic_write_text, folder_lock
+from pipeline.artifacts import StageError, StageRun, atomic_path, folder_lock
 from pipeline.config import plain
 from pipeline.models import load_bi_encoder, model_identity
 from pipeline.shards import (block_bounds, n_blocks, parquet_stream, run_sharded, shard_blocks, shard_settings,
@@ -138,13 +138,8 @@ def _prepare(cfg: DictConfig, final: Path) -> _Ctx:
 # --------------------------------------------------------------------------------------------- corpus
 
 
-def _block_done(final: Path, block: int) -> Path:
-    return final / EMB_BLOCKS / f"block-{block:06d}.done"
-
-
-def _mark_done(final: Path, block: int, lo: int, hi: int) -> None:
-    """Commit corpus block ``block`` (rows lo..hi of the embeddings file): no shard encodes it again."""
-    atomic_write_text(_block_done(final, block), f"{lo} {hi}\n")
+def _block_done(final: Path, lo: int, hi: int) -> bool:
+    return common.rows_committed(final / EMB_BLOCKS, lo, hi)
 
 
 def encode_corpus(ctx: _Ctx, st: StageRun) -> np.ndarray:
@@ -158,7 +153,7 @@ def encode_corpus(ctx: _Ctx, st: StageRun) -> np.ndarray:
     index, count = shard_settings(cfg)
     mine = shard_blocks(total, index, count)
     order = list(mine) + [b for b in range(total) if b not in mine]
-    todo = [b for b in order if not _block_done(final, b).exists()]
+    todo = [b for b in order if not _block_done(final, *block_bounds(b, block, n))]
     done_rows = n - sum(block_bounds(b, block, n)[1] - block_bounds(b, block, n)[0] for b in todo)
     encoded = 0
     bar = tqdm(total=n, initial=done_rows, desc="encode corpus", unit=" passages", smoothing=0.1,
@@ -175,21 +170,21 @@ def encode_corpus(ctx: _Ctx, st: StageRun) -> np.ndarray:
     while todo:
         busy = []
         for b in todo:
-            if _block_done(final, b).exists():
+            lo, hi = block_bounds(b, block, n)
+            if _block_done(final, lo, hi):
                 continue
             with try_lock(final / EMB_BLOCKS / f"block-{b:06d}.lock") as held:
                 if not held:
                     busy.append(b)
                     continue
-                if _block_done(final, b).exists():  # finished by another shard between the checks
+                if _block_done(final, lo, hi):  # finished by another shard between the checks
                     continue
-                lo, hi = block_bounds(b, block, n)
                 with st.timed("encode_corpus"):
                     emb = ctx.encode(common.corpus_rows(corpus, store, lo, hi), "corpus",
                                      desc=f"encode corpus {lo:,}+", progress=total == 1)
-                    _write_rows(final, n, lo, emb)
+                    common.write_embedding_rows(final / EMB_FILE, n, lo, emb, final / EMB_BLOCKS)
                     del emb
-                _mark_done(final, b, lo, hi)
+                common.commit_rows(final / EMB_BLOCKS, lo, hi)
                 encoded += hi - lo
                 bar.update(hi - lo)
             signals.stop_if_requested()
@@ -222,41 +217,8 @@ def _link_corpus(ctx: _Ctx, total: int) -> bool:
             return False
         n, block = len(ctx.corpus), int(ctx.cfg.retrieve.encode_block)
         for b in range(total):
-            lo, hi = block_bounds(b, block, n)
-            _mark_done(final, b, lo, hi)
+            common.commit_rows(final / EMB_BLOCKS, *block_bounds(b, block, n))
     return True
-
-
-def _write_rows(final: Path, n: int, lo: int, emb: np.ndarray) -> None:
-    """Write rows [lo, lo + len(emb)) of the shared float16 .npy (created once, sparse, renamed into place).
-    Rows go in by byte range (pwrite), not through a writable memmap: a memmap dirties whole pages, and on a
-    shared filesystem two hosts writing neighbouring blocks would overwrite each other's half of a page."""
-    import os
-
-    path = final / EMB_FILE
-    dim = int(emb.shape[1])
-    if not path.exists():
-        with folder_lock(final / EMB_BLOCKS, wait_s=600):
-            if not path.exists():
-                with atomic_path(path) as tmp:
-                    mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
-                    mm.flush()
-                    del mm
-    mm = np.load(path, mmap_mode="r")
-    if mm.shape != (n, dim) or mm.dtype != np.float16:
-        raise StageError(f"{path} has shape {mm.shape} {mm.dtype}, expected ({n}, {dim}) float16; "
-                         f"force=true rebuilds it")
-    offset = int(mm.offset) + lo * dim * 2
-    del mm
-    data = memoryview(np.ascontiguousarray(emb, dtype=np.float16)).cast("B")
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        done = 0
-        while done < len(data):
-            done += os.pwrite(fd, data[done:], offset + done)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------- queries
@@ -343,8 +305,9 @@ def _merge(ctx: _Ctx, st: StageRun, dirs: list[Path]) -> None:
                 candidates += table.num_rows
         if not st.file(IDS_FILE).exists():
             write_lines(ctx.corpus.table.column("id"), st.file(IDS_FILE))
-    for b in range(n_blocks(len(ctx.corpus), int(ctx.cfg.retrieve.encode_block))):
-        if not _block_done(ctx.final, b).exists():
+    n, block = len(ctx.corpus), int(ctx.cfg.retrieve.encode_block)
+    for b in range(n_blocks(n, block)):
+        if not _block_done(ctx.final, *block_bounds(b, block, n)):
             raise StageError(f"retrieve: corpus embedding block {b} is not marked complete; rerun the stage")
     st.counts.update({"queries": len(ctx.qids), "candidates": candidates, "corpus": len(ctx.corpus),
                       "top_k": int(ctx.cfg.retrieve.top_k)})
