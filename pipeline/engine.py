@@ -112,16 +112,12 @@ def resolve_precision(precision: str, device) -> torch.dtype | None:
     ``"auto"``: bf16 on CUDA (fp16 where bf16 is unsupported), bf16 on CPUs with AVX512-BF16 or AMX, else fp32.
     ``"fp32"``/``"float32"``, ``"bf16"``/``"bfloat16"``, ``"fp16"``/``"float16"``/``"half"`` force a dtype.
     """
+    from pipeline.models import precision_name
+
     dev = torch.device(device) if not isinstance(device, torch.device) else device
-    p = str(precision or "auto").lower().strip()
-    if p in ("fp32", "float32", "32", "full", "none"):
-        return None
-    if p in ("bf16", "bfloat16"):
-        return torch.bfloat16
-    if p in ("fp16", "float16", "half", "16"):
-        return torch.float16
+    p = precision_name(precision)
     if p != "auto":
-        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+        return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[p]
     if dev.type == "cuda":
         try:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -21,6 +21,21 @@ def resolve_device(device: str = "auto") -> str:
     return str(device)
 
 
+#: every spelling of a precision setting the stages accept, by its canonical name
+_PRECISIONS = {"auto": ("auto",), "fp32": ("fp32", "float32", "32", "full", "none"), "bf16": ("bf16", "bfloat16"),
+               "fp16": ("fp16", "float16", "half", "16")}
+
+
+def precision_name(precision: Any) -> str:
+    """The canonical name (auto, fp32, bf16 or fp16) of a precision setting; None means auto. Torch-free, so the
+    plan reads settings the way the engine does without loading torch."""
+    spelled = str(precision or "auto").lower().strip().replace("torch.", "")
+    for name, spellings in _PRECISIONS.items():
+        if spelled in spellings:
+            return name
+    raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+
+
 def resolve_model_path(spec: str, artifacts_root: str | os.PathLike | None = None) -> str:
     """`demo:<name>` builds (once) the project's tiny models under <artifacts_root>/demo_models."""
     spec = str(spec)

@@ -50,14 +50,12 @@ def _resolve_device(device: str, queries) -> torch.device:
 
 
 def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    d = str(dtype).lower().replace("torch.", "")
+    from pipeline.models import precision_name
+
+    d = precision_name(dtype)
     if d == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
-    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if d not in table:
-        raise ValueError(f"dtype must be auto, fp32, fp16 or bf16, got {dtype!r}")
-    return table[d]
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[d]
 
 
 def _release_pages(arr, start_row: int, end_row: int) -> None:

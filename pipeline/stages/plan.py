@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pipeline.artifacts import atomic_write_json
+from pipeline.models import precision_name
 from pipeline.stages.common import artifacts_root
 from pipeline.tokens import wanted as tokens_wanted
 
@@ -125,14 +126,16 @@ def figures_from_bench(path: str, use_store: bool, compiled_train: bool = False
     return ours, base, source
 
 
-#: the compute dtype a precision setting means on a GPU (engine.resolve_precision: auto is bf16 there)
-_GPU_DTYPE = {"auto": "bf16", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16", "half": "fp16"}
+def _gpu_dtype(precision: Any) -> str:
+    """The compute dtype a precision setting means on a GPU (engine.resolve_precision: auto is bf16 there)."""
+    name = precision_name(precision)
+    return "bf16" if name == "auto" else name
 
 
 def _same_gpu_embeddings(cfg: DictConfig) -> bool:
     """Whether the chain's v2 evaluation would find retrieve's corpus embeddings to link on a GPU: same dtype and
     truncation (model, corpus, prompt and similarity are the chain's own in both)."""
-    dtype = [_GPU_DTYPE.get(str(x).lower(), "fp32") for x in (cfg.retrieve.precision, cfg.evaluate.precision)]
+    dtype = [_gpu_dtype(x) for x in (cfg.retrieve.precision, cfg.evaluate.precision)]
     return dtype[0] == dtype[1] and cfg.retrieve.max_seq_length == cfg.evaluate.max_seq_length
 
 
@@ -171,7 +174,7 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     reused = not evaluate_only and bool(train_q) and bool(retrieval_evals) and _same_gpu_embeddings(cfg)
     encode = {"retrieve": corpus if train_q else 0,
               "evaluate": dense_systems * (corpus * bool(retrieval_evals) + rerank_passages) - corpus * reused}
-    fp32 = {stage: _GPU_DTYPE.get(str(cfg[stage].precision).lower(), "fp32") == "fp32"
+    fp32 = {stage: _gpu_dtype(cfg[stage].precision) == "fp32"
             for stage in ("retrieve", "score", "evaluate")}
     searched = train_q + dense_systems * sum(eval_q[n]["queries"] or 0 for n in retrieval_evals)
     batch = int(cfg.train.batch_size)
