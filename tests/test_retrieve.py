@@ -169,3 +169,30 @@ def test_retrieve_links_embeddings_an_evaluation_made(single, setup, tmp_path):
     ours = pq.read_table(folder / "candidates.parquet").column("pid").to_pylist()
     fresh = pq.read_table(single[1] / "candidates.parquet").column("pid").to_pylist()
     assert np.mean([a == b for a, b in zip(ours, fresh)]) >= 0.95 and len(ours) == len(fresh)
+
+
+def test_embedding_rows_written_by_ranges_and_committed(tmp_path):
+    """The one writer of a corpus embeddings file (retrieve's blocks, evaluate's chunks and device processes): ranges
+    written in any order and by separate processes make the whole float16 file; committed ranges are counted;
+    a file of another shape is refused with a way out."""
+    import multiprocessing as mp
+
+    from pipeline.stages import common
+
+    path, marks = tmp_path / "emb.f16.npy", tmp_path / "marks"
+    whole = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    for lo, hi in ((6, 10), (0, 3)):
+        common.write_embedding_rows(path, 10, lo, whole[lo:hi], marks)
+        common.commit_rows(marks, lo, hi)
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(target=common.write_embedding_rows, args=(path, 10, 3, whole[3:6], marks))
+    proc.start()
+    proc.join(60)
+    assert proc.exitcode == 0
+    common.commit_rows(marks, 3, 6)
+    np.testing.assert_array_equal(np.load(path), whole.astype(np.float16))
+    assert common.rows_committed(marks, 3, 6) and not common.rows_committed(marks, 3, 7)
+    assert common.committed_row_count(marks) == 10
+    assert common.embeddings_file_fits(path, 10, 4) and not common.embeddings_file_fits(path, 10, 5)
+    with pytest.raises(StageError, match=r"expected \(10, 5\) float16; force=true rebuilds it"):
+        common.write_embedding_rows(path, 10, 0, np.zeros((1, 5), np.float32), marks)
