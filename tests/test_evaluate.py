@@ -284,3 +284,16 @@ def test_a_cut_short_encode_is_dropped_when_the_embeddings_can_be_linked(tmp_pat
     assert folder != other and (folder / evaluate.EMB_FILE).stat().st_ino == (other / evaluate.EMB_FILE).stat().st_ino
     assert not (folder / evaluate.PARTIAL_FILE).exists() and not (folder / evaluate.PARTIAL_MARKS).exists()
     assert verify_folder(folder) == []
+
+
+def test_run_from_hits_drops_missing_results(tmp_path):
+    """A search that finds fewer than k for a query (faiss_ivf: row -1) gives that query fewer results, never the
+    passage at row 0 in their place; scores are kept as given."""
+    from pipeline.readers import Corpus
+
+    (tmp_path / "c.tsv").write_text("a\tone\nb\ttwo\nc\tthree\n")
+    corpus = Corpus.open(tmp_path / "c.tsv", tmp_path / "cache")
+    idx = np.array([[2, 0, 1], [1, -1, -1]])
+    scores = np.array([[0.9, 0.5, 0.25], [0.75, -np.inf, -np.inf]], dtype=np.float32)
+    run = evaluate.run_from_hits(["q1", "q2"], corpus, scores, idx)
+    assert run == {"q1": {"c": 0.8999999761581421, "a": 0.5, "b": 0.25}, "q2": {"b": 0.75}}
