@@ -343,13 +343,8 @@ def build_pool(sources: Sequence[Any], query_order: Sequence[str],
         sizes.append(len(col))
         chunks += col.chunks
         del col
-    # one memo table across chunks: every chunk's dictionary is the same, final one
-    encoded = pc.dictionary_encode(pa.chunked_array(chunks, type=pa.string()))
+    pid_vocab, pcodes = dictionary_codes(pa.chunked_array(chunks, type=pa.string()))
     del chunks
-    pid_vocab = encoded.chunk(0).dictionary if encoded.num_chunks else pa.array([], pa.string())
-    pcodes = np.concatenate([c.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-                             for c in encoded.chunks]) if encoded.num_chunks else np.zeros(0, np.int32)
-    del encoded
     cq, cp, cr, cc, cs = [], [], [], [], []
     start = 0
     pos = None
@@ -397,6 +392,24 @@ def _column(src: Any, name: str) -> Any:
     if isinstance(src, (str, Path)):
         return pq.read_table(str(src), columns=[name]).column(name)
     return src.column(name)
+
+
+def dictionary_codes(values: Any) -> tuple[Any, np.ndarray]:
+    """(distinct values, int32 code of each value) of an Arrow array or chunked array, in one hashing pass with one
+    memo table across chunks (no concatenation): every chunk's dictionary is the same, final one. A dictionary
+    array is codes already; its chunks' dictionaries are unified."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if pa.types.is_dictionary(values.type):
+        unified = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
+        return unified.dictionary, unified.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+    encoded = pc.dictionary_encode(values)
+    chunks = encoded.chunks if isinstance(encoded, pa.ChunkedArray) else [encoded]
+    if not chunks:
+        return pa.array([], values.type), np.zeros(0, np.int32)
+    return chunks[0].dictionary, np.concatenate([c.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+                                                 for c in chunks])
 
 
 def _numpy(col: Any, dtype: Any) -> np.ndarray:

@@ -126,7 +126,7 @@ def load_pools(path: str | Path) -> dict[str, dict[str, list[str]]]:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from pipeline.stages.mine import _member
+    from pipeline.stages.mine import _member, dictionary_codes
 
     path = Path(path)
     if not path.is_file():
@@ -148,8 +148,8 @@ def load_pools(path: str | Path) -> dict[str, dict[str, list[str]]]:
         i = int(np.flatnonzero(~(is_pos | is_neg))[0])
         raise StageError(f"{path}: role {role[i].as_py()!r} for ({qid[i].as_py()}, {pid[i].as_py()}) is neither "
                          f"'pos' nor 'neg'")
-    qvocab, qcode = _codes(qid)
-    pvocab, pcode = _codes(pid)
+    qvocab, qcode = dictionary_codes(qid)
+    pvocab, pcode = dictionary_codes(pid)
     key = qcode.astype(np.int64) * max(len(pvocab), 1) + pcode
     # positives: the first row of each (query, passage), in file order
     pos_rows = np.flatnonzero(is_pos)
@@ -163,7 +163,7 @@ def load_pools(path: str | Path) -> dict[str, dict[str, list[str]]]:
         system = pa.array([""] * n, pa.string())
     rank = pc.fill_null(table.column("rank").cast(pa.float64()), math.inf).to_numpy(zero_copy_only=False) \
         if "rank" in names else np.full(n, math.inf)
-    svocab, scode = _codes(system)
+    svocab, scode = dictionary_codes(system)
     sys_order = _sort_order(svocab)[scode]
     neg_rows = np.flatnonzero(is_neg)
     neg_rows = neg_rows[np.lexsort((rank[neg_rows], sys_order[neg_rows], qcode[neg_rows]))]
@@ -206,12 +206,6 @@ def _collector_paused() -> Iterator[None]:
     finally:
         if was_on:
             gc.enable()
-
-
-def _codes(values: Any) -> tuple[Any, np.ndarray]:
-    """(distinct values, int32 code of each value): codes index the distinct values (one hashing pass)."""
-    encoded = (values.combine_chunks() if hasattr(values, "combine_chunks") else values).dictionary_encode()
-    return encoded.dictionary, encoded.indices.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
 
 
 def _tied(*keys: np.ndarray) -> np.ndarray:
