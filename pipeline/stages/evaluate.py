@@ -477,7 +477,7 @@ class _Dense:
         self.st.counts["corpus_embeddings"] = len(corpus)
         self.facts["embedding_dim"] = dim
 
-    def _encode_corpus_split(self, tmp: Path, marks: Path, store: Any, devices: list[str], dim: int) -> None:
+    def _encode_corpus_split(self, partial: Path, marks: Path, store: Any, devices: list[str], dim: int) -> None:
         """The corpus encode over several devices, one spawned process each on a contiguous range of passages,
         each writing its rows straight into the float16 file (nothing gathered in one process's memory)."""
         import torch.multiprocessing as mp
@@ -486,14 +486,14 @@ class _Dense:
             raise StageError(f"system {self.system['name']!r}: the model states no embedding dimension, which a "
                              f"corpus encode split over {devices} needs; set evaluate.devices=[]")
         n = len(self.corpus)
-        create_embeddings_file(tmp, n, dim, marks)  # here, at its full size: the processes only write rows into it
+        create_embeddings_file(partial, n, dim, marks)  # here, at its full size: the processes only write rows into it
         bounds = np.linspace(0, n, len(devices) + 1).astype(int)
         job = {"model": str(self.system["model"]), "artifacts_root": str(artifacts_root(self.cfg)),
                "max_seq_length": self.cfg.evaluate.max_seq_length, "corpus": str(self.corpus.folder),
                "store": str(store.folder) if store is not None else None, "prompt": self.corpus_prompt,
                "normalize": None if self.dot else True, "batch_tokens": self.cfg.evaluate.batch_tokens,
                "precision": str(self.cfg.evaluate.precision), "chunk": max(1, int(self.cfg.evaluate.corpus_chunk)),
-               "target": str(tmp), "marks": str(marks), "processes": len(devices)}
+               "target": str(partial), "marks": str(marks), "processes": len(devices)}
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_encode_part, args=(job, dev, int(lo), int(hi)), daemon=True)
                  for dev, lo, hi in zip(devices, bounds[:-1], bounds[1:]) if hi > lo]
