@@ -209,8 +209,8 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
         "train": 4.0 + pool_rows * 160 / 1e9 + triplets * 48 / 1e9,
         # + the run of the largest retrieval eval set as {qid: {pid: score}} and trec_eval over it:
         # scripts/bench_eval_metrics.py, 6,980 dev queries x top-1000 -> 1.32 GB over the imports (198 B a result)
-        "evaluate": 2.0 + search_chunk * dim * 4 * 2 / 1e9 + max(
-            [eval_q[n]["queries"] or 0 for n in retrieval_evals] or [0]) * int(cfg.evaluate.k) * 210 / 1e9,
+        "evaluate": 2.0 + search_chunk * dim * 4 * 2 / 1e9
+        + max((eval_q[n]["queries"] or 0 for n in retrieval_evals), default=0) * int(cfg.evaluate.k) * 210 / 1e9,
     }
     def gpu_tokens(value) -> int:  # "auto" is 65,536 on a 40 GB+ GPU (engine.resolve_batch_tokens)
         return 65536 if str(value).lower() == "auto" else int(value)
