@@ -159,6 +159,19 @@ def test_rotation_sampler_walks_epoch_blocks_in_order_without_duplicates():
     assert again == batches                                    # a resume replays the same order
 
 
+def test_the_trainer_s_batch_sampler_follows_train_seed_whether_or_not_the_trainer_passes_a_seed():
+    """sentence-transformers < 6.2 calls a batch-sampler factory with seed=0 whatever its args.seed; 6.2+ passes
+    args.seed (which make_trainer sets to train.seed). Either way the order must be train.seed's."""
+    ds = _triplets(20, blocks=2)
+    want = list(T.RotationBatchSampler(ds, batch_size=8, drop_last=False, seed=7, block_size=20))
+    assert want != list(T.RotationBatchSampler(ds, batch_size=8, drop_last=False, seed=0, block_size=20))
+    factory = T.make_rotation_sampler(20, 1, seed=7)
+    assert list(factory(ds, batch_size=8, drop_last=False, valid_label_columns=None, generator=None)) == want
+    for passed in (0, 7):
+        assert list(factory(ds, batch_size=8, drop_last=False, valid_label_columns=None, generator=None,
+                            seed=passed)) == want
+
+
 # ------------------------------------------------------------------------------------------------ settings
 
 

@@ -333,18 +333,20 @@ def _default_batch_sampler_cls():
     return DefaultBatchSampler
 
 
-def make_rotation_sampler(block_size: int, world_size: int = 1):
+def make_rotation_sampler(block_size: int, world_size: int = 1, seed: int = 0):
     """A `batch_sampler` factory for the trainer: epoch blocks of `block_size` rows, in order, each shuffled
     with the no-duplicates rule (seed + block), so each block is one epoch of the rotation. With several ranks
     the trainer asks for the per-device batch; the batches are drawn at per-device x world_size and cut into one
-    slice per rank (see RotationBatchSampler)."""
-    return functools.partial(_rotation_sampler, block_size=block_size, world_size=int(world_size))
+    slice per rank (see RotationBatchSampler). The order's seed is bound here (train.seed): sentence-transformers
+    before 6.2 calls the factory with seed=0 whatever its args.seed, so the trainer's `seed` argument is ignored."""
+    return functools.partial(_rotation_sampler, block_size=block_size, world_size=int(world_size),
+                             order_seed=int(seed))
 
 
 def _rotation_sampler(dataset, batch_size: int, drop_last: bool, valid_label_columns=None, generator=None,
-                      seed: int = 0, *, block_size: int, world_size: int = 1):
-    return RotationBatchSampler(dataset, batch_size * world_size, drop_last, valid_label_columns, generator, seed,
-                                block_size=block_size, world_size=world_size)
+                      seed: int | None = None, *, block_size: int, world_size: int = 1, order_seed: int):
+    return RotationBatchSampler(dataset, batch_size * world_size, drop_last, valid_label_columns, generator,
+                                order_seed, block_size=block_size, world_size=world_size)
 
 
 class RotationBatchSampler:
@@ -553,7 +555,7 @@ def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, bat
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not device.startswith("cuda"),
-        batch_sampler=make_rotation_sampler(block_size, world),
+        batch_sampler=make_rotation_sampler(block_size, world, seed),
         save_strategy="steps",
         save_steps=max(1, int(save_steps)),
         save_total_limit=save_total_limit,
