@@ -540,10 +540,10 @@ def _build_corpus(source: str, out: Path, repair_encoding: bool, empty_text: str
             batch["title"].append(title)
             batch["text"].append(full)
             if len(batch["id"]) >= 100_000:
-                writer.write_batch(pa.record_batch(batch, schema=schema))
+                writer.write_batch(pa.RecordBatch.from_pydict(batch, schema=schema))
                 batch = {k: [] for k in batch}
         if batch["id"]:
-            writer.write_batch(pa.record_batch(batch, schema=schema))
+            writer.write_batch(pa.RecordBatch.from_pydict(batch, schema=schema))
     n = len(hashes)
     if n == 0:
         raise DataError(source, None, "corpus has no documents")
