@@ -1,6 +1,7 @@
 """Host memory and time of the evaluate stage's metric step at MS MARCO dev scale, without a model: a run of
-`--queries` x `--k` results held as the {qid: {pid: score}} mapping the stage builds, then pipeline.metrics
-(trec_eval's code through ir-measures) over it, as `stage=evaluate` does for a full-corpus retrieval eval set.
+`--queries` x `--k` results held as the {qid: {pid: score}} mapping the stage builds (evaluate.run_from_hits),
+then pipeline.metrics (trec_eval's code through ir-measures) over it, as `stage=evaluate` does for a full-corpus
+retrieval eval set.
 
     python scripts/bench_eval_metrics.py                    # 6,980 dev queries x top-1000
 
@@ -30,6 +31,12 @@ def main() -> None:
     ap.add_argument("--measures", default="RR@10,nDCG@10,R@1000")
     args = ap.parse_args()
     from pipeline import metrics
+    from pipeline.stages.evaluate import run_from_hits
+
+    class NumberedCorpus:  # passage ids "0".."corpus-1": what run_from_hits asks of a Corpus
+        @staticmethod
+        def id_at(rows: np.ndarray) -> list[str]:
+            return rows.astype(str).tolist()
 
     rng = np.random.default_rng(0)
     qids = [str(300_000 + i) for i in range(args.queries)]
@@ -38,9 +45,8 @@ def main() -> None:
     t0 = time.perf_counter()
     idx = rng.integers(0, args.corpus, (args.queries, args.k))
     scores = -np.sort(-rng.random((args.queries, args.k)), axis=1)
-    ids = idx.reshape(-1).astype(str).tolist()
-    run = {q: dict(zip(ids[i * args.k:(i + 1) * args.k], scores[i].tolist())) for i, q in enumerate(qids)}
-    del ids, idx, scores
+    run = run_from_hits(qids, NumberedCorpus(), scores, idx)  # the evaluate stage's own construction
+    del idx, scores
     t1 = time.perf_counter()
     held = rss_anon_mb() - base
     metrics.evaluate_run(qrels, run, args.measures.split(","), missing="zero")
