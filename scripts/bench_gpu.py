@@ -16,8 +16,9 @@ Rows (each baseline measured in the same run as ours):
                      weights; ours see the same batches, so their loss curves are compared
   5. compile         encode and score with compile_layers=True vs eager (compile time, speed, agreement); not in
                      the default rows since the encode and score rows' eager-layers variant measures the same gain
-  6. train_compiled  the packed trainer of row 4 with compiled layers (train.compile_layers, not yet measured on a
-                     GPU; CUDA only), its loss curve against row 4's unpacked one; last, as compiling takes time
+  6. train_compiled  the packed trainer of row 4 with compiled layers (train.compile_layers, the stage's default
+                     since session 12; CUDA only), its loss curve against row 4's unpacked one; last, as compiling
+                     takes time
 On a GPU, rows 1 and 2 time the stages' defaults after one untimed pass (the compile, the caching allocators), and
 the inputs the stages pass for corpora of 100k+ passages: views over a corpus token store (pipeline/tokens.py), with
 the store's build (in process, and with tokeniser processes) and the host side. Then, over the store's view (the
@@ -42,27 +43,21 @@ On a machine without a GPU the same command measures CPU sizes instead (all-Mini
 base-size models, hundreds of texts, a 200k-vector corpus, 8 training steps per trainer: ~25 minutes on 2 cores);
 `--quick` is a smoke test of every row that measures nothing.
 
-Measured on NVIDIA H200s, 2026-11-27 (session 6; torch 2.11.0+cu130, transformers 5.17.0, sentence-transformers
-6.0.1, 16 host cores; bf16 8192^3 matmul 779-799 TFLOP/s; MFU against 989 TFLOP/s). Three runs, each on a fresh
-machine; the full outputs are docs/bench/h200-2026-11-27-run{1,2,3}.txt. The engine is host-bound there, and the
-same configuration measured 26k-44k passages/s depending on the machine and on how far into the process it ran:
-  encode  latest run, stage defaults of that run (compiled layers, 14 tokeniser processes, 131,072 tokens):
-          26,255 passages/s; tokeniser in the GPU process 30,243 (MFU 21.9%); ST encode fp32 default 2,024/s,
-          fp16 batch 256 1,296/s -> 13.0x / 20.3x (14.9x / 23.3x in-process). Best of the session: 43,625 passages/s,
-          MFU 31.6% (compiled layers, 65,536 tokens, run 2, late in the process); eager 36,127 in the same run
-  score   latest run: 15,955 pairs/s (compiled layers fell back to eager on the random model: check fixed since),
-          tokeniser in the GPU process 18,596 (MFU 29.9%); CE.predict fp32 1,580/s, bf16 batch 256 1,792/s ->
-          10.1x / 8.9x. Best: 24,712 pairs/s, MFU 39.8% (compiled layers, run 1; eager 10,902 in that run)
-  search  500k x 8.84M x 768 top-100: 25,345-25,561 queries/s (fp16 GEMM + strided groups of 32 + one merge per
-          query block + fp32 re-score); semantic_search 503-698 q/s on 2,000 queries -> 36.6x-47.0x. One 4096 x
-          262,144 block: GEMM 2.50 ms, grouped top-k 1.57 ms (32), 1.73 (64), 1.92 (128); torch.topk 7.6 ms
-  train   MNRL batch 64, steps 10-40: the stage's trainer packed 1,854-2,349 triplets/s (MFU 8.5-10.7%);
-          SentenceTransformerTrainer bf16 225-305/s -> 7.7x-8.4x; same batches unpacked 737-941/s; loss curves
-          packed vs unpacked: last third within 0.02% in all three runs
-  parity  MiniLM (real weights) bf16, varlen, compiled layers vs ST fp32: cosine min 0.99992; top-10 overlap
-          search-only 0.9997, end to end 0.9927; MiniLM cross-encoder fine-tuned here: Spearman 0.99972-0.99982
-Targets of issue 8 not reached: encode 50k/s at 45% MFU, score 26k/s at 50% MFU, search 30k q/s; training
-2,000 triplets/s reached in two runs of three (the third machine ran every row, baselines too, ~25% slower).
+Measured on NVIDIA H200s, 2026-11-27 (session 12; torch 2.11.0+cu130, transformers 5.17.0, sentence-transformers
+6.0.1, 16 host cores; bf16 8192^3 matmul 780-800 TFLOP/s; MFU against 989 TFLOP/s). Three calls, each on a fresh
+machine; full outputs docs/bench/h200-2026-11-27-s12-run{1,2,3}.txt, figures in docs/results.md:
+  encode  from the token store (the stages' path for 100k+ passages) 55,873-57,278 passages/s, MFU 40.5-41.6%
+          (device alone 55,371, MFU 45.0%); from texts 26,195 (the tokeniser bounds it); ST encode fp32 default
+          1,980/s, fp16 batch 256 1,469/s -> 28.4x / 38.3x from the store
+  score   from the token store 27,402-28,162 pairs/s, MFU 44.1-45.4%; from texts 17,630; CE.predict fp32 1,503/s,
+          bf16 batch 256 1,492/s -> 18.3x / 18.4x from the store
+  search  500k x 8.84M x 768 top-100: 25,450-25,496 queries/s; semantic_search 542-677 q/s -> 37.7x-47.0x
+  train   MNRL batch 64, steps 10-40: compiled layers (the stage default) 2,380-2,676 triplets/s, eager 1,643-1,877;
+          SentenceTransformerTrainer bf16 205-264/s -> 10.1x-11.6x; loss curves within 0.8% of the unpacked one
+  parity  MiniLM (real weights) bf16, varlen, compiled layers vs ST fp32: cosine min 0.99991; top-10 overlap
+          search-only 0.9997, end to end 0.9920; MiniLM cross-encoder fine-tuned here: Spearman 0.99976
+Targets of issue 8 not reached: encode MFU 45% and score MFU 50% (throughputs reached), search 30k q/s.
+Session 6's three runs (before the token store and compiled training): docs/bench/h200-2026-11-27-run{1,2,3}.txt.
 
 CPU figures: see CPU_FIGURES below (2 shared AMD EPYC cores with AVX512-BF16, no GPU, heavily loaded by other
 jobs while measured, so the ratios are noisy).
@@ -860,8 +855,8 @@ class Bench:
     def _train_rows(self, make_trainer, labels: tuple[str, ...]):
         """Trainers from the same initial weights, each of ``labels``: "baseline" (SentenceTransformerTrainer bf16
         defaults), "ours" (the train stage's trainer, packing auto: packed where varlen attention runs),
-        "ours_padded" (packing off), "ours_compiled" (packed, train.compile_layers=true: off by default until a
-        GPU run has measured it). Ours see the same batches in the same order (same data, sampler and seed), so
+        "ours_padded" (packing off), "ours_compiled" (packed, train.compile_layers=true: the stage's default since
+        session 12; "ours" is the same trainer with eager layers). Ours see the same batches in the same order (same data, sampler and seed), so
         their loss curves must agree with the unpacked one up to dropout noise: the "same loss curve" check."""
         import datasets
         from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments

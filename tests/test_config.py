@@ -91,7 +91,8 @@ def test_plan_reads_its_figures_from_a_bench_output(tmp_path):
                       rec("ours (train stage make_trainer)", 2000.0)]}
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"rows": rows, "env": {"device": "NVIDIA H200", "torch": "2.x"}}))
-    base = ["data=msmarco", "model=msmarco_distilbert_v2", f"artifacts_root={tmp_path}", f"plan.bench_json={bench}"]
+    base = ["data=msmarco", "model=msmarco_distilbert_v2", f"artifacts_root={tmp_path}", f"plan.bench_json={bench}",
+            "train.compile_layers=false"]
     est = plan.estimate(compose(base))
     ref = est["gpu_hours"]["pipeline"]["reference_job"]
     assert ref["encode"] == pytest.approx(17683646 / 50000 / 3600, abs=1e-3)
@@ -106,12 +107,16 @@ def test_plan_reads_its_figures_from_a_bench_output(tmp_path):
     assert fp32_hours == pytest.approx(est["work"]["passages_encoded"]["evaluate"] / 5000 / 3600, abs=1e-3)
     texts = plan.estimate(compose([*base, "token_cache=false"]))["gpu_hours"]["pipeline"]["reference_job"]
     assert texts["encode"] == pytest.approx(17683646 / 36000 / 3600, abs=1e-3) and "tokenise" not in texts
-    with pytest.raises(ValueError, match="train: ours_compiled"):  # train.compile_layers: its own row, or none
-        plan.estimate(compose([*base, "train.compile_layers=true"]))
+    # train.compile_layers: its own row where the file has one, else the eager row's figure, said in the source line
+    eager = plan.estimate(compose([*base, "train.compile_layers=true"]))
+    assert eager["gpu_hours"]["pipeline"]["reference_job"]["train"] == ref["train"]
+    assert "no compiled-layers row" in eager["throughput_source"]
     rows["train"].append(rec("ours_compiled (train stage make_trainer (packing auto, compile_layers))", 3000.0))
     bench.write_text(json.dumps({"rows": rows, "env": {"device": "NVIDIA H200", "torch": "2.x"}}))
-    compiled = plan.estimate(compose([*base, "train.compile_layers=true"]))["gpu_hours"]["pipeline"]["reference_job"]
+    compiled_est = plan.estimate(compose([*base, "train.compile_layers=true"]))
+    compiled = compiled_est["gpu_hours"]["pipeline"]["reference_job"]
     assert compiled["train"] == pytest.approx(502939 / 3000 / 3600, abs=1e-3)
+    assert "token store: encode, score)" in compiled_est["throughput_source"]  # nothing said of training
     assert plan.estimate(compose(base))["gpu_hours"]["pipeline"]["reference_job"]["train"] == ref["train"]
     del rows["search"][0]
     bench.write_text(json.dumps({"rows": rows}))
@@ -130,24 +135,36 @@ def test_plan_counts_the_evaluations_encodes_at_their_precision(tmp_path):
     fast = plan.estimate(compose(base))
     assert fast["work"]["passages_encoded"] == {"retrieve": corpus, "evaluate": corpus + 2 * rerank}
     hours = fast["gpu_hours"]["pipeline"]["this_run"]
-    rate = compose(base).plan.pipeline.encode_passages
+    figures = compose(base).plan.pipeline
+    rate = figures.encode_passages_store  # MS MARCO: 100k+ passages, so the stages read a token store
     assert hours["encode"] == pytest.approx((2 * corpus + 2 * rerank) / rate / 3600, abs=1e-3)
+    assert hours["tokenise"] == pytest.approx(corpus / figures.tokenise_passages / 3600, abs=1e-3)
+    texts = plan.estimate(compose([*base, "token_cache=false", "train.compile_layers=false"]))
+    texts_hours = texts["gpu_hours"]["pipeline"]["this_run"]
+    assert texts_hours["encode"] == pytest.approx((2 * corpus + 2 * rerank) / figures.encode_passages / 3600, abs=1e-3)
+    assert "tokenise" not in texts_hours and "token store" not in texts["throughput_source"]
+    assert texts_hours["train"] == pytest.approx(hours["train"] * figures.train_triplets / figures.train_triplets_eager,
+                                                 rel=1e-2)
     exact = plan.estimate(compose([*base, "evaluate.precision=fp32"]))
     assert exact["work"]["passages_encoded"]["evaluate"] == 2 * (corpus + rerank)
     assert fast["fp32_stages"] == [] and exact["fp32_stages"] == ["evaluate"]
     assert "in fp32 (precision=fp32, the exact path" in plan.format_plan(exact)
-    st_fp32 = compose(base).plan.baseline.encode_passages
+    ours_fp32 = figures.encode_passages_fp32
     assert exact["gpu_hours"]["pipeline"]["this_run"]["encode"] == pytest.approx(
+        corpus / rate / 3600 + 2 * (corpus + rerank) / ours_fp32 / 3600, abs=1e-3)
+    st_fp32 = compose(base).plan.baseline.encode_passages  # where ours is not measured: the library's fp32 rate
+    unmeasured = plan.estimate(compose([*base, "evaluate.precision=fp32", "plan.pipeline.encode_passages_fp32=null"]))
+    assert unmeasured["gpu_hours"]["pipeline"]["this_run"]["encode"] == pytest.approx(
         corpus / rate / 3600 + 2 * (corpus + rerank) / st_fp32 / 3600, abs=1e-3)
     measured = plan.estimate(compose([*base, "evaluate.precision=fp32", "plan.pipeline.encode_passages_fp32=6000"]))
     assert measured["gpu_hours"]["pipeline"]["this_run"]["encode"] == pytest.approx(
         corpus / rate / 3600 + 2 * (corpus + rerank) / 6000 / 3600, abs=1e-3)
-    # every stage at fp32 is costed at the library's fp32 rates (encode and cross-encoder)
+    # every stage at fp32 is costed at fp32 rates (ours for encode, the library's for the cross-encoder)
     all_fp32 = plan.estimate(compose([*base, "retrieve.precision=fp32", "score.precision=fp32",
                                       "evaluate.precision=fp32"]))
     assert all_fp32["work"]["passages_encoded"]["evaluate"] == corpus + 2 * rerank  # same dtype again: linked
     assert all_fp32["gpu_hours"]["pipeline"]["this_run"]["encode"] == pytest.approx(
-        (2 * corpus + 2 * rerank) / st_fp32 / 3600, abs=1e-3)
+        (2 * corpus + 2 * rerank) / ours_fp32 / 3600, abs=1e-3)
     assert all_fp32["gpu_hours"]["pipeline"]["this_run"]["score"] == pytest.approx(
         all_fp32["work"]["pairs_scored"] / compose(base).plan.baseline.score_pairs / 3600, abs=1e-3)
     # another truncation than retrieve's: nothing to link
