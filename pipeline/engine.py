@@ -131,8 +131,8 @@ def resolve_precision(precision: str, device) -> torch.dtype | None:
 def resolve_batch_tokens(batch_tokens, device) -> int:
     """Tokens per batch. "auto": 65,536 on GPUs with 40 GB or more, 32,768 on smaller GPUs, 16,384 on the CPU.
     On an H200 the device alone gains nothing past 65,536 (session 3's profile), and the whole engine call did not
-    either: 131,072 tokens (max_batch 4,096) ran at 26.3k passages/s against 25.7k, and 16.0k pairs/s against 16.7k,
-    in one bench run (session 6, docs/bench/h200-2026-11-27-run3.txt)."""
+    either: over a token store, 65,536 / 131,072 / 262,144 tokens encoded 56.5k / 56.7k / 57.3k passages/s and
+    scored 28.0k / 27.7k / 28.2k pairs/s (session 12, docs/bench/h200-2026-11-27-s12-run3.txt)."""
     if batch_tokens is None or str(batch_tokens).lower() == "auto":
         dev = torch.device(device)
         if dev.type != "cuda":
@@ -612,8 +612,9 @@ COMPILE_MIN_ITEMS = 20_000
 def resolve_compile_layers(compile_layers: bool | None, device: torch.device | None = None, n: int = 0) -> bool:
     """None (auto): the PIPELINE_COMPILE_LAYERS environment variable (1/true: on, 0/false: off) where set; else on
     for CUDA jobs of at least ``COMPILE_MIN_ITEMS`` inputs and off elsewhere (on the CPU it gained nothing). On an
-    H200 (session 6) compiled / eager was 2.01x encode and 2.27x score in one bench run, 1.21x and 1.30x in another,
-    about even in a third, never clearly slower; embeddings within cosine 0.99997 of the eager layers."""
+    H200, over a token store (device-bound: session 12), compiled layers were 10% (encode) and 12% (score) faster
+    than eager; from texts (host-bound: session 6) 1.0x-2.3x, never clearly slower; embeddings within cosine 0.99997
+    of the eager layers."""
     if compile_layers is None:
         setting = _env_switch("PIPELINE_COMPILE_LAYERS")
         if setting is not None:
