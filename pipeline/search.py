@@ -136,6 +136,22 @@ def _topk_grouped(S: torch.Tensor, k: int, group: int = _GROUP) -> tuple[torch.T
     return v, cols
 
 
+def _topk_from_group_max(S: torch.Tensor, gmax: torch.Tensor, k: int, group: int
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-k of ``S`` given the maxima of its groups of ``group`` adjacent columns (``gmax``, the last group
+    possibly cut short), as pipeline.kernels computes them in the GEMM's epilogue: the k groups with the largest
+    maxima hold every element of the top k; only their columns are gathered."""
+    qb, C = S.shape
+    if gmax.shape[1] <= k:
+        return torch.topk(S, min(k, C), dim=1)
+    gi = torch.topk(gmax, k, dim=1, sorted=False).indices
+    cols = (gi.unsqueeze(-1) * group + torch.arange(group, device=S.device)).reshape(qb, k * group)
+    inside = cols < C  # the last group's columns past the chunk's end
+    cand = torch.gather(S, 1, cols.clamp(max=C - 1)).masked_fill(~inside, float("-inf"))
+    v, p = torch.topk(cand, k, dim=1)
+    return v, torch.gather(cols, 1, p)
+
+
 def _topk_pruned(S: torch.Tensor, k: int, thr: torch.Tensor, group: int | None = None):
     """Exact top-k of the elements that can still enter a running top-k whose admission threshold is ``thr``
     (the score of the last kept candidate, per row): only the few groups with the largest maxima are examined;
@@ -182,6 +198,13 @@ def _candidates(Qb: torch.Tensor, chunk: torch.Tensor, c0: int, kc: int, method:
                 group: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """A query block's top-``kc`` candidates in one corpus chunk starting at row ``c0``: (float32 scores, corpus
     rows). The score matrix lives only inside this call."""
+    if method == "fused":  # scores and group maxima from one kernel (pipeline/kernels.py)
+        from pipeline import kernels
+
+        group = group or kernels.GROUP
+        S, gmax = kernels.scores_and_group_max(Qb, chunk, group)
+        v, i = _topk_from_group_max(S, gmax, kc, group)
+        return v.float(), i + c0
     v, i = _chunk_topk(Qb @ chunk.T, kc, method, thr, group)
     return v.float(), i + c0
 
@@ -233,7 +256,9 @@ def exact_search(
     candidates' scores in fp32 and re-order. ``topk_method``: "auto" (grouped on CUDA, exact-ties on CPU),
     "grouped", "pruned" (grouped, examining after the first chunk only the groups that can beat the running top-k;
     one host sync per block; 8.8k against 25.6k queries/s for grouped on an H200 in session 12), "topk",
-    "exact_ties"; ``topk_group``: columns per group of "grouped" and "pruned". Ties: broken by lower index exactly on
+    "exact_ties", "fused" (the scores and the maxima of groups of adjacent columns from one Triton kernel,
+    pipeline/kernels.py; CUDA, fp16; not yet measured on a GPU); ``topk_group``: columns per group of "grouped",
+    "pruned" and "fused". Ties: broken by lower index exactly on
     CPU; on CUDA exactly unless more than ``tie_margin`` + 1 corpus rows of one chunk share the k-th score. ``merge``: "once" walks the corpus chunks
     inside each query block and merges all their candidates once per block; "each" merges every chunk's candidates
     into the running top-k (the only order for a streamed corpus, and what "pruned" needs); "auto": "once" where the
@@ -253,6 +278,12 @@ def exact_search(
         return np.zeros((nq, max(k_eff, 0)), np.float32), np.zeros((nq, max(k_eff, 0)), np.int64)
     if topk_method == "auto":
         topk_method = "grouped" if cuda else "exact_ties"
+    if topk_method == "fused":
+        from pipeline import kernels
+
+        if not kernels.available(dev) or cdt != torch.float16:
+            raise ValueError("topk_method='fused' needs Triton, a CUDA device and fp16 scores "
+                             f"(here: device {dev}, dtype {cdt}, Triton {'present' if kernels.triton else 'absent'})")
     keep = min(N, k_eff + (tie_margin if topk_method != "exact_ties" else 0))
 
     # ---- queries on the device

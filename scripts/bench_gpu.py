@@ -128,6 +128,17 @@ def timed(dev, fn, *a, **kw):
     return out, time.perf_counter() - t
 
 
+def ms_per_call(dev, fn, reps: int = 5) -> float:
+    """Milliseconds per call of ``fn()`` over ``reps`` calls, after one untimed call (compiles, allocations)."""
+    fn()
+    sync(dev)
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync(dev)
+    return (time.perf_counter() - t) / reps * 1e3
+
+
 def spearman(a, b) -> float:
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     ra = np.empty_like(a)
@@ -268,9 +279,34 @@ def topk_kw(method: str) -> dict:
     if size:
         kw["corpus_chunk" if size[0] == "c" else "query_chunk"] = int(size[1:])
     name = method.rstrip("0123456789")
-    if name in ("grouped", "pruned") and method[len(name):]:
+    if name in ("grouped", "pruned", "fused") and method[len(name):]:
         return {"topk_method": name, "topk_group": int(method[len(name):]), **kw}
     return {"topk_method": method, **kw}
+
+
+def fused_block(queries: torch.Tensor, chunk: torch.Tensor, scores: torch.Tensor, k: int, gemm_ms: float,
+                reps: int = 5) -> dict:
+    """pipeline/kernels.py's scores + group maxima (groups of 32 adjacent columns) on one block, alone and with the
+    top-k taken from its maxima, checked against the GEMM's scores and the grouped top-k; {"error": ...} where the
+    kernel cannot run (no Triton, or it failed to compile: the search row goes on without it)."""
+    from pipeline import kernels, search
+
+    if not kernels.available(queries.device):
+        return {"error": "Triton or CUDA missing"}
+    try:
+        run = lambda: kernels.scores_and_group_max(queries, chunk, 32)  # noqa: E731
+        both = lambda: search._topk_from_group_max(*run(), k, 32)  # noqa: E731
+        # the first (untimed) call compiles
+        out = {name: ms_per_call(queries.device, fn, reps) for name, fn in (("kernel_ms", run), ("total_ms", both))}
+        fused_scores, _ = run()
+        out["max_abs_diff"] = float((fused_scores.float() - scores.float()).abs().max())
+        ours = torch.sort(both()[1], dim=1).values
+        ref = torch.sort(search._chunk_topk(scores, k, "grouped", group=32)[1], dim=1).values
+        out["same_topk"] = float((ours == ref).float().mean()) > 0.999  # fp16 rounding may swap a tied pair
+        out["gemm_ms"] = gemm_ms
+        return out
+    except Exception as exc:  # a kernel that does not compile here must not cost the rest of the row
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
 
 
 def grouped_parts(S: torch.Tensor, k: int, group: int, reps: int = 5) -> dict[str, float]:
@@ -286,16 +322,7 @@ def grouped_parts(S: torch.Tensor, k: int, group: int, reps: int = 5) -> dict[st
         "gather + top-k of the candidates": lambda: torch.topk(
             torch.gather(S3, 2, gi.unsqueeze(1).expand(qb, group, k)).reshape(qb, group * k), k, dim=1),
     }
-    out = {}
-    for name, fn in passes.items():
-        fn()
-        sync(S.device)
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        sync(S.device)
-        out[name] = (time.perf_counter() - t) / reps * 1e3
-    return out
+    return {name: ms_per_call(S.device, fn, reps) for name, fn in passes.items()}
 
 
 # ------------------------------------------------------------------------------------------------ rows
@@ -741,35 +768,33 @@ class Bench:
         queries = torch.nn.functional.normalize(torch.randn((nq, d), generator=g, device=self.dev), dim=1)
         # top-k strategy on one score block
         if gpu:
-            qb = queries[:4096].half()
-            Sb = qb @ corpus[:262144].T
+            qb, block = queries[:4096].half(), corpus[:262144]
+            Sb = qb @ block.T
             for meth, grp in (("topk", None), ("grouped", 16), ("grouped", 32), ("grouped", 64), ("grouped", 128)):
-                S._chunk_topk(Sb, 108, meth, group=grp)
-                sync(self.dev)
-                t = time.perf_counter()
-                for _ in range(5):
-                    S._chunk_topk(Sb, 108, meth, group=grp)
-                sync(self.dev)
-                ms = (time.perf_counter() - t) / 5 * 1e3
+                ms = ms_per_call(self.dev, lambda: S._chunk_topk(Sb, 108, meth, group=grp))  # noqa: B023
                 self.results.setdefault("search_topk_ms", {})[meth if grp is None else f"{meth}{grp}"] = ms
-            t = time.perf_counter()
-            for _ in range(5):
-                qb @ corpus[:262144].T
-            sync(self.dev)
-            gemm_ms = (time.perf_counter() - t) / 5 * 1e3
+            gemm_ms = ms_per_call(self.dev, lambda: qb @ block.T)
             tk = self.results["search_topk_ms"]
             log(f"  one 4096 x 262144 block: fp16 GEMM {gemm_ms:.2f} ms, torch.topk {tk['topk']:.2f} ms, "
                 + ", ".join(f"{m} {v:.2f} ms" for m, v in tk.items() if m != "topk"))
             parts = grouped_parts(Sb, 108, 32)
             self.results["search_grouped32_parts_ms"] = parts
             log("  grouped32's passes on that block: " + ", ".join(f"{m} {v:.2f} ms" for m, v in parts.items()))
-            del Sb, qb
+            fused = fused_block(qb, block, Sb, 108, gemm_ms)
+            self.results["search_fused32_block"] = fused
+            log("  fused32 (pipeline/kernels.py) on that block: " + (
+                f"scores + group maxima {fused['kernel_ms']:.2f} ms, with the top-k {fused['total_ms']:.2f} ms "
+                f"(GEMM + grouped32: {gemm_ms + tk['grouped32']:.2f}); scores max |diff| vs the GEMM "
+                f"{fused['max_abs_diff']:.2g}, same top-k as grouped32: {fused['same_topk']}"
+                if "error" not in fused else f"unavailable ({fused['error']})"))
+            del Sb, qb, block
             # the two fastest top-k methods on one block, each merged once per query block (the default) and, for
             # the fastest, per chunk (the session-5 order) to show what merging once is worth; the pruned method
             # (per chunk); the fastest with twice the corpus chunk and twice the query block
             fastest = sorted((m for m in tk if m != "topk"), key=tk.get)[:2]
             methods = fastest + [f"{fastest[0]}-each", "pruned32-each"] + (
-                ["topk"] if tk["topk"] < tk[fastest[0]] else []) + [f"{fastest[0]}@c524288", f"{fastest[0]}@q8192"]
+                ["topk"] if tk["topk"] < tk[fastest[0]] else []) + [f"{fastest[0]}@c524288", f"{fastest[0]}@q8192"] + (
+                ["fused32"] if fused.get("same_topk") else [])
         else:
             methods = ["auto"]
         # warm-up, then a probe per top-k method over the whole corpus; the fastest sizes and runs the full job
