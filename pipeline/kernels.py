@@ -40,8 +40,8 @@ if triton is not None:
     def _scores_group_max_kernel(Q, C, S, G, M, N, stride_q, stride_c, stride_s, stride_g,
                                  K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                  BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr, SWIZZLE_M: tl.constexpr):
-        # K (the embedding width) is a compile-time constant: one specialisation per model width, an unrolled loop
-        # tiles in bands of SWIZZLE_M row tiles, so consecutive programs share corpus tiles in L2
+        # K (the embedding width) is a compile-time constant: one specialisation per model width, a loop of known
+        # trip count. Tiles go in bands of SWIZZLE_M row tiles, so consecutive programs share corpus tiles in L2.
         pid = tl.program_id(0)
         tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         band = pid // (SWIZZLE_M * tiles_n)

@@ -258,10 +258,10 @@ def exact_search(
     one host sync per block; 8.8k against 25.6k queries/s for grouped on an H200 in session 12), "topk",
     "exact_ties", "fused" (the scores and the maxima of groups of adjacent columns from one Triton kernel,
     pipeline/kernels.py; CUDA, fp16; not yet measured on a GPU); ``topk_group``: columns per group of "grouped",
-    "pruned" and "fused". Ties: broken by lower index exactly on
-    CPU; on CUDA exactly unless more than ``tie_margin`` + 1 corpus rows of one chunk share the k-th score. ``merge``: "once" walks the corpus chunks
-    inside each query block and merges all their candidates once per block; "each" merges every chunk's candidates
-    into the running top-k (the only order for a streamed corpus, and what "pruned" needs); "auto": "once" where the
+    "pruned" and "fused". Ties: broken by lower index exactly on CPU; on CUDA exactly unless more than
+    ``tie_margin`` + 1 corpus rows of one chunk share the k-th score. ``merge``: "once" walks the corpus chunks inside
+    each query block and merges all their candidates once per block; "each" merges every chunk's candidates into the
+    running top-k (the only order for a streamed corpus, and what "pruned" needs); "auto": "once" where the
     corpus is resident on the device and the method is not "pruned". Both give the same result.
     """
     t_start = time.perf_counter()

@@ -137,8 +137,8 @@ def figures_from_config(p: DictConfig, use_store: bool, compiled_train: bool
     its own) where ``use_store``, the compiled-layers training figure where ``compiled_train``."""
     src = dict(p.pipeline)
     ours = {key: src.get(key) for key in ("encode_passages", "score_pairs", "search_queries", "encode_passages_fp32")}
-    ours["train_triplets"] = src["train_triplets"] if compiled_train else src.get("train_triplets_eager") or src[
-        "train_triplets"]
+    eager_train = src.get("train_triplets_eager") or src["train_triplets"]
+    ours["train_triplets"] = src["train_triplets"] if compiled_train else eager_train
     notes = []
     if use_store and src.get("encode_passages_store") and src.get("tokenise_passages"):
         ours.update(encode_passages=src["encode_passages_store"], tokenise_passages=src["tokenise_passages"],
