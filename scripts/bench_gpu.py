@@ -22,9 +22,9 @@ Rows (each baseline measured in the same run as ours):
 On a GPU, rows 1 and 2 time the stages' defaults after one untimed pass (the compile, the caching allocators), and
 the inputs the stages pass for corpora of 100k+ passages: views over a corpus token store (pipeline/tokens.py), with
 the store's build (in process, and with tokeniser processes) and the host side. Then, over the store's view (the
-device-bound path), one setting changed at a time: eager layers, the feed-forward GELU as its own pass instead of in
-its GEMM's epilogue (compiled and eager), twice the batch (`--variants all`: also tokeniser processes, settled in
-session 6).
+device-bound path) and on half the inputs, the defaults again (the control) and one setting changed at a time:
+eager layers, the feed-forward GELU as its own pass instead of in its GEMM's epilogue (compiled and eager), twice
+the batch (`--variants all`: also tokeniser processes, settled in session 6).
 plus parity checks with all-MiniLM-L6-v2's real weights: embeddings cosine vs ST fp32, cross-encoder Spearman vs
 CrossEncoder.predict fp32 (a MiniLM cross-encoder fine-tuned for a few steps here on the DL20 qrels), top-10
 overlap of our search vs semantic_search.
@@ -271,8 +271,9 @@ def environment(values: dict[str, str]):
 
 def topk_kw(method: str) -> dict:
     """exact_search keywords for a probe name: "grouped128" = grouped top-k over groups of 128 columns, "pruned128"
-    grouped after the first chunk only over the groups that can beat the running top-k; a suffix "-each" merges every corpus chunk's candidates into the running
-    top-k instead of once per query block; "@c524288" / "@q8192" set the corpus chunk / query block."""
+    grouped after the first chunk only over the groups that can beat the running top-k, "fused32" pipeline/kernels.py's
+    scores + maxima of 32-column groups; a suffix "-each" merges every corpus chunk's candidates into the running top-k
+    instead of once per query block; "@c524288" / "@q8192" set the corpus chunk / query block."""
     method, _, size = method.partition("@")
     method, _, merge = method.partition("-")
     kw: dict = {"merge": merge} if merge else {}
@@ -443,7 +444,9 @@ class Bench:
         device-side setting is worth."""
         gpu = self.dev.type == "cuda"
         eager = dict(kw, compile_layers=False)
-        tries = [("eager layers", eager, {})] if kw["compile_layers"] else []
+        # the control: the stage defaults on the same (fewer) inputs, which the headline's figure is not
+        tries = [("stage defaults (control)", kw, {})] if gpu else []
+        tries += [("eager layers", eager, {})] if kw["compile_layers"] else []
         # the pairs (X, X without the fused GELU epilogue) isolate what the fusion is worth
         if gpu and kw["compile_layers"]:
             tries.append(("GELU not fused into its GEMM", kw, {"PIPELINE_FUSE_GELU": "0"}))
