@@ -74,28 +74,58 @@ def _gpu_memory_gb(params_m: float, train: bool, batch_tokens: int, hidden: int 
     return (weights + acts + optim) / 1e9 + 1.0  # + CUDA context
 
 
-#: which bench rows give which plan figure: (row, system-name prefix) for this project and for the library
-_BENCH_ROWS = {
-    "encode_passages": ("encode", "ours (stage defaults", "ST encode fp32 default"),
-    "score_pairs": ("score", "ours (stage defaults", "CE predict fp32 default"),
-    "search_queries": ("search", "ours exact_search", "ST util.semantic_search"),
-    "train_triplets": ("train", "ours (train stage", "baseline (SentenceTransformerTrainer"),
-}
 #: the rows the stages' path for a corpus with a token store (token_cache) is measured by
 _STORE_SYSTEM = "ours, inputs from the token store"
-#: the encode row's fp32 figure (a retrieve or evaluate at precision=fp32)
-_FP32_SYSTEM = "ours fp32"
-#: the training row of the packed trainer with compiled layers (train.compile_layers)
-_COMPILED_TRAIN_SYSTEM = "ours_compiled (train stage"
+#: plan figure -> (bench row, system-name prefix) it is read from: this project's figures, the keys of
+#: conf/plan's `pipeline` (the token store's build, read from two rows, is picked on its own)
+_BENCH_FIGURES = {
+    "encode_passages": ("encode", "ours (stage defaults"),
+    "encode_passages_store": ("encode", _STORE_SYSTEM),
+    "encode_passages_fp32": ("encode", "ours fp32"),  # a retrieve or evaluate at precision=fp32
+    "score_pairs": ("score", "ours (stage defaults"),
+    "score_pairs_store": ("score", _STORE_SYSTEM),
+    "search_queries": ("search", "ours exact_search"),
+    "train_triplets": ("train", "ours_compiled (train stage"),  # train.compile_layers (the default)
+    "train_triplets_eager": ("train", "ours (train stage"),
+}
+#: the library's figures, same rows: conf/plan's `baseline`
+_BENCH_BASELINES = {
+    "encode_passages": ("encode", "ST encode fp32 default"),
+    "score_pairs": ("score", "CE predict fp32 default"),
+    "search_queries": ("search", "ST util.semantic_search"),
+    "train_triplets": ("train", "baseline (SentenceTransformerTrainer"),
+}
+
+
+def choose_figures(figures: dict, use_store: bool, compiled_train: bool) -> tuple[dict[str, Any], list[str]]:
+    """The figures a run is costed at, from a set in conf/plan's `pipeline` layout (from the config or a bench
+    file), and notes for the source line. ``use_store``: the encode and score figures of inputs from a corpus
+    token store (what the stages run where token_cache is on), where the set has them; the store's build is then a
+    step of its own (``tokenise_passages``), since those figures no longer include tokenising. ``compiled_train``
+    (train.compile_layers): the training figure with compiled layers, else the eager one; either stands in for the
+    other where it is missing (a bench run whose time budget skipped the compiled row: a lower bound, said so; a
+    config without an eager figure)."""
+    ours = {key: figures.get(key) for key in ("encode_passages", "score_pairs", "search_queries",
+                                              "encode_passages_fp32")}
+    store_used = []
+    for key, row in (("encode_passages", "encode"), ("score_pairs", "score")):
+        if use_store and figures.get(f"{key}_store"):
+            ours[key] = figures[f"{key}_store"]
+            store_used.append(row)
+    notes = [f"encode/score from the token store: {', '.join(store_used)}"] if store_used else []
+    if store_used:
+        ours["tokenise_passages"] = figures.get("tokenise_passages")
+    compiled, eager = figures.get("train_triplets"), figures.get("train_triplets_eager")
+    ours["train_triplets"] = (compiled or eager) if compiled_train else (eager or compiled)
+    if compiled_train and not compiled and eager:
+        notes.append("train: eager layers' figure (no compiled-layers row in the file)")
+    return ours, notes
 
 
 def figures_from_bench(path: str, use_store: bool, compiled_train: bool = False
                        ) -> tuple[dict[str, float], dict[str, float], str]:
-    """(pipeline figures, baseline figures, source line) from a scripts/bench_gpu.py --out JSON. ``use_store``:
-    the encode and score figures of inputs from a corpus token store (what the stages run where token_cache is
-    on), when the file has them; the store's build is then a step of its own (``tokenise_passages``: the build
-    with tokeniser processes where the file has it), since those figures no longer include tokenising.
-    ``compiled_train`` (train.compile_layers): the training figure of the packed trainer with compiled layers."""
+    """(pipeline figures, baseline figures, source line) from a scripts/bench_gpu.py --out JSON, chosen by
+    :func:`choose_figures` (the token store's build: with tokeniser processes where the file has that row)."""
     import json
 
     doc = json.loads(Path(path).read_text())
@@ -107,44 +137,22 @@ def figures_from_bench(path: str, use_store: bool, compiled_train: bool = False
                 return float(rec["throughput"])
         return None
 
-    ours, base, missing, store_used, notes = {}, {}, [], [], []
-    for key, (row, mine, theirs) in _BENCH_ROWS.items():
-        stored = pick(row, _STORE_SYSTEM) if use_store and row in ("encode", "score") else None
-        compiled = pick(row, _COMPILED_TRAIN_SYSTEM) if key == "train_triplets" and compiled_train else None
-        if key == "train_triplets" and compiled_train and compiled is None:
-            # a run whose time budget skipped the compiled row: the eager figure, a lower bound, said so
-            notes.append("train: eager layers' figure (no compiled-layers row in the file)")
-        ours[key], base[key] = stored or compiled or pick(row, mine), pick(row, theirs)
-        store_used += [row] if stored else []
-        missing += [f"{row}: {who}" for who, v in ((mine, ours[key]), (theirs, base[key])) if v is None]
-    ours["encode_passages_fp32"] = pick("encode", _FP32_SYSTEM)  # optional: older files lack it
-    if store_used:
-        ours["tokenise_passages"] = pick("encode", "token store build, ") or pick("encode", "token store build")
-        missing += [] if ours["tokenise_passages"] else ["encode: token store build"]
+    measured = {key: pick(*where) for key, where in _BENCH_FIGURES.items()}
+    measured["tokenise_passages"] = pick("encode", "token store build, ") or pick("encode", "token store build")
+    base = {key: pick(*where) for key, where in _BENCH_BASELINES.items()}
+    ours, notes = choose_figures(measured, use_store, compiled_train)
+    missing = [f"{row}: {prefix}" for key, (row, prefix) in _BENCH_FIGURES.items()
+               if key in ("encode_passages", "score_pairs", "search_queries") and measured[key] is None]
+    train = ours["train_triplets"] if compiled_train else measured["train_triplets_eager"]
+    missing += [] if train else [f"train: {_BENCH_FIGURES['train_triplets_eager'][1]}"]
+    missing += ["encode: token store build"] if "tokenise_passages" in ours and not ours["tokenise_passages"] else []
+    missing += [f"{row}: {prefix}" for key, (row, prefix) in _BENCH_BASELINES.items() if base[key] is None]
     if missing:
         raise ValueError(f"plan.bench_json={path} lacks the rows {missing}")
     env = doc.get("env", {})
     source = (f"{path} ({env.get('device', '?')}, torch {env.get('torch', '?')}"
-              + (f"; encode/score from the token store: {', '.join(store_used)}" if store_used else "")
               + "".join(f"; {n}" for n in notes) + ")")
     return ours, base, source
-
-
-def figures_from_config(p: DictConfig, use_store: bool, compiled_train: bool
-                        ) -> tuple[dict[str, float], dict[str, float], str]:
-    """(pipeline figures, baseline figures, source line) from conf/plan's own figures, chosen as
-    :func:`figures_from_bench` chooses rows: the token store's encode and score figures (and its build as a step of
-    its own) where ``use_store``, the compiled-layers training figure where ``compiled_train``."""
-    src = dict(p.pipeline)
-    ours = {key: src.get(key) for key in ("encode_passages", "score_pairs", "search_queries", "encode_passages_fp32")}
-    eager_train = src.get("train_triplets_eager") or src["train_triplets"]
-    ours["train_triplets"] = src["train_triplets"] if compiled_train else eager_train
-    notes = []
-    if use_store and src.get("encode_passages_store") and src.get("tokenise_passages"):
-        ours.update(encode_passages=src["encode_passages_store"], tokenise_passages=src["tokenise_passages"],
-                    score_pairs=src.get("score_pairs_store") or src["score_pairs"])
-        notes.append("encode/score from the token store")
-    return ours, dict(p.baseline), str(p.throughput_source) + "".join(f"; {n}" for n in notes)
 
 
 def _gpu_dtype(precision: Any) -> str:
@@ -249,7 +257,8 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     if p.get("bench_json"):
         ours, base, source = figures_from_bench(str(p.bench_json), use_store, compiled_train)
     else:
-        ours, base, source = figures_from_config(p, use_store, compiled_train)
+        ours, notes = choose_figures(dict(p.pipeline), use_store, compiled_train)
+        base, source = dict(p.baseline), str(p.throughput_source) + "".join(f"; {n}" for n in notes)
     figures = {"pipeline": DictConfig(ours), "baseline": DictConfig(base)}
     for which in ("pipeline", "baseline"):
         r = figures[which]
