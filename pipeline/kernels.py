@@ -25,13 +25,16 @@ except ImportError:  # pragma: no cover - exercised where Triton is absent
     triton = None
 
 
+def _interpreting() -> bool:
+    """Triton's CPU interpreter is on (tests): kernels run in numpy, on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def available(device: torch.device | str | None = None) -> bool:
     """Triton importable and ``device`` a CUDA device (or Triton's CPU interpreter switched on, for tests)."""
     if triton is None:
         return False
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return True
-    return device is not None and torch.device(device).type == "cuda"
+    return _interpreting() or (device is not None and torch.device(device).type == "cuda")
 
 
 if triton is not None:
@@ -89,7 +92,7 @@ def scores_and_group_max(queries: torch.Tensor, chunk: torch.Tensor, group: int 
     q, c = queries.contiguous(), chunk.contiguous()
     M, K = q.shape
     N = c.shape[0]
-    tiles = _tiles(os.environ.get("TRITON_INTERPRET") == "1")
+    tiles = _tiles(_interpreting())
     if tiles["BLOCK_N"] % group:
         raise ValueError(f"group {group} must divide the tile width {tiles['BLOCK_N']}")
     scores = torch.empty((M, N), dtype=torch.float16, device=q.device)

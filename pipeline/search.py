@@ -141,15 +141,21 @@ def _topk_from_group_max(S: torch.Tensor, gmax: torch.Tensor, k: int, group: int
     """Exact top-k of ``S`` given the maxima of its groups of ``group`` adjacent columns (``gmax``, the last group
     possibly cut short), as pipeline.kernels computes them in the GEMM's epilogue: the k groups with the largest
     maxima hold every element of the top k; only their columns are gathered."""
-    qb, C = S.shape
+    C = S.shape[1]
     if gmax.shape[1] <= k:
         return torch.topk(S, min(k, C), dim=1)
-    gi = torch.topk(gmax, k, dim=1, sorted=False).indices
-    cols = (gi.unsqueeze(-1) * group + torch.arange(group, device=S.device)).reshape(qb, k * group)
-    inside = cols < C  # the last group's columns past the chunk's end
-    cand = torch.gather(S, 1, cols.clamp(max=C - 1)).masked_fill(~inside, float("-inf"))
+    cand, cols = _group_columns(S, torch.topk(gmax, k, dim=1, sorted=False).indices, group)
     v, p = torch.topk(cand, k, dim=1)
     return v, torch.gather(cols, 1, p)
+
+
+def _group_columns(S: torch.Tensor, gi: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scores and column numbers of the groups ``gi`` [rows, n] of ``group`` adjacent columns of ``S``, each
+    [rows, n * group]; columns past the end (a cut last group) score -inf."""
+    C = S.shape[1]
+    cols = (gi.unsqueeze(-1) * group + torch.arange(group, device=S.device)).flatten(1)
+    inside = cols < C
+    return torch.gather(S, 1, cols.clamp(max=C - 1)).masked_fill(~inside, float("-inf")), cols
 
 
 def _topk_pruned(S: torch.Tensor, k: int, thr: torch.Tensor, group: int | None = None):
@@ -168,8 +174,7 @@ def _topk_pruned(S: torch.Tensor, k: int, thr: torch.Tensor, group: int | None =
     S3 = S[:, :main].view(qb, ng, group)
     gmax = S3.amax(dim=2)
     gv, gi = torch.topk(gmax, kk, dim=1)
-    cand = torch.gather(S3, 1, gi.unsqueeze(-1).expand(qb, kk, group)).reshape(qb, kk * group)
-    cols = (gi.unsqueeze(-1) * group + torch.arange(group, device=S.device)).reshape(qb, kk * group)
+    cand, cols = _group_columns(S, gi, group)
     if main < C:
         cand = torch.cat([cand, S[:, main:]], dim=1)
         cols = torch.cat([cols, torch.arange(main, C, device=S.device).expand(qb, C - main)], dim=1)

@@ -884,8 +884,9 @@ class Bench:
         """Trainers from the same initial weights, each of ``labels``: "baseline" (SentenceTransformerTrainer bf16
         defaults), "ours" (the train stage's trainer, packing auto: packed where varlen attention runs),
         "ours_padded" (packing off), "ours_compiled" (packed, train.compile_layers=true: the stage's default since
-        session 12; "ours" is the same trainer with eager layers). Ours see the same batches in the same order (same data, sampler and seed), so
-        their loss curves must agree with the unpacked one up to dropout noise: the "same loss curve" check."""
+        session 12; "ours" is the same trainer with eager layers). Ours see the same batches in the same order (same
+        data, sampler and seed), so their loss curves must agree with the unpacked one up to dropout noise: the "same
+        loss curve" check."""
         import datasets
         from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
         from transformers import TrainerCallback
@@ -1234,8 +1235,8 @@ class Bench:
 #: seconds a row took on an H200 (session 6 runs; the compiled trainer: its compile, estimated; encode and score plus
 #: an estimate for the fused-GELU variant and the fp32 encode added since): the search row shrinks to leave these to
 #: the rows after it
-ROW_COST_S = {"encode": 85.0, "score": 55.0, "train": 35.0, "parity": 40.0, "search": 30.0, "compile": 30.0, "batch": 100.0,
-              "train_compiled": 60.0}
+ROW_COST_S = {"encode": 85.0, "score": 55.0, "train": 35.0, "parity": 40.0, "search": 30.0, "compile": 30.0,
+              "batch": 100.0, "train_compiled": 60.0}
 
 
 def main(argv=None) -> int:
@@ -1289,7 +1290,8 @@ def run_rows(b: Bench, args) -> int:
         # what the search row (which shrinks to fit) leaves to the rows after it
         b.reserve_s = 15.0 + sum(ROW_COST_S.get(later, 60.0) for later in rows[pos + 1:])
         fn = {"encode": b.row_encode, "score": b.row_score, "search": b.row_search, "train": b.row_train,
-              "parity": b.parity, "compile": b.row_compile, "batch": b.row_batch, "train_compiled": b.row_train_compiled}[name]
+              "parity": b.parity, "compile": b.row_compile, "batch": b.row_batch,
+              "train_compiled": b.row_train_compiled}[name]
         t_row = time.perf_counter()
         try:
             if name == "train" and b.left() < 45:

@@ -46,8 +46,8 @@ def test_kernels_under_the_interpreter():
     if INTERPRETED:
         pytest.skip("already inside the interpreter run")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "interpreted"],
-                         env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                          "-k", "interpreted"], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and re.search(r"\b3 passed", run.stdout), run.stdout[-3000:] + run.stderr[-3000:]
 
 

@@ -524,9 +524,9 @@ def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, bat
     pipeline/packing.py) each batch is one packed forward. The host never waits on the device within a step (the
     trainer's per-step NaN check is off: a NaN loss shows in the logged loss instead of being averaged away).
     AdamW is the library's default, the fused implementation (one kernel per step). `compile_layers`: the packed
-    path's transformer layers compiled with torch.compile (pipeline/packing.py; the stage's default, train.compile_layers,
-    is on: on an H200 at batch 64 it lifted the step from 1,643-1,877 to 2,380-2,676 triplets/s, session 12, where the
-    eager step's 8% MFU said the passes between the matmuls dominate)."""
+    path's transformer layers compiled with torch.compile (pipeline/packing.py; the stage's default,
+    train.compile_layers, is on: on an H200 at batch 64 it lifted the step from 1,643-1,877 to 2,380-2,676
+    triplets/s, session 12, where the eager step's 8% MFU said the passes between the matmuls dominate)."""
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
     from pipeline import distributed
