@@ -353,6 +353,7 @@ class _Prepared:
     compiled: list = field(default_factory=list)  # the layers' compiled call functions (empty: eager)
     compile_checked: bool = False
     fused_gelu: int = 0  # feed-forward GELUs computed in their GEMM's epilogue (fuse_gelu_epilogues)
+    freeze: bool = False  # the compiled layers fold the weights in as constants (resolve_compile_freeze)
 
 
 _PREPARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -415,7 +416,8 @@ def _prepare(hf_model: torch.nn.Module, device: torch.device, dtype: torch.dtype
     """A working copy of the HF model on ``device`` in ``dtype`` with the chosen attention, cached while the
     original's weights are unchanged (fingerprint over data pointers and in-place version counters)."""
     fuse_gelu = resolve_fuse_gelu()
-    key = (str(device), dtype, attention, bool(compile_layers), fuse_gelu)
+    freeze = bool(compile_layers) and resolve_compile_freeze()
+    key = (str(device), dtype, attention, bool(compile_layers), fuse_gelu, freeze)
     fp = _fingerprint(hf_model)
     cache = _PREPARED.setdefault(hf_model, {})
     prep = cache.get(key)
@@ -468,6 +470,7 @@ def _prepare(hf_model: torch.nn.Module, device: torch.device, dtype: torch.dtype
         prep.fused_gelu = fuse_gelu_epilogues(work, device, dtype)
     if compile_layers and not use_autocast:
         _compile_layers(prep)
+        prep.freeze = freeze and bool(prep.compiled)
     cache[key] = prep
     return prep
 
@@ -591,6 +594,28 @@ def resolve_fuse_gelu() -> bool:
     (the CPU computes the exact GELU); on CUDA it moves the GELU into cuBLASLt's epilogue (not yet measured there)."""
     setting = _env_switch("PIPELINE_FUSE_GELU")
     return True if setting is None else setting
+
+
+def resolve_compile_freeze() -> bool:
+    """Whether compiled inference layers are compiled with Inductor's freezing (the PIPELINE_COMPILE_FREEZE
+    environment variable, 1/true: on; off by default until a GPU run shows a gain): the weights become constants of
+    the graph, so Inductor folds them and concatenates the query, key and value projections, which read the same
+    input, into one GEMM of three times the width (one read of the activations instead of three, one launch
+    instead of three). Only graphs compiled without gradients freeze (training is untouched); each layer keeps its
+    own graph (dynamo guards on the weights), and the engine's first-batch check against the eager layers still
+    applies. Measured as a variant by scripts/bench_gpu.py."""
+    return bool(_env_switch("PIPELINE_COMPILE_FREEZE"))
+
+
+def _frozen_compiles(prep: "_Prepared"):
+    """The context of a forward that may compile a layer: Inductor's freezing switched on for it where
+    ``prep.freeze`` (a compile option does not reach that switch, which Inductor reads before applying options);
+    otherwise nothing."""
+    if prep.freeze and prep.compiled:
+        import torch._inductor.config as inductor_config
+
+        return inductor_config.patch(freezing=True)
+    return contextlib.nullcontext()
 
 
 def _env_switch(name: str) -> bool | None:
@@ -1256,7 +1281,8 @@ def _hf_forward(prep: _Prepared, batch: _Batch, dev: dict):
             with torch.autocast(device_type=prep.device.type, dtype=prep.dtype):
                 out = prep.hf(**kwargs, return_dict=True)
         else:
-            out = prep.hf(**kwargs, return_dict=True)
+            with _frozen_compiles(prep):
+                out = prep.hf(**kwargs, return_dict=True)
     finally:
         prep.ctx["packed"] = False
         prep.ctx.pop("rows", None)
@@ -1559,6 +1585,7 @@ class _Runner:
             tokenize_workers=self.tokenize_workers,
             compiled_layers=len(self.prep.compiled),
             fused_gelu=self.prep.fused_gelu,
+            frozen_layers=bool(self.prep.freeze and self.prep.compiled),
             wall_s=time.perf_counter() - t_start,
         )
         return out

@@ -71,18 +71,32 @@ if triton is not None:
         tl.store(G + rm[:, None] * stride_g + rg[None, :], gmax, mask=(rm[:, None] < M) & (rg[None, :] < n_groups))
 
 
-def _tiles(interpret: bool) -> dict:
-    """Tile shape and launch settings: a common Hopper fp16 GEMM tile on a GPU (not yet tuned there); small tiles
-    under the CPU interpreter, which runs each program in numpy."""
-    if interpret:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, SWIZZLE_M=2)
-    return dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, SWIZZLE_M=8, num_warps=8, num_stages=3)
+#: tile shapes and launch settings scripts/bench_gpu.py's search row times on one block (Hopper fp16 GEMM tiles
+#: whose pipelined shared-memory buffers fit in an H100/H200's 227 KB); the first is the default
+GPU_TILE_CHOICES = (
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, SWIZZLE_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, SWIZZLE_M=8, num_warps=8, num_stages=4),
+    dict(BLOCK_M=256, BLOCK_N=128, BLOCK_K=64, SWIZZLE_M=8, num_warps=8, num_stages=3),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SWIZZLE_M=8, num_warps=8, num_stages=4),
+    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, SWIZZLE_M=8, num_warps=4, num_stages=4),
+    dict(BLOCK_M=64, BLOCK_N=256, BLOCK_K=64, SWIZZLE_M=8, num_warps=4, num_stages=4),
+)
+#: the tiles a GPU call uses when given none (not yet tuned on a GPU: the bench's sweep shows the fastest)
+GPU_TILES = GPU_TILE_CHOICES[0]
+_INTERPRETER_TILES = dict(BLOCK_M=32, BLOCK_N=64, BLOCK_K=32, SWIZZLE_M=2)  # numpy runs each program: small tiles
 
 
-def scores_and_group_max(queries: torch.Tensor, chunk: torch.Tensor, group: int = GROUP
+def tile_name(tiles: dict) -> str:
+    """A short label of a tile setting: "128x256x64 w8 s3"."""
+    return (f"{tiles['BLOCK_M']}x{tiles['BLOCK_N']}x{tiles['BLOCK_K']} w{tiles.get('num_warps', 4)} "
+            f"s{tiles.get('num_stages', 3)}")
+
+
+def scores_and_group_max(queries: torch.Tensor, chunk: torch.Tensor, group: int = GROUP, tiles: dict | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores [q, n] fp16 = queries @ chunk.T, group maxima [q, ceil(n / group)] fp16: the maximum of columns
-    g * group .. g * group + group - 1, the last group cut at n). Both inputs fp16, rows contiguous."""
+    g * group .. g * group + group - 1, the last group cut at n). Both inputs fp16, rows contiguous. ``tiles``: one
+    of ``GPU_TILE_CHOICES`` (default ``GPU_TILES``; small fixed tiles under Triton's interpreter)."""
     if not available(queries.device):
         raise RuntimeError("kernels.scores_and_group_max needs Triton and a CUDA device")
     if queries.dtype != torch.float16 or chunk.dtype != torch.float16:
@@ -92,7 +106,7 @@ def scores_and_group_max(queries: torch.Tensor, chunk: torch.Tensor, group: int 
     q, c = queries.contiguous(), chunk.contiguous()
     M, K = q.shape
     N = c.shape[0]
-    tiles = _tiles(_interpreting())
+    tiles = dict(tiles or (_INTERPRETER_TILES if _interpreting() else GPU_TILES))
     if tiles["BLOCK_N"] % group:
         raise ValueError(f"group {group} must divide the tile width {tiles['BLOCK_N']}")
     scores = torch.empty((M, N), dtype=torch.float16, device=q.device)

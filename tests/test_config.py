@@ -139,6 +139,9 @@ def test_plan_counts_the_evaluations_encodes_at_their_precision(tmp_path):
     rate = figures.encode_passages_store  # MS MARCO: 100k+ passages, so the stages read a token store
     assert hours["encode"] == pytest.approx((2 * corpus + 2 * rerank) / rate / 3600, abs=1e-3)
     assert hours["tokenise"] == pytest.approx(corpus / figures.tokenise_passages / 3600, abs=1e-3)
+    # a roberta bi-encoder and the electra cross-encoder read the corpus with two tokenizers: two stores
+    roberta = plan.estimate(compose(["experiment=v3_roberta", f"artifacts_root={tmp_path}"]))
+    assert roberta["gpu_hours"]["pipeline"]["this_run"]["tokenise"] == pytest.approx(2 * hours["tokenise"], abs=2e-3)
     texts = plan.estimate(compose([*base, "token_cache=false", "train.compile_layers=false"]))
     texts_hours = texts["gpu_hours"]["pipeline"]["this_run"]
     assert texts_hours["encode"] == pytest.approx((2 * corpus + 2 * rerank) / figures.encode_passages / 3600, abs=1e-3)

@@ -404,6 +404,56 @@ def test_compiled_layers_match_eager(minilm, minilm_ref, passages):
     engine._PREPARED.clear()
 
 
+def test_frozen_compiles_switch_inductor_freezing_for_the_layers_only(monkeypatch, minilm, minilm_ref, passages):
+    """PIPELINE_COMPILE_FREEZE=1: the compiled layers run (and so compile) with Inductor's freezing on, and only
+    they: it is off again after the forward, and off inside the layers when the switch is unset."""
+    import torch._inductor.config as inductor_config
+
+    seen = []
+
+    def spy(layer):
+        def impl(*args, **kwargs):
+            seen.append(inductor_config.freezing)
+            return layer._call_impl(*args, **kwargs)
+        return impl
+
+    for setting, want in (("1", True), (None, False)):
+        if setting is None:
+            monkeypatch.delenv("PIPELINE_COMPILE_FREEZE", raising=False)
+        else:
+            monkeypatch.setenv("PIPELINE_COMPILE_FREEZE", setting)
+        _fake_compiled(monkeypatch, spy)
+        seen.clear()
+        ours = engine.encode_texts(minilm, passages[:16], precision="fp32", show_progress=False, compile_layers=True)
+        assert seen and set(seen) == {want}
+        assert engine.LAST_RUN["frozen_layers"] is want and inductor_config.freezing is False
+        assert _cos(ours, minilm_ref[:16]).min() >= 0.9999
+    engine._PREPARED.clear()
+
+
+@pytest.mark.slow
+def test_frozen_compiled_layers_match_eager(monkeypatch, minilm, minilm_ref, passages):
+    """The real freezing compile (~25 s): Inductor's freezing compiler runs for the layers, embeddings unchanged."""
+    from torch._inductor import compile_fx
+
+    calls = []
+    real = compile_fx.fw_compiler_freezing
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compile_fx, "fw_compiler_freezing", counting)
+    monkeypatch.setenv("PIPELINE_COMPILE_FREEZE", "1")
+    engine._PREPARED.clear()
+    ours = engine.encode_texts(minilm, passages[:64], precision="fp32", show_progress=False, compile_layers=True,
+                               batch_tokens=1200)
+    assert engine.LAST_RUN["compiled_layers"] == minilm[0].auto_model.config.num_hidden_layers
+    assert engine.LAST_RUN["frozen_layers"] is True and calls
+    assert _cos(ours, minilm_ref[:64]).min() >= 0.9999
+    engine._PREPARED.clear()
+
+
 def test_agreement_check_for_single_scores():
     """The first-batch check (varlen vs padded, compiled vs eager): 5% of the largest logit, 0.05 absolute floor."""
     ref = torch.tensor([[8.0], [-3.0], [0.5]])

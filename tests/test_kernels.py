@@ -4,6 +4,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -48,7 +49,7 @@ def test_kernels_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                           "-k", "interpreted"], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and re.search(r"\b3 passed", run.stdout), run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.returncode == 0 and re.search(r"\b4 passed", run.stdout), run.stdout[-3000:] + run.stderr[-3000:]
 
 
 @inside_interpreter
@@ -64,6 +65,11 @@ def test_interpreted_kernel_scores_and_group_maxima_match_torch():
     assert scores.shape == (37, 201) and gmax.shape == (37, 7)
     torch.testing.assert_close(scores, ref, atol=2e-3, rtol=0)
     torch.testing.assert_close(gmax, _group_max(scores, 32), atol=0, rtol=0)  # the stored scores' own maxima
+    # another tile shape (as the bench's sweep passes them; a band of 3 row tiles that the 37 rows cut short)
+    other = interpreted.scores_and_group_max(q, c, group=32, tiles=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16,
+                                                                        SWIZZLE_M=3))
+    torch.testing.assert_close(other[0], scores, atol=2e-3, rtol=0)
+    torch.testing.assert_close(other[1], _group_max(other[0], 32), atol=0, rtol=0)
     with pytest.raises(TypeError, match="fp16"):
         interpreted.scores_and_group_max(q.float(), c.float())
     with pytest.raises(ValueError, match="divide"):
@@ -84,10 +90,39 @@ def test_interpreted_fused_search_equals_brute_force():
 
 
 @inside_interpreter
+def test_interpreted_bench_sweep_picks_a_tile_and_checks_the_selection(monkeypatch):
+    """scripts/bench_gpu.py's fused-kernel block (otherwise only run on a GPU): every tile setting timed, the
+    fastest kept for the rest of the run, the top-k found exact although ties make indices differ."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import bench_gpu
+
+    monkeypatch.setattr(kernels, "GPU_TILES", kernels.GPU_TILES)
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(64, 32), dim=1).half()
+    c = torch.nn.functional.normalize(torch.randn(600, 32), dim=1).half()
+    out = bench_gpu.fused_block(q, c, (q.float() @ c.float().T).half(), 10, 0.0, reps=1)
+    assert set(out["tiles_ms"]) == {kernels.tile_name(t) for t in kernels.GPU_TILE_CHOICES} and not out["tiles_failed"]
+    assert out["tiles"] == min(out["tiles_ms"], key=out["tiles_ms"].get) == kernels.tile_name(kernels.GPU_TILES)
+    assert out["same_topk"] is True and out["max_abs_diff"] <= 2e-3
+    assert 0.5 < out["same_index_share_vs_grouped32"] <= 1.0
+
+
+@inside_interpreter
 def test_interpreted_kernel_input_checks():
     q = torch.zeros((4, 8), dtype=torch.float16)
     with pytest.raises(ValueError, match="do not match"):
         kernels.scores_and_group_max(q, torch.zeros((5, 6), dtype=torch.float16))
+
+
+def test_gpu_tile_choices_fit_a_hopper_multiprocessor():
+    """Every tile the bench sweeps holds whole 32-column groups, and its pipelined shared-memory buffers (fp16 query
+    and corpus tiles, one per stage) fit in the 227 KB an H100/H200 block may use."""
+    assert kernels.GPU_TILES in kernels.GPU_TILE_CHOICES
+    for t in kernels.GPU_TILE_CHOICES:
+        assert t["BLOCK_N"] % kernels.GROUP == 0, kernels.tile_name(t)
+        smem = (t["BLOCK_M"] * t["BLOCK_K"] + t["BLOCK_K"] * t["BLOCK_N"]) * 2 * t["num_stages"]
+        assert smem <= 227 * 1024, kernels.tile_name(t)
+    assert kernels.tile_name(kernels.GPU_TILE_CHOICES[0]) == "128x256x64 w8 s3"
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter runs Triton kernels on the CPU")

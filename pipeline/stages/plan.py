@@ -275,8 +275,9 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
             "score": _hours(pairs, score_rate),
             "train": _hours(triplets, r.train_triplets / float(p.bi_encoder_cost_factor)),
         }
-        if r.get("tokenise_passages"):  # the token store's build, once per corpus (the stages share it)
-            hours["tokenise"] = _hours(corpus if sum(encode.values()) or pairs else 0, r.tokenise_passages)
+        if r.get("tokenise_passages"):  # the token stores' builds: once per corpus and tokenizer (stages share them)
+            hours["tokenise"] = _hours(corpus * int(p.corpus_tokenizers) if sum(encode.values()) or pairs else 0,
+                                       r.tokenise_passages)
         hours["total"] = sum(hours.values())
         reference = {
             "encode": _hours(ref.passages_encoded, r.encode_passages),
