@@ -308,6 +308,15 @@ def main() -> int:
     bench = B.Bench(args)
     if a.limit:
         bench.passages = bench.passages[: a.limit]
+    try:
+        return _rows(bench, a)
+    finally:  # the models the rows save (1-2 GB a run)
+        import shutil
+
+        shutil.rmtree(bench.tmp, ignore_errors=True)
+
+
+def _rows(bench, a) -> int:
     result: dict = {"env": bench.results["env"]}
     for row in a.rows.split(","):
         t = time.perf_counter()

@@ -125,6 +125,35 @@ def test_merging_once_per_query_block_equals_merging_every_chunk(method):
         S.exact_search(q, c, 3, device="cpu", merge="sometimes", show_progress=False)
 
 
+@pytest.mark.parametrize("method", ["grouped", "exact_ties"])
+def test_few_candidates_per_chunk_give_the_same_top_k(method):
+    """chunk_keep: each chunk gives only its top 8; queries whose top k one chunk holds more of (a cluster of
+    near copies in one chunk, ties across chunks) are searched again, so the result equals brute force and the
+    full-keep search, scores and order included; queries spread over the chunks are not searched again."""
+    rng = np.random.default_rng(12)
+    c = _unit(rng, 4000, 16)
+    c[900:912] = c[905] + 0.01 * _unit(rng, 12, 16)  # 12 near copies in the third 400-row chunk
+    c[900:912] /= np.linalg.norm(c[900:912], axis=1, keepdims=True)
+    c[2500:2509] = c[40]  # ties with row 40 in a later chunk: the lower index must win
+    q = np.concatenate([_unit(rng, 30, 16), c[905:906], c[40:41]])
+    ref_s, ref_i = _brute(q, c, 10)
+    full = S.exact_search(q, torch.from_numpy(c), 10, device="cpu", corpus_chunk=400, query_chunk=8,
+                          topk_method=method, merge="once", show_progress=False)
+    assert S.LAST_SEARCH["queries_redone"] == 0
+    s, i = S.exact_search(q, torch.from_numpy(c), 10, device="cpu", corpus_chunk=400, query_chunk=8,
+                          topk_method=method, merge="once", chunk_keep=8, show_progress=False)
+    assert S.LAST_SEARCH["chunk_keep"] == 8
+    np.testing.assert_array_equal(i, ref_i)
+    np.testing.assert_array_equal(i, full[1])
+    np.testing.assert_allclose(s, full[0], atol=1e-6)  # a re-searched block of other size: BLAS rounding
+    redone = S.LAST_SEARCH["queries_redone"]
+    assert 2 <= redone < len(q) // 4  # the cluster's and the tie's queries at least; not every query
+    # ten chunks cannot give the top 100 at 8 each: every chunk then keeps all it needs
+    S.exact_search(q, torch.from_numpy(c), 100, device="cpu", corpus_chunk=400, topk_method=method, merge="once",
+                   chunk_keep=8, show_progress=False)
+    assert S.LAST_SEARCH["chunk_keep"] >= 100 and S.LAST_SEARCH["queries_redone"] == 0
+
+
 @pytest.mark.parametrize("method", ["grouped", "pruned", "topk"])
 def test_gpu_topk_methods_exact(monkeypatch, method):
     monkeypatch.setattr(S, "_GROUP", 8)
@@ -220,3 +249,23 @@ def test_memmap_1m_x_768_stays_under_4gb(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     maxrss_kb = int(proc.stdout.strip().splitlines()[-1])
     assert maxrss_kb < 4 * 2**20, maxrss_kb
+
+
+def test_bench_probe_names_reach_exact_search():
+    """scripts/bench_gpu.py's search probes are named; each name must mean the exact_search keywords it claims."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_gpu import topk_kw
+
+    assert topk_kw("grouped32") == {"topk_method": "grouped", "topk_group": 32}
+    assert topk_kw("grouped32-each") == {"topk_method": "grouped", "topk_group": 32, "merge": "each"}
+    assert topk_kw("fused32/16@q8192") == {"topk_method": "fused", "topk_group": 32, "chunk_keep": 16,
+                                           "query_chunk": 8192}
+    assert topk_kw("grouped16/16@c524288") == {"topk_method": "grouped", "topk_group": 16, "chunk_keep": 16,
+                                               "corpus_chunk": 524288}
+    assert topk_kw("topk") == {"topk_method": "topk"}
+    rng = np.random.default_rng(4)
+    c, q = _unit(rng, 3000, 16), _unit(rng, 9, 16)
+    s, i = S.exact_search(q, torch.from_numpy(c), 5, device="cpu", corpus_chunk=500, show_progress=False,
+                          **topk_kw("grouped8/4"))
+    assert S.LAST_SEARCH["chunk_keep"] == 4 and S.LAST_SEARCH["topk_method"] == "grouped"
+    np.testing.assert_array_equal(i, _brute(q, c, 5)[1])
