@@ -118,6 +118,12 @@ def test_plan_reads_its_figures_from_a_bench_output(tmp_path):
     assert compiled["train"] == pytest.approx(502939 / 3000 / 3600, abs=1e-3)
     assert "token store: encode, score)" in compiled_est["throughput_source"]  # nothing said of training
     assert plan.estimate(compose(base))["gpu_hours"]["pipeline"]["reference_job"]["train"] == ref["train"]
+    # a file without the store's build rows: its from-texts rows, said so (store rates leave the tokenising out)
+    unbuilt = dict(rows, encode=[r for r in rows["encode"] if not r["system"].startswith("token store build")])
+    bench.write_text(json.dumps({"rows": unbuilt}))
+    est_unbuilt = plan.estimate(compose(base))
+    assert est_unbuilt["gpu_hours"]["pipeline"]["reference_job"]["encode"] == pytest.approx(texts["encode"], abs=1e-6)
+    assert "no token-store build figure" in est_unbuilt["throughput_source"]
     del rows["search"][0]
     bench.write_text(json.dumps({"rows": rows}))
     with pytest.raises(ValueError, match="search: ours exact_search"):
@@ -146,6 +152,11 @@ def test_plan_counts_the_evaluations_encodes_at_their_precision(tmp_path):
     texts_hours = texts["gpu_hours"]["pipeline"]["this_run"]
     assert texts_hours["encode"] == pytest.approx((2 * corpus + 2 * rerank) / figures.encode_passages / 3600, abs=1e-3)
     assert "tokenise" not in texts_hours and "token store" not in texts["throughput_source"]
+    # store figures without the store's build rate: costed from texts (the tokenising is not free), and said so
+    nobuild = plan.estimate(compose([*base, "plan.pipeline.tokenise_passages=null"]))
+    nobuild_hours = nobuild["gpu_hours"]["pipeline"]["this_run"]
+    assert nobuild_hours["encode"] == pytest.approx(texts_hours["encode"], abs=1e-6) and "tokenise" not in nobuild_hours
+    assert "no token-store build figure" in nobuild["throughput_source"]
     assert texts_hours["train"] == pytest.approx(hours["train"] * figures.train_triplets / figures.train_triplets_eager,
                                                  rel=1e-2)
     exact = plan.estimate(compose([*base, "evaluate.precision=fp32"]))
