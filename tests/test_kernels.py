@@ -54,39 +54,43 @@ def test_kernels_under_the_interpreter():
 
 @inside_interpreter
 def test_interpreted_kernel_scores_and_group_maxima_match_torch():
-    interpreted = kernels
-    # shapes off every tile multiple: rows, columns and the inner dimension all end in partial tiles
+    """Each kernel (pointer loads; TMA loads and stores, one tile per program or persistent) on shapes off every
+    tile multiple: rows, columns and the inner dimension all end in partial tiles."""
     torch.manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(37, 48), dim=1).half()
     c = torch.nn.functional.normalize(torch.randn(201, 48), dim=1).half()
     c[192:] = -q[0]  # the cut last group (columns 192-200) all negative for query 0: padding must not win its max
-    scores, gmax = interpreted.scores_and_group_max(q, c, group=32)
     ref = (q.float() @ c.float().T).half()
-    assert scores.shape == (37, 201) and gmax.shape == (37, 7)
-    torch.testing.assert_close(scores, ref, atol=2e-3, rtol=0)
-    torch.testing.assert_close(gmax, _group_max(scores, 32), atol=0, rtol=0)  # the stored scores' own maxima
-    # another tile shape (as the bench's sweep passes them; a band of 3 row tiles that the 37 rows cut short)
-    other = interpreted.scores_and_group_max(q, c, group=32, tiles=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16,
-                                                                        SWIZZLE_M=3))
-    torch.testing.assert_close(other[0], scores, atol=2e-3, rtol=0)
-    torch.testing.assert_close(other[1], _group_max(other[0], 32), atol=0, rtol=0)
+    # the default interpreter tiles, then each kernel with a band of 3 row tiles that the 37 rows cut short
+    settings = [None] + [dict(kernel=k, BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SWIZZLE_M=3) for k in kernels._KERNELS]
+    for tiles in settings:
+        scores, gmax = kernels.scores_and_group_max(q, c, group=32, tiles=tiles)
+        assert scores.shape == (37, 201) and gmax.shape == (37, 7), tiles
+        torch.testing.assert_close(scores, ref, atol=2e-3, rtol=0)
+        torch.testing.assert_close(gmax, _group_max(scores, 32), atol=0, rtol=0)  # the stored scores' own maxima
     with pytest.raises(TypeError, match="fp16"):
-        interpreted.scores_and_group_max(q.float(), c.float())
+        kernels.scores_and_group_max(q.float(), c.float())
     with pytest.raises(ValueError, match="divide"):
-        interpreted.scores_and_group_max(q, c, group=48)
+        kernels.scores_and_group_max(q, c, group=48)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        kernels.scores_and_group_max(q, c, tiles=dict(settings[1], kernel="wgmma"))
+    with pytest.raises(ValueError, match="divisible by 8"):  # TMA rows must be 16-byte multiples
+        kernels.scores_and_group_max(q[:, :44].contiguous(), c[:, :44].contiguous(), tiles=settings[2])
 
 
 @inside_interpreter
-def test_interpreted_fused_search_equals_brute_force():
+def test_interpreted_fused_search_equals_brute_force(monkeypatch):
     rng = np.random.default_rng(5)
     c = rng.standard_normal((700, 32)).astype(np.float32)
     c /= np.linalg.norm(c, axis=1, keepdims=True)
     q = c[[3, 350, 699]] + 0.01 * rng.standard_normal((3, 32)).astype(np.float32)
     ref = np.argsort(-(q @ c.T), axis=1, kind="stable")[:, :10]
-    s, i = S.exact_search(q, torch.from_numpy(c).half(), 10, device="cpu", dtype="fp16", topk_method="fused",
-                          corpus_chunk=300, query_chunk=2, rescore=True, show_progress=False)
-    np.testing.assert_array_equal(i, ref)  # fp32 re-scoring restores the exact order
-    assert S.LAST_SEARCH["topk_method"] == "fused"
+    for kind in kernels._KERNELS:  # the TMA kernels' scores are views of row-padded buffers
+        monkeypatch.setattr(kernels, "_INTERPRETER_TILES", dict(kernels._INTERPRETER_TILES, kernel=kind))
+        s, i = S.exact_search(q, torch.from_numpy(c).half(), 10, device="cpu", dtype="fp16", topk_method="fused",
+                              corpus_chunk=300, query_chunk=2, rescore=True, show_progress=False)
+        np.testing.assert_array_equal(i, ref)  # fp32 re-scoring restores the exact order
+        assert S.LAST_SEARCH["topk_method"] == "fused"
 
 
 @inside_interpreter
@@ -115,14 +119,51 @@ def test_interpreted_kernel_input_checks():
 
 
 def test_gpu_tile_choices_fit_a_hopper_multiprocessor():
-    """Every tile the bench sweeps holds whole 32-column groups, and its pipelined shared-memory buffers (fp16 query
-    and corpus tiles, one per stage) fit in the 227 KB an H100/H200 block may use."""
+    """Every tile the bench sweeps names a kernel, holds whole 32-column groups, and its pipelined shared-memory
+    buffers (fp16 query and corpus tiles, one per stage, and for the TMA kernels the score tile they store from)
+    fit in the 227 KB an H100/H200 block may use."""
     assert kernels.GPU_TILES in kernels.GPU_TILE_CHOICES
+    assert {t["kernel"] for t in kernels.GPU_TILE_CHOICES} == set(kernels._KERNELS)
     for t in kernels.GPU_TILE_CHOICES:
         assert t["BLOCK_N"] % kernels.GROUP == 0, kernels.tile_name(t)
         smem = (t["BLOCK_M"] * t["BLOCK_K"] + t["BLOCK_K"] * t["BLOCK_N"]) * 2 * t["num_stages"]
+        smem += t["BLOCK_M"] * t["BLOCK_N"] * 2 if t["kernel"].startswith("tma") else 0
         assert smem <= 227 * 1024, kernels.tile_name(t)
-    assert kernels.tile_name(kernels.GPU_TILE_CHOICES[0]) == "128x256x64 w8 s3"
+    assert kernels.tile_name(kernels.GPU_TILE_CHOICES[0]) == "pointer 128x256x64 w8 s3"
+    assert len({kernels.tile_name(t) for t in kernels.GPU_TILE_CHOICES}) == len(kernels.GPU_TILE_CHOICES)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="the interpreter runs Triton kernels on the CPU")
+def test_gpu_kernels_compile_for_hopper(tmp_path, monkeypatch):
+    """Every tile setting the bench sweeps compiles ahead of time for an H100/H200 (sm_90: no GPU needed), with
+    the 16-divisible pointers and sizes of a search block as Triton's launcher specialises them: tensor-core
+    (wgmma) GEMMs, the TMA kernels through bulk tensor copies, the pointer kernels' loads pipelined (cp.async), and
+    shared memory within the 227 KB a block may use. The interpreter runs none of this."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    for tiles in kernels.GPU_TILE_CHOICES:
+        t = dict(tiles)
+        kind, warps, stages = t.pop("kernel"), t.pop("num_warps"), t.pop("num_stages")
+        fn = kernels._scores_group_max_kernel if kind == "pointer" else kernels._scores_group_max_tma_kernel
+        blocks = {"q_desc": (t["BLOCK_M"], t["BLOCK_K"]), "c_desc": (t["BLOCK_N"], t["BLOCK_K"]),
+                  "s_desc": (t["BLOCK_M"], t["BLOCK_N"])}
+        consts = dict(K=768, GROUP_N=32, **t, **({} if kind == "pointer" else
+                                                 {"TILES": 256 if kind == "tma_persistent" else 1}))
+        sig = {}
+        for name in fn.arg_names:
+            sig[name] = ("constexpr" if name in consts else f"tensordesc<fp16[{blocks[name][0]},{blocks[name][1]}]>"
+                         if name in blocks else "*fp16" if name in "QCSG" else "i32")
+        divisible = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                     if sig[name] in ("*fp16", "i32") and name != "N"}  # the last chunk's N need not be
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=divisible),
+                                  target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+        ptx, name = compiled.asm["ptx"], kernels.tile_name(tiles)
+        assert "wgmma" in ptx, name
+        assert ("cp.async.bulk.tensor" in ptx) if kind != "pointer" else ("cp.async.cg" in ptx), name
+        assert compiled.metadata.shared <= 232448, (name, compiled.metadata.shared)
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter runs Triton kernels on the CPU")
