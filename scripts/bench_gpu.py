@@ -23,10 +23,10 @@ On a GPU, rows 1 and 2 time the stages' defaults after one untimed pass (the com
 the inputs the stages pass for corpora of 100k+ passages: views over a corpus token store (pipeline/tokens.py), with
 the store's build (in process, and with tokeniser processes) and the host side. Then, over the store's view (the
 device-bound path) and on half the inputs, the defaults again (the control) and one setting changed at a time:
-eager layers, the feed-forward GELU as its own pass instead of in its GEMM's epilogue, the compiled layers with
-frozen weights (Inductor's freezing: one GEMM for the query, key and value projections; not yet a default)
-(`--variants all`: also the eager layers without the fused GELU and twice the batch, settled in session 12, and
-tokeniser processes, settled in session 6).
+eager layers, the compiled layers with frozen weights (Inductor's freezing: one GEMM for the query, key and value
+projections; not yet a default), padded length-sorted batches with SDPA attention instead of packed flash varlen
+(`--variants all`: also the feed-forward GELU as its own pass instead of in its GEMM's epilogue, compiled and eager,
+and twice the batch, settled in session 12, and tokeniser processes, settled in session 6).
 plus parity checks with all-MiniLM-L6-v2's real weights: embeddings cosine vs ST fp32, cross-encoder Spearman vs
 CrossEncoder.predict fp32 (a MiniLM cross-encoder fine-tuned for a few steps here on the DL20 qrels), top-10
 overlap of our search vs semantic_search.
@@ -474,14 +474,17 @@ class Bench:
         # the control: the stage defaults on the same (fewer) inputs, which the headline's figure is not
         tries = [("stage defaults (control)", kw, {})] if gpu else []
         tries += [("eager layers", eager, {})] if kw["compile_layers"] else []
-        # the pairs (X, X without the fused GELU epilogue) isolate what the fusion is worth
         if gpu and kw["compile_layers"]:
-            tries.append(("GELU not fused into its GEMM", kw, {"PIPELINE_FUSE_GELU": "0"}))
             # not yet a default: Inductor's freezing, which makes the query, key and value projections one GEMM
             tries.append(("compiled with frozen weights (one QKV GEMM)", kw, {"PIPELINE_COMPILE_FREEZE": "1"}))
+        if gpu:  # padded batches (length-sorted: little padding) with the library's SDPA kernels instead of flash
+            #      varlen, whose 128-row tiles are a third empty for ~90-token texts
+            tries.append(("padded attention (SDPA, length-sorted batches)", dict(kw, attention="padded"), {}))
         if not gpu:
             tries.append(("GELU not fused into its GEMM", eager, {"PIPELINE_FUSE_GELU": "0"}))
         if gpu and self.args.variants == "all":  # settled in session 12 (fusion +8%; batch x2 within 2%)
+            # the pairs (X, X without the fused GELU epilogue) isolate what the fusion is worth
+            tries.append(("GELU not fused into its GEMM", kw, {"PIPELINE_FUSE_GELU": "0"}))
             tries.append(("eager layers, GELU not fused into its GEMM", eager, {"PIPELINE_FUSE_GELU": "0"}))
             tries.append((f"batch_tokens {kw['batch_tokens'] * 2} (max_batch {kw['max_batch'] * 2})",
                           dict(kw, batch_tokens=kw["batch_tokens"] * 2, max_batch=kw["max_batch"] * 2), {}))
@@ -1295,8 +1298,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", default="encode,score,train,parity,search,train_compiled")
     ap.add_argument("--variants", choices=("default", "all"), default="default",
                     help="GPU variants of the encode and score rows: default (the stage defaults as a control, "
-                         "with eager layers, without the fused GELU epilogue, with frozen compiled weights) or all "
-                         "(also eager without the fused GELU, twice the batch, tokeniser processes)")
+                         "with eager layers, with frozen compiled weights, with padded attention) or all (also "
+                         "without the fused GELU epilogue, compiled and eager, twice the batch, tokeniser processes)")
     ap.add_argument("--train-steps", type=int, default=None,
                     help="optimizer steps per trainer in the training row (default 60 on a GPU, 8 on the CPU)")
     ap.add_argument("--budget-s", type=float, default=None,
