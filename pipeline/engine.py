@@ -469,6 +469,7 @@ def _prepare(hf_model: torch.nn.Module, device: torch.device, dtype: torch.dtype
     if fuse_gelu and not use_autocast:  # before compiling: the compiled layers then call the fused GEMMs
         prep.fused_gelu = fuse_gelu_epilogues(work, device, dtype)
     if compile_layers and not use_autocast:
+        prep.freeze = freeze
         _compile_layers(prep)
         prep.freeze = freeze and bool(prep.compiled)
     cache[key] = prep
@@ -484,16 +485,17 @@ def _encoder_layers(hf: torch.nn.Module) -> list[torch.nn.Module]:
     return []
 
 
-def compile_encoder_layers(hf: torch.nn.Module, backend: str | Callable = "inductor") -> list:
+def compile_encoder_layers(hf: torch.nn.Module, backend: str | Callable = "inductor", options: dict | None = None
+                           ) -> list:
     """torch.compile each transformer layer of ``hf`` in place (dynamic shapes: one graph for every batch size and
     length; compiled lazily by the first call). Returns the layers' compiled call functions, [] where no layer can
     be compiled (nothing is changed then). Used for inference (:func:`_compile_layers`) and training
-    (pipeline/packing.py)."""
+    (pipeline/packing.py). ``options``: Inductor options; graphs compiled with other options are not reused."""
     layers = _encoder_layers(hf)
     if not layers or not all(hasattr(layer, "_compiled_call_impl") for layer in layers):
         return []
     for layer in layers:
-        layer.compile(dynamic=True, backend=backend)
+        layer.compile(dynamic=True, backend=backend, **({"options": options} if options else {}))
     return [layer._compiled_call_impl for layer in layers]
 
 
@@ -502,7 +504,10 @@ def _compile_layers(prep: _Prepared) -> None:
     and GELUs between the matmuls run fused instead of as separate passes over the activations (29% of encode time
     on an H200, scripts/profile_gpu.py); checked against the eager layers on the first batch (see
     _Runner._forward)."""
-    compiled = compile_encoder_layers(prep.hf)
+    # frozen graphs under options of their own: dynamo reuses a layer's graph for another copy of the layer
+    # (the weights are inputs) when the compile options agree, so a process that compiled the layers unfrozen
+    # would otherwise keep running those graphs (the freezing switch itself is _frozen_compiles)
+    compiled = compile_encoder_layers(prep.hf, options={"freezing": True} if prep.freeze else None)
     if not compiled:
         log.warning("engine: compile_layers: no transformer layers found to compile; running eagerly")
         return
