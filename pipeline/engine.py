@@ -354,6 +354,7 @@ class _Prepared:
     compile_checked: bool = False
     fused_gelu: int = 0  # feed-forward GELUs computed in their GEMM's epilogue (fuse_gelu_epilogues)
     freeze: bool = False  # the compiled layers fold the weights in as constants (resolve_compile_freeze)
+    first_token_ffn: bool = False  # the last layer's feed-forward runs on each text's first token only
 
 
 _PREPARED: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -412,12 +413,13 @@ def _repad_hook(prep: _Prepared):
 
 
 def _prepare(hf_model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None, attention: str,
-             compile_layers: bool = False) -> _Prepared:
+             compile_layers: bool = False, first_token_head: bool = False) -> _Prepared:
     """A working copy of the HF model on ``device`` in ``dtype`` with the chosen attention, cached while the
     original's weights are unchanged (fingerprint over data pointers and in-place version counters)."""
     fuse_gelu = resolve_fuse_gelu()
     freeze = bool(compile_layers) and resolve_compile_freeze()
-    key = (str(device), dtype, attention, bool(compile_layers), fuse_gelu, freeze)
+    first_token = bool(first_token_head) and resolve_first_token_ffn()
+    key = (str(device), dtype, attention, bool(compile_layers), fuse_gelu, freeze, first_token)
     fp = _fingerprint(hf_model)
     cache = _PREPARED.setdefault(hf_model, {})
     prep = cache.get(key)
@@ -448,6 +450,9 @@ def _prepare(hf_model: torch.nn.Module, device: torch.device, dtype: torch.dtype
         work.eval()
         for p in work.parameters():
             p.requires_grad_(False)
+    ctx: dict = {}
+    # checked on the model's own attention, before the packed (varlen) one that needs packed inputs
+    pruned = first_token and not use_autocast and prune_last_feed_forward(work, ctx, device)
     attn = "model"
     if want_varlen and _set_attn(work, VARLEN_ATTN_NAME):
         attn = "varlen"
@@ -463,6 +468,8 @@ def _prepare(hf_model: torch.nn.Module, device: torch.device, dtype: torch.dtype
         accepts_token_type_ids="token_type_ids" in fwd_params,
         pos_offset=_pos_offset(work),
         fingerprint=fp,
+        ctx=ctx,
+        first_token_ffn=pruned,
     )
     if attn == "varlen":
         prep.hook_handle = _find_encoder(work).register_forward_hook(_repad_hook(prep))
@@ -590,6 +597,69 @@ def unfuse_gelu_epilogues(hf: torch.nn.Module) -> int:
                 setattr(module, act_name, fused.replaced_act)
                 undone += 1
     return undone
+
+
+def resolve_first_token_ffn() -> bool:
+    """Whether a cross-encoder's last layer runs its feed-forward block on each text's first token only
+    (:func:`prune_last_feed_forward`): the PIPELINE_FIRST_TOKEN_FFN environment variable (1/true: on, 0/false:
+    off) where set, else on."""
+    setting = _env_switch("PIPELINE_FIRST_TOKEN_FFN")
+    return True if setting is None else setting
+
+
+def _first_token_feed_forward(ctx: dict, original: Callable) -> Callable:
+    """The last layer's feed-forward applied to the first token of each text only, the other rows passed through
+    unchanged: packed batches [1, T, H] by the starts of the texts (``ctx["first"]``, set per batch by
+    :func:`_hf_forward`), padded [B, L, H] by column 0."""
+
+    def feed_forward(attention_output: torch.Tensor) -> torch.Tensor:
+        if ctx.get("packed"):
+            first = ctx["first"]
+            return attention_output.index_copy(1, first, original(attention_output.index_select(1, first)))
+        return torch.cat([original(attention_output[:, :1]), attention_output[:, 1:]], dim=1)
+
+    return feed_forward
+
+
+def prune_last_feed_forward(hf: torch.nn.Module, ctx: dict, device: torch.device) -> bool:
+    """For a model whose head reads only each text's first token (the sequence-classification heads of BERT,
+    ELECTRA, RoBERTa and MiniLM cross-encoders), run the last transformer layer's feed-forward block (its two
+    largest GEMMs, two thirds of the layer's matmul work) on that token only: the other tokens' outputs of the last
+    layer feed nothing. Saves ~5.5% of electra-base's matmul work (12 layers), ~11% of a 6-layer MiniLM's. Only for
+    layers that apply their feed-forward through an unchunked ``feed_forward_chunk`` (BERT-family layers); checked
+    on random texts of several lengths against the unpruned model (logits within 1e-3 of their largest, else
+    undone). ``ctx``: the prepared model's per-batch context (packed batches' first-token positions). Returns
+    whether the last layer was pruned."""
+    layers = _encoder_layers(hf)
+    last = layers[-1] if layers else None
+    if last is None or not callable(getattr(last, "feed_forward_chunk", None)) or \
+            getattr(last, "chunk_size_feed_forward", 0) or "feed_forward_chunk" in vars(last):
+        return False
+    cfg = getattr(hf, "config", None)
+    vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+    if vocab < 10:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    lens = torch.tensor([16, 9, 5, 12])
+    ids = torch.randint(5, vocab, (4, 16), generator=gen)
+    mask = (torch.arange(16)[None, :] < lens[:, None]).to(torch.int64)
+
+    def logits() -> torch.Tensor:
+        with torch.inference_mode():
+            out = hf(input_ids=ids.to(device), attention_mask=mask.to(device), return_dict=True)
+        return (out["logits"] if isinstance(out, dict) or hasattr(out, "keys") else out[0]).float()
+
+    try:
+        ref = logits()
+        last.feed_forward_chunk = _first_token_feed_forward(ctx, last.feed_forward_chunk)
+        got = logits()
+        ok = bool((got - ref).abs().max() <= 1e-3 * max(float(ref.abs().max()), 1.0))
+    except Exception as exc:
+        log.debug("engine: cannot prune the last feed-forward: %s", exc)
+        ok = False
+    if not ok and "feed_forward_chunk" in vars(last):
+        del last.feed_forward_chunk  # back to the class's method
+    return ok
 
 
 def resolve_fuse_gelu() -> bool:
@@ -1274,7 +1344,7 @@ def _hf_forward(prep: _Prepared, batch: _Batch, dev: dict):
         kwargs["cu_seq_lens_k"] = dev["cu"]
         kwargs["max_length_q"] = L
         kwargs["max_length_k"] = L
-        prep.ctx.update(packed=True, B=B, L=L, rows=dev["rows"], cols=dev["cols"])
+        prep.ctx.update(packed=True, B=B, L=L, rows=dev["rows"], cols=dev["cols"], first=dev["cu"][:-1].long())
     else:
         prep.ctx["packed"] = False
         if prep.attn == "sdpa":
@@ -1292,6 +1362,7 @@ def _hf_forward(prep: _Prepared, batch: _Batch, dev: dict):
         prep.ctx["packed"] = False
         prep.ctx.pop("rows", None)
         prep.ctx.pop("cols", None)
+        prep.ctx.pop("first", None)
     return out, mask2d
 
 
@@ -1314,7 +1385,8 @@ class _Runner:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = resolve_precision(precision, self.device)
         self.prep = _prepare(hf_model, self.device, self.dtype, attention,
-                             resolve_compile_layers(compile_layers, self.device, len(items)))
+                             resolve_compile_layers(compile_layers, self.device, len(items)),
+                             first_token_head=kind == "pairs")
         cfg_max_pos = getattr(getattr(hf_model, "config", None), "max_position_embeddings", None)
         max_positions = (cfg_max_pos - self.prep.pos_offset) if cfg_max_pos else None
         tok = getattr(_transformer_module(model), "tokenizer", None) or getattr(model, "tokenizer", None)
@@ -1591,6 +1663,7 @@ class _Runner:
             compiled_layers=len(self.prep.compiled),
             fused_gelu=self.prep.fused_gelu,
             frozen_layers=bool(self.prep.freeze and self.prep.compiled),
+            first_token_ffn=self.prep.first_token_ffn,
             wall_s=time.perf_counter() - t_start,
         )
         return out

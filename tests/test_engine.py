@@ -274,6 +274,52 @@ def test_packed_path_score(packed_on_cpu, tiny_ce, passages):
     assert _spearman(ours, ref) >= 0.995
 
 
+def test_first_token_feed_forward_gives_the_same_scores(monkeypatch, tiny_ce, passages):
+    """The cross-encoder's last layer runs its feed-forward on each text's first token only: scores equal the
+    unpruned model's (fp32, padded and packed batches), and the caller's model is untouched."""
+    qs = _queries()
+    pairs = [(qs[i % len(qs)], p) for i, p in enumerate(passages)]
+    monkeypatch.setenv("PIPELINE_FIRST_TOKEN_FFN", "0")
+    engine._PREPARED.clear()
+    full = engine.score_pairs(tiny_ce, pairs, precision="fp32", show_progress=False, batch_tokens=2000)
+    assert engine.LAST_RUN["first_token_ffn"] is False
+    monkeypatch.delenv("PIPELINE_FIRST_TOKEN_FFN")
+    engine._PREPARED.clear()
+    pruned = engine.score_pairs(tiny_ce, pairs, precision="fp32", show_progress=False, batch_tokens=2000)
+    assert engine.LAST_RUN["first_token_ffn"] is True
+    np.testing.assert_allclose(pruned, full, atol=1e-5, rtol=1e-5)
+    assert "feed_forward_chunk" not in vars(engine._encoder_layers(tiny_ce.model)[-1])
+    # packed batches (the CUDA path, reference kernel): the texts' first tokens found from cu_seq_lens
+    monkeypatch.setattr(engine, "_VARLEN_FN", _reference_varlen)
+    monkeypatch.setattr(engine, "varlen_available", lambda device: engine._register_varlen())
+    monkeypatch.setattr(engine, "_flash_device", lambda t: True)
+    monkeypatch.setenv("PIPELINE_FIRST_TOKEN_FFN", "0")
+    engine._PREPARED.clear()
+    packed_full = engine.score_pairs(tiny_ce, pairs, precision="bf16", show_progress=False, batch_tokens=2000)
+    monkeypatch.delenv("PIPELINE_FIRST_TOKEN_FFN")
+    engine._PREPARED.clear()
+    packed = engine.score_pairs(tiny_ce, pairs, precision="bf16", show_progress=False, batch_tokens=2000)
+    assert engine.LAST_RUN["attention"] == "varlen" and engine.LAST_RUN["first_token_ffn"] is True
+    spread = float(np.abs(packed_full).max())
+    np.testing.assert_allclose(packed, packed_full, atol=2e-2 * spread)  # bf16 (varlen needs half precision)
+    assert _spearman(packed, full) >= 0.995
+    engine._PREPARED.clear()
+
+
+def test_first_token_feed_forward_left_out_where_the_head_reads_other_tokens(tiny_ce):
+    """A head that reads more than the first token (here: the mean over tokens) disagrees on the random check,
+    so the last layer keeps its full feed-forward."""
+    import copy
+
+    work = copy.deepcopy(tiny_ce.model).eval()
+    first = engine.prune_last_feed_forward(work, {}, torch.device("cpu"))
+    assert first is True  # BERT's classification head reads [CLS] only
+    mean_head = copy.deepcopy(tiny_ce.model).eval()
+    mean_head.bert.pooler.forward = lambda hidden: torch.tanh(mean_head.bert.pooler.dense(hidden.mean(1)))
+    assert engine.prune_last_feed_forward(mean_head, {}, torch.device("cpu")) is False
+    assert "feed_forward_chunk" not in vars(engine._encoder_layers(mean_head)[-1])
+
+
 def test_tokeniser_processes_match_in_process(tiny_ce, minilm, passages):
     """Tokenising in worker processes (what a GPU run does with large inputs) gives the same tokens, type ids and
     order as tokenising in this process: identical fp32 outputs, over several chunks tokenised ahead."""
