@@ -306,6 +306,27 @@ def test_first_token_feed_forward_gives_the_same_scores(monkeypatch, tiny_ce, pa
     engine._PREPARED.clear()
 
 
+def test_first_token_feed_forward_for_cls_pooled_bi_encoders(monkeypatch, minilm, passages):
+    """A bi-encoder pooled by [CLS] alone gets the same pruning, with the same embeddings as the library's encode;
+    mean pooling (all-MiniLM-L6-v2's own) reads every token and keeps the full last layer."""
+    import copy
+
+    from pipeline.demo import _st_modules
+
+    body = copy.deepcopy(minilm[0])
+    pooling = _st_modules()[1](minilm[1].get_sentence_embedding_dimension(), pooling_mode="cls")
+    cls_model = st.SentenceTransformer(modules=[body, pooling], device="cpu")
+    assert engine._pools_first_token_only(cls_model) and not engine._pools_first_token_only(minilm)
+    ref = cls_model.encode(passages[:24], convert_to_numpy=True)
+    engine._PREPARED.clear()
+    ours = engine.encode_texts(cls_model, passages[:24], precision="fp32", show_progress=False, batch_tokens=1500)
+    assert engine.LAST_RUN["first_token_ffn"] is True
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    engine.encode_texts(minilm, passages[:8], precision="fp32", show_progress=False)
+    assert engine.LAST_RUN["first_token_ffn"] is False
+    engine._PREPARED.clear()
+
+
 def test_first_token_feed_forward_left_out_where_the_head_reads_other_tokens(tiny_ce):
     """A head that reads more than the first token (here: the mean over tokens) disagrees on the random check,
     so the last layer keeps its full feed-forward."""
