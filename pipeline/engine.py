@@ -476,8 +476,7 @@ def _prepare(hf_model: torch.nn.Module, device: torch.device, dtype: torch.dtype
     if fuse_gelu and not use_autocast:  # before compiling: the compiled layers then call the fused GEMMs
         prep.fused_gelu = fuse_gelu_epilogues(work, device, dtype)
     if compile_layers and not use_autocast:
-        prep.freeze = freeze
-        _compile_layers(prep)
+        _compile_layers(prep, freeze)
         prep.freeze = freeze and bool(prep.compiled)
     cache[key] = prep
     return prep
@@ -506,7 +505,7 @@ def compile_encoder_layers(hf: torch.nn.Module, backend: str | Callable = "induc
     return [layer._compiled_call_impl for layer in layers]
 
 
-def _compile_layers(prep: _Prepared) -> None:
+def _compile_layers(prep: _Prepared, freeze: bool = False) -> None:
     """Compiled transformer layers (:func:`compile_encoder_layers`), so the residual adds, LayerNorms, bias adds
     and GELUs between the matmuls run fused instead of as separate passes over the activations (29% of encode time
     on an H200, scripts/profile_gpu.py); checked against the eager layers on the first batch (see
@@ -514,7 +513,7 @@ def _compile_layers(prep: _Prepared) -> None:
     # frozen graphs under options of their own: dynamo reuses a layer's graph for another copy of the layer
     # (the weights are inputs) when the compile options agree, so a process that compiled the layers unfrozen
     # would otherwise keep running those graphs (the freezing switch itself is _frozen_compiles)
-    compiled = compile_encoder_layers(prep.hf, options={"freezing": True} if prep.freeze else None)
+    compiled = compile_encoder_layers(prep.hf, options={"freezing": True} if freeze else None)
     if not compiled:
         log.warning("engine: compile_layers: no transformer layers found to compile; running eagerly")
         return
@@ -626,7 +625,7 @@ def _pools_first_token_only(model) -> bool:
     msmarco-bert-base-dot-v5), under the pooling_mode of sentence-transformers 6.x or the older boolean flags."""
     for module in list(model)[1:] if _transformer_module(model) is not None else []:
         modes = getattr(module, "pooling_mode", None)
-        if isinstance(modes, str) or isinstance(modes, (tuple, list)):
+        if isinstance(modes, (str, tuple, list)):
             return tuple([modes] if isinstance(modes, str) else modes) == ("cls",)
         if hasattr(module, "pooling_mode_cls_token"):
             flags = [bool(getattr(module, name)) for name in dir(module) if name.startswith("pooling_mode_")
@@ -637,13 +636,13 @@ def _pools_first_token_only(model) -> bool:
 
 def prune_last_feed_forward(hf: torch.nn.Module, ctx: dict, device: torch.device) -> bool:
     """For a model whose head reads only each text's first token (the sequence-classification heads of BERT,
-    ELECTRA, RoBERTa and MiniLM cross-encoders; a bi-encoder pooled by [CLS] alone), run the last transformer layer's feed-forward block (its two
-    largest GEMMs, two thirds of the layer's matmul work) on that token only: the other tokens' outputs of the last
-    layer feed nothing. Saves ~5.5% of electra-base's matmul work (12 layers), ~11% of a 6-layer MiniLM's. Only for
-    layers that apply their feed-forward through an unchunked ``feed_forward_chunk`` (BERT-family layers); checked
-    on random texts of several lengths against the unpruned model (logits within 1e-3 of their largest, else
-    undone). ``ctx``: the prepared model's per-batch context (packed batches' first-token positions). Returns
-    whether the last layer was pruned."""
+    ELECTRA, RoBERTa and MiniLM cross-encoders; a bi-encoder pooled by [CLS] alone), run the last transformer
+    layer's feed-forward block (its two largest GEMMs, two thirds of the layer's matmul work) on that token only:
+    the other tokens' outputs of the last layer feed nothing. Saves ~5.5% of electra-base's matmul work (12
+    layers), ~11% of a 6-layer MiniLM's. Only for layers that apply their feed-forward through an unchunked
+    ``feed_forward_chunk`` (BERT-family layers); checked on random texts of several lengths against the unpruned
+    model (logits within 1e-3 of their largest, else undone). ``ctx``: the prepared model's per-batch context
+    (packed batches' first-token positions). Returns whether the last layer was pruned."""
     layers = _encoder_layers(hf)
     last = layers[-1] if layers else None
     if last is None or not callable(getattr(last, "feed_forward_chunk", None)) or \
@@ -1358,7 +1357,9 @@ def _hf_forward(prep: _Prepared, batch: _Batch, dev: dict):
         kwargs["cu_seq_lens_k"] = dev["cu"]
         kwargs["max_length_q"] = L
         kwargs["max_length_k"] = L
-        prep.ctx.update(packed=True, B=B, L=L, rows=dev["rows"], cols=dev["cols"], first=dev["cu"][:-1].long())
+        prep.ctx.update(packed=True, B=B, L=L, rows=dev["rows"], cols=dev["cols"])
+        if prep.first_token_ffn:  # the texts' first tokens, for the pruned last feed-forward
+            prep.ctx["first"] = dev["cu"][:-1].long()
     else:
         prep.ctx["packed"] = False
         if prep.attn == "sdpa":

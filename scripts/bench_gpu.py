@@ -25,8 +25,9 @@ the store's build (in process, and with tokeniser processes) and the host side. 
 device-bound path) and on half the inputs, the defaults again (the control) and one setting changed at a time:
 eager layers, the compiled layers with frozen weights (Inductor's freezing: one GEMM for the query, key and value
 projections; not yet a default), padded length-sorted batches with SDPA attention instead of packed flash varlen,
-and for scoring the last layer's feed-forward on every token instead of on each pair's first token (`--variants all`: also the feed-forward GELU as its own pass instead of in its GEMM's epilogue, compiled and eager,
-and twice the batch, settled in session 12, and tokeniser processes, settled in session 6).
+and for scoring the last layer's feed-forward on every token instead of on each pair's first token
+(`--variants all`: also the feed-forward GELU as its own pass instead of in its GEMM's epilogue, compiled and
+eager, and twice the batch, settled in session 12, and tokeniser processes, settled in session 6).
 plus parity checks with all-MiniLM-L6-v2's real weights: embeddings cosine vs ST fp32, cross-encoder Spearman vs
 CrossEncoder.predict fp32 (a MiniLM cross-encoder fine-tuned for a few steps here on the DL20 qrels), top-10
 overlap of our search vs semantic_search.
@@ -319,9 +320,9 @@ def fused_block(queries: torch.Tensor, chunk: torch.Tensor, scores: torch.Tensor
         both = lambda: search._topk_from_group_max(*run(), k, 32)  # noqa: E731
         out = {"tiles_ms": sweep, "tiles_failed": failed, "tiles": best_name, "kernel_ms": sweep[best_name],
                "total_ms": ms_per_call(queries.device, both, reps)}
-        fused_scores, _ = run()
+        fused_scores, gmax = run()
         out["max_abs_diff"] = float((fused_scores.float() - scores.float()).abs().max())
-        v, i = both()
+        v, i = search._topk_from_group_max(fused_scores, gmax, k, 32)
         # exact selection: the values of a full top-k of the kernel's own scores (indices may differ at ties: in fp16,
         # 26 of 128 random unit queries over 262,144 columns held a tie at their 108th value); and scores as accurate
         # as cuBLAS's (fp32 accumulation in a different order: an fp16 rounding step apart at most)
@@ -467,9 +468,9 @@ class Bench:
     def variants(self, row: str, fn, model, items, kw: dict, flops_per_item: float, unit: str,
                  source: str = "texts") -> None:
         """The same job with one setting changed at a time, to show what each default is worth (on the CPU only the
-        fused GELU's and, for scoring, the first-token feed-forward's). On a GPU ``items`` is the token-store view (``source`` "token store"): from texts the job is
-        bound by the host's tokenising (session 12: 26k passages/s against 56k from the store), which hides what a
-        device-side setting is worth."""
+        fused GELU's and, for scoring, the first-token feed-forward's). On a GPU ``items`` is the token-store view
+        (``source`` "token store"): from texts the job is bound by the host's tokenising (session 12: 26k passages/s
+        against 56k from the store), which hides what a device-side setting is worth."""
         gpu = self.dev.type == "cuda"
         eager = dict(kw, compile_layers=False)
         # the control: the stage defaults on the same (fewer) inputs, which the headline's figure is not
@@ -586,6 +587,12 @@ class Bench:
         gc.collect()
         if self.dev.type == "cuda":
             torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        """Remove the temporary folder of the models the rows save (1-2 GB a run)."""
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     # ---------------------------------------------------------------------------------------- encode
     def build_distilbert(self):
@@ -1332,10 +1339,8 @@ def main(argv=None) -> int:
     b = Bench(args)
     try:
         return run_rows(b, args)
-    finally:  # the models the rows save (1-2 GB a run)
-        import shutil
-
-        shutil.rmtree(b.tmp, ignore_errors=True)
+    finally:
+        b.close()
 
 
 def run_rows(b: Bench, args) -> int:

@@ -310,10 +310,8 @@ def main() -> int:
         bench.passages = bench.passages[: a.limit]
     try:
         return _rows(bench, a)
-    finally:  # the models the rows save (1-2 GB a run)
-        import shutil
-
-        shutil.rmtree(bench.tmp, ignore_errors=True)
+    finally:
+        bench.close()
 
 
 def _rows(bench, a) -> int:

@@ -421,7 +421,7 @@ def test_compile_layers_auto_is_on_for_large_cuda_jobs_only(monkeypatch):
 def _fake_compiled(monkeypatch, make_impl):
     """compile_layers with stand-in compiled call functions (no inductor run): make_impl(layer) -> callable."""
 
-    def fake(prep):
+    def fake(prep, freeze=False):
         prep.compiled = [make_impl(layer) for layer in engine._encoder_layers(prep.hf)]
         engine._use_compiled(prep, True)
 
