@@ -306,6 +306,27 @@ def test_first_token_feed_forward_gives_the_same_scores(monkeypatch, tiny_ce, pa
     engine._PREPARED.clear()
 
 
+@pytest.mark.slow
+def test_first_token_feed_forward_in_compiled_packed_layers(packed_on_cpu, monkeypatch, tiny_ce, passages):
+    """What a CUDA scoring job runs by default, here with Inductor's CPU backend (~80 s of compiling): compiled
+    layers, packed batches of changing shapes and the pruned last feed-forward, whose per-batch first-token
+    positions the compiled last layer reads. The compiled layers pass their check against the eager ones (they
+    stay on) and the scores equal the eager, unpruned model's within bf16 noise."""
+    qs = _queries()
+    pairs = [(qs[i % len(qs)], p) for i, p in enumerate(passages)] * 3
+    monkeypatch.setenv("PIPELINE_FIRST_TOKEN_FFN", "0")
+    full = engine.score_pairs(tiny_ce, pairs, precision="bf16", show_progress=False, batch_tokens=900)
+    monkeypatch.delenv("PIPELINE_FIRST_TOKEN_FFN")
+    engine._PREPARED.clear()
+    ours = engine.score_pairs(tiny_ce, pairs, precision="bf16", show_progress=False, batch_tokens=900,
+                              compile_layers=True)
+    run = engine.LAST_RUN
+    assert run["attention"] == "varlen" and run["first_token_ffn"] is True
+    assert run["compiled_layers"] == len(engine._encoder_layers(tiny_ce.model))
+    assert _spearman(ours, full) >= 0.999
+    np.testing.assert_allclose(ours, full, atol=2e-2 * float(np.abs(full).max()))
+
+
 def test_first_token_feed_forward_for_cls_pooled_bi_encoders(monkeypatch, minilm, passages):
     """A bi-encoder pooled by [CLS] alone gets the same pruning, with the same embeddings as the library's encode;
     mean pooling (all-MiniLM-L6-v2's own) reads every token and keeps the full last layer."""
