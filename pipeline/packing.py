@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import engine, tokenize_worker
+from pipeline import engine, rewrites, tokenize_worker, tokenizing, varlen
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ COMPILE_BACKEND = "inductor"  # torch.compile backend of train.compile_layers (t
 
 
 def _hf_model(model) -> torch.nn.Module | None:
-    module = engine._transformer_module(model)
+    module = tokenizing.transformer_module(model)
     return getattr(module, "auto_model", None) if module is not None else None
 
 
@@ -57,11 +57,11 @@ def packing_plan(model, device: str, precision: str, setting: str | bool = "auto
         return False, "train.packing=false"
     reason = ""
     hf = _hf_model(model)
-    module = engine._transformer_module(model)
+    module = tokenizing.transformer_module(model)
     cuda = torch.device(device).type == "cuda"
     if cuda and precision not in ("bf16", "fp16"):
         reason = f"precision {precision} (the flash kernel needs bf16 or fp16)"
-    elif not engine.packed_training_available(device):
+    elif not varlen.packed_training_available(device):
         reason = f"no variable-length attention on {device}"
     elif hf is None or not getattr(hf, "_supports_attention_backend", False):
         reason = "the model has no transformers attention interface"
@@ -83,14 +83,14 @@ class PackedTripletCollator:
     without padding exactly as the model's own ``preprocess`` would (checked against it by :meth:`prime`)."""
 
     def __init__(self, model, columns: Sequence[str]):
-        module = engine._transformer_module(model)
+        module = tokenizing.transformer_module(model)
         hf = _hf_model(model)
         tok = module.tokenizer
         accepts_tt = "token_type_ids" in inspect.signature(hf.forward).parameters
         self.want_type_ids = accepts_tt and "token_type_ids" in (getattr(tok, "model_input_names", None) or [])
         max_pos = getattr(hf.config, "max_position_embeddings", None)
         self.pos_offset = engine._pos_offset(hf)
-        self._tokenizer = engine._Tokenizer(model, "texts", None, self.want_type_ids,
+        self._tokenizer = tokenizing.Tokenizer(model, "texts", None, self.want_type_ids,
                                             (max_pos - self.pos_offset) if max_pos else None)
         self.columns = list(columns)
         self.pad_id = int(getattr(tok, "pad_token_id", None) or 0)
@@ -114,7 +114,7 @@ class PackedTripletCollator:
         B, C = len(rows), len(self.columns)
         texts = [str(row[c]) for c in self.columns for row in rows]
         encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
-        toks = engine._Tokens(*tokenize_worker.encode_csr(encode, texts, self.want_type_ids))
+        toks = tokenizing.Tokens(*tokenize_worker.encode_csr(encode, texts, self.want_type_ids))
         # the engine's packed collation: input_ids / position_ids [1, T], cu (int32), rows (text of each token)
         _, longest, T, t = engine._collate(toks, np.arange(len(texts)), self.pos_offset, True, self.pad_id,
                                            self.want_type_ids, False)
@@ -169,12 +169,12 @@ class PackedMNRL(_mnrl_cls()):
         self.check: dict[str, Any] = {}
         # "off", "pending" (compiled once the packed path is chosen), "on", or why it fell back to eager layers
         self.compiled = "pending" if compile_layers else "off"
-        module = engine._transformer_module(model)
+        module = tokenizing.transformer_module(model)
         params = getattr(module, "model_forward_params", None)
         if params is not None:  # a model forward without **kwargs: let the flash keys through ST's filter
             module.model_forward_params = set(params) | set(_FLASH_KEYS) | {"position_ids"}
         self._hf = _hf_model(model)
-        engine._register_varlen()
+        varlen.register_varlen()
 
     def forward(self, sentence_features: Iterable[dict[str, Any]], labels: torch.Tensor | None) -> torch.Tensor:
         features = list(sentence_features)
@@ -203,18 +203,18 @@ class PackedMNRL(_mnrl_cls()):
         if self.mode != "packed":
             self.compiled = f"not compiled: {self.mode} forward"
             return
-        if not engine._flash_device(next(self._hf.parameters())):
+        if not varlen.flash_device(next(self._hf.parameters())):
             # the CPU's bucketed attention plans its buckets on the host: a graph break in every layer; a packed
             # forward + backward of all-MiniLM-L6-v2 ran 18% slower compiled than eager on 2 EPYC cores (session 8)
             self.compiled = "not compiled: the CPU's attention is not one kernel"
             return
-        layers = engine.compile_encoder_layers(self._hf, COMPILE_BACKEND)
+        layers = rewrites.compile_encoder_layers(self._hf, COMPILE_BACKEND)
         if not layers:
             self.compiled = "not compiled: no transformer layers found"
             return
         try:
             model = getattr(self.model, "module", self.model)  # not through DDP: this step syncs no gradient
-            with _attention(self._hf, engine.VARLEN_ATTN_NAME):
+            with _attention(self._hf, varlen.VARLEN_ATTN_NAME):
                 embeddings = model(dict(packed))["sentence_embedding"]
             loss = embeddings.float().sum()  # not a function of the norm alone: the embeddings may be unit vectors
             params = [p for p in model.parameters() if p.requires_grad]
@@ -231,7 +231,7 @@ class PackedMNRL(_mnrl_cls()):
                         type(exc).__name__, exc)
 
     def _embed_packed(self, packed: dict[str, Any]) -> torch.Tensor:
-        with _attention(self._hf, engine.VARLEN_ATTN_NAME):
+        with _attention(self._hf, varlen.VARLEN_ATTN_NAME):
             return self.model(dict(packed))["sentence_embedding"]
 
     def _embed_padded(self, packed: dict[str, Any], meta: dict[str, Any]) -> torch.Tensor:
@@ -285,6 +285,6 @@ def release_compiled(model) -> None:
     """``model``'s (a SentenceTransformer, DDP-wrapped or not) transformer layers back to eager (after training:
     the trained model encodes in this process next, and a graph compiled for training would recompile for it)."""
     hf = _hf_model(getattr(model, "module", model))
-    for layer in engine._encoder_layers(hf) if hf is not None else ():
+    for layer in rewrites.encoder_layers(hf) if hf is not None else ():
         if getattr(layer, "_compiled_call_impl", None) is not None:
             layer._compiled_call_impl = None

@@ -3,7 +3,7 @@
 The engine (pipeline/engine.py) tokenises with the model's own fast tokenizer. One process tokenised MS MARCO
 passages at 40k/s on an H200 host (the Rust tokenizer alone 64k/s; the rest is turning Encoding objects into arrays
 under the GIL), while the GPU encodes 50k/s: for large inputs on a GPU the engine therefore runs this module as
-worker processes (``python -m pipeline.tokenize_worker``, see engine.TokenizerProcesses). A worker talks over its
+worker processes (``python -m pipeline.tokenize_worker``, see tokenizing.TokenizerProcesses). A worker talks over its
 stdin/stdout: an init message, then one list of inputs per job (JSON), answered by the raw token arrays. Plain
 subprocesses rather than multiprocessing: nothing re-imports the caller's main script (which multiprocessing's
 spawn and forkserver do), and no semaphores or fd passing are needed. Only numpy and tokenizers are imported here.

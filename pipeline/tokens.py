@@ -154,24 +154,24 @@ def _cut(ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
 
 
 def build_workers(n: int) -> int:
-    """Tokeniser processes for building a store of ``n`` passages: every usable core but two (engine.pool_size)
-    from engine.POOL_MIN_ITEMS passages on, else none. Unlike the engine's (opt-in) processes, nothing competes with
+    """Tokeniser processes for building a store of ``n`` passages: every usable core but two (tokenizing.pool_size)
+    from tokenizing.POOL_MIN_ITEMS passages on, else none. Unlike the engine's (opt-in) processes, nothing competes with
     them for the GIL: the build runs before any model does."""
-    from pipeline import engine
+    from pipeline import tokenizing
 
-    return engine.pool_size() if n >= engine.POOL_MIN_ITEMS else 0
+    return tokenizing.pool_size() if n >= tokenizing.POOL_MIN_ITEMS else 0
 
 
 class RawTokenizer:
     """Raw tokenisation (no special tokens, lengths before the cut at CAP) in ``workers`` tokeniser processes
-    (engine.TokenizerProcesses), or in this process (the Rust tokenizer's own threads) with 0 workers, where they
+    (tokenizing.TokenizerProcesses), or in this process (the Rust tokenizer's own threads) with 0 workers, where they
     cannot start, or after one fails. A context manager: the processes end with it."""
 
     def __init__(self, tokenizer_json: str, workers: int = 0):
         self.backend = _backend(tokenizer_json)
         self.pool = None
         if workers > 0:
-            from pipeline.engine import TokenizerProcesses
+            from pipeline.tokenizing import TokenizerProcesses
 
             try:
                 self.pool = TokenizerProcesses(workers, (tokenizer_json, None, "right", False, False))
@@ -192,7 +192,7 @@ class RawTokenizer:
     def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.pool is None:
             return raw_tokens(self.backend, texts)
-        from pipeline.engine import RESULT_TIMEOUT_S
+        from pipeline.tokenizing import RESULT_TIMEOUT_S
 
         texts = [str(t) for t in texts]
         step = max(512, -(-len(texts) // (4 * self.pool.workers)))

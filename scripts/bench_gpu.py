@@ -375,9 +375,9 @@ class Bench:
                 self.peak_label = f"{val / 1e12:.0f} TFLOP/s dense bf16 ({key} datasheet)"
                 break
         self.measured_peak = measure_matmul_peak(self.dev)
-        from pipeline import engine, search
+        from pipeline import engine, search, tokenizing, varlen
 
-        self.engine, self.search = engine, search
+        self.engine, self.search, self.tokenizing = engine, search, tokenizing
         import sentence_transformers
         import transformers
 
@@ -390,7 +390,7 @@ class Bench:
             "peak_label": self.peak_label,
             "measured_bf16_matmul": self.measured_peak,
             "quick": self.quick,
-            "varlen_available": engine.varlen_available(self.dev) if self.dev.type == "cuda" else False,
+            "varlen_available": varlen.varlen_available(self.dev) if self.dev.type == "cuda" else False,
         }
         log(f"device: {name} | torch {torch.__version__} | transformers {transformers.__version__} | "
             f"sentence-transformers {sentence_transformers.__version__}")
@@ -431,7 +431,7 @@ class Bench:
         timing a pool's start-up would bill a once-per-job cost to a few seconds of work)."""
         return dict(batch_tokens=self.engine.resolve_batch_tokens("auto", self.dev),
                     max_batch=self.engine.resolve_max_batch(None, self.dev), show_progress=False,
-                    tokenize_workers=self.engine.resolve_tokenize_workers(None, self.dev, n),
+                    tokenize_workers=self.tokenizing.resolve_tokenize_workers(None, self.dev, n),
                     compile_layers=self.engine.resolve_compile_layers(None, self.dev, n))
 
     @staticmethod
@@ -495,7 +495,7 @@ class Bench:
             # settled in session 6 (processes lost every comparison)
             tries.append(("tokeniser in the GPU process" if kw["tokenize_workers"] else
                           "tokeniser processes (auto count)",
-                          dict(kw, tokenize_workers=0 if kw["tokenize_workers"] else self.engine.pool_size()), {}))
+                          dict(kw, tokenize_workers=0 if kw["tokenize_workers"] else self.tokenizing.pool_size()), {}))
         out = {}
         # half the headline's inputs on a GPU (tens of thousands: seconds of steady state), to leave the 5 minutes
         # to the rows the issue checks
@@ -541,7 +541,7 @@ class Bench:
         view, build_s, n_store = self.store_view(model, row)
         self.add(row, "token store build (once per corpus+tokenizer)", n_store, build_s, "passages/s",
                  note="one process, the Rust tokenizer's own threads")
-        workers = self.engine.pool_size()
+        workers = self.tokenizing.pool_size()
         if row == "encode" and workers:  # how a store of 50k+ passages is built (tokens.build_workers)
             from pipeline import tokens
 

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch = pytest.importorskip("torch")
 st = pytest.importorskip("sentence_transformers")
 
-from pipeline import engine  # noqa: E402
+from pipeline import engine, rewrites, tokenizing, varlen  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).parents[1].parent / "shared" / "data"
@@ -172,7 +172,7 @@ def test_token_budget_batches_cover_every_input_once(packed):
 
 
 def test_collate_rows_roundtrip():
-    toks = engine._Tokens(
+    toks = tokenizing.Tokens(
         ids=np.arange(1, 11, dtype=np.int32), offsets=np.array([0, 3, 4, 10]), type_ids=None
     )
     order = np.array([2, 0, 1])
@@ -238,9 +238,9 @@ def _reference_varlen(q, k, v, cu, max_len, scale):
 @pytest.fixture
 def packed_on_cpu(monkeypatch):
     """Run the packed (unpadded) path on the CPU with a reference kernel in place of the CUDA one."""
-    monkeypatch.setattr(engine, "_VARLEN_FN", _reference_varlen)
-    monkeypatch.setattr(engine, "varlen_available", lambda device: engine._register_varlen())
-    monkeypatch.setattr(engine, "_flash_device", lambda t: True)  # the CUDA kernels' code path, reference kernels
+    monkeypatch.setattr(varlen, "_VARLEN_FN", _reference_varlen)
+    monkeypatch.setattr(varlen, "varlen_available", lambda device: varlen.register_varlen())
+    monkeypatch.setattr(varlen, "flash_device", lambda t: True)  # the CUDA kernels' code path, reference kernels
     engine._PREPARED.clear()
     yield
     engine._PREPARED.clear()
@@ -288,11 +288,11 @@ def test_first_token_feed_forward_gives_the_same_scores(monkeypatch, tiny_ce, pa
     pruned = engine.score_pairs(tiny_ce, pairs, precision="fp32", show_progress=False, batch_tokens=2000)
     assert engine.LAST_RUN["first_token_ffn"] is True
     np.testing.assert_allclose(pruned, full, atol=1e-5, rtol=1e-5)
-    assert "feed_forward_chunk" not in vars(engine._encoder_layers(tiny_ce.model)[-1])
+    assert "feed_forward_chunk" not in vars(rewrites.encoder_layers(tiny_ce.model)[-1])
     # packed batches (the CUDA path, reference kernel): the texts' first tokens found from cu_seq_lens
-    monkeypatch.setattr(engine, "_VARLEN_FN", _reference_varlen)
-    monkeypatch.setattr(engine, "varlen_available", lambda device: engine._register_varlen())
-    monkeypatch.setattr(engine, "_flash_device", lambda t: True)
+    monkeypatch.setattr(varlen, "_VARLEN_FN", _reference_varlen)
+    monkeypatch.setattr(varlen, "varlen_available", lambda device: varlen.register_varlen())
+    monkeypatch.setattr(varlen, "flash_device", lambda t: True)
     monkeypatch.setenv("PIPELINE_FIRST_TOKEN_FFN", "0")
     engine._PREPARED.clear()
     packed_full = engine.score_pairs(tiny_ce, pairs, precision="bf16", show_progress=False, batch_tokens=2000)
@@ -322,7 +322,7 @@ def test_first_token_feed_forward_in_compiled_packed_layers(packed_on_cpu, monke
                               compile_layers=True)
     run = engine.LAST_RUN
     assert run["attention"] == "varlen" and run["first_token_ffn"] is True
-    assert run["compiled_layers"] == len(engine._encoder_layers(tiny_ce.model))
+    assert run["compiled_layers"] == len(rewrites.encoder_layers(tiny_ce.model))
     assert _spearman(ours, full) >= 0.999
     np.testing.assert_allclose(ours, full, atol=2e-2 * float(np.abs(full).max()))
 
@@ -354,12 +354,12 @@ def test_first_token_feed_forward_left_out_where_the_head_reads_other_tokens(tin
     import copy
 
     work = copy.deepcopy(tiny_ce.model).eval()
-    first = engine.prune_last_feed_forward(work, {}, torch.device("cpu"))
+    first = rewrites.prune_last_feed_forward(work, {}, torch.device("cpu"))
     assert first is True  # BERT's classification head reads [CLS] only
     mean_head = copy.deepcopy(tiny_ce.model).eval()
     mean_head.bert.pooler.forward = lambda hidden: torch.tanh(mean_head.bert.pooler.dense(hidden.mean(1)))
-    assert engine.prune_last_feed_forward(mean_head, {}, torch.device("cpu")) is False
-    assert "feed_forward_chunk" not in vars(engine._encoder_layers(mean_head)[-1])
+    assert rewrites.prune_last_feed_forward(mean_head, {}, torch.device("cpu")) is False
+    assert "feed_forward_chunk" not in vars(rewrites.encoder_layers(mean_head)[-1])
 
 
 def test_tokeniser_processes_match_in_process(tiny_ce, minilm, passages):
@@ -379,23 +379,23 @@ def test_tokeniser_processes_match_in_process(tiny_ce, minilm, passages):
     emb_pool = engine.encode_texts(minilm, passages[:40], precision="fp32", show_progress=False, chunk_size=8,
                                    tokenize_workers=2)
     np.testing.assert_array_equal(emb_pool, emb_here)
-    engine._close_pools()
+    tokenizing.close_pools()
 
 
 def test_tokenize_workers_auto(monkeypatch):
     cpu, gpu = engine.torch.device("cpu"), engine.torch.device("cuda", 0)
     monkeypatch.delenv("PIPELINE_TOKENIZE_WORKERS", raising=False)
-    assert engine.resolve_tokenize_workers(None, cpu, 10**6) == 0  # the CPU is busy computing
-    assert engine.resolve_tokenize_workers(None, gpu, 10**6) == 0  # in-process won every H200 comparison
-    assert engine.resolve_tokenize_workers(3, cpu, 10) == 3
+    assert tokenizing.resolve_tokenize_workers(None, cpu, 10**6) == 0  # the CPU is busy computing
+    assert tokenizing.resolve_tokenize_workers(None, gpu, 10**6) == 0  # in-process won every H200 comparison
+    assert tokenizing.resolve_tokenize_workers(3, cpu, 10) == 3
     monkeypatch.setenv("PIPELINE_TOKENIZE_WORKERS", "pool")
-    assert engine.resolve_tokenize_workers(None, gpu, 100) == 0  # too small to repay the start-up
-    assert engine.resolve_tokenize_workers(None, cpu, 10**6) == 0
-    assert engine.resolve_tokenize_workers(None, gpu, 10**6) == max(0, min(16, engine.usable_cpus() - 2))
-    shared = engine.resolve_tokenize_workers(None, gpu, 10**6, processes=2)  # two GPU processes on one node
-    assert shared == max(0, min(16, engine.usable_cpus() // 2 - 2))
+    assert tokenizing.resolve_tokenize_workers(None, gpu, 100) == 0  # too small to repay the start-up
+    assert tokenizing.resolve_tokenize_workers(None, cpu, 10**6) == 0
+    assert tokenizing.resolve_tokenize_workers(None, gpu, 10**6) == max(0, min(16, tokenizing.usable_cpus() - 2))
+    shared = tokenizing.resolve_tokenize_workers(None, gpu, 10**6, processes=2)  # two GPU processes on one node
+    assert shared == max(0, min(16, tokenizing.usable_cpus() // 2 - 2))
     monkeypatch.setenv("PIPELINE_TOKENIZE_WORKERS", "5")
-    assert engine.resolve_tokenize_workers(None, cpu, 1) == 5
+    assert tokenizing.resolve_tokenize_workers(None, cpu, 1) == 5
 
 
 def test_tokeniser_process_failure_falls_back(tiny_ce, passages, monkeypatch, caplog):
@@ -405,7 +405,7 @@ def test_tokeniser_process_failure_falls_back(tiny_ce, passages, monkeypatch, ca
     pairs = [(qs[i % len(qs)], p) for i, p in enumerate(passages)]
     here = engine.score_pairs(tiny_ce, pairs, precision="fp32", show_progress=False, tokenize_workers=0)
     calls = {"n": 0}
-    real = engine.TokenizerProcesses._roundtrip
+    real = tokenizing.TokenizerProcesses._roundtrip
 
     def flaky(self, items):
         calls["n"] += 1
@@ -414,13 +414,13 @@ def test_tokeniser_process_failure_falls_back(tiny_ce, passages, monkeypatch, ca
             raise EOFError("tokeniser process closed its pipe")
         return real(self, items)
 
-    monkeypatch.setattr(engine.TokenizerProcesses, "_roundtrip", flaky)
+    monkeypatch.setattr(tokenizing.TokenizerProcesses, "_roundtrip", flaky)
     with caplog.at_level("WARNING", logger="pipeline.engine"):
         pooled = engine.score_pairs(tiny_ce, pairs, precision="fp32", show_progress=False, chunk_size=16,
                                     tokenize_workers=2)
     np.testing.assert_array_equal(pooled, here)
     assert calls["n"] >= 3 and "tokenising in this process" in caplog.text
-    assert not engine._POOLS  # the broken pool is gone; the next call starts a fresh one
+    assert not tokenizing._POOLS  # the broken pool is gone; the next call starts a fresh one
 
 
 # --------------------------------------------------------------------------------------- compiled layers
@@ -443,7 +443,7 @@ def _fake_compiled(monkeypatch, make_impl):
     """compile_layers with stand-in compiled call functions (no inductor run): make_impl(layer) -> callable."""
 
     def fake(prep, freeze=False):
-        prep.compiled = [make_impl(layer) for layer in engine._encoder_layers(prep.hf)]
+        prep.compiled = [make_impl(layer) for layer in rewrites.encoder_layers(prep.hf)]
         engine._use_compiled(prep, True)
 
     monkeypatch.setattr(engine, "_compile_layers", fake)
@@ -592,28 +592,28 @@ def test_fuse_gelu_epilogues_keeps_outputs(kind):
     ids = torch.randint(5, 100, (3, 11))
     with torch.inference_mode():
         ref = model(input_ids=ids)[0]
-        assert engine.fuse_gelu_epilogues(model, torch.device("cpu"), None) == 2
+        assert rewrites.fuse_gelu_epilogues(model, torch.device("cpu"), None) == 2
         got = model(input_ids=ids)[0]
-    assert sum(isinstance(m, engine._LinearGELU) for m in model.modules()) == 2
+    assert sum(isinstance(m, rewrites._LinearGELU) for m in model.modules()) == 2
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_fuse_gelu_epilogues_leaves_other_activations_and_failures(monkeypatch):
     relu = _tiny_hf("bert", act="relu")
-    assert engine.fuse_gelu_epilogues(relu, torch.device("cpu"), None) == 0
-    assert not engine._is_gelu(torch.nn.SiLU()) and engine._is_gelu(torch.nn.GELU(approximate="tanh"))
+    assert rewrites.fuse_gelu_epilogues(relu, torch.device("cpu"), None) == 0
+    assert not rewrites._is_gelu(torch.nn.SiLU()) and rewrites._is_gelu(torch.nn.GELU(approximate="tanh"))
     # a fused GEMM that fails, or disagrees with the pair it would replace, is not used
     model = _tiny_hf("bert")
     with monkeypatch.context() as m:
-        m.setattr(engine._LinearGELU, "forward", lambda self, x: self.linear(x))  # the GELU forgotten
-        assert engine.fuse_gelu_epilogues(model, torch.device("cpu"), None) == 0
+        m.setattr(rewrites._LinearGELU, "forward", lambda self, x: self.linear(x))  # the GELU forgotten
+        assert rewrites.fuse_gelu_epilogues(model, torch.device("cpu"), None) == 0
 
     def unsupported(*args, **kwargs):
         raise RuntimeError("no such epilogue here")
 
     monkeypatch.setattr(torch, "_addmm_activation", unsupported)
-    assert engine.fuse_gelu_epilogues(model, torch.device("cpu"), None) == 0
-    assert not any(isinstance(m, engine._LinearGELU) for m in model.modules())
+    assert rewrites.fuse_gelu_epilogues(model, torch.device("cpu"), None) == 0
+    assert not any(isinstance(m, rewrites._LinearGELU) for m in model.modules())
 
 
 def test_fused_gelu_in_the_engine(monkeypatch, minilm, minilm_ref, tiny_ce, passages):
@@ -623,7 +623,7 @@ def test_fused_gelu_in_the_engine(monkeypatch, minilm, minilm_ref, tiny_ce, pass
     ours = engine.encode_texts(minilm, passages[:32], precision="fp32", show_progress=False)
     assert engine.LAST_RUN["fused_gelu"] == minilm[0].auto_model.config.num_hidden_layers
     assert _cos(ours, minilm_ref[:32]).min() >= 0.99999
-    assert not any(isinstance(m, engine._LinearGELU) for m in minilm.modules())
+    assert not any(isinstance(m, rewrites._LinearGELU) for m in minilm.modules())
     pairs = [(passages[i][:40], passages[i + 1]) for i in range(20)]
     fused = engine.score_pairs(tiny_ce, pairs, precision="fp32", show_progress=False)
     assert engine.LAST_RUN["fused_gelu"] == 2
@@ -651,5 +651,5 @@ def test_fused_gelu_that_fails_on_real_batches_is_undone(monkeypatch, minilm, mi
     assert engine.LAST_RUN["fused_gelu"] == 0 and "computing the GELUs separately" in caplog.text
     assert _cos(ours, minilm_ref[:32]).min() >= 0.99999
     hf = next(iter(engine._PREPARED[minilm[0].auto_model].values())).hf
-    assert not any(isinstance(m, engine._LinearGELU) for m in hf.modules())
+    assert not any(isinstance(m, rewrites._LinearGELU) for m in hf.modules())
     engine._PREPARED.clear()

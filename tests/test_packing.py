@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import engine, packing
+from pipeline import packing, rewrites, varlen
 from pipeline.stages import train as T
 
 QUERIES = ["what is a packed batch", "how do cross encoders score pairs", "define hard negative", "bm25 weighting"]
@@ -47,10 +47,10 @@ def packed_on_cpu(monkeypatch):
 
     # opaque to torch.compile (traced, their per-sequence loops would recompile for every length), as the
     # flash kernels they stand for are single ops in the graph
-    monkeypatch.setattr(engine, "_VARLEN_FN", torch.compiler.disable(inference))
-    monkeypatch.setattr(engine, "_VARLEN_TRAIN_FN", torch.compiler.disable(train))
-    monkeypatch.setattr(engine, "varlen_available", lambda device: engine._register_varlen())
-    monkeypatch.setattr(engine, "_flash_device", lambda t: True)  # the CUDA kernels' code path, reference kernels
+    monkeypatch.setattr(varlen, "_VARLEN_FN", torch.compiler.disable(inference))
+    monkeypatch.setattr(varlen, "_VARLEN_TRAIN_FN", torch.compiler.disable(train))
+    monkeypatch.setattr(varlen, "varlen_available", lambda device: varlen.register_varlen())
+    monkeypatch.setattr(varlen, "flash_device", lambda t: True)  # the CUDA kernels' code path, reference kernels
     return calls
 
 
@@ -127,12 +127,12 @@ def test_packed_loss_and_gradients_equal_the_librarys(packed_on_cpu, bi_encoder)
     assert len(grads) == len(ref_grads)
     for a, b in zip(ref_grads, grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    assert bi_encoder[0].auto_model.config._attn_implementation != engine.VARLEN_ATTN_NAME
+    assert bi_encoder[0].auto_model.config._attn_implementation != varlen.VARLEN_ATTN_NAME
 
 
 def test_a_wrong_kernel_falls_back_to_padded_forwards(monkeypatch, packed_on_cpu, bi_encoder):
     # a kernel that mixes the sequences of the pack (what a wrong cu_seq_lens would do)
-    monkeypatch.setattr(engine, "_VARLEN_FN", lambda q, k, v, cu, m, s: 10 * torch.flip(v, [0]))
+    monkeypatch.setattr(varlen, "_VARLEN_FN", lambda q, k, v, cu, m, s: 10 * torch.flip(v, [0]))
     ref, ours, ref_grads, grads, loss = _losses(bi_encoder, _primed(bi_encoder))
     assert loss.mode == "padded" and loss.check["min_cosine"] < 0.999, loss.check
     assert abs(float(ref.detach()) - float(ours.detach())) < 1e-5  # the fallback is the library's padded computation
@@ -158,13 +158,13 @@ def test_packing_plan_rules(bi_encoder, monkeypatch):
 def cpu_kernel_calls(monkeypatch):
     """The real CPU path (bucketed SDPA), its calls recorded as (dropout, gradient wanted)."""
     calls = []
-    real = engine._segmented_sdpa
+    real = varlen._segmented_sdpa
 
     def recording(q, k, v, cu, max_len, scale, dropout=0.0):
         calls.append((dropout, torch.is_grad_enabled() and q.requires_grad))
         return real(q, k, v, cu, max_len, scale, dropout)
 
-    monkeypatch.setattr(engine, "_segmented_sdpa", recording)
+    monkeypatch.setattr(varlen, "_segmented_sdpa", recording)
     return calls
 
 
@@ -185,20 +185,20 @@ def test_segmented_sdpa_equals_attention_per_sequence(lengths):
     torch.manual_seed(0)
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
     q, k, v = (torch.randn(int(cu[-1]), 4, 8, requires_grad=True) for _ in range(3))
-    ours = engine._segmented_sdpa(q, k, v, cu, max(lengths), None)
+    ours = varlen._segmented_sdpa(q, k, v, cu, max(lengths), None)
     ref = _reference_train_varlen(q, k, v, cu, max(lengths), None, 0.0)
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     grad = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(ours, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    plan = engine._segment_plan(tuple(cu.tolist()), q.device)
+    plan = varlen._segment_plan(tuple(cu.tolist()), q.device)
     widths = [idx.shape[1] for idx, _, _ in plan[:-1]]
     if len(set(lengths)) == 1:
         assert widths == [16] and plan[0][1] is None  # equal lengths: one unmasked call
     else:  # buckets of lengths within 1.25x or 16 tokens of their shortest: 1,2,7,7,7 | 64,65,80 | 120 | 300
         assert widths == [7, 80, 120, 300]
     # dropout reaches the kernel: p = 1 zeroes every attention output
-    dropped = engine._segmented_sdpa(q, k, v, cu, max(lengths), None, dropout=1.0)
+    dropped = varlen._segmented_sdpa(q, k, v, cu, max(lengths), None, dropout=1.0)
     assert float(dropped.detach().abs().max()) == 0.0
 
 
@@ -228,8 +228,8 @@ def test_stage_trainer_trains_packed_with_dropout(packed_on_cpu, bi_encoder, tmp
     import json
 
     saved = json.loads((tmp_path / "v3" / "config.json").read_text())
-    assert saved.get("_attn_implementation", "sdpa") != engine.VARLEN_ATTN_NAME
-    assert bi_encoder[0].auto_model.config._attn_implementation != engine.VARLEN_ATTN_NAME
+    assert saved.get("_attn_implementation", "sdpa") != varlen.VARLEN_ATTN_NAME
+    assert bi_encoder[0].auto_model.config._attn_implementation != varlen.VARLEN_ATTN_NAME
 
 
 # ------------------------------------------------------------------------ compiled layers (train.compile_layers)
@@ -249,7 +249,7 @@ def _compiled_vs_eager(model, compile_layers: bool):
 
 
 def _layers_compiled(model) -> list[bool]:
-    return [layer._compiled_call_impl is not None for layer in engine._encoder_layers(model[0].auto_model)]
+    return [layer._compiled_call_impl is not None for layer in rewrites.encoder_layers(model[0].auto_model)]
 
 
 def test_compiled_layers_give_the_eager_loss_and_gradients(monkeypatch, packed_on_cpu, bi_encoder):

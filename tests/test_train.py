@@ -260,10 +260,10 @@ def test_forked_dataloader_workers_get_single_threaded_tokenizers(monkeypatch, t
 
 
 def test_dataloader_workers_rule(monkeypatch):
-    from pipeline import engine
-
     assert T.resolve_dataloader_workers("auto", "cpu") == 0  # the CPU is busy with the model
-    monkeypatch.setattr(engine, "usable_cpus", lambda: 16)
+    from pipeline import tokenizing
+
+    monkeypatch.setattr(tokenizing, "usable_cpus", lambda: 16)
     assert T.resolve_dataloader_workers("auto", "cuda:0") == 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four ranks share the node's 16 cores
     assert T.resolve_dataloader_workers("auto", "cuda:0") == 1

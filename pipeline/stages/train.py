@@ -480,7 +480,7 @@ def resolve_dataloader_workers(workers: int | str | None, device: str) -> int:
         if not str(device).startswith("cuda"):
             return 0
         from pipeline import distributed
-        from pipeline.engine import usable_cpus
+        from pipeline.tokenizing import usable_cpus
 
         per_rank = usable_cpus() // max(1, distributed.local_world_size())
         return max(0, min(4, per_rank // 2 - 1))
