@@ -195,8 +195,9 @@ def _fingerprint(m: torch.nn.Module) -> tuple:
     return tuple((p.data_ptr(), p._version, p.dtype, str(p.device)) for p in m.parameters())
 
 
-def _pos_offset(hf: torch.nn.Module) -> int:
-    # RoBERTa-family embeddings count positions from padding_idx + 1 (as sentence-transformers does).
+def position_offset(hf: torch.nn.Module) -> int:
+    """The first position id of a text: RoBERTa-family embeddings count positions from padding_idx + 1 (as
+    sentence-transformers does), others from 0. Packed batches set position ids themselves, so they need it."""
     for module in hf.modules():
         pad = getattr(module, "padding_idx", None)
         if isinstance(pad, int) and isinstance(getattr(module, "position_embeddings", None), torch.nn.Embedding):
@@ -289,7 +290,7 @@ def _prepare(hf_model: torch.nn.Module, device: torch.device, dtype: torch.dtype
         autocast=use_autocast,
         attn=attn,
         accepts_token_type_ids="token_type_ids" in fwd_params,
-        pos_offset=_pos_offset(work),
+        pos_offset=position_offset(work),
         fingerprint=fp,
         ctx=ctx,
         first_token_ffn=pruned,
@@ -434,8 +435,12 @@ class _Stop:
     pass
 
 
-def _collate(toks: tokenizing.Tokens, order: np.ndarray, pos_offset: int, packed: bool, pad_id: int, want_tt: bool,
-             pin: bool):
+def collate(toks: tokenizing.Tokens, order: np.ndarray, pos_offset: int, packed: bool, pad_id: int, want_tt: bool,
+            pin: bool) -> tuple[int, int, int, dict[str, torch.Tensor]]:
+    """One batch of model inputs from rows ``order`` of ``toks``: (rows B, longest L, real tokens T, tensors).
+    Packed: input_ids/position_ids [1, T] (positions from ``pos_offset``), cu_seq_lens ``cu`` and each token's
+    row and column (to re-pad the output); else input_ids [B, L] padded with ``pad_id``. Also ``lens`` [B];
+    token_type_ids where ``want_tt``; pinned where ``pin`` (for non-blocking copies)."""
     lens = toks.lengths[order]
     B = len(order)
     L = int(lens.max()) if B else 0
@@ -533,7 +538,7 @@ def _producer(items, tokenizer: tokenizing.Tokenizer, prep: _Prepared, cfg: dict
                     return
                 sel = order[a:b]
                 packed = packed and cfg["packed"]
-                B, L, T, tensors = _collate(toks, sel, prep.pos_offset, packed, pad_id, cfg["want_tt"], cfg["pin"])
+                B, L, T, tensors = collate(toks, sel, prep.pos_offset, packed, pad_id, cfg["want_tt"], cfg["pin"])
                 tensors["local_idx"] = torch.from_numpy(np.ascontiguousarray(sel, dtype=np.int64))
                 if cfg["pin"]:
                     tensors["local_idx"] = tensors["local_idx"].pin_memory()

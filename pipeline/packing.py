@@ -89,7 +89,7 @@ class PackedTripletCollator:
         accepts_tt = "token_type_ids" in inspect.signature(hf.forward).parameters
         self.want_type_ids = accepts_tt and "token_type_ids" in (getattr(tok, "model_input_names", None) or [])
         max_pos = getattr(hf.config, "max_position_embeddings", None)
-        self.pos_offset = engine._pos_offset(hf)
+        self.pos_offset = engine.position_offset(hf)
         self._tokenizer = tokenizing.Tokenizer(model, "texts", None, self.want_type_ids,
                                             (max_pos - self.pos_offset) if max_pos else None)
         self.columns = list(columns)
@@ -116,7 +116,7 @@ class PackedTripletCollator:
         encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         toks = tokenizing.Tokens(*tokenize_worker.encode_csr(encode, texts, self.want_type_ids))
         # the engine's packed collation: input_ids / position_ids [1, T], cu (int32), rows (text of each token)
-        _, longest, T, t = engine._collate(toks, np.arange(len(texts)), self.pos_offset, True, self.pad_id,
+        _, longest, T, t = engine.collate(toks, np.arange(len(texts)), self.pos_offset, True, self.pad_id,
                                            self.want_type_ids, False)
         lens = toks.lengths
         batch = {

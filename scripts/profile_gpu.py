@@ -82,7 +82,7 @@ def host_and_device(bench, kind: str, model, hf, items, post, flops_fn, bt: int,
     batches = []
     for a, b in bounds:
         sel = order[a:b]
-        Bn, L, T, tensors = E._collate(toks, sel, runner.prep.pos_offset, packed, runner.cfg["pad_id"],
+        Bn, L, T, tensors = E.collate(toks, sel, runner.prep.pos_offset, packed, runner.cfg["pad_id"],
                                        runner.cfg["want_tt"], pin=runner.cfg["pin"])
         tensors["local_idx"] = torch.from_numpy(np.ascontiguousarray(sel))
         batches.append(E._Batch(sel, 0, Bn, L, T, packed, tensors))

@@ -176,11 +176,11 @@ def test_collate_rows_roundtrip():
         ids=np.arange(1, 11, dtype=np.int32), offsets=np.array([0, 3, 4, 10]), type_ids=None
     )
     order = np.array([2, 0, 1])
-    B, L, T, t = engine._collate(toks, order, 0, False, 0, False, False)
+    B, L, T, t = engine.collate(toks, order, 0, False, 0, False, False)
     assert (B, L, T) == (3, 6, 10)
     assert t["input_ids"][0].tolist() == [5, 6, 7, 8, 9, 10]
     assert t["input_ids"][1].tolist() == [1, 2, 3, 0, 0, 0]
-    B, L, T, t = engine._collate(toks, order, 2, True, 0, False, False)
+    B, L, T, t = engine.collate(toks, order, 2, True, 0, False, False)
     assert t["input_ids"][0].tolist() == [5, 6, 7, 8, 9, 10, 1, 2, 3, 4]
     assert t["position_ids"][0].tolist() == [2, 3, 4, 5, 6, 7, 2, 3, 4, 2]
     assert t["cu"].tolist() == [0, 6, 9, 10]
