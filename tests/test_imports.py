@@ -17,7 +17,7 @@ def test_bench_modules_import_without_the_stage_dependencies():
         import importlib, sys
 
         for absent in {ABSENT_THERE!r}:
-            sys.modules[absent] = None  # what Python does for a package it cannot find: import raises, find_spec is None
+            sys.modules[absent] = None  # as for a missing package: import raises, find_spec is None
         for name in {GPU_MACHINE_MODULES!r}:
             importlib.import_module(name)
         print("ok")
