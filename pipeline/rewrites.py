@@ -44,9 +44,26 @@ def compile_encoder_layers(hf: torch.nn.Module, backend: str | Callable = "induc
     layers = encoder_layers(hf)
     if not layers or not all(hasattr(layer, "_compiled_call_impl") for layer in layers):
         return []
+    _make_room_for_graphs(len(layers) + 2)
     for layer in layers:
         layer.compile(dynamic=True, backend=backend, **({"options": options} if options else {}))
     return [layer._compiled_call_impl for layer in layers]
+
+
+def _make_room_for_graphs(n: int) -> None:
+    """Room for ``n`` more graphs in dynamo's cache of the layers' call function. Every BERT-family layer runs the
+    same function (transformers' ``GradientCheckpointingLayer``), so all layers compiled in one process, of every
+    model, share one cache of ``torch._dynamo.config.recompile_limit`` entries (8 by default), and past that
+    limit dynamo runs the function eagerly from then on, for every model of the process, with only a warning.
+    One model's layers share a graph while their weights are graph inputs; with Inductor's freezing (weights as
+    constants, guarded by identity) each layer needs its own: of a 12-layer BERT (electra-base's depth) 8 layers
+    compiled and 4 ran eagerly (tests/test_engine.py). Each model or setting compiled in a process (the bench's
+    rows and variants, a chain of stages) takes further entries."""
+    cfg = torch._dynamo.config
+    per_function = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # older name
+    for name in (per_function, "accumulated_recompile_limit"):
+        if isinstance(getattr(cfg, name, None), int):
+            setattr(cfg, name, getattr(cfg, name) + n)
 
 
 #: (linear, activation) attribute pairs of the feed-forward blocks whose activation takes the linear's output

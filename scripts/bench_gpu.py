@@ -1291,8 +1291,24 @@ class Bench:
         if p.get("cross_encoder"):
             c = p["cross_encoder"]
             log(f"        cross-encoder Spearman {c['spearman']:.5f} ({c['model']}; {c['dtype']}, {c['path']})")
+        limit_hits = dynamo_limit_hits()
+        self.results["env"]["dynamo_recompile_limit_hits"] = limit_hits
+        if limit_hits:  # some compiled frame ran eagerly from then on: rows after it measured less than they claim
+            log(f"WARNING: dynamo's recompile limit was hit {limit_hits} time(s) in this run; a compiled row or "
+                "variant may have run some layers eagerly (TORCH_LOGS=recompiles shows which)")
         log(f"MFU = 2 x non-embedding params x real tokens + attention 4 x layers x hidden x sum(len^2), over the "
             f"peak above; MFU* over the measured matmul rate. Total wall {time.perf_counter() - self.t0:.0f}s")
+
+
+def dynamo_limit_hits() -> int:
+    """How often this process's compiled frames hit dynamo's recompile limit (after which a frame runs eagerly,
+    with one warning in the log): what pipeline/rewrites.py makes room for, checked after the fact."""
+    try:
+        from torch._dynamo.utils import counters
+    except Exception:  # pragma: no cover - torch without dynamo
+        return 0
+    return sum(n for reason, n in counters.get("unimplemented", {}).items() if "recompile limit" in reason.lower()
+               or "cache_size_limit" in reason.lower() or "recompile_limit" in reason)
 
 
 #: seconds a row took on an H200 (session 12's three runs, rounded up: encode 65-78, score 43-52, train 31-36,
