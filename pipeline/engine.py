@@ -276,7 +276,7 @@ def _prepare(hf_model: torch.nn.Module, device: torch.device, dtype: torch.dtype
             p.requires_grad_(False)
     ctx: dict = {}
     # checked on the model's own attention, before the packed (varlen) one that needs packed inputs
-    pruned = first_token and not use_autocast and rewrites.prune_last_feed_forward(work, ctx, device)
+    pruned = first_token and not use_autocast and rewrites.prune_last_feed_forward(work, ctx, device, eager=freeze)
     attn = "model"
     if want_varlen and _set_attn(work, varlen.VARLEN_ATTN_NAME):
         attn = "varlen"

@@ -44,7 +44,7 @@ def compile_encoder_layers(hf: torch.nn.Module, backend: str | Callable = "induc
     layers = encoder_layers(hf)
     if not layers or not all(hasattr(layer, "_compiled_call_impl") for layer in layers):
         return []
-    _make_room_for_graphs(len(layers) + 2)
+    _make_room_for_graphs(2 * len(layers) + 4)
     for layer in layers:
         layer.compile(dynamic=True, backend=backend, **({"options": options} if options else {}))
     return [layer._compiled_call_impl for layer in layers]
@@ -57,7 +57,8 @@ def _make_room_for_graphs(n: int) -> None:
     limit dynamo runs the function eagerly from then on, for every model of the process, with only a warning.
     One model's layers share a graph while their weights are graph inputs; with Inductor's freezing (weights as
     constants, guarded by identity) each layer needs its own: of a 12-layer BERT (electra-base's depth) 8 layers
-    compiled and 4 ran eagerly (tests/test_engine.py). Each model or setting compiled in a process (the bench's
+    compiled and 4 ran eagerly (tests/test_engine.py); and the engine's first packed batch, checked against a
+    padded one, gives each frozen layer a second graph. Each model or setting compiled in a process (the bench's
     rows and variants, a chain of stages) takes further entries."""
     cfg = torch._dynamo.config
     per_function = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"  # older name
@@ -165,7 +166,7 @@ def _first_token_feed_forward(ctx: dict, original: Callable) -> Callable:
     return feed_forward
 
 
-def prune_last_feed_forward(hf: torch.nn.Module, ctx: dict, device: torch.device) -> bool:
+def prune_last_feed_forward(hf: torch.nn.Module, ctx: dict, device: torch.device, eager: bool = False) -> bool:
     """For a model whose head reads only each text's first token (the sequence-classification heads of BERT,
     ELECTRA, RoBERTa and MiniLM cross-encoders; a bi-encoder pooled by [CLS] alone), run the last transformer
     layer's feed-forward block (its two largest GEMMs, two thirds of the layer's matmul work) on that token only:
@@ -173,7 +174,10 @@ def prune_last_feed_forward(hf: torch.nn.Module, ctx: dict, device: torch.device
     layers), ~11% of a 6-layer MiniLM's. Only for layers that apply their feed-forward through an unchunked
     ``feed_forward_chunk`` (BERT-family layers); checked on random texts of several lengths against the unpruned
     model (logits within 1e-3 of their largest, else undone). ``ctx``: the prepared model's per-batch context
-    (packed batches' first-token positions). Returns whether the last layer was pruned."""
+    (packed batches' first-token positions). ``eager``: the pruned feed-forward runs outside compiled graphs, for
+    layers compiled with Inductor's freezing, which takes every tensor a graph reads other than its inputs for a
+    constant guarded by identity: the positions, a new tensor per batch, recompiled the last layer on every batch.
+    Returns whether the last layer was pruned."""
     layers = encoder_layers(hf)
     last = layers[-1] if layers else None
     if last is None or not callable(getattr(last, "feed_forward_chunk", None)) or \
@@ -195,7 +199,8 @@ def prune_last_feed_forward(hf: torch.nn.Module, ctx: dict, device: torch.device
 
     try:
         ref = logits()
-        last.feed_forward_chunk = _first_token_feed_forward(ctx, last.feed_forward_chunk)
+        pruned = _first_token_feed_forward(ctx, last.feed_forward_chunk)
+        last.feed_forward_chunk = torch.compiler.disable(pruned) if eager else pruned
         got = logits()
         ok = bool((got - ref).abs().max() <= 1e-3 * max(float(ref.abs().max()), 1.0))
     except Exception as exc:

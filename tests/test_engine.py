@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 import subprocess
+import copy
 import sys
 from pathlib import Path
 
@@ -233,6 +234,27 @@ def _reference_varlen(q, k, v, cu, max_len, scale):
         o = torch.nn.functional.scaled_dot_product_attention(qs.float(), ks.float(), vs.float(), scale=scale)
         out[a:b] = o[0].transpose(0, 1).to(q.dtype)
     return out
+
+
+_REFERENCE_VARLEN_OP = []
+
+
+def _reference_varlen_op():
+    """:func:`_reference_varlen` as a torch custom op (registered once per process), which dynamo, like the CUDA
+    flash kernel, records as one opaque call instead of breaking the layer's graph around it."""
+    if not _REFERENCE_VARLEN_OP:
+
+        @torch.library.custom_op("pipeline_tests::reference_varlen", mutates_args=())
+        def op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
+               scale: float | None) -> torch.Tensor:
+            return _reference_varlen(q, k, v, cu, max_len, scale)
+
+        @op.register_fake
+        def _(q, k, v, cu, max_len, scale):
+            return torch.empty_like(q)
+
+        _REFERENCE_VARLEN_OP.append(op)
+    return _REFERENCE_VARLEN_OP[0]
 
 
 @pytest.fixture
@@ -518,6 +540,58 @@ def test_every_frozen_layer_gets_its_own_graph(monkeypatch):
     torch._dynamo.reset()  # past the limit dynamo runs the function eagerly for good, whatever the limit is later
     hits = dynamo_limit_hits()
     assert frozen_graphs() == 12 and dynamo_limit_hits() == hits  # one per layer: none fell back to eager
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_frozen_compiled_scoring_compiles_each_layer_once(packed_on_cpu, monkeypatch, tiny_ce, passages, tmp_path):
+    """PIPELINE_COMPILE_FREEZE=1 on a 12-layer cross-encoder over packed batches (~30 s): the first-token
+    feed-forward's per-batch positions, which frozen graphs would take for constants, recompiled the last layer on
+    every batch, and the padded check of the first packed batch gave every layer a second graph: past dynamo's
+    limit the layers then ran eagerly. Now a second call over new batches compiles nothing and no limit is hit. A
+    recording backend stands in for Inductor (dynamo's guards are the same)."""
+    import transformers
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_gpu import dynamo_limit_hits
+
+    cfg = copy.deepcopy(tiny_ce.model.config)
+    cfg.num_hidden_layers = 12
+    transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path)
+    tiny_ce.tokenizer.save_pretrained(tmp_path)
+    ce = st.CrossEncoder(str(tmp_path), device="cpu")
+    graphs = []
+
+    def recording(gm, example_inputs, **kwargs):
+        graphs.append(gm)
+        return gm.forward
+
+    compile_layers = rewrites.compile_encoder_layers
+    monkeypatch.setattr(rewrites, "compile_encoder_layers",
+                        lambda hf, backend="inductor", options=None: compile_layers(hf, backend=recording))
+    # the reference kernel as an opaque op, as the flash kernel is on CUDA: no graph break inside the layers
+    monkeypatch.setattr(varlen, "_VARLEN_FN", _reference_varlen_op())
+    monkeypatch.setenv("PIPELINE_COMPILE_FREEZE", "1")
+    qs = _queries()
+    pairs = [(qs[i % len(qs)], p) for i, p in enumerate(passages)]
+    torch._dynamo.reset()
+    hits = dynamo_limit_hits()
+    with torch._dynamo.config.patch(recompile_limit=8):
+        ours = engine.score_pairs(ce, pairs, precision="bf16", show_progress=False, batch_tokens=900,
+                                  compile_layers=True)
+        run = dict(engine.LAST_RUN)
+        first_call = len(graphs)
+        engine.score_pairs(ce, pairs[::-1], precision="bf16", show_progress=False, batch_tokens=700,
+                           compile_layers=True)
+    assert run["attention"] == "varlen" and run["frozen_layers"] is True and run["first_token_ffn"] is True
+    # every layer compiled (no limit hit: past it a layer runs eagerly, and compiles nothing more, for good), and
+    # other batches compiled nothing new
+    assert dynamo_limit_hits() == hits
+    assert run["compiled_layers"] == 12 and len(graphs) == first_call
+    monkeypatch.setenv("PIPELINE_COMPILE_FREEZE", "0")
+    eager = engine.score_pairs(ce, pairs, precision="bf16", show_progress=False, batch_tokens=900,
+                               compile_layers=False)
+    assert _spearman(ours, eager) >= 0.999
     torch._dynamo.reset()
 
 
