@@ -596,6 +596,54 @@ def test_frozen_compiled_scoring_compiles_each_layer_once(packed_on_cpu, monkeyp
 
 
 @pytest.mark.slow
+def test_a_process_compiling_many_models_and_settings_keeps_every_layer_compiled(packed_on_cpu, monkeypatch, minilm,
+                                                                                  tiny_ce, passages, tmp_path):
+    """What the bench's process does (~60 s): a bi-encoder and a 12-layer cross-encoder compiled under every setting
+    it measures (defaults, frozen weights, every-token feed-forward, GELU unfused; packed and padded attention).
+    Without room in dynamo's shared cache the first frozen model hit the limit and nothing compiled after it (every
+    later row would have run eagerly while reporting compiled layers); now no limit is hit."""
+    import transformers
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from bench_gpu import dynamo_limit_hits, environment
+
+    cfg = copy.deepcopy(tiny_ce.model.config)
+    cfg.num_hidden_layers = 12
+    transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path)
+    tiny_ce.tokenizer.save_pretrained(tmp_path)
+    ce = st.CrossEncoder(str(tmp_path), device="cpu")
+    graphs = []
+
+    def recording(gm, example_inputs, **kwargs):
+        graphs.append(gm)
+        return gm.forward
+
+    compile_layers = rewrites.compile_encoder_layers
+    monkeypatch.setattr(rewrites, "compile_encoder_layers",
+                        lambda hf, backend="inductor", options=None: compile_layers(hf, backend=recording))
+    monkeypatch.setattr(varlen, "_VARLEN_FN", _reference_varlen_op())
+    qs = _queries()
+    pairs = [(qs[i % len(qs)], p) for i, p in enumerate(passages[:40])]
+    settings = [{}, {"PIPELINE_COMPILE_FREEZE": "1"}, {"PIPELINE_FIRST_TOKEN_FFN": "0"}, {"PIPELINE_FUSE_GELU": "0"}]
+    torch._dynamo.reset()
+    hits = dynamo_limit_hits()
+    with torch._dynamo.config.patch(recompile_limit=8):
+        for env in settings:
+            for attention in ("auto", "padded"):
+                before = len(graphs)
+                with environment(env):
+                    engine.encode_texts(minilm, passages[:40], precision="bf16", show_progress=False,
+                                        batch_tokens=900, compile_layers=True, attention=attention)
+                    engine.score_pairs(ce, pairs, precision="bf16", show_progress=False, batch_tokens=900,
+                                       compile_layers=True, attention=attention)
+                assert engine.LAST_RUN["compiled_layers"] == 12
+                assert dynamo_limit_hits() == hits, (env, attention)
+                assert len(graphs) > before  # new model copies: something compiled (nothing did past the limit)
+    engine._PREPARED.clear()
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
 def test_compiled_layers_match_eager(minilm, minilm_ref, passages):
     """The real torch.compile (inductor's C++ backend on the CPU; ~25 s of compiling): same embeddings, one
     graph for every batch shape."""
