@@ -17,9 +17,9 @@ What it does differently from ``SentenceTransformer.encode`` / ``CrossEncoder.pr
 * on CUDA with a half-precision model, removes padding entirely: the batch is one packed sequence
   (``input_ids`` [1, T] with per-sequence ``position_ids``) and attention is PyTorch's built-in FlashAttention
   variable-length kernel (pipeline/varlen.py), registered with transformers' ``AttentionInterface`` as
-  ``"engine_varlen"`` and fed ``cu_seq_lens``; a forward
-  hook re-pads the encoder output so the model's own heads (BERT pooler, ELECTRA/DistilBERT classification
-  heads) and the SentenceTransformer's own Pooling/Dense/Normalize modules run unchanged. Elsewhere (CPU, fp32,
+  ``"engine_varlen"`` and fed ``cu_seq_lens``; a forward hook re-pads the encoder output so the model's own
+  heads (BERT pooler, ELECTRA/DistilBERT classification heads) and the SentenceTransformer's own
+  Pooling/Dense/Normalize modules run unchanged. Elsewhere (CPU, fp32,
   models without the attention interface) batches are padded and attention is SDPA with a prebuilt 4-D mask
   (no host synchronisation in mask creation). The first packed batch of a model is checked against the padded
   path once; a failure or a mismatch falls back to padding. Packed *training* batches (pipeline/packing.py) also
