@@ -328,7 +328,8 @@ def _corpus_records(source: str) -> Iterator[tuple[Any, int, str, str, str]]:
         return
     path = Path(source)
     if path.is_dir():  # a BEIR folder
-        path = next((path / n for n in ("corpus.jsonl", "corpus.jsonl.gz") if (path / n).exists()), path / "corpus.jsonl")
+        present = [path / n for n in ("corpus.jsonl", "corpus.jsonl.gz") if (path / n).exists()]
+        path = present[0] if present else path / "corpus.jsonl"
     if _is_jsonl(path):
         for lineno, pid, text, title in _jsonl_records(path, ("_id", "id", "docid"), ("text", "contents"), ("title",)):
             yield path, lineno, pid, title, text
@@ -643,7 +644,8 @@ def _irds(dataset_id: str):
 
 def _irds_docs(dataset_id: str) -> Iterator[tuple[str, str, str]]:
     for doc in _irds(dataset_id).docs_iter():
-        yield str(doc.doc_id), getattr(doc, "title", "") or "", doc.default_text() if not hasattr(doc, "text") else doc.text
+        text = doc.text if hasattr(doc, "text") else doc.default_text()
+        yield str(doc.doc_id), getattr(doc, "title", "") or "", text
 
 
 def _irds_queries(dataset_id: str) -> dict[str, str]:

@@ -36,8 +36,9 @@ __all__ = ["exact_search", "faiss_search", "search", "LAST_SEARCH"]
 #: facts about the last exact_search call (device, dtype, chunking, timings); read by the bench script.
 LAST_SEARCH: dict[str, Any] = {}
 
-_GROUP = 32  # columns per strided group: one 4096 x 262,144 fp16 block on an H200 took 1.57 ms (32), 1.73 (64), 1.92
-#             (128), 2.36 (256) against 7.55 for torch.topk; over 500k x 8.84M: 26.6k (32) / 24.9k (64) queries/s (session 6)
+# columns per strided group: one 4096 x 262,144 fp16 block on an H200 took 1.57 ms (32), 1.73 (64), 1.92 (128),
+# 2.36 (256) against 7.55 for torch.topk; over 500k x 8.84M: 26.6k (32) / 24.9k (64) queries/s (session 6)
+_GROUP = 32
 _CPU_BLOCK_BYTES = 256 * 2**20
 
 

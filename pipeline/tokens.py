@@ -253,7 +253,8 @@ def open_store(corpus, tokenizer_json: str, cache_root: str | os.PathLike, *, wa
             np.save(tmp / "offsets.npy", offsets)
             np.save(tmp / "lengths.npy", lengths.astype(np.int32))
             atomic_write_json(tmp / "manifest.json", {
-                "kind": "token_store", "format": FORMAT, "tokenizer_key": key, "cap": CAP, "dtype": np.dtype(dtype).name,
+                "kind": "token_store", "format": FORMAT, "tokenizer_key": key, "cap": CAP,
+                "dtype": np.dtype(dtype).name,
                 "corpus": corpus.fingerprint, "passages": n, "tokens": int(offsets[-1]),
                 "passages_over_cap": int((lengths > CAP).sum()), "tokenised_here": built,
                 "tokeniser_processes": workers,

@@ -65,7 +65,8 @@ class Tracker:
 
     def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         if self.run is not None:
-            flat = {k: v for k, v in _flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            flat = {k: v for k, v in _flatten(metrics).items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)}
             if flat:
                 self.run.log(flat, step=step)
 

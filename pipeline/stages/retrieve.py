@@ -2,8 +2,8 @@
 
 The corpus is encoded block by block straight into a float16 .npy (``corpus_emb.f16.npy``, rows in corpus order,
 ids in ``corpus_ids.txt``; searched as a read-only memmap), so it is never held in RAM; each committed block leaves
-a marker, so a killed run resumes at the next block. Queries are encoded and searched exactly (pipeline.search) block by block,
-each block committed as parquet. Positives are kept here; the mine stage decides what a negative is.
+a marker, so a killed run resumes at the next block. Queries are encoded and searched exactly (pipeline.search)
+block by block, each block committed as parquet. Positives are kept here; the mine stage decides what a negative is.
 
 Sharding (shard.count=n, shard.index=i, see pipeline.shards): a shard encodes corpus blocks -- its own share
 first, then any block nobody holds (blocks are locked while encoded, so concurrent shards split the work and a
@@ -132,7 +132,8 @@ def _prepare(cfg: DictConfig, final: Path) -> _Ctx:
     if not queries:
         raise StageError(f"data={cfg.data.name}: no training query has a positive in the corpus; nothing to retrieve")
     qids = list(queries)
-    return _Ctx(cfg, final, corpus, qids, [queries[q] for q in qids], n_blocks(len(qids), int(cfg.retrieve.query_block)))
+    blocks = n_blocks(len(qids), int(cfg.retrieve.query_block))
+    return _Ctx(cfg, final, corpus, qids, [queries[q] for q in qids], blocks)
 
 
 # --------------------------------------------------------------------------------------------- corpus

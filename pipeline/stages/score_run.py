@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
-    return {"run": file_fingerprint(_required(cfg, "run_file")), "qrels": file_fingerprint(_required(cfg, "qrels_file")),
-            "score_run": plain(cfg.score_run)}
+    return {"run": file_fingerprint(_required(cfg, "run_file")),
+            "qrels": file_fingerprint(_required(cfg, "qrels_file")), "score_run": plain(cfg.score_run)}
 
 
 def label(cfg: DictConfig) -> str:
