@@ -639,6 +639,14 @@ def test_a_process_compiling_many_models_and_settings_keeps_every_layer_compiled
                 assert engine.LAST_RUN["compiled_layers"] == 12
                 assert dynamo_limit_hits() == hits, (env, attention)
                 assert len(graphs) > before  # new model copies: something compiled (nothing did past the limit)
+        # the stage defaults again, over other batches: their graphs serve every batch shape (one more at most:
+        # dynamo specialises a batch of one pair, whose first-token positions have size 1, once per process)
+        before = len(graphs)
+        engine.encode_texts(minilm, passages[40:], precision="bf16", show_progress=False, batch_tokens=700,
+                            compile_layers=True)
+        engine.score_pairs(ce, pairs[::-1], precision="bf16", show_progress=False, batch_tokens=700,
+                           compile_layers=True)
+        assert len(graphs) <= before + 1 and engine.LAST_RUN["compiled_layers"] == 12
     engine._PREPARED.clear()
     torch._dynamo.reset()
 
