@@ -91,7 +91,7 @@ class PackedTripletCollator:
         max_pos = getattr(hf.config, "max_position_embeddings", None)
         self.pos_offset = engine.position_offset(hf)
         self._tokenizer = tokenizing.Tokenizer(model, "texts", None, self.want_type_ids,
-                                            (max_pos - self.pos_offset) if max_pos else None)
+                                               (max_pos - self.pos_offset) if max_pos else None)
         self.columns = list(columns)
         self.pad_id = int(getattr(tok, "pad_token_id", None) or 0)
         self.valid_label_columns: list[str] = []  # the trainer's samplers read this attribute of a collator
@@ -117,7 +117,7 @@ class PackedTripletCollator:
         toks = tokenizing.Tokens(*tokenize_worker.encode_csr(encode, texts, self.want_type_ids))
         # the engine's packed collation: input_ids / position_ids [1, T], cu (int32), rows (text of each token)
         _, longest, T, t = engine.collate(toks, np.arange(len(texts)), self.pos_offset, True, self.pad_id,
-                                           self.want_type_ids, False)
+                                          self.want_type_ids, False)
         lens = toks.lengths
         batch = {
             "input_ids": t["input_ids"],

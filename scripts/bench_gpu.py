@@ -476,40 +476,41 @@ class Bench:
         against 56k from the store), which hides what a device-side setting is worth."""
         gpu = self.dev.type == "cuda"
         eager = dict(kw, compile_layers=False)
+        # (label, engine keywords, environment, measured again in the second round: not yet decided)
+        control = "stage defaults (control)"
         # the control: the stage defaults on the same (fewer) inputs, which the headline's figure is not
-        tries = [("stage defaults (control)", kw, {})] if gpu else []
-        tries += [("eager layers", eager, {})] if kw["compile_layers"] else []
+        tries = [(control, kw, {}, True)] if gpu else []
+        tries += [("eager layers", eager, {}, False)] if kw["compile_layers"] else []
         if gpu and kw["compile_layers"]:
             # not yet a default: Inductor's freezing, which makes the query, key and value projections one GEMM
-            tries.append(("compiled with frozen weights (one QKV GEMM)", kw, {"PIPELINE_COMPILE_FREEZE": "1"}))
+            tries.append(("compiled with frozen weights (one QKV GEMM)", kw, {"PIPELINE_COMPILE_FREEZE": "1"}, True))
         if row == "score":  # what running the last feed-forward on first tokens only is worth
-            tries.append(("last layer's feed-forward on every token", kw, {"PIPELINE_FIRST_TOKEN_FFN": "0"}))
+            tries.append(("last layer's feed-forward on every token", kw, {"PIPELINE_FIRST_TOKEN_FFN": "0"}, True))
         if gpu:  # padded batches (length-sorted: little padding) with the library's SDPA kernels instead of flash
             #      varlen, whose 128-row tiles are a third empty for ~90-token texts
-            tries.append(("padded attention (SDPA, length-sorted batches)", dict(kw, attention="padded"), {}))
+            tries.append(("padded attention (SDPA, length-sorted batches)", dict(kw, attention="padded"), {}, True))
         if not gpu:
-            tries.append(("GELU not fused into its GEMM", eager, {"PIPELINE_FUSE_GELU": "0"}))
+            tries.append(("GELU not fused into its GEMM", eager, {"PIPELINE_FUSE_GELU": "0"}, False))
         if gpu and self.args.variants == "all":  # settled in session 12 (fusion +8%; batch x2 within 2%)
             # the pairs (X, X without the fused GELU epilogue) isolate what the fusion is worth
-            tries.append(("GELU not fused into its GEMM", kw, {"PIPELINE_FUSE_GELU": "0"}))
-            tries.append(("eager layers, GELU not fused into its GEMM", eager, {"PIPELINE_FUSE_GELU": "0"}))
+            tries.append(("GELU not fused into its GEMM", kw, {"PIPELINE_FUSE_GELU": "0"}, False))
+            tries.append(("eager layers, GELU not fused into its GEMM", eager, {"PIPELINE_FUSE_GELU": "0"}, False))
             tries.append((f"batch_tokens {kw['batch_tokens'] * 2} (max_batch {kw['max_batch'] * 2})",
-                          dict(kw, batch_tokens=kw["batch_tokens"] * 2, max_batch=kw["max_batch"] * 2), {}))
+                          dict(kw, batch_tokens=kw["batch_tokens"] * 2, max_batch=kw["max_batch"] * 2), {}, False))
             # settled in session 6 (processes lost every comparison)
             tries.append(("tokeniser in the GPU process" if kw["tokenize_workers"] else
                           "tokeniser processes (auto count)",
-                          dict(kw, tokenize_workers=0 if kw["tokenize_workers"] else self.tokenizing.pool_size()), {}))
+                          dict(kw, tokenize_workers=0 if kw["tokenize_workers"] else self.tokenizing.pool_size()), {},
+                          False))
         # half the headline's inputs on a GPU (tens of thousands: seconds of steady state), to leave the 5 minutes
         # to the rows the issue checks
         sub = items[: max(1, len(items) // 2)] if gpu else items
         # a second round, interleaved, of the control and the settings not yet decided (time permitting): one
         # timed call can be several percent off (session 12: 51.8k right after a compile, 56-57k after)
-        undecided = ("stage defaults (control)", "compiled with frozen weights (one QKV GEMM)",
-                     "last layer's feed-forward on every token", "padded attention (SDPA, length-sorted batches)")
-        rounds = [tries] + ([[t for t in tries if t[0] in undecided]] if gpu else [])
+        rounds = [tries] + ([[t for t in tries if t[3]]] if gpu else [])
         rates: dict[str, list[float]] = {}
         for number, round_tries in enumerate(rounds, 1):
-            for label, var, env in round_tries:
+            for label, var, env, _ in round_tries:
                 if self.left() - self.reserve_s < 15:  # the rows after this one come first
                     log(f"  {row} variant '{label}' (round {number}): skipped, {self.left():.0f}s left of the time "
                         f"budget, {self.reserve_s:.0f}s kept for the rows after this one")
@@ -522,7 +523,7 @@ class Bench:
                 rates.setdefault(label, []).append(
                     self.add(row, f"variant ({source}): {label}{suffix}", len(sub), dt, unit,
                              flops_per_item * len(sub), note=host_note(self.engine.LAST_RUN)))
-        self.results["rows"][f"{row}_variants"] = {"source": source, **vs_control(rates, "stage defaults (control)")}
+        self.results["rows"][f"{row}_variants"] = {"source": source, **vs_control(rates, control)}
         for label, rec in self.results["rows"][f"{row}_variants"].items():
             if isinstance(rec, dict) and rec.get("vs_control") is not None:
                 spread = f"; the control's spread over its rounds {rec['spread']:.1%}" if "spread" in rec else ""

@@ -83,7 +83,7 @@ def host_and_device(bench, kind: str, model, hf, items, post, flops_fn, bt: int,
     for a, b in bounds:
         sel = order[a:b]
         Bn, L, T, tensors = E.collate(toks, sel, runner.prep.pos_offset, packed, runner.cfg["pad_id"],
-                                       runner.cfg["want_tt"], pin=runner.cfg["pin"])
+                                      runner.cfg["want_tt"], pin=runner.cfg["pin"])
         tensors["local_idx"] = torch.from_numpy(np.ascontiguousarray(sel))
         batches.append(E._Batch(sel, 0, Bn, L, T, packed, tensors))
     res["collate_items_per_s"] = len(sample) / (time.perf_counter() - t)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import os
 import subprocess
-import copy
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -502,10 +503,45 @@ def test_compiled_layers_that_disagree_run_eagerly(monkeypatch, minilm, minilm_r
     engine._PREPARED.clear()
 
 
+def _recording_backend(graphs: list) -> Callable:
+    """A torch.compile backend that records each graph dynamo hands it and runs it as traced: it stands in for
+    Inductor where what is checked is dynamo's caching (its guards do not depend on the backend)."""
+
+    def backend(gm, example_inputs, **kwargs):
+        graphs.append(gm)
+        return gm.forward
+
+    return backend
+
+
+def _record_engine_compiles(monkeypatch) -> list:
+    """The engine's layer compiles through :func:`_recording_backend` (whatever Inductor options it passes), and
+    the packed path's reference kernel as an opaque op, as the flash kernel is on CUDA (no graph break inside the
+    layers). Returns the list the graphs are recorded in."""
+    graphs: list = []
+    compile_layers = rewrites.compile_encoder_layers
+    monkeypatch.setattr(rewrites, "compile_encoder_layers", lambda hf, backend="inductor", options=None:
+                        compile_layers(hf, backend=_recording_backend(graphs)))
+    monkeypatch.setattr(varlen, "_VARLEN_FN", _reference_varlen_op())
+    return graphs
+
+
+def _twelve_layer_cross_encoder(tiny_ce, folder: Path):
+    """tiny_ce's tokenizer and head with 12 layers (electra-base's depth: more layers than dynamo's 8 cache
+    entries), random weights."""
+    import transformers
+
+    cfg = copy.deepcopy(tiny_ce.model.config)
+    cfg.num_hidden_layers = 12
+    transformers.BertForSequenceClassification(cfg).save_pretrained(folder)
+    tiny_ce.tokenizer.save_pretrained(folder)
+    return st.CrossEncoder(str(folder), device="cpu")
+
+
 def test_every_frozen_layer_gets_its_own_graph(monkeypatch):
     """Frozen layers (weights as graph constants, guarded by identity) need one graph each, in a cache that every
-    BERT-family layer of the process shares (8 entries by default): without room made for them a 12-layer
-    electra-base ran its last 4 layers eagerly, silently. A recording backend stands in for Inductor here (the
+    BERT-family layer of the process shares (8 entries by default): without room made for them a 12-layer model
+    (electra-base's depth) ran its last 4 layers eagerly, silently. A recording backend stands in for Inductor here (the
     guards come from dynamo, not from the backend)."""
     import torch._inductor.config as inductor_config
     import transformers
@@ -518,16 +554,11 @@ def test_every_frozen_layer_gets_its_own_graph(monkeypatch):
 
     def frozen_graphs() -> int:
         hf = transformers.BertModel(cfg).eval().requires_grad_(False)
-        graphs = []
-
-        def recording(gm, example_inputs):
-            graphs.append(gm)
-            return gm.forward
-
+        graphs: list = []
         # the default limit, whatever ran before (torch's own patch: pytest's monkeypatch deletes a config entry
         # on undo)
         with torch._dynamo.config.patch(recompile_limit=8):
-            assert len(rewrites.compile_encoder_layers(hf, backend=recording)) == 12
+            assert len(rewrites.compile_encoder_layers(hf, backend=_recording_backend(graphs))) == 12
             with torch.inference_mode(), inductor_config.patch(freezing=True):
                 hf(input_ids=torch.randint(5, 100, (4, 16)))
         return len(graphs)
@@ -550,27 +581,11 @@ def test_frozen_compiled_scoring_compiles_each_layer_once(packed_on_cpu, monkeyp
     every batch, and the padded check of the first packed batch gave every layer a second graph: past dynamo's
     limit the layers then ran eagerly. Now a second call over new batches compiles nothing and no limit is hit. A
     recording backend stands in for Inductor (dynamo's guards are the same)."""
-    import transformers
-
     sys.path.insert(0, str(REPO / "scripts"))
     from bench_gpu import dynamo_limit_hits
 
-    cfg = copy.deepcopy(tiny_ce.model.config)
-    cfg.num_hidden_layers = 12
-    transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path)
-    tiny_ce.tokenizer.save_pretrained(tmp_path)
-    ce = st.CrossEncoder(str(tmp_path), device="cpu")
-    graphs = []
-
-    def recording(gm, example_inputs, **kwargs):
-        graphs.append(gm)
-        return gm.forward
-
-    compile_layers = rewrites.compile_encoder_layers
-    monkeypatch.setattr(rewrites, "compile_encoder_layers",
-                        lambda hf, backend="inductor", options=None: compile_layers(hf, backend=recording))
-    # the reference kernel as an opaque op, as the flash kernel is on CUDA: no graph break inside the layers
-    monkeypatch.setattr(varlen, "_VARLEN_FN", _reference_varlen_op())
+    ce = _twelve_layer_cross_encoder(tiny_ce, tmp_path)
+    graphs = _record_engine_compiles(monkeypatch)
     monkeypatch.setenv("PIPELINE_COMPILE_FREEZE", "1")
     qs = _queries()
     pairs = [(qs[i % len(qs)], p) for i, p in enumerate(passages)]
@@ -602,26 +617,11 @@ def test_a_process_compiling_many_models_and_settings_keeps_every_layer_compiled
     it measures (defaults, frozen weights, every-token feed-forward, GELU unfused; packed and padded attention).
     Without room in dynamo's shared cache the first frozen model hit the limit and nothing compiled after it (every
     later row would have run eagerly while reporting compiled layers); now no limit is hit."""
-    import transformers
-
     sys.path.insert(0, str(REPO / "scripts"))
     from bench_gpu import dynamo_limit_hits, environment
 
-    cfg = copy.deepcopy(tiny_ce.model.config)
-    cfg.num_hidden_layers = 12
-    transformers.BertForSequenceClassification(cfg).save_pretrained(tmp_path)
-    tiny_ce.tokenizer.save_pretrained(tmp_path)
-    ce = st.CrossEncoder(str(tmp_path), device="cpu")
-    graphs = []
-
-    def recording(gm, example_inputs, **kwargs):
-        graphs.append(gm)
-        return gm.forward
-
-    compile_layers = rewrites.compile_encoder_layers
-    monkeypatch.setattr(rewrites, "compile_encoder_layers",
-                        lambda hf, backend="inductor", options=None: compile_layers(hf, backend=recording))
-    monkeypatch.setattr(varlen, "_VARLEN_FN", _reference_varlen_op())
+    ce = _twelve_layer_cross_encoder(tiny_ce, tmp_path)
+    graphs = _record_engine_compiles(monkeypatch)
     qs = _queries()
     pairs = [(qs[i % len(qs)], p) for i, p in enumerate(passages[:40])]
     settings = [{}, {"PIPELINE_COMPILE_FREEZE": "1"}, {"PIPELINE_FIRST_TOKEN_FFN": "0"}, {"PIPELINE_FUSE_GELU": "0"}]
