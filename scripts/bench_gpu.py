@@ -36,8 +36,8 @@ CrossEncoder.predict fp32 (a MiniLM cross-encoder fine-tuned for a few steps her
 overlap of our search vs semantic_search.
 
 MFU = model FLOPs / time / peak, FLOPs = 2 * non-embedding parameters * real tokens + 4 * layers * hidden * sum(len^2)
-(attention), padding not counted; peak = dense bf16 datasheet (H100 SXM and H200: 989 TFLOP/s), and also against the
-bf16 matmul rate measured at the start of the run.
+(attention), padding not counted; peak = dense bf16 datasheet (H100 SXM and H200: 989 TFLOP/s; H100 NVL 835, PCIe
+756), and also against the bf16 matmul rate measured at the start of the run.
 
 Needs only torch, transformers, sentence-transformers and numpy (no hydra/faiss; the training row also needs
 datasets and omegaconf, carried as wheels to a GPU machine that lacks them, and reports itself unavailable without
@@ -113,7 +113,18 @@ these sizes (6,295 -> 17,750 passages/s) and 33-37x at 31k-94k inputs (scripts/b
 `--quick` (tiny sizes, 2-layer models; a smoke test, not a measurement) takes a few minutes.
 """
 
-PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+# dense bf16 datasheet peaks, matched in this order against torch's device name ("NVIDIA H100 80GB HBM3" is an SXM
+# part; the PCIe and NVL cards share the "H100" name at lower clocks, so they are matched first)
+PEAKS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12,
+         "L4": 121e12}
+
+
+def datasheet_peak(device_name: str) -> tuple[float | None, str]:
+    """(peak FLOP/s, label) of the first PEAKS entry the device name contains; (None, why) when none does."""
+    for key, val in PEAKS.items():
+        if key in device_name:
+            return val, f"{val / 1e12:.0f} TFLOP/s dense bf16 ({key} datasheet)"
+    return None, "n/a (no datasheet peak for this device)"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -296,9 +307,10 @@ def topk_kw(method: str) -> dict:
 
 
 def fused_block(queries: torch.Tensor, chunk: torch.Tensor, scores: torch.Tensor, k: int, gemm_ms: float,
-                reps: int = 5) -> dict:
+                reps: int = 5, all_tiles: bool = True) -> dict:
     """pipeline/kernels.py's scores + group maxima (groups of 32 adjacent columns) on one block: the kernel alone at
-    each tile setting of ``kernels.GPU_TILE_CHOICES`` (the first call of each compiles it), then at the fastest with
+    each tile setting of ``kernels.GPU_TILE_CHOICES`` (the first call of each compiles it; only the default
+    ``kernels.GPU_TILES`` when not ``all_tiles``: a run short of time), then at the fastest with
     the top-k taken from its maxima, checked against the GEMM's scores and the grouped top-k. The fastest becomes
     ``kernels.GPU_TILES`` for the rest of the run (the whole-corpus probe). {"error": ...} where the kernel cannot
     run at all (no Triton, or no tile compiled: the search row goes on without it)."""
@@ -307,7 +319,7 @@ def fused_block(queries: torch.Tensor, chunk: torch.Tensor, scores: torch.Tensor
     if not kernels.available(queries.device):
         return {"error": "Triton or CUDA missing"}
     sweep, failed = {}, {}
-    for tiles in kernels.GPU_TILE_CHOICES:
+    for tiles in kernels.GPU_TILE_CHOICES if all_tiles else (kernels.GPU_TILES,):
         try:  # a tile that does not compile here (shared memory, registers) must not cost the others
             sweep[kernels.tile_name(tiles)] = ms_per_call(
                 queries.device, lambda: kernels.scores_and_group_max(queries, chunk, 32, tiles), reps)  # noqa: B023
@@ -370,13 +382,7 @@ class Bench:
         self.tmp = Path(tempfile.mkdtemp(prefix="bench_gpu_"))
         name = torch.cuda.get_device_name(self.dev) if self.dev.type == "cuda" else platform.processor() or "cpu"
         self.device_name = name
-        self.peak = None
-        self.peak_label = "n/a (no datasheet peak for this device)"
-        for key, val in PEAKS.items():
-            if key in name:
-                self.peak = val
-                self.peak_label = f"{val / 1e12:.0f} TFLOP/s dense bf16 ({key} datasheet)"
-                break
+        self.peak, self.peak_label = datasheet_peak(name)
         self.measured_peak = measure_matmul_peak(self.dev)
         from pipeline import engine, search, tokenizing, varlen
 
@@ -852,7 +858,8 @@ class Bench:
             parts = grouped_parts(Sb, 108, 32)
             self.results["search_grouped32_parts_ms"] = parts
             log("  grouped32's passes on that block: " + ", ".join(f"{m} {v:.2f} ms" for m, v in parts.items()))
-            fused = fused_block(qb, block, Sb, 108, gemm_ms)
+            # eight Triton compiles: only where the rows after this one keep their time
+            fused = fused_block(qb, block, Sb, 108, gemm_ms, all_tiles=self.left() - self.reserve_s > 75)
             self.results["search_fused32_block"] = fused
             if fused.get("tiles_ms"):
                 log("  fused32 kernel alone by tile (MxNxK, warps, stages): " + ", ".join(
@@ -880,12 +887,7 @@ class Bench:
         # warm-up, then a probe per top-k method over the whole corpus; the fastest sizes and runs the full job
         S.exact_search(queries[:1024], corpus[: min(N, 1 << 20)], k, show_progress=False, **topk_kw(methods[0]))
         probe = min(nq, 16384 if gpu else nq)
-        probes, redone = {}, {}
-        for meth in methods:
-            (_, _), probes[meth] = timed(self.dev, S.exact_search, queries[:probe], corpus, k, show_progress=False,
-                                         **topk_kw(meth))
-            if S.LAST_SEARCH.get("queries_redone"):
-                redone[meth] = S.LAST_SEARCH["queries_redone"]
+        probes, redone = self.probe_search(methods, queries[:probe], corpus, k)
         method = min(probes, key=probes.get)
         dt = probes[method]
         self.results["search_probe_s"] = {"queries": probe, **probes}
@@ -907,6 +909,8 @@ class Bench:
                                            **topk_kw(method))
         info = dict(S.LAST_SEARCH)
         flops = 2.0 * n_run * N * d
+        if n_run < nq:
+            self.results.setdefault("shortened", {})["search"] = f"ran {n_run} of {nq} queries (time budget)"
         ours = self.add("search", f"ours exact_search ({info['dtype']}, {method}, rescore {info['rescore']})", n_run,
                         dt_run, "queries/s", flops, extrapolated=False,
                         note="" if n_run == nq else f"ran {n_run} of {nq} queries (time budget)")
@@ -926,6 +930,35 @@ class Bench:
         del corpus, queries
         self.free()
 
+    def probe_search(self, methods: list[str], queries, corpus, k: int) -> tuple[dict, dict]:
+        """Seconds of each top-k method (topk_kw's names) searching ``queries`` over the whole corpus, and the
+        queries each searched again; the first method always runs, later ones while the rows after this one keep
+        their time. A method that fails is reported and left out (the fused kernel and the /16 re-search had not
+        run on a GPU when written); RuntimeError only when none runs."""
+        S = self.search
+        probes, redone, failed = {}, {}, {}
+        for pos, meth in enumerate(methods):
+            if pos and self.left() - self.reserve_s < 30:  # the full run and the baseline need ~25 s of it
+                failed.update({m: "not probed: time budget" for m in methods[pos:]})
+                break
+            try:
+                # untimed first: a Triton kernel specialises on the last chunk's width, and compiles for it here
+                S.exact_search(queries[:256], corpus, k, show_progress=False, **topk_kw(meth))
+                (_, _), probes[meth] = timed(self.dev, S.exact_search, queries, corpus, k, show_progress=False,
+                                             **topk_kw(meth))
+            except Exception as exc:
+                failed[meth] = f"{type(exc).__name__}: {exc}"[:300]
+                log(f"  probe {meth} FAILED: {failed[meth]}")
+                continue
+            if S.LAST_SEARCH.get("queries_redone"):
+                redone[meth] = S.LAST_SEARCH["queries_redone"]
+        if not probes:
+            raise RuntimeError(f"every search probe failed: {failed}")
+        if failed:
+            self.results["search_probe_errors"] = failed
+            self.results.setdefault("shortened", {})["search probes"] = "; ".join(f"{m}: {e}" for m, e in failed.items())
+        return probes, redone
+
     # ------------------------------------------------------------------------------------------ train
     def row_train(self):
         log("\n[4] training, MNRL batch 64")
@@ -941,11 +974,7 @@ class Bench:
             log("  train row: not available (datasets is not installed here)")
             self.results["rows"]["train"] = {"available": False, "reason": "datasets missing"}
             return
-        try:
-            self._train_rows(make_trainer, ("baseline", "ours", "ours_padded"))
-        except Exception as exc:  # report, don't hide the other rows
-            log(f"  train row: failed ({type(exc).__name__}: {exc})")
-            self.results["rows"]["train"] = {"available": True, "error": f"{type(exc).__name__}: {exc}"}
+        self._train_rows(make_trainer, ("baseline", "ours", "ours_padded"))
 
     def row_train_compiled(self):
         """The train stage's packed trainer with compiled layers (train.compile_layers), on the batches of the
@@ -1191,7 +1220,7 @@ class Bench:
                          "dtype": eng.LAST_RUN["dtype"], "compiled_layers": eng.LAST_RUN["compiled_layers"]}
             log(f"  embeddings ours ({eng.LAST_RUN['dtype']}, {eng.LAST_RUN['attention']}, "
                 f"{eng.LAST_RUN['compiled_layers']} compiled layers) vs ST fp32: "
-                f"cosine min {cos.min():.5f} mean {cos.mean():.6f}  [{'PASS' if cos.min() >= 0.999 else 'FAIL'} >= 0.999]")
+                f"cosine min {cos.min():.5f} mean {cos.mean():.6f}  [{verdict(cos.min() >= 0.999)} >= 0.999]")
         self.results["parity"]["embeddings"] = res
         # retrieval overlap: (a) search alone on ST fp32 embeddings, (b) end to end
         corpus_texts = self.passages[:self.size(150, 2000, len(self.passages))]
@@ -1211,7 +1240,7 @@ class Bench:
                                                    "corpus": len(corpus_texts)}
         log(f"  top-10 overlap vs semantic_search ({len(qtexts)} queries, {len(corpus_texts)} passages): "
             f"search only {ov_a:.4f}, encode+search end to end {ov_b:.4f}  "
-            f"[{'PASS' if min(ov_a, ov_b) >= 0.98 else 'FAIL'} >= 0.98]")
+            f"[{verdict(min(ov_a, ov_b) >= 0.98)} >= 0.98]")
         del st, c_ref, q_ref
         self.free()
         # cross-encoder: MiniLM body + 1-label head, fine-tuned for a few steps on DL20 qrels
@@ -1230,7 +1259,7 @@ class Bench:
         log(f"  cross-encoder ({how}) ours ({eng.LAST_RUN['dtype']}, {eng.LAST_RUN['attention']}, "
             f"{eng.LAST_RUN['compiled_layers']} compiled layers) vs "
             f"CrossEncoder.predict fp32 raw: Spearman {rho:.5f}, max |diff| {np.abs(ours - ref).max():.4f} "
-            f"(score std {np.std(ref):.3f})  [{'PASS' if rho >= 0.999 else 'FAIL'} >= 0.999]")
+            f"(score std {np.std(ref):.3f})  [{verdict(rho >= 0.999)} >= 0.999]")
         del ce
         self.free()
 
@@ -1273,6 +1302,15 @@ class Bench:
         return out, how
 
     # ---------------------------------------------------------------------------------------- report
+    def log_incomplete(self) -> None:
+        """One block naming every row that failed, was skipped or ran shortened, so a summary that reads complete
+        is complete."""
+        lines = [f"  {row}: FAILED ({err})" for row, err in self.results.get("errors", {}).items()]
+        lines += [f"  {row}: skipped ({why})" for row, why in self.results.get("skipped", {}).items()]
+        lines += [f"  {row}: {what}" for row, what in self.results.get("shortened", {}).items()]
+        if lines:
+            log("NOT COMPLETED:\n" + "\n".join(lines))
+
     def summary(self):
         log("\n" + "=" * 118)
         log(f"SUMMARY  device: {self.device_name}  |  MFU peak: {self.peak_label}" +
@@ -1296,20 +1334,24 @@ class Bench:
                 "extrapolated from a query subset)")
         if "train" in r and isinstance(r["train"], dict) and "reason" in r["train"]:
             log(f"        train row: not measured ({r['train']['reason']})")
+        self.log_incomplete()
         p = self.results["parity"]
         if p.get("embeddings"):
             e = p["embeddings"]
-            log("parity: embeddings cosine min " + ", ".join(f"{k}={v['min']:.5f} ({v['path']})" for k, v in e.items()))
+            log("parity: embeddings cosine min " + ", ".join(f"{k}={v['min']:.5f} ({v['path']})" for k, v in e.items())
+                + f"  [{verdict(all(v['min'] >= 0.999 for v in e.values()))} >= 0.999]")
         if p.get("top10_overlap"):
             o = p["top10_overlap"]
-            log(f"        top-10 overlap search-only {o['search_only']:.4f}, end-to-end {o['end_to_end']:.4f}")
+            log(f"        top-10 overlap search-only {o['search_only']:.4f}, end-to-end {o['end_to_end']:.4f}"
+                f"  [{verdict(min(o['search_only'], o['end_to_end']) >= 0.98)} >= 0.98]")
         store = {k.split("_")[0]: v for k, v in p.items() if k.endswith("_store_vs_texts_max_abs_diff")}
         if store:
             log("        from the token store vs from texts, max abs difference: " +
                 ", ".join(f"{k} {v:.3g}" for k, v in store.items()))
         if p.get("cross_encoder"):
             c = p["cross_encoder"]
-            log(f"        cross-encoder Spearman {c['spearman']:.5f} ({c['model']}; {c['dtype']}, {c['path']})")
+            log(f"        cross-encoder Spearman {c['spearman']:.5f} ({c['model']}; {c['dtype']}, {c['path']})"
+                f"  [{verdict(c['spearman'] >= 0.999)} >= 0.999]")
         limit_hits = dynamo_limit_hits()
         self.results["env"]["dynamo_recompile_limit_hits"] = limit_hits
         if limit_hits:  # some compiled frame ran eagerly from then on: rows after it measured less than they claim
@@ -1317,6 +1359,10 @@ class Bench:
                 "variant may have run some layers eagerly (TORCH_LOGS=recompiles shows which)")
         log(f"MFU = 2 x non-embedding params x real tokens + attention 4 x layers x hidden x sum(len^2), over the "
             f"peak above; MFU* over the measured matmul rate. Total wall {time.perf_counter() - self.t0:.0f}s")
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
 
 
 def vs_control(rates: dict[str, list[float]], control: str) -> dict[str, dict]:
@@ -1344,9 +1390,9 @@ def dynamo_limit_hits() -> int:
 
 
 #: seconds a row took on an H200 (session 12's three runs, rounded up: encode 65-78, score 43-52, train 31-36,
-#: parity 31, search 25-30, train_compiled 15-17, batch 74; compile: session 6): the search row shrinks to leave
-#: these to the rows after it
-ROW_COST_S = {"encode": 80.0, "score": 55.0, "train": 38.0, "parity": 35.0, "search": 30.0, "compile": 30.0,
+#: parity 31, search 25-30, train_compiled 15-17, batch 74; compile: session 6; search 40: the fused kernel's
+#: probes came later): the search row shrinks to leave these to the rows after it
+ROW_COST_S = {"encode": 80.0, "score": 55.0, "train": 38.0, "parity": 35.0, "search": 40.0, "compile": 30.0,
               "batch": 75.0, "train_compiled": 20.0}
 
 
@@ -1368,12 +1414,12 @@ def main(argv=None) -> int:
     ap.add_argument("--train-steps", type=int, default=None,
                     help="optimizer steps per trainer in the training row (default 60 on a GPU, 8 on the CPU)")
     ap.add_argument("--budget-s", type=float, default=None,
-                    help="soft time budget in seconds (default 280 on a GPU, 3600 on the CPU, --quick 900); the search "
+                    help="soft time budget in seconds (default 260 on a GPU, 3600 on the CPU, --quick 900); the search "
                          "row shrinks to fit")
     args = ap.parse_args(argv)
     if args.budget_s is None:
         on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-        args.budget_s = 900.0 if args.quick else 280.0 if on_gpu else 3600.0
+        args.budget_s = 900.0 if args.quick else 260.0 if on_gpu else 3600.0
     if args.minilm is None:
         m = default_minilm()
         args.minilm = str(m) if m else None
@@ -1403,12 +1449,9 @@ def run_rows(b: Bench, args) -> int:
               "train_compiled": b.row_train_compiled}[name]
         t_row = time.perf_counter()
         try:
-            if name == "train" and b.left() < 45:
-                log(f"\n[4] training: skipped, {b.left():.0f}s left of the time budget")
-                b.results["rows"]["train"] = {"available": None, "reason": "time budget"}
-                continue
-            if name == "train_compiled" and b.left() < 30:
-                log(f"\n[6] training with compiled layers: skipped, {b.left():.0f}s left of the time budget")
+            if name in ("train", "train_compiled") and b.left() < (45 if name == "train" else 30):
+                log(f"\n[{name}] skipped: {b.left():.0f}s left of the time budget")
+                b.results.setdefault("skipped", {})[name] = f"time budget ({b.left():.0f}s left)"
                 continue
             fn()
             log(f"  [{name} row: {time.perf_counter() - t_row:.0f}s wall]")

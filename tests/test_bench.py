@@ -73,3 +73,52 @@ def test_vs_control_without_a_control():
     """On the CPU there is no control row: rates are kept, ratios are None."""
     out = bench_gpu.vs_control({"GELU not fused into its GEMM": [40.0]}, CONTROL)
     assert out == {"GELU not fused into its GEMM": {"rates": [40.0], "mean": 40.0, "vs_control": None}}
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H200", 989e12), ("NVIDIA H100 80GB HBM3", 989e12),
+                                        ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+                                        ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla V100-SXM2-32GB", None)])
+def test_mfu_peak_follows_the_exact_part_not_its_family(name, peak):
+    # an H100 PCIe card reports "H100" too: at the SXM peak its MFU would read 24% low
+    assert bench_gpu.datasheet_peak(name)[0] == peak
+
+
+def test_search_probes_survive_a_failing_method_and_stop_for_time(monkeypatch):
+    """One search method that fails on the GPU (the fused kernel, the /16 re-search: both new there) must cost
+    only its own probe; probes stop while the rows after the search keep their time; every probe failing is the
+    row's failure."""
+    monkeypatch.setattr(bench_gpu, "sync", lambda dev: None)
+    clock = {"left": 100.0}
+    searched = []
+
+    def exact_search(queries, corpus, k, **kw):
+        searched.append((len(queries), kw.get("topk_method"), kw.get("chunk_keep")))
+        if kw.get("topk_method") == "fused":
+            raise RuntimeError("PTX: out of resources")
+        clock["left"] -= 10.0 if len(queries) > 256 else 0.0
+        return None, None
+
+    stub_search = types.SimpleNamespace(exact_search=exact_search, LAST_SEARCH={})
+    bench = types.SimpleNamespace(search=stub_search, dev=torch.device("cpu"), left=lambda: clock["left"],
+                                  reserve_s=45.0, results={})
+    probes, _ = bench_gpu.Bench.probe_search(bench, ["grouped32", "fused32", "grouped16", "grouped64", "topk"],
+                                             list(range(4096)), None, 100)
+    assert list(probes) == ["grouped32", "grouped16", "grouped64"]  # then 70 s left, 25 past the reserve: stop
+    errors = bench.results["search_probe_errors"]
+    assert errors["fused32"].startswith("RuntimeError") and errors["topk"] == "not probed: time budget"
+    assert "fused32" in bench.results["shortened"]["search probes"]
+    assert [n for n, *_ in searched[:2]] == [256, 4096]  # an untimed small search before each timed one
+    with pytest.raises(RuntimeError, match="every search probe failed"):
+        bench_gpu.Bench.probe_search(bench, ["fused32"], list(range(4096)), None, 100)
+
+
+def test_summary_names_what_did_not_complete(capsys):
+    bench = types.SimpleNamespace(results={"errors": {"train": "RuntimeError: CUDA error"},
+                                           "skipped": {"train_compiled": "time budget (12s left)"},
+                                           "shortened": {"search": "ran 262144 of 500000 queries (time budget)"}})
+    bench_gpu.Bench.log_incomplete(bench)
+    out = capsys.readouterr().out
+    assert "NOT COMPLETED" in out and "train: FAILED" in out and "train_compiled: skipped" in out
+    assert "search: ran 262144 of 500000" in out
+    bench_gpu.Bench.log_incomplete(types.SimpleNamespace(results={}))
+    assert "NOT COMPLETED" not in capsys.readouterr().out
