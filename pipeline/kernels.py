@@ -151,6 +151,10 @@ def _programs(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# the pointer kernel's element offsets (row x row stride + column) are 32-bit: a launch covers at most this many
+_INT32_ELEMENTS = 2**31
+
+
 def scores_and_group_max(queries: torch.Tensor, chunk: torch.Tensor, group: int = GROUP, tiles: dict | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores [q, n] fp16 = queries @ chunk.T, group maxima [q, ceil(n / group)] fp16: the maximum of columns
@@ -176,9 +180,17 @@ def scores_and_group_max(queries: torch.Tensor, chunk: torch.Tensor, group: int 
     gmax = torch.empty((M, -(-N // group)), dtype=torch.float16, device=q.device)
     tiles_total = triton.cdiv(M, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"])
     if kind == "pointer":
+        if N * K >= _INT32_ELEMENTS:
+            raise ValueError(f"a chunk of {N} x {K} is past the kernel's 32-bit offsets: use a smaller corpus chunk")
         scores = torch.empty((M, N), dtype=torch.float16, device=q.device)
-        _scores_group_max_kernel[(tiles_total,)](q, c, scores, gmax, M, N, q.stride(0), c.stride(0),
-                                                 scores.stride(0), gmax.stride(0), K=K, GROUP_N=group, **tiles)
+        # bands of query rows whose score offsets fit 32 bits (one band up to 8,191 queries x 262,144 columns);
+        # past it the kernel would write before its buffer
+        band = max(1, (_INT32_ELEMENTS - 1) // max(N, K))
+        for r0 in range(0, M, band):
+            r1 = min(M, r0 + band)
+            grid = (triton.cdiv(r1 - r0, tiles["BLOCK_M"]) * triton.cdiv(N, tiles["BLOCK_N"]),)
+            _scores_group_max_kernel[grid](q[r0:r1], c, scores[r0:r1], gmax[r0:r1], r1 - r0, N, q.stride(0),
+                                           c.stride(0), scores.stride(0), gmax.stride(0), K=K, GROUP_N=group, **tiles)
         return scores, gmax
     if K % 8 or not (_interpreting() or torch.cuda.get_device_capability(q.device)[0] >= 9):
         raise ValueError(f"the {kind} kernel needs a width divisible by 8 and a Hopper GPU or later (width {K})")

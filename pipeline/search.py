@@ -1,6 +1,7 @@
 """Exact top-k inner-product search (torch, CPU or GPU) and faiss backends.
 
-Inputs are already normalised when cosine similarity is wanted: everything here is an inner product.
+Inputs are already normalised when cosine similarity is wanted: everything here is an inner product. They must be
+finite (the stages refuse NaN or infinite embeddings before they get here: pipeline.stages.common.check_finite).
 
 ``exact_search`` streams the corpus in chunks (a float16 ``np.memmap`` larger than RAM is fine: each chunk is read,
 used and released), multiplies each chunk with blocks of queries, keeps a per-chunk top-k and merges it into a
@@ -60,23 +61,24 @@ def _resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _release_pages(arr, start_row: int, end_row: int) -> None:
-    """Drop the pages of a memmap'd row range from this process's resident set (they stay in the page cache)."""
+    """Drop the pages that hold only rows [start_row, end_row) of a memmap from this process's resident set (they
+    stay in the page cache): what keeps a corpus larger than RAM searchable. Not for a copy-on-write map (mode
+    "c"): there dropping a page discards the edits made to it in memory. Positions come from the array's own data
+    address, so a slice of a memmap (which carries its parent's ``offset``) releases its own rows."""
     mm = getattr(arr, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise"):
-        base = getattr(arr, "base", None)
-        mm = base if isinstance(base, mmap.mmap) else None
-    if mm is None or not hasattr(mm, "madvise"):
+    if not isinstance(arr, np.memmap) or arr.mode == "c" or not isinstance(mm, mmap.mmap) or \
+            not arr.flags.c_contiguous or end_row <= start_row:
         return
     try:
-        row_bytes = int(np.prod(arr.shape[1:])) * arr.dtype.itemsize
-        off = int(getattr(arr, "offset", 0)) + start_row * row_bytes
-        end = int(getattr(arr, "offset", 0)) + end_row * row_bytes
+        base = np.frombuffer(mm, dtype=np.uint8).__array_interface__["data"][0]
+        first = arr.__array_interface__["data"][0] - base
+        row_bytes = arr.strides[0] if arr.ndim else arr.itemsize
         page = mmap.PAGESIZE
-        a = (off // page) * page
-        b = min(len(mm), ((end + page - 1) // page) * page)
+        a = -(-(first + start_row * row_bytes) // page) * page  # inward: pages shared with other rows stay
+        b = min(len(mm), (first + end_row * row_bytes) // page * page)
         if b > a:
             mm.madvise(mmap.MADV_DONTNEED, a, b - a)
-    except Exception:  # pragma: no cover - best effort
+    except (ValueError, OSError, TypeError):  # pragma: no cover - a closed map, a platform without madvise
         pass
 
 
@@ -229,6 +231,17 @@ def _block_top(Qb: torch.Tensor, resident: torch.Tensor, bounds: list, keep: int
     return top_s, top_i, cut
 
 
+def _put(q: "queue.Queue", item, stop: threading.Event) -> bool:
+    """Put ``item`` unless the consumer has stopped (it may have failed with the queue full): False then."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def _chunk_reader(corpus, bounds, dtype: torch.dtype, pin: bool, q: "queue.Queue", stop: threading.Event):
     try:
         for c0, c1 in bounds:
@@ -240,15 +253,11 @@ def _chunk_reader(corpus, bounds, dtype: torch.dtype, pin: bool, q: "queue.Queue
                 _release_pages(corpus, c0, c1)
             if pin:
                 t = t.pin_memory()
-            while not stop.is_set():
-                try:
-                    q.put((c0, c1, t), timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-        q.put(None)
+            if not _put(q, (c0, c1, t), stop):
+                return
+        _put(q, None, stop)
     except BaseException as exc:  # forwarded
-        q.put(exc)
+        _put(q, exc, stop)
 
 
 def exact_search(
@@ -287,7 +296,8 @@ def exact_search(
     ``chunk_keep`` (merge "once" only): candidates kept per (query block, corpus chunk), instead of all k +
     ``tie_margin``; the final k-th score of each query is then checked against every chunk's last kept score, and
     the queries where a chunk may have held more of their top k than it kept are searched again with every
-    candidate kept (one host synchronisation per query block), so the result is the same. The top k of 8.84M
+    candidate kept (their whole query block, so that scores round as in the first pass; one host synchronisation
+    per query block), so the result is the same. The top k of 8.84M
     passages holds ~3 of each 262,144-row chunk: keeping 16 instead of 108 shrinks the gather, the last top-k and
     the merge six-fold (not yet measured on a GPU: scripts/bench_gpu.py's "/16" probe).
     """
@@ -404,9 +414,12 @@ def exact_search(
                     if cut is not None:  # queries whose top k a chunk may have held more of than it kept
                         redo = torch.nonzero(best_s[q0:q1, keep - 1] <= cut).flatten()
                         if redo.numel():
-                            rows = redo + q0
-                            best_s[rows], best_i[rows], _ = _block_top(Q[rows], resident, bounds, keep, keep,
-                                                                       topk_method, topk_group)
+                            # the whole block again, keeping every candidate: a GEMM over only the redone rows
+                            # rounds differently, which can swap near-equal scores (rare: ~1e-7 per chunk for
+                            # random vectors at 16 of 108)
+                            full_s, full_i, _ = _block_top(Q[q0:q1], resident, bounds, keep, keep, topk_method,
+                                                           topk_group)
+                            best_s[redo + q0], best_i[redo + q0] = full_s[redo], full_i[redo]
                             redone += int(redo.numel())
                     if bar is not None:
                         bar.update(q1 - q0)

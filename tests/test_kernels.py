@@ -49,7 +49,7 @@ def test_kernels_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                           "-k", "interpreted"], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0 and re.search(r"\b4 passed", run.stdout), run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.returncode == 0 and re.search(r"\b5 passed", run.stdout), run.stdout[-3000:] + run.stderr[-3000:]
 
 
 @inside_interpreter
@@ -76,6 +76,23 @@ def test_interpreted_kernel_scores_and_group_maxima_match_torch():
         kernels.scores_and_group_max(q, c, tiles=dict(settings[1], kernel="wgmma"))
     with pytest.raises(ValueError, match="divisible by 8"):  # TMA rows must be 16-byte multiples
         kernels.scores_and_group_max(q[:, :44].contiguous(), c[:, :44].contiguous(), tiles=settings[2])
+
+
+@inside_interpreter
+def test_interpreted_pointer_kernel_keeps_its_offsets_within_32_bits(monkeypatch):
+    """A score block of 2^31 elements or more (8,192 queries x 262,144 columns) is computed in bands of query rows
+    whose offsets fit: here the limit is lowered to just above the 201 x 48 corpus chunk, so that 150 x 201
+    scores take four bands of at most 48 rows."""
+    monkeypatch.setattr(kernels, "_INT32_ELEMENTS", 201 * 48 + 1)
+    torch.manual_seed(1)
+    q = torch.randn(150, 48).half()
+    c = torch.randn(201, 48).half()
+    tiles = dict(kernel="pointer", BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SWIZZLE_M=3)
+    scores, gmax = kernels.scores_and_group_max(q, c, group=32, tiles=tiles)
+    torch.testing.assert_close(scores, (q.float() @ c.float().T).half(), atol=2e-2, rtol=2e-3)
+    torch.testing.assert_close(gmax, _group_max(scores, 32), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="smaller corpus chunk"):  # the corpus rows' own offsets
+        kernels.scores_and_group_max(q, torch.zeros((500, 48), dtype=torch.float16), tiles=tiles)
 
 
 @inside_interpreter
@@ -109,6 +126,9 @@ def test_interpreted_bench_sweep_picks_a_tile_and_checks_the_selection(monkeypat
     assert out["tiles"] == min(out["tiles_ms"], key=out["tiles_ms"].get) == kernels.tile_name(kernels.GPU_TILES)
     assert out["same_topk"] is True and out["max_abs_diff"] <= 2e-3
     assert 0.5 < out["same_index_share_vs_grouped32"] <= 1.0
+    # a run short of time compiles only the setting the sweep kept
+    short = bench_gpu.fused_block(q, c, (q.float() @ c.float().T).half(), 10, 0.0, reps=1, all_tiles=False)
+    assert list(short["tiles_ms"]) == [out["tiles"]] and short["same_topk"] is True
 
 
 @inside_interpreter

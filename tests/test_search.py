@@ -145,13 +145,96 @@ def test_few_candidates_per_chunk_give_the_same_top_k(method):
     assert S.LAST_SEARCH["chunk_keep"] == 8
     np.testing.assert_array_equal(i, ref_i)
     np.testing.assert_array_equal(i, full[1])
-    np.testing.assert_allclose(s, full[0], atol=1e-6)  # a re-searched block of other size: BLAS rounding
+    np.testing.assert_array_equal(s, full[0])  # the re-search repeats the block's own GEMM: same rounding
     redone = S.LAST_SEARCH["queries_redone"]
     assert 2 <= redone < len(q) // 4  # the cluster's and the tie's queries at least; not every query
     # ten chunks cannot give the top 100 at 8 each: every chunk then keeps all it needs
     S.exact_search(q, torch.from_numpy(c), 100, device="cpu", corpus_chunk=400, topk_method=method, merge="once",
                    chunk_keep=8, show_progress=False)
     assert S.LAST_SEARCH["chunk_keep"] >= 100 and S.LAST_SEARCH["queries_redone"] == 0
+
+
+def test_a_re_searched_query_keeps_the_order_of_equal_scores():
+    """Rows 3 and 5 score the same for query 0 in exact arithmetic (one is a permutation of the other); a GEMM over
+    a different number of queries sums in another order and can split them either way. The re-search that
+    chunk_keep triggers must give the order of the search without it."""
+    rng = np.random.default_rng(0)
+    d = 64
+    q = np.zeros((8, d), np.float32)
+    q[0] = 1.0
+    q[np.arange(1, 8), np.arange(1, 8)] = 1.0
+    c = rng.standard_normal((64, d)).astype(np.float32) * 0.01
+    a = np.abs(rng.standard_normal(d)).astype(np.float32)
+    c[3], c[5], c[1] = a, a[rng.permutation(d)], 0.9 * a  # query 0's top 3 all in the first chunk: searched again
+    for j in range(1, 8):  # queries 1-7 take their top 3 from three chunks: not searched again
+        for m, r in enumerate((8 + j, 24 + j, 40 + j)):
+            c[r, j], c[r, 0] = 100.0 + m, -(100.0 + m)
+    kw = dict(device="cpu", corpus_chunk=8, query_chunk=8, merge="once", show_progress=False)
+    full = S.exact_search(q, torch.from_numpy(c), 3, **kw)
+    few = S.exact_search(q, torch.from_numpy(c), 3, chunk_keep=2, **kw)
+    assert S.LAST_SEARCH["queries_redone"] == 1
+    np.testing.assert_array_equal(few[1], full[1])
+    np.testing.assert_array_equal(few[0], full[0])
+
+
+def test_copy_on_write_memmap_is_searched_as_edited(tmp_path):
+    """A corpus opened copy-on-write (mode "c") and edited in memory: releasing its pages after a chunk would
+    discard the edits (the search would see the file, and so would the caller afterwards)."""
+    np.save(tmp_path / "emb.npy", np.ones((4096, 64), np.float16))
+    mm = np.load(tmp_path / "emb.npy", mmap_mode="c")
+    mm[:] = 0
+    mm[2000] = 1
+    s, i = S.exact_search(np.ones((1, 64), np.float32), mm, 3, device="cpu", corpus_chunk=1024, show_progress=False)
+    assert i[0].tolist() == [2000, 0, 1] and s[0].tolist() == [64.0, 0.0, 0.0]
+    assert float(mm.astype(np.float32).sum()) == 64.0
+
+
+def _rss_file_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1])
+    pytest.skip("no RssFile in /proc/self/status")
+
+
+def test_a_memmap_slice_releases_its_own_pages(tmp_path):
+    """A slice of a memmap carries its parent's ``offset``: the pages released after each chunk must be the
+    slice's, or a corpus larger than RAM stays resident as it is read (here +25 MB of 25)."""
+    n, d = 200_000, 64  # 25.6 MB of float16
+    path = tmp_path / "big.f16"
+    mm = np.memmap(path, dtype=np.float16, mode="w+", shape=(n, d))
+    mm[:] = 0.01
+    mm.flush()
+    del mm
+    ro = np.memmap(path, dtype=np.float16, mode="r", shape=(n, d))
+    before = _rss_file_kb()
+    S.exact_search(np.ones((1, d), np.float32), ro[n // 2:], 3, device="cpu", show_progress=False)
+    assert _rss_file_kb() - before < 4096
+
+
+def test_a_failing_search_stops_its_reader_thread(monkeypatch):
+    """The thread that reads a streamed corpus ahead must end when the search fails with its queue full, not
+    stay blocked holding (on CUDA: pinned) chunks: four chunks, the second fails, the last two and the end mark
+    are still to be queued."""
+    import threading
+    import time
+
+    calls = []
+    real = S._candidates
+
+    def fail_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(S, "_candidates", fail_second)
+    c = np.random.default_rng(0).standard_normal((4000, 8)).astype(np.float32)
+    threads = threading.active_count()
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        S.exact_search(np.ones((3, 8), np.float32), c, 3, device="cpu", corpus_chunk=1000, show_progress=False)
+    assert time.perf_counter() - t0 < 2.0  # not the 5 s join timeout
+    assert threading.active_count() == threads
 
 
 @pytest.mark.parametrize("method", ["grouped", "pruned", "topk"])
