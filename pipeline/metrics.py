@@ -52,6 +52,16 @@ def parse_measures(names: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+def with_relevance_level(names: Iterable[str], level: int) -> list[str]:
+    """The names with ``rel=level`` added to each binary measure that sets no level of its own (what trec_eval's
+    ``-l`` does: TREC-DL's RR, AP and recall count grade >= 2); graded measures such as nDCG are left as they are."""
+    out = []
+    for name, measure in parse_measures(names).items():
+        binary = "rel" in getattr(measure, "SUPPORTED_PARAMS", {}) and "rel" not in measure.params
+        out.append(str(measure(rel=int(level))) if binary else name)
+    return out
+
+
 def max_cutoff(names: Iterable[str]) -> int | None:
     """Largest cutoff among the measures (None when none has one): the retrieval depth they need."""
     cutoffs = [int(m.params["cutoff"]) for m in parse_measures(names).values() if m.params.get("cutoff")]
@@ -97,6 +107,7 @@ def _provider_for(measure: Any):
 def per_query(qrels: Qrels, run: Run, measures: Sequence[str]) -> dict[str, dict[str, float]]:
     """{measure name: {qid: value}} for every query in both the qrels and the run."""
     _check_inputs(qrels, run)
+    measures = [str(m).strip() for m in measures]  # the names parse_measures keys its result by
     qrels_plain = {str(q): {str(d): int(g) for d, g in judged.items()} for q, judged in qrels.items()}
     run_plain = {str(q): {str(d): float(s) for d, s in ranked.items()} for q, ranked in run.items() if ranked}
     out: dict[str, dict[str, float]] = {name: {} for name in measures}

@@ -19,7 +19,7 @@ import math
 import os
 import zlib
 from array import array
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,6 +172,8 @@ def read_qrels(source: str | os.PathLike) -> Qrels:
     source = str(source)
     if source.startswith("irds:"):
         return _irds_qrels(source[5:])
+    if source.startswith("hf:"):
+        return _hf_qrels(source[3:])
     path = Path(source)
     qrels: Qrels = {}
     beir = False
@@ -599,9 +601,9 @@ def check_qrels_in_corpus(qrels: Qrels, corpus: Corpus, source: str, max_missing
 # --------------------------------------------------------------------------- optional sources
 
 
-def _hf_records(spec: str, id_keys: Sequence[str], text_keys: Sequence[str], title_keys: Sequence[str]
-                ) -> Iterator[dict[str, str]]:
-    """Rows of a Hugging Face dataset given as `<hub id or dir>[@split][#config]`."""
+def _hf_dataset(spec: str) -> tuple[Any, str, Callable[[Sequence[str], bool], str | None]]:
+    """(dataset, its name for messages, pick(column names, required) -> the first present) of a Hugging Face
+    dataset given as `<hub id or dir>[@split][#config]`."""
     import datasets
 
     config = None
@@ -626,12 +628,44 @@ def _hf_records(spec: str, id_keys: Sequence[str], text_keys: Sequence[str], tit
             raise DataError(f"hf:{spec}", None, f"no column among {list(keys)} (columns: {cols})")
         return col
 
+    return ds, f"hf:{spec}", pick
+
+
+def _hf_records(spec: str, id_keys: Sequence[str], text_keys: Sequence[str], title_keys: Sequence[str]
+                ) -> Iterator[dict[str, str]]:
+    """Rows of a Hugging Face dataset given as `<hub id or dir>[@split][#config]`."""
+    ds, name, pick = _hf_dataset(spec)
     id_col, text_col, title_col = pick(id_keys, True), pick(text_keys, True), pick(title_keys, False)
     for i, row in enumerate(ds, 1):
         rid = row[id_col]
         if rid is None or str(rid) == "":
-            raise DataError(f"hf:{spec}", i, "empty id")
+            raise DataError(name, i, "empty id")
         yield {"id": str(rid), "text": row[text_col] or "", "title": (row[title_col] or "") if title_col else ""}
+
+
+def _hf_qrels(spec: str) -> Qrels:
+    """Judgements from a Hugging Face dataset with a query id, a document id and a grade per row (BEIR's
+    `BeIR/<name>-qrels@test`: query-id, corpus-id, score); the same checks as the file readers."""
+    ds, name, pick = _hf_dataset(spec)
+    q_col = pick(("query-id", "query_id", "qid"), True)
+    d_col = pick(("corpus-id", "corpus_id", "doc_id", "docid", "pid"), True)
+    g_col = pick(("score", "relevance", "grade", "label"), True)
+    qrels: Qrels = {}
+    for i, row in enumerate(ds, 1):
+        qid, pid, grade = row[q_col], row[d_col], row[g_col]
+        if qid is None or pid is None or str(qid) == "" or str(pid) == "":
+            raise DataError(name, i, "empty query or document id")
+        try:
+            grade = int(grade)
+        except (TypeError, ValueError):
+            raise DataError(name, i, f"relevance grade {grade!r} is not an integer") from None
+        judged = qrels.setdefault(str(qid), {})
+        if str(pid) in judged and judged[str(pid)] != grade:
+            raise DataError(name, i, f"conflicting grades for ({qid}, {pid}): {judged[str(pid)]} and {grade}")
+        judged[str(pid)] = grade
+    if not qrels:
+        raise DataError(name, None, "no judgements")
+    return qrels
 
 
 def _irds(dataset_id: str):

@@ -104,3 +104,23 @@ def test_score_run_command_prints_trec_eval_lines(tmp_path):
     import json
 
     assert round(json.loads(out.read_text())["measures"]["nDCG@10"], 4) == 0.6854
+
+
+def test_measure_names_are_read_without_surrounding_spaces():
+    # a name from a hand-written list or a shell argument (' RR@10') must not crash the scoring
+    assert metrics.evaluate_run({"q1": {"d1": 1}}, {"q1": {"d1": 1.0}}, [" RR@10 "]) == {"RR@10": 1.0}
+
+
+def test_relevance_level_reaches_binary_measures_only(tmp_path):
+    """trec_eval.py -l 2: TREC-DL's binary measures count grade >= 2; nDCG keeps the grades as gains and a
+    measure that names its own level keeps it."""
+    assert metrics.with_relevance_level(["nDCG@10", "RR@10", "AP", "R@100", "RR(rel=1)@10"], 2) == [
+        "nDCG@10", "RR(rel=2)@10", "AP(rel=2)", "R(rel=2)@100", "RR(rel=1)@10"]
+    (tmp_path / "qrels").write_text("q1 0 d1 1\nq1 0 d2 2\n")
+    (tmp_path / "run").write_text("q1 Q0 d1 1 2.0 t\nq1 Q0 d2 2 1.0 t\n")
+    script = [sys.executable, str(REPO_ROOT / "scripts" / "trec_eval.py"), str(tmp_path / "qrels"),
+              str(tmp_path / "run"), "-m", "RR@10"]
+    level1 = subprocess.run(script, capture_output=True, text=True, timeout=120)
+    level2 = subprocess.run(script + ["-l", "2"], capture_output=True, text=True, timeout=120)
+    assert ["RR@10", "all", "1.0000"] in [line.split() for line in level1.stdout.splitlines()], level1.stderr
+    assert ["RR(rel=2)@10", "all", "0.5000"] in [line.split() for line in level2.stdout.splitlines()], level2.stderr

@@ -214,3 +214,23 @@ def test_corpus_errors(tmp_path):
         Corpus.open(write(tmp_path / "c2.tsv", "1\tone\n2\t\n"), tmp_path / "cache", empty_text="error")
     kept = Corpus.open(tmp_path / "c2.tsv", tmp_path / "cache2")
     assert kept.meta["empty_text_documents"] == 1
+
+
+def test_hugging_face_sources_for_corpus_queries_and_qrels(tmp_path):
+    """`hf:<dir or hub id>[@split]` wherever a file is expected (here datasets saved to disk, as a hub download
+    would give them): BEIR's column names, ids as strings, the qrels checks of the file readers."""
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_dict({"_id": ["d1", "d2"], "title": ["T", ""], "text": ["one", "two"]}).save_to_disk(
+        tmp_path / "corpus")
+    datasets.Dataset.from_dict({"_id": ["007", "8"], "text": ["q seven", "q eight"]}).save_to_disk(tmp_path / "queries")
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict(
+        {"query-id": ["007", "007", "8"], "corpus-id": ["d1", "d2", "d2"], "score": [1, 0, 2]})}).save_to_disk(
+        tmp_path / "qrels")
+    corpus = Corpus.open(f"hf:{tmp_path / 'corpus'}", tmp_path / "cache")
+    assert len(corpus) == 2
+    assert read_queries(f"hf:{tmp_path / 'queries'}") == {"007": "q seven", "8": "q eight"}
+    assert read_qrels(f"hf:{tmp_path / 'qrels'}@test") == {"007": {"d1": 1, "d2": 0}, "8": {"d2": 2}}
+    datasets.Dataset.from_dict({"query-id": ["1", "1"], "corpus-id": ["d1", "d1"], "score": [1, 2]}).save_to_disk(
+        tmp_path / "bad")
+    with pytest.raises(DataError, match=r"conflicting grades for \(1, d1\)"):
+        read_qrels(f"hf:{tmp_path / 'bad'}")
