@@ -30,7 +30,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from pipeline.artifacts import MARKER, StageError, StageRun, config_key, is_complete, open_stage, stage_folder
+from pipeline.artifacts import (MARKER, StageError, StageLocked, StageRun, config_key, is_complete, open_stage,
+                                stage_folder)
 from pipeline.config import plain
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,13 @@ def run_sharded(cfg: DictConfig, stage: str, identity: dict[str, Any], label: st
         log.info("%s: part %d of %d is complete at %s; the merge waits for shard.index=%s (the last shard to "
                  "finish merges)", stage, index, count, pst.path, missing)
         return pst.path
-    with open_stage(stage, identity, force=False, resumable=True, **common) as st:
+    with contextlib.ExitStack() as stack:
+        try:
+            st = stack.enter_context(open_stage(stage, identity, force=False, resumable=True, **common))
+        except StageLocked:  # every shard that finishes after the last part tries: a rerun array starts together
+            log.info("%s: part %d of %d is complete; another shard is merging the parts into %s (if it dies, "
+                     "rerunning any shard merges)", stage, index, count, final)
+            return pst.path
         if st.done:
             return st.path
         ctx = ctx or prepare(final)

@@ -196,3 +196,62 @@ def test_embedding_rows_written_by_ranges_and_committed(tmp_path):
     assert common.embeddings_file_fits(path, 10, 4) and not common.embeddings_file_fits(path, 10, 5)
     with pytest.raises(StageError, match=r"expected \(10, 5\) float16; force=true rebuilds it"):
         common.write_embedding_rows(path, 10, 0, np.zeros((1, 5), np.float32), marks)
+
+
+def test_embeddings_that_are_not_finite_are_refused_by_row(tmp_path):
+    """A model that overflowed gives NaN or infinite embeddings, which a search ranks first or last for every
+    query without a word; values past float16's range become infinite in the file. The writer refuses both and
+    writes nothing of the block."""
+    from pipeline.stages import common
+
+    path, marks = tmp_path / "emb.f16.npy", tmp_path / "marks"
+    block = np.ones((4, 3), np.float32)
+    block[2, 1] = np.nan
+    with pytest.raises(StageError, match=r"1 of 4 corpus embeddings are not finite \(first: row 102\)"):
+        common.write_embedding_rows(path, 200, 100, block, marks)
+    block[2, 1], block[3, 0] = 1.0, 70000.0  # finite in float32, infinite in the float16 file
+    with pytest.raises(StageError, match=r"first: row 103"):
+        common.write_embedding_rows(path, 200, 100, block, marks)
+    assert not path.exists()  # refused before anything was written
+    with pytest.raises(StageError, match="query embeddings are not finite"):
+        common.check_finite(np.array([[0.5, np.inf]], np.float32), "query")
+    common.check_finite(np.zeros((0, 3), np.float32), "query")
+
+
+def test_row_markers_of_a_missing_embeddings_file_are_not_trusted(tmp_path):
+    """A forced rerun clears the folder; killed after the embeddings file went but before all its row markers
+    did, it leaves markers for rows of a file that no longer exists. The resumed encode must encode those rows
+    again, not skip them into a fresh all-zero file that it then calls complete."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+    from omegaconf import OmegaConf
+
+    from pipeline.artifacts import open_stage
+    from pipeline.stages import common, retrieve
+
+    n, dim = 8, 4
+    cfg = OmegaConf.create({"artifacts_root": str(tmp_path), "token_cache": False, "retrieve": {"encode_block": 2},
+                            "shard": {"index": 0, "count": 1}})
+
+    class Passages(SimpleNamespace):
+        def __len__(self):
+            return n
+
+    corpus = Passages(table=pa.table({"text": [f"p{i}" for i in range(n)]}), fingerprint="c")
+
+    def ctx(final, value):
+        return SimpleNamespace(cfg=cfg, final=final, corpus=corpus, model=None,
+                               facts={"embedding_key": "K", "corpus_prompt": None},
+                               encode=lambda texts, *a, **k: np.full((len(texts), dim), value, np.float32))
+
+    with pytest.raises(RuntimeError, match="killed"), open_stage("retrieve", {"r": 1}, root=tmp_path, label="l",
+                                                                 resumable=True) as st:
+        retrieve.encode_corpus(ctx(st.path, 2.0), st)
+        raise RuntimeError("killed before the stage completed")
+    final = st.path
+    (final / retrieve.EMB_FILE).unlink()  # the file gone, its markers still there
+    assert common.committed_row_count(final / retrieve.EMB_BLOCKS) == n
+    with open_stage("retrieve", {"r": 1}, root=tmp_path, label="l", resumable=True) as st:
+        emb = retrieve.encode_corpus(ctx(st.path, 3.0), st)
+    np.testing.assert_array_equal(np.asarray(emb), np.full((n, dim), 3.0, np.float16))

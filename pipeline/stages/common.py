@@ -145,6 +145,23 @@ def rows_committed(marks: Path, lo: int, hi: int) -> bool:
     return (marks / f"rows-{lo}-{hi}.done").exists()
 
 
+def _unlink_row_marks(marks: Path) -> int:
+    stale = list(marks.glob("rows-*.done")) if marks.is_dir() else []
+    for mark in stale:
+        mark.unlink(missing_ok=True)
+    return len(stale)
+
+
+def forget_rows_of_a_missing_file(path: Path, marks: Path) -> int:
+    """Remove the row markers in ``marks`` when the embeddings file ``path`` they commit rows of is gone (a run
+    killed while a forced rerun cleared its folder: the markers may go after the file); how many. Without this
+    a resumed encode would skip those rows and leave them zero in a file it then calls complete."""
+    if path.exists() or not marks.is_dir():
+        return 0
+    with folder_lock(marks, wait_s=600):
+        return 0 if path.exists() else _unlink_row_marks(marks)
+
+
 def commit_rows(marks: Path, lo: int, hi: int) -> None:
     """Mark rows lo..hi of an embeddings file as written and synced: no writer does them again."""
     atomic_write_text(marks / f"rows-{lo}-{hi}.done", f"{lo} {hi}\n")
@@ -172,21 +189,36 @@ def embeddings_file_fits(path: Path, n: int, dim: int) -> bool:
 
 def create_embeddings_file(path: Path, n: int, dim: int, lock_dir: Path) -> None:
     """The float16 .npy of n x dim at ``path``, created once (sparse; under ``lock_dir``'s lock, renamed into place)
-    by whichever writer comes first."""
+    by whichever writer comes first. Row markers left in ``lock_dir`` commit nothing of a new file: removed first."""
     if not path.exists():
         with folder_lock(lock_dir, wait_s=600):
             if not path.exists():
+                _unlink_row_marks(lock_dir)
                 with atomic_path(path) as tmp:
                     mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim))
                     mm.flush()
                     del mm
 
 
+def check_finite(emb: np.ndarray, what: str, first_row: int = 0) -> None:
+    """StageError naming the rows of ``emb`` (float16 or float32) that hold a NaN or an infinity: a model that
+    overflowed would otherwise rank them first or last in every search, silently."""
+    bad = np.flatnonzero(~np.isfinite(emb).all(axis=1)) if emb.size else np.zeros(0, np.int64)
+    if bad.size:
+        raise StageError(f"{bad.size} of {len(emb)} {what} embeddings are not finite (first: row "
+                         f"{first_row + int(bad[0])}): the model overflowed; a wider precision (bf16 or fp32) or a "
+                         f"model whose values fit float16 (|x| <= 65,504) is needed")
+
+
 def write_embedding_rows(path: Path, n: int, lo: int, emb: np.ndarray, lock_dir: Path) -> None:
     """Write rows [lo, lo + len(emb)) of the float16 .npy at ``path`` (see :func:`create_embeddings_file`), then
     sync them. Rows go in by byte range (pwrite), not through a writable memmap: a memmap dirties whole pages, and on
-    a shared filesystem two hosts writing neighbouring ranges would overwrite each other's half of a page."""
+    a shared filesystem two hosts writing neighbouring ranges would overwrite each other's half of a page.
+    Rows that are not finite once in float16 are refused (:func:`check_finite`); nothing is written then."""
     dim = int(emb.shape[1])
+    with np.errstate(over="ignore"):  # an overflow becomes inf, which check_finite names
+        half = np.ascontiguousarray(emb, dtype=np.float16)
+    check_finite(half, "corpus", first_row=lo)
     create_embeddings_file(path, n, dim, lock_dir)
     mm = np.load(path, mmap_mode="r")
     if mm.shape != (n, dim) or mm.dtype != np.float16:
@@ -194,7 +226,7 @@ def write_embedding_rows(path: Path, n: int, lo: int, emb: np.ndarray, lock_dir:
                          f"force=true rebuilds it")
     offset = int(mm.offset) + lo * dim * 2
     del mm
-    data = memoryview(np.ascontiguousarray(emb, dtype=np.float16)).cast("B")
+    data = memoryview(half).cast("B")
     fd = os.open(path, os.O_WRONLY)
     try:
         done = 0

@@ -51,9 +51,10 @@ from pipeline.config import plain
 from pipeline.models import load_bi_encoder, model_identity, resolve_device
 from pipeline.readers import (Candidates, Corpus, DataError, Qrels, corpus_source_fingerprint, read_candidates,
                               read_qrels, read_queries, sources_by_content, write_run)
-from pipeline.stages.common import (EMB_FILE, artifacts_root, commit_rows, committed_row_count, corpus_rows,
-                                    create_embeddings_file, embedding_key, embeddings_file_fits, link_embeddings,
-                                    load_corpus, resolve_prompt, rows_committed, token_store, write_embedding_rows)
+from pipeline.stages.common import (EMB_FILE, artifacts_root, check_finite, commit_rows, committed_row_count,
+                                    corpus_rows, create_embeddings_file, embedding_key, embeddings_file_fits,
+                                    link_embeddings, load_corpus, resolve_prompt, rows_committed, token_store,
+                                    write_embedding_rows)
 from pipeline.tokens import TextTokens
 
 log = logging.getLogger(__name__)
@@ -518,6 +519,7 @@ class _Dense:
         emb = self.corpus_embeddings()
         qids = list(queries)
         q_emb = self.encode([queries[q] for q in qids], self.query_prompt, desc=f"encode {name} queries")
+        check_finite(q_emb, f"{name} query")
         k = min(k, emb.shape[0])
         backend = str(self.cfg.evaluate.search_backend)
         kw = {"device": self.device} if backend in ("torch", "exact") else {}  # faiss picks its own device

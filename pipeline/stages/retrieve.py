@@ -154,6 +154,8 @@ def encode_corpus(ctx: _Ctx, st: StageRun) -> np.ndarray:
     index, count = shard_settings(cfg)
     mine = shard_blocks(total, index, count)
     order = list(mine) + [b for b in range(total) if b not in mine]
+    if common.forget_rows_of_a_missing_file(final / EMB_FILE, final / EMB_BLOCKS):
+        log.warning("retrieve: %s was missing beside its row markers; encoding every block again", final / EMB_FILE)
     todo = [b for b in order if not _block_done(final, *block_bounds(b, block, n))]
     done_rows = n - sum(block_bounds(b, block, n)[1] - block_bounds(b, block, n)[0] for b in todo)
     encoded = 0
@@ -255,6 +257,8 @@ def _work(ctx: _Ctx, st: StageRun, blocks: range, out_dir: Path) -> None:
         with st.timed("encode_queries"):
             q_emb = np.concatenate([ctx.encode(ctx.qtexts[lo:hi], "query", desc=f"encode queries {lo:,}+",
                                                progress=len(todo) == 1) for lo, hi in bounds])
+        common.check_finite(q_emb, "query" if len(bounds) == 1 else "query (this shard's blocks, in order)",
+                            first_row=bounds[0][0] if len(bounds) == 1 else 0)
         with st.timed("search"):
             scores, idx = search(q_emb, emb, k, backend=backend, **kw)
         scores, idx = np.asarray(scores, dtype=np.float32), np.asarray(idx, dtype=np.int64)
