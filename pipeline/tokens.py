@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from pipeline import tokenize_worker
+from pipeline import signals, tokenize_worker
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +239,8 @@ def open_store(corpus, tokenizer_json: str, cache_root: str | os.PathLike, *, wa
                 _save(parts / f"block-{b:06d}.lengths.npy", lengths)  # written last: marks the block done
                 built += hi - lo
                 log.info("token store: %d / %d passages tokenised (%d tokeniser processes)", hi, n, workers)
+                # a safe point: MS MARCO's build takes minutes, longer than Slurm's warning before the time limit
+                signals.stop_if_requested()
         with atomic_path(folder) as tmp:
             tmp.mkdir()
             lengths = np.concatenate([np.load(parts / f"block-{b:06d}.lengths.npy") for b in range(len(blocks))]) \

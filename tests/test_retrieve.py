@@ -255,3 +255,52 @@ def test_row_markers_of_a_missing_embeddings_file_are_not_trusted(tmp_path):
     with open_stage("retrieve", {"r": 1}, root=tmp_path, label="l", resumable=True) as st:
         emb = retrieve.encode_corpus(ctx(st.path, 3.0), st)
     np.testing.assert_array_equal(np.asarray(emb), np.full((n, dim), 3.0, np.float16))
+
+
+def test_a_kill_while_linking_embeddings_never_writes_into_the_linked_file(tmp_path, monkeypatch):
+    """retrieve links a complete evaluate folder's corpus embeddings (same key) and marks its blocks done. Killed
+    in between, the rerun must not encode the unmarked blocks into the linked file: that is the evaluate
+    folder's file too, which would change under its checksums. And no writer writes into a shared file."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+    from omegaconf import OmegaConf
+
+    from pipeline.artifacts import StageRun, open_stage, verify_folder
+    from pipeline.stages import common, retrieve
+
+    n, dim = 8, 4
+    with open_stage("evaluate", {"e": 1}, root=tmp_path, label="ev") as st:
+        np.save(st.file(common.EMB_FILE), np.ones((n, dim), np.float16))
+        st.extra["embedding_key"] = "K"
+    evaluated = st.path
+    cfg = OmegaConf.create({"artifacts_root": str(tmp_path), "token_cache": False, "retrieve": {"encode_block": 2},
+                            "shard": {"index": 0, "count": 1}})
+    final = tmp_path / "retrieve" / "l-123"
+    final.mkdir(parents=True)
+
+    class Passages(SimpleNamespace):
+        def __len__(self):
+            return n
+
+    ctx = SimpleNamespace(cfg=cfg, final=final, model=None, facts={"embedding_key": "K", "corpus_prompt": None},
+                          corpus=Passages(table=pa.table({"text": [f"p{i}" for i in range(n)]}), fingerprint="c"),
+                          encode=lambda texts, *a, **k: np.full((len(texts), dim), 2.0, np.float32))
+    real, marked = common.commit_rows, []
+
+    def killed_at_the_second_marker(*a):
+        marked.append(a)
+        if len(marked) == 2:
+            raise SystemExit("killed")
+        return real(*a)
+
+    monkeypatch.setattr(common, "commit_rows", killed_at_the_second_marker)
+    with pytest.raises(SystemExit):
+        retrieve.encode_corpus(ctx, StageRun("retrieve", final, "123", {}, {}))
+    monkeypatch.setattr(common, "commit_rows", real)
+    emb = retrieve.encode_corpus(ctx, StageRun("retrieve", final, "123", {}, {}))
+    np.testing.assert_array_equal(np.asarray(emb), np.ones((n, dim), np.float16))  # linked again, not encoded
+    assert verify_folder(evaluated) == [] and np.load(evaluated / common.EMB_FILE).min() == 1
+    with pytest.raises(StageError, match="hard link shared with another stage folder"):
+        common.write_embedding_rows(final / common.EMB_FILE, n, 0, np.zeros((2, dim), np.float32),
+                                    final / retrieve.EMB_BLOCKS)

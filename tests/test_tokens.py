@@ -256,6 +256,50 @@ def test_store_build_is_keyed_reused_and_resumes(models, demo_data_dir, tmp_path
         tokens.open_store(corpus, js, tmp_path / "cache")
 
 
+def test_a_stop_signal_during_the_store_build_is_taken_after_the_block(models, demo_data_dir, tmp_path, monkeypatch):
+    """Slurm warns a job (SIGUSR2) a couple of minutes before its time limit; MS MARCO's store takes longer than
+    that to build. The signal is taken once the block in progress is committed, not after the last block; the
+    rerun builds only the blocks left."""
+    import os
+    import signal
+
+    from pipeline import signals
+    from pipeline.readers import Corpus
+
+    class Requeued(Exception):
+        pass
+
+    def requeue(signum, frame):  # stands in for submitit's handler: requeue, leave
+        raise Requeued()
+
+    bi, _ = models
+    corpus = Corpus.open(demo_data_dir / "collection.tsv", tmp_path / "cache")
+    js = tokens.fast_tokenizer_json(bi)
+    monkeypatch.setattr(tokens, "BUILD_BLOCK", 64)
+    real = tokens.raw_tokens
+    calls = []
+
+    def warned_in_the_first_block(backend, texts):
+        calls.append(len(texts))
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return real(backend, texts)
+
+    monkeypatch.setattr(tokens, "raw_tokens", warned_in_the_first_block)
+    old = signal.signal(signal.SIGUSR2, requeue)
+    try:
+        with pytest.raises(Requeued), signals.deferred():
+            tokens.open_store(corpus, js, tmp_path / "cache")
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    assert len(calls) == 1  # stopped after the first block, of many
+    calls.clear()
+    monkeypatch.setattr(tokens, "raw_tokens", lambda backend, texts: calls.append(len(texts)) or real(backend, texts))
+    store = tokens.open_store(corpus, js, tmp_path / "cache")
+    assert json.loads((store.folder / "manifest.json").read_text())["tokenised_here"] == len(corpus) - 64
+    assert len(calls) == -(-len(corpus) // 64) - 1
+
+
 def test_build_blocks_bound_passages_and_bytes(demo_data_dir, tmp_path, monkeypatch):
     from pipeline.readers import Corpus
 

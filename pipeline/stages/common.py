@@ -112,29 +112,37 @@ def embedding_key(model_spec: str, corpus: Corpus, prompt: str | None, normalize
 EMBEDDING_STAGES = ("evaluate", "retrieve")
 
 
-def link_embeddings(root: Path, key: str, target: Path, here: Path) -> Path | None:
-    """Link (hard link; a copy across filesystems) the corpus embeddings of a complete retrieve or evaluate folder
-    whose recorded key is ``key`` (:func:`embedding_key`) to ``target``, instead of encoding the corpus again;
-    returns that folder, or None where there is none. The file is never written in place afterwards: a forced rerun
-    of either folder replaces it."""
+def reusable_embeddings(root: Path, key: str, here: Path) -> Path | None:
+    """A complete retrieve or evaluate folder (not ``here``) whose corpus embeddings were recorded with ``key``
+    (:func:`embedding_key`), or None."""
     manifests = [m for stage in EMBEDDING_STAGES for m in sorted((root / stage).glob(f"*/{MANIFEST}"))]
     for manifest in manifests:
         folder = manifest.parent
         if folder == here or not is_complete(folder) or not (folder / EMB_FILE).is_file():
             continue
         try:
-            if read_manifest(folder).get("extra", {}).get("embedding_key") != key:
-                continue
+            if read_manifest(folder).get("extra", {}).get("embedding_key") == key:
+                return folder
         except (OSError, ValueError):
             continue
-        with atomic_path(target) as tmp:
-            try:
-                os.link(folder / EMB_FILE, tmp)
-            except OSError:
-                shutil.copyfile(folder / EMB_FILE, tmp)
-        log.info("reusing corpus embeddings of %s", folder)
-        return folder
     return None
+
+
+def link_embeddings(root: Path, key: str, target: Path, here: Path, source: Path | None = None) -> Path | None:
+    """Link (hard link; a copy across filesystems) the corpus embeddings of ``source`` or else of
+    :func:`reusable_embeddings` to ``target``, instead of encoding the corpus again; returns that folder, or None
+    where there is none. The file is never written in place afterwards (write_embedding_rows refuses a file with
+    other links): a forced rerun of either folder replaces it."""
+    folder = source or reusable_embeddings(root, key, here)
+    if folder is None:
+        return None
+    with atomic_path(target) as tmp:
+        try:
+            os.link(folder / EMB_FILE, tmp)
+        except OSError:
+            shutil.copyfile(folder / EMB_FILE, tmp)
+    log.info("reusing corpus embeddings of %s", folder)
+    return folder
 
 
 # the embeddings file while it is written: any writer (a retrieve shard, an evaluate device process, a rerun) writes
@@ -220,6 +228,9 @@ def write_embedding_rows(path: Path, n: int, lo: int, emb: np.ndarray, lock_dir:
         half = np.ascontiguousarray(emb, dtype=np.float16)
     check_finite(half, "corpus", first_row=lo)
     create_embeddings_file(path, n, dim, lock_dir)
+    if os.stat(path).st_nlink > 1:  # linked from (or to) another folder's complete embeddings: never write into it
+        raise StageError(f"{path} is a hard link shared with another stage folder's embeddings; writing rows into "
+                         f"it would change that folder too. force=true rebuilds this folder's own file")
     mm = np.load(path, mmap_mode="r")
     if mm.shape != (n, dim) or mm.dtype != np.float16:
         raise StageError(f"{path} has shape {mm.shape} {mm.dtype}, expected ({n}, {dim}) float16; "

@@ -209,18 +209,22 @@ def encode_corpus(ctx: _Ctx, st: StageRun) -> np.ndarray:
 def _link_corpus(ctx: _Ctx, total: int) -> bool:
     """Before any block is encoded: link the embeddings of a complete evaluate (or retrieve) folder with this
     encode's key (the v2 evaluated before the chain, or the model an earlier iteration trained and evaluated) and
-    mark every block done, so no shard encodes. Under the blocks' folder lock: concurrent shards link once."""
+    mark every block done, so no shard encodes. Under the blocks' folder lock: concurrent shards link once. The
+    markers go first: a kill between them and the link leaves markers without a file, which the next encode
+    forgets (the other order left a linked file that a rerun wrote its missing blocks into)."""
     final = ctx.final
+    root, key = common.artifacts_root(ctx.cfg), ctx.facts["embedding_key"]
     (final / EMB_BLOCKS).mkdir(parents=True, exist_ok=True)
     with folder_lock(final / EMB_BLOCKS, wait_s=600):
         if (final / EMB_FILE).exists():  # a shard already created or linked it
             return False
-        if common.link_embeddings(common.artifacts_root(ctx.cfg), ctx.facts["embedding_key"], final / EMB_FILE,
-                                  final) is None:
+        source = common.reusable_embeddings(root, key, final)
+        if source is None:
             return False
         n, block = len(ctx.corpus), int(ctx.cfg.retrieve.encode_block)
         for b in range(total):
             common.commit_rows(final / EMB_BLOCKS, *block_bounds(b, block, n))
+        common.link_embeddings(root, key, final / EMB_FILE, final, source=source)
     return True
 
 
