@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MARKER = "_COMPLETE"
 LOCK = ".lock"
-_BOOKKEEPING = {MANIFEST, MARKER, LOCK}
+FORCED = ".forced"  # the forced run (forced_run_id) that last cleared the folder
+_BOOKKEEPING = {MANIFEST, MARKER, LOCK, FORCED}
 _SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd)", re.IGNORECASE)
 _SAFE_LABEL = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -344,6 +345,39 @@ class StageRun:
         return self.path / name
 
 
+def forced_run_id() -> str | None:
+    """The forced run this process belongs to: ``force=true`` clears a folder once per id, so that a requeued job
+    and the other tasks of its array resume what it started instead of clearing it again (a forced job longer than
+    one time limit never finished). PIPELINE_FORCE_ID where set; else the Slurm (array) job id of a job that
+    submitit launched (requeues keep it, an array's tasks share it); else None: every forced invocation clears,
+    as an interactive shell (even inside one allocation) expects."""
+    if os.environ.get("PIPELINE_FORCE_ID"):
+        return os.environ["PIPELINE_FORCE_ID"]
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+        return f"slurm-{job}" if job else None
+    return None
+
+
+def forced_by(path: Path) -> str | None:
+    """The forced run id that last cleared ``path`` (None: none recorded)."""
+    try:
+        return (Path(path) / FORCED).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def clear_for_force(path: Path, force_id: str | None) -> bool:
+    """Clear ``path`` (its lock file kept) for a forced run, once per ``force_id`` (recorded in the folder); every
+    time without one. Whether it cleared. The caller holds the folder's lock."""
+    if force_id is not None and forced_by(path) == force_id:
+        return False
+    _clear_folder(path)
+    if force_id is not None:
+        atomic_write_text(path / FORCED, force_id + "\n")
+    return True
+
+
 @contextlib.contextmanager
 def open_stage(stage: str, identity: Mapping[str, Any], *, root: str | os.PathLike, label: str | None = None,
                config: Mapping[str, Any] | None = None, force: bool = False, resumable: bool = False,
@@ -351,6 +385,7 @@ def open_stage(stage: str, identity: Mapping[str, Any], *, root: str | os.PathLi
     """Run a stage's body inside its keyed folder.
 
     - complete and not forced: yields a run with `done=True`; the body must return at once.
+    - forced: cleared and recomputed, once per :func:`forced_run_id` (a requeued forced job finds what it did).
     - incomplete leftovers: kept when `resumable` (committed chunks are reused), otherwise cleared.
     - on success: checksums every file, writes manifest.json, then the _COMPLETE marker (last).
     - on any error: nothing is marked complete; a full disk gets a message that says so.
@@ -359,8 +394,11 @@ def open_stage(stage: str, identity: Mapping[str, Any], *, root: str | os.PathLi
     key = config_key(identity)
     path = stage_folder(root, stage, label or stage, key)
     run = StageRun(stage=stage, path=path, key=key, identity=identity, config=redact(dict(config or identity)))
+    force_id = forced_run_id() if force else None
     with folder_lock(path, wait_s=lock_wait_s):
-        if is_complete(path) and not force:
+        # this forced run cleared the folder before (a requeue, an array's other task): its work is kept
+        again = force_id is not None and forced_by(path) == force_id
+        if is_complete(path) and (not force or again):
             log.info("%s: complete result found at %s (key %s), skipping; force=true recomputes", stage, path, key)
             run.done = True
             yield run
@@ -369,8 +407,8 @@ def open_stage(stage: str, identity: Mapping[str, Any], *, root: str | os.PathLi
             log.warning("%s: force=true, discarding the complete result at %s and recomputing", stage, path)
         (path / MARKER).unlink(missing_ok=True)
         (path / MANIFEST).unlink(missing_ok=True)
-        if force or not resumable:
-            _clear_folder(path)
+        if (force and not again) or not resumable:
+            clear_for_force(path, force_id) if force else _clear_folder(path)
         else:
             for leftover in path.rglob(".tmp-*"):  # half-written files of a killed run; never committed
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()

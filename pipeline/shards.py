@@ -30,8 +30,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from pipeline.artifacts import (MARKER, StageError, StageLocked, StageRun, config_key, is_complete, open_stage,
-                                stage_folder)
+from pipeline.artifacts import (MARKER, StageError, StageLocked, StageRun, clear_for_force, config_key,
+                                folder_lock, forced_by, forced_run_id, is_complete, open_stage, stage_folder)
 from pipeline.config import plain
 
 log = logging.getLogger(__name__)
@@ -146,11 +146,21 @@ def run_sharded(cfg: DictConfig, stage: str, identity: dict[str, Any], label: st
                 merge(ctx, st, [st.path / "blocks"])
         return st.path
 
-    if is_complete(final) and not cfg.force:
+    force_id = forced_run_id() if cfg.force else None
+    if is_complete(final) and (not cfg.force or (force_id is not None and forced_by(final) == force_id)):
         log.info("%s: the merged result is complete at %s; nothing to do for shard %d", stage, final, index)
         return final
-    if cfg.force:  # recompute this part and merge again, without clearing the other shards' parts
+    if cfg.force and force_id is not None:
+        # the first shard of this forced run clears everything the shards share (parts, corpus embeddings); the
+        # others, and requeues, find its id recorded and keep what this run has done since
+        with folder_lock(final, wait_s=max(600.0, float(cfg.lock_wait_s))):
+            if clear_for_force(final, force_id):
+                log.info("%s: force=true (run %s): cleared %s for every shard of this run", stage, force_id, final)
+    elif cfg.force:  # no run id: each shard recomputes its own part; what the shards share is kept
         (final / MARKER).unlink(missing_ok=True)
+        log.warning("%s: force=true on shard %d without a run id recomputes this shard's part only; the corpus "
+                    "embeddings the shards share are kept. Under submitit's Slurm launcher the job id is the run "
+                    "id; elsewhere set PIPELINE_FORCE_ID=<one id> for every shard of the forced run", stage, index)
     ctx = None
     part_label = f"shard-{index}-of-{count}"
     with open_stage("parts", part_identity(key, index, count), force=cfg.force, resumable=True,

@@ -6,6 +6,9 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# a suite run inside a Slurm job submitit launched (or with a forced run id) must not see forced folders as its own
+for _name in ("PIPELINE_FORCE_ID", "SUBMITIT_EXECUTOR"):
+    os.environ.pop(_name, None)
 
 from pathlib import Path  # noqa: E402
 

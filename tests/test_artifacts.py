@@ -209,3 +209,41 @@ def test_processes_starting_together_read_a_file_once(tmp_path, digest_cache):
     for t in threads:
         t.join()
     assert len(digest_cache["reads"]) == 1 and len(set(out)) == 1 and out[0] == digest_cache["real"](f)
+
+
+def test_forced_run_id_comes_from_the_launcher_not_from_any_allocation(monkeypatch):
+    from pipeline.artifacts import forced_run_id
+
+    for name in ("PIPELINE_FORCE_ID", "SUBMITIT_EXECUTOR", "SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    assert forced_run_id() is None  # an interactive shell in an allocation: each forced command clears
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    assert forced_run_id() == "slurm-77"  # a requeued job keeps its id
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "70")
+    assert forced_run_id() == "slurm-70"  # every task of the array shares it
+    monkeypatch.setenv("PIPELINE_FORCE_ID", "rerun-2")
+    assert forced_run_id() == "rerun-2"
+
+
+def test_a_forced_run_clears_once_then_resumes_what_it_started(tmp_path, monkeypatch):
+    """force=true under one run id (a submitit Slurm job): the first start clears and recomputes; a requeue of
+    that job finds its committed work (a resumable stage) or its complete result instead of starting over, which
+    a forced job longer than one time limit needs to ever finish. Another id forces again."""
+    calls: list[int] = []
+    first = work(tmp_path, calls=calls)
+    monkeypatch.setenv("PIPELINE_FORCE_ID", "job-1")
+    with pytest.raises(RuntimeError, match="time limit"):
+        with open_stage("demo", IDENTITY, root=tmp_path, label="lbl", force=True, resumable=True) as st:
+            atomic_write_json(st.file("chunk-0.json"), {"committed": True})
+            raise RuntimeError("time limit")
+    assert not (first / "out.json").exists()  # cleared by the forced start
+    with open_stage("demo", IDENTITY, root=tmp_path, label="lbl", force=True, resumable=True) as st:
+        assert not st.done and (st.path / "chunk-0.json").exists()  # the requeue resumes
+        atomic_write_json(st.file("out.json"), {"value": 2})
+    assert verify_folder(first) == []  # the run id's record is bookkeeping, not content
+    assert work(tmp_path, calls=calls, force=True) == first and calls == [1]  # this run's result: kept
+    monkeypatch.setenv("PIPELINE_FORCE_ID", "job-2")
+    assert work(tmp_path, calls=calls, force=True) == first and calls == [1, 1]
+    monkeypatch.delenv("PIPELINE_FORCE_ID")
+    assert work(tmp_path, calls=calls, force=True) == first and calls == [1, 1, 1]  # no id: every force clears

@@ -45,3 +45,40 @@ def test_a_shard_that_finds_another_merging_succeeds_without_merging(tmp_path):
                         merge=merge)
     assert merges == [SHARDS] and is_complete(final) and (final / "merged.txt").read_text() == "0123"
     assert during["shard 1"].name.startswith(f"shard-1-of-{SHARDS}")  # its part, complete; no exception
+
+
+def test_a_forced_sharded_run_clears_what_the_shards_share_once(tmp_path, monkeypatch):
+    """force=true over an array (one run id): the first shard clears the merged result, every part and what the
+    shards share (retrieve's corpus embeddings live in the final folder: kept, they were reused after the model's
+    output changed); the array's other shards and requeued ones keep what this run has done since."""
+    worked = []
+
+    def work(ctx, run, blocks, out):
+        out.mkdir(parents=True, exist_ok=True)
+        for b in blocks:
+            worked.append(b)
+            (out / f"block-{b}").write_text(ctx.version)
+
+    def merge(ctx, st, dirs):
+        (st.path / "merged.txt").write_text("".join((d / f"block-{i}").read_text() for i, d in enumerate(dirs)))
+
+    def run(index, version, force):
+        cfg = _cfg(tmp_path, index)
+        cfg.force = force
+        return run_sharded(cfg, "demo", {"x": 1}, "demo", work=work, merge=merge,
+                           prepare=lambda final: SimpleNamespace(n_blocks=SHARDS, version=version))
+
+    for index in range(SHARDS):
+        final = run(index, "a", False)
+    (final / "corpus_emb.f16.npy").write_text("made by the old model")
+    monkeypatch.setenv("PIPELINE_FORCE_ID", "slurm-9")
+    worked.clear()
+    run(0, "b", True)
+    assert not (final / "corpus_emb.f16.npy").exists() and not is_complete(final)
+    run(1, "b", True)  # the same run's next task: shard 0's part is kept
+    run(1, "b", True)  # shard 1 requeued
+    run(2, "b", True)
+    assert worked == [0, 1, 2]
+    final = run(3, "b", True)
+    assert (final / "merged.txt").read_text() == "bbbb" and worked == [0, 1, 2, 3]
+    assert run(0, "b", True) == final and worked == [0, 1, 2, 3]  # requeued after the merge: nothing to do
