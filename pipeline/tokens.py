@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,6 +230,10 @@ def open_store(corpus, tokenizer_json: str, cache_root: str | os.PathLike, *, wa
         todo = [b for b in range(len(blocks)) if not (parts / f"block-{b:06d}.lengths.npy").exists()]
         workers = build_workers(sum(blocks[b][1] - blocks[b][0] for b in todo))
         built = 0
+        # an assembly killed (SIGKILL: no cleanup) left its temporary store, gigabytes for MS MARCO; only the
+        # lock holder assembles, so any such folder is stale
+        for stale in root.glob(f".tmp-{folder.name}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         with RawTokenizer(tokenizer_json, workers) as tokenize:
             vocab = int(tokenize.backend.get_vocab_size(with_added_tokens=True))
             dtype = np.uint16 if vocab <= np.iinfo(np.uint16).max + 1 else np.int32

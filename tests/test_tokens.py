@@ -259,7 +259,7 @@ def test_store_build_is_keyed_reused_and_resumes(models, demo_data_dir, tmp_path
 def test_a_stop_signal_during_the_store_build_is_taken_after_the_block(models, demo_data_dir, tmp_path, monkeypatch):
     """Slurm warns a job (SIGUSR2) a couple of minutes before its time limit; MS MARCO's store takes longer than
     that to build. The signal is taken once the block in progress is committed, not after the last block; the
-    rerun builds only the blocks left."""
+    rerun builds only the blocks left, and removes what a killed assembly left."""
     import os
     import signal
 
@@ -293,11 +293,16 @@ def test_a_stop_signal_during_the_store_build_is_taken_after_the_block(models, d
     finally:
         signal.signal(signal.SIGUSR2, old)
     assert len(calls) == 1  # stopped after the first block, of many
+    # and an earlier assembly killed outright left its temporary store behind
+    stale = tmp_path / "cache" / "tokens" / f".tmp-{corpus.fingerprint}-{tokens.tokenizer_key(js)}-1-2"
+    stale.mkdir()
+    (stale / "ids.npy").write_bytes(b"half")
     calls.clear()
     monkeypatch.setattr(tokens, "raw_tokens", lambda backend, texts: calls.append(len(texts)) or real(backend, texts))
     store = tokens.open_store(corpus, js, tmp_path / "cache")
     assert json.loads((store.folder / "manifest.json").read_text())["tokenised_here"] == len(corpus) - 64
     assert len(calls) == -(-len(corpus) // 64) - 1
+    assert not stale.exists()
 
 
 def test_build_blocks_bound_passages_and_bytes(demo_data_dir, tmp_path, monkeypatch):
