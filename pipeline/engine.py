@@ -322,10 +322,15 @@ def _compile_layers(prep: _Prepared, freeze: bool = False) -> None:
 
 
 
-def _pools_first_token_only(model) -> bool:
+def _pools_first_token_only(model, prompt: str | None = None) -> bool:
     """Whether a SentenceTransformer's pooling reads only the first token ([CLS] pooling alone: ANCE, BGE,
-    msmarco-bert-base-dot-v5), under the pooling_mode of sentence-transformers 6.x or the older boolean flags."""
-    for module in list(model)[1:] if tokenizing.transformer_module(model) is not None else []:
+    msmarco-bert-base-dot-v5), under the pooling_mode of sentence-transformers 6.x or the older boolean flags.
+    Only a pooling module right after the transformer (a CNN or LSTM between mixes the tokens first), and not
+    one that leaves a ``prompt`` out (``include_prompt=False``: its "first" token is the one after the prompt)."""
+    modules = list(model)[1:2] if tokenizing.transformer_module(model) is not None else []
+    for module in modules:
+        if prompt and getattr(module, "include_prompt", True) is False:
+            return False
         modes = getattr(module, "pooling_mode", None)
         if isinstance(modes, (str, tuple, list)):
             return tuple([modes] if isinstance(modes, str) else modes) == ("cls",)
@@ -334,6 +339,22 @@ def _pools_first_token_only(model) -> bool:
                      and not callable(getattr(module, name))]
             return bool(module.pooling_mode_cls_token) and sum(flags) == 1
     return False
+
+
+def _unusual_transformer_output(model) -> str | None:
+    """What makes a SentenceTransformer's Transformer module hand on something other than its last hidden state
+    as ``token_embeddings`` (what the engine feeds the modules after it), or None."""
+    module = tokenizing.transformer_module(model)
+    config = getattr(module, "modality_config", None)
+    text = config.get("text") if isinstance(config, dict) else None
+    if isinstance(text, dict) and (text.get("method", "forward") != "forward" or
+                                   text.get("method_output_name", "last_hidden_state") != "last_hidden_state"):
+        return f"reads {text!r} from the model"
+    if getattr(module, "module_output_name", None) not in (None, "token_embeddings"):
+        return f"writes its output to {module.module_output_name!r}"
+    if any(type(m).__name__ == "WeightedLayerPooling" for m in list(model)[1:]):
+        return "is followed by WeightedLayerPooling, which reads every layer's output"
+    return None
 
 
 
@@ -649,7 +670,7 @@ class _Runner:
         self.dtype = resolve_precision(precision, self.device)
         self.prep = _prepare(hf_model, self.device, self.dtype, attention,
                              resolve_compile_layers(compile_layers, self.device, len(items)),
-                             first_token_head=kind == "pairs" or _pools_first_token_only(model))
+                             first_token_head=kind == "pairs" or _pools_first_token_only(model, prompt))
         cfg_max_pos = getattr(getattr(hf_model, "config", None), "max_position_embeddings", None)
         max_positions = (cfg_max_pos - self.prep.pos_offset) if cfg_max_pos else None
         tok = getattr(tokenizing.transformer_module(model), "tokenizer", None) or getattr(model, "tokenizer", None)
@@ -1031,6 +1052,10 @@ def encode_texts(
     module = tokenizing.transformer_module(model)
     if module is None or not hasattr(module, "auto_model"):
         raise TypeError("encode_texts needs a SentenceTransformer whose first module is a Transformer")
+    unusual = _unusual_transformer_output(model)
+    if unusual:  # the embeddings would be silently wrong (cosine 0.3-0.5 to the library's on such models)
+        raise TypeError(f"encode_texts hands the transformer's last hidden state on as token embeddings; this "
+                        f"model's Transformer module {unusual}. Encode it with SentenceTransformer.encode")
     texts = _as_items(texts)
     prompt_length = None
     if prompt:
@@ -1111,8 +1136,9 @@ def score_pairs(
         post=_ce_post(model), tokenize_workers=tokenize_workers, compile_layers=compile_layers,
     )
     scores = runner.run()
-    if len(pairs) == 0:
-        return np.zeros((0,), dtype=np.float32)
+    if len(pairs) == 0:  # the shape a call with pairs gives: (n,) for one label, (n, labels) for several
+        num_labels = int(getattr(model, "num_labels", 1) or 1)
+        return np.zeros((0,) if num_labels == 1 else (0, num_labels), dtype=np.float32)
     if scores.ndim == 2 and scores.shape[1] == 1:
         scores = scores[:, 0].copy()
     return scores

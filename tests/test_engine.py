@@ -371,6 +371,53 @@ def test_first_token_feed_forward_for_cls_pooled_bi_encoders(monkeypatch, minilm
     engine._PREPARED.clear()
 
 
+def test_first_token_feed_forward_only_where_the_pooled_token_is_the_first(minilm, passages):
+    """[CLS] pooling that leaves a prompt out (include_prompt=False: it reads the token after the prompt), or that
+    comes after a module mixing the tokens (a CNN), reads a token whose last feed-forward the pruning skipped:
+    such models keep the full last layer and match the library (cosine 0.65-0.83 before)."""
+    import copy
+
+    from pipeline.demo import _st_modules
+
+    try:
+        from sentence_transformers.sentence_transformer.modules import CNN
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.models import CNN
+    dim = minilm[1].get_sentence_embedding_dimension()
+    Pooling = _st_modules()[1]
+    after_prompt = st.SentenceTransformer(
+        modules=[copy.deepcopy(minilm[0]), Pooling(dim, pooling_mode="cls", include_prompt=False)], device="cpu")
+    torch.manual_seed(0)
+    mixed = st.SentenceTransformer(modules=[copy.deepcopy(minilm[0]), CNN(dim, out_channels=32, kernel_sizes=[3]),
+                                            Pooling(32, pooling_mode="cls")], device="cpu")
+    texts = passages[:12]
+    for model, prompt in ((after_prompt, "query: "), (mixed, None)):
+        engine._PREPARED.clear()
+        ours = engine.encode_texts(model, texts, prompt=prompt, precision="fp32", show_progress=False)
+        assert engine.LAST_RUN["first_token_ffn"] is False
+        ref = model.encode(texts, prompt=prompt, convert_to_numpy=True)
+        np.testing.assert_allclose(ours, ref, atol=1e-4)
+    assert engine._pools_first_token_only(after_prompt)  # without a prompt its first token is [CLS]
+    engine._PREPARED.clear()
+
+
+def test_a_transformer_handing_on_other_outputs_is_refused(minilm):
+    """The engine hands the last hidden state on as token embeddings; a Transformer module configured to hand on
+    another output (a middle layer, the pooler output) or followed by a module that reads every layer would get
+    silently wrong embeddings (cosine 0.3-0.45 to the library's): refused, naming the setting."""
+    import copy
+
+    middle = copy.deepcopy(minilm)
+    middle[0].modality_config = {"text": {"method": "forward", "method_output_name": ["hidden_states", -2]}}
+    with pytest.raises(TypeError, match=r"hidden_states.*SentenceTransformer.encode"):
+        engine.encode_texts(middle, ["a"], show_progress=False)
+    pooled = copy.deepcopy(minilm)
+    pooled[0].module_output_name = "sentence_embedding"
+    with pytest.raises(TypeError, match="writes its output to 'sentence_embedding'"):
+        engine.encode_texts(pooled, ["a"], show_progress=False)
+    assert engine._unusual_transformer_output(minilm) is None
+
+
 def test_first_token_feed_forward_left_out_where_the_head_reads_other_tokens(tiny_ce):
     """A head that reads more than the first token (here: the mean over tokens) disagrees on the random check,
     so the last layer keeps its full feed-forward."""
@@ -824,3 +871,14 @@ def test_fused_gelu_that_fails_on_real_batches_is_undone(monkeypatch, minilm, mi
     hf = next(iter(engine._PREPARED[minilm[0].auto_model].values())).hf
     assert not any(isinstance(m, rewrites._LinearGELU) for m in hf.modules())
     engine._PREPARED.clear()
+
+
+def test_no_pairs_score_in_the_shape_pairs_do(tiny_ce):
+    """(0,) for one label, (0, labels) for several: what a non-empty call (and the multi-GPU path) returns."""
+    import copy
+
+    assert engine.score_pairs(tiny_ce, [], show_progress=False).shape == (0,)
+    three = copy.deepcopy(tiny_ce)
+    three.model.config.num_labels = 3
+    assert int(three.num_labels) == 3
+    assert engine.score_pairs(three, [], show_progress=False).shape == (0, 3)
