@@ -48,8 +48,10 @@ def _hf_model(model) -> torch.nn.Module | None:
     return getattr(module, "auto_model", None) if module is not None else None
 
 
-def packing_plan(model, device: str, precision: str, setting: str | bool = "auto") -> tuple[bool, str]:
-    """(use packing, why). ``setting``: auto (on where it can run), true (on, or a clear error), false."""
+def packing_plan(model, device: str, precision: str, setting: str | bool = "auto", prompted: bool = False
+                 ) -> tuple[bool, str]:
+    """(use packing, why). ``setting``: auto (on where it can run), true (on, or a clear error), false.
+    ``prompted``: texts get a prompt (the packed pooling cannot leave it out: include_prompt=False is padded)."""
     setting = str(setting).lower()
     if setting not in ("auto", "true", "false"):
         raise ValueError(f"train.packing must be auto, true or false, got {setting!r}")
@@ -71,6 +73,8 @@ def packing_plan(model, device: str, precision: str, setting: str | bool = "auto
         reason = "modules other than Transformer, Pooling and Normalize"
     elif not hasattr(model[1], "_forward_flattened"):
         reason = "this sentence-transformers' Pooling has no flattened (packed) path"
+    elif prompted and getattr(model[1], "include_prompt", True) is False:
+        reason = "a prompt that the pooling leaves out (include_prompt=False)"
     if reason and setting == "true":
         raise ValueError(f"train.packing=true but packed training cannot run here: {reason}")
     return (not reason), (reason or "packed varlen attention")
@@ -82,7 +86,7 @@ class PackedTripletCollator:
     Texts are concatenated column by column (all anchors, then all positives, then all negatives), tokenised
     without padding exactly as the model's own ``preprocess`` would (checked against it by :meth:`prime`)."""
 
-    def __init__(self, model, columns: Sequence[str]):
+    def __init__(self, model, columns: Sequence[str], prompts: dict[str, str] | None = None):
         module = tokenizing.transformer_module(model)
         hf = _hf_model(model)
         tok = module.tokenizer
@@ -93,15 +97,19 @@ class PackedTripletCollator:
         self._tokenizer = tokenizing.Tokenizer(model, "texts", None, self.want_type_ids,
                                                (max_pos - self.pos_offset) if max_pos else None)
         self.columns = list(columns)
+        self.prompts = {c: str(p) for c, p in (prompts or {}).items() if p}  # column -> text put before each row's
         self.pad_id = int(getattr(tok, "pad_token_id", None) or 0)
         self.valid_label_columns: list[str] = []  # the trainer's samplers read this attribute of a collator
         self.backend = None
 
+    def _texts(self, rows: Sequence[dict[str, Any]]) -> list[str]:
+        """Column by column, each text after its column's prompt (as the library's collator prepends them)."""
+        return [self.prompts.get(c, "") + str(row[c]) for c in self.columns for row in rows]
+
     def prime(self, rows: Sequence[dict[str, Any]]) -> bool:
         """Check the fast tokenisation against the model's ``preprocess`` on these rows (in this process, before
         DataLoader workers start); False: it differs, do not pack."""
-        texts = [str(row[c]) for c in self.columns for row in rows]
-        toks = self._tokenizer(texts)
+        toks = self._tokenizer(self._texts(rows))
         if self._tokenizer.backend is None or not self._tokenizer.verified:
             return False
         self.backend = self._tokenizer.backend
@@ -112,7 +120,7 @@ class PackedTripletCollator:
         if self.backend is None:
             raise RuntimeError("PackedTripletCollator.prime() must succeed before batches are collated")
         B, C = len(rows), len(self.columns)
-        texts = [str(row[c]) for c in self.columns for row in rows]
+        texts = self._texts(rows)
         encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         toks = tokenizing.Tokens(*tokenize_worker.encode_csr(encode, texts, self.want_type_ids))
         # the engine's packed collation: input_ids / position_ids [1, T], cu (int32), rows (text of each token)

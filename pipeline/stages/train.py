@@ -25,7 +25,6 @@ Output: `model/` (SentenceTransformer dir, safetensors, README.md model card), `
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import json
 import logging
@@ -339,14 +338,34 @@ def make_rotation_sampler(block_size: int, world_size: int = 1, seed: int = 0):
     the trainer asks for the per-device batch; the batches are drawn at per-device x world_size and cut into one
     slice per rank (see RotationBatchSampler). The order's seed is bound here (train.seed): sentence-transformers
     before 6.2 calls the factory with seed=0 whatever its args.seed, so the trainer's `seed` argument is ignored."""
-    return functools.partial(_rotation_sampler, block_size=block_size, world_size=int(world_size),
-                             order_seed=int(seed))
+    return _RotationSamplers(block_size=block_size, world_size=int(world_size), order_seed=int(seed))
 
 
-def _rotation_sampler(dataset, batch_size: int, drop_last: bool, valid_label_columns=None, generator=None,
-                      seed: int | None = None, *, block_size: int, world_size: int = 1, order_seed: int):
-    return RotationBatchSampler(dataset, batch_size * world_size, drop_last, valid_label_columns, generator,
-                                order_seed, block_size=block_size, world_size=world_size)
+class _RotationSamplers:
+    """The trainer's batch-sampler factory: one RotationBatchSampler per (dataset, batch size, drop_last), kept,
+    so that the batches planned for counting the steps (make_trainer) are the ones trained on."""
+
+    def __init__(self, *, block_size: int, world_size: int, order_seed: int):
+        self.block_size, self.world_size, self.order_seed = block_size, world_size, order_seed
+        self.made: dict[tuple[int, int, bool], RotationBatchSampler] = {}
+
+    def __getstate__(self) -> dict:  # the trainer pickles its arguments into every checkpoint: settings only
+        return {k: v for k, v in self.__dict__.items() if k != "made"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, made={})
+
+    def __deepcopy__(self, memo) -> "_RotationSamplers":  # a copy of the arguments trains on the same batches
+        return self
+
+    def __call__(self, dataset, batch_size: int, drop_last: bool, valid_label_columns=None, generator=None,
+                 seed: int | None = None) -> "RotationBatchSampler":
+        key = (id(dataset), int(batch_size), bool(drop_last))
+        if key not in self.made:  # the sampler holds the dataset: its id is not reused while kept here
+            self.made[key] = RotationBatchSampler(dataset, batch_size * self.world_size, drop_last,
+                                                  valid_label_columns, generator, self.order_seed,
+                                                  block_size=self.block_size, world_size=self.world_size)
+        return self.made[key]
 
 
 class RotationBatchSampler:
@@ -382,6 +401,16 @@ class RotationBatchSampler:
         self.blocks = [NoDup(_Block(dataset, lo, block_size), batch_size=batch_size, drop_last=drop_last,
                              valid_label_columns=valid_label_columns, generator=torch.Generator(), seed=seed + b)
                        for b, lo in enumerate(range(0, n, block_size))]
+        self._batches: list[list[list[int]]] | None = None
+
+    def planned(self) -> list[list[list[int]]]:
+        """Each block's no-duplicates batches, drawn once and kept. The library's sampler can give more (smaller)
+        batches than its __len__ says (a row that would repeat a text of the batch waits for a later one), and the
+        trainer stops at __len__: the last batches were never trained (17 of the demo's 2,372 rows, 11% of a
+        Cranfield run's), and the learning rate reached 0 early."""
+        if self._batches is None:
+            self._batches = [[list(batch) for batch in sampler] for sampler in self.blocks]
+        return self._batches
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch  # the trainer runs one pass; the rotation's epochs are the blocks
@@ -389,9 +418,9 @@ class RotationBatchSampler:
     def __iter__(self) -> Iterator[list[int]]:
         w = self.world_size
         self.rows_left_out = 0  # in this pass
-        for b, sampler in enumerate(self.blocks):
+        for b, batches in enumerate(self.planned()):
             lo = b * self.block_size
-            for batch in sampler:
+            for batch in batches:
                 rows = [lo + i for i in batch]
                 if w == 1:
                     yield rows
@@ -403,7 +432,14 @@ class RotationBatchSampler:
                         yield rows[r * per:(r + 1) * per]
 
     def __len__(self) -> int:
-        return self.world_size * sum(len(s) for s in self.blocks)
+        """Exactly what __iter__ yields: a batch for one process; with several, one slice per rank of every batch
+        with at least one row per rank."""
+        w = self.world_size
+        return sum(w if len(batch) >= w else 0 for batches in self.planned() for batch in batches)
+
+    def steps(self) -> int:
+        """Optimizer steps of one pass: the batches every rank trains on together."""
+        return len(self) // self.world_size
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -444,16 +480,17 @@ def mnrl_loss(model, scale: float = 20.0, similarity: str = "cosine", packed_by=
     return MultipleNegativesRankingLoss(model, scale=float(scale), similarity_fct=fn)
 
 
-def packed_collator(model, dataset, device: str, precision: str, packing: str | bool = "auto"):
+def packed_collator(model, dataset, device: str, precision: str, packing: str | bool = "auto",
+                    prompts: dict[str, str] | None = None):
     """The packed collator when packed training can run here (pipeline/packing.py), else None (the library's
     collator and per-column padded forwards)."""
     from pipeline.packing import PackedTripletCollator, packing_plan
 
-    use, why = packing_plan(model, device, precision, packing)
+    use, why = packing_plan(model, device, precision, packing, prompted=bool(prompts))
     if not use:
         log.info("train: padded batches (%s)", why)
         return None
-    collator = PackedTripletCollator(model, [c for c in dataset.column_names if c in COLUMNS] or COLUMNS)
+    collator = PackedTripletCollator(model, [c for c in dataset.column_names if c in COLUMNS] or COLUMNS, prompts)
     sample = dataset[: min(64, len(dataset))]
     rows = [dict(zip(sample, values)) for values in zip(*sample.values())]
     if not collator.prime(rows):
@@ -514,7 +551,7 @@ def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, bat
                  max_steps: int | None = None, save_steps: int = 500, save_total_limit: int | None = 2,
                  logging_steps: int = 50, dataloader_workers: int | str = "auto", seed: int = 42,
                  report_to: str = "none", callbacks: Sequence[Any] = (), world_size: int | None = None,
-                 packing: str | bool = "auto", compile_layers: bool = False):
+                 packing: str | bool = "auto", compile_layers: bool = False, prompts: dict[str, str] | None = None):
     """The train stage's SentenceTransformerTrainer: one pass over the concatenated epoch blocks. `batch_size` is
     the batch of one optimizer step; under torchrun (`world_size`, default this job's) each rank takes
     batch_size / world_size rows of it.
@@ -539,14 +576,14 @@ def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, bat
         _single_threaded_tokenizers_in_forked_workers()
     world = distributed.world_size() if world_size is None else int(world_size)
     per_device = per_device_batch_size(batch_size, world)
-    per_epoch = -(-block_size // batch_size)  # the no-duplicates sampler keeps the short last batch
-    total = per_epoch * (len(dataset) // block_size)
-    if max_steps:
+    samplers = make_rotation_sampler(block_size, world, seed)
+    total = samplers(dataset, per_device, False).steps()  # the batches the pass will train on, counted
+    if max_steps:  # a stop before the end; past it the trainer would replay the pass from its start
         total = min(total, int(max_steps))
     args = SentenceTransformerTrainingArguments(
         output_dir=str(output_dir),
         num_train_epochs=1,  # the rotation's epochs are blocks of the one pass
-        max_steps=int(max_steps) if max_steps else -1,
+        max_steps=total if max_steps else -1,
         per_device_train_batch_size=per_device,
         learning_rate=float(lr),
         warmup_steps=warmup_for(total, warmup_steps, warmup_ratio),
@@ -556,7 +593,7 @@ def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, bat
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=not device.startswith("cuda"),
-        batch_sampler=make_rotation_sampler(block_size, world, seed),
+        batch_sampler=samplers,
         save_strategy="steps",
         save_steps=max(1, int(save_steps)),
         save_total_limit=save_total_limit,
@@ -572,6 +609,7 @@ def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, bat
         data_seed=int(seed),
         report_to=report_to,
         eval_strategy="no",
+        prompts=prompts or None,  # column -> prompt (the padded path's collator prepends them; the packed one too)
     )
     if int(args.world_size) != world:
         raise StageError(f"this job has {world} processes (torchrun's WORLD_SIZE) but the trainer set up "
@@ -580,7 +618,7 @@ def make_trainer(model, dataset, *, block_size: int, output_dir: str | Path, bat
     # rotation sampler hands every rank an equal slice of every batch, so the short last batch of each epoch block
     # is kept, as in one process.
     args.dataloader_drop_last = False
-    collator = packed_collator(model, dataset, device, precision, packing)
+    collator = packed_collator(model, dataset, device, precision, packing, prompts)
     if compile_layers and collator is None:
         log.info("train: train.compile_layers applies to packed batches only; these are padded")
     loss = mnrl_loss(model, scale, similarity, packed_by=collator, compile_layers=bool(compile_layers))
@@ -714,6 +752,10 @@ def _lead(cfg: DictConfig, coord) -> Path:
             st.extra["resumed_from"] = summary["resumed_from"]
 
             out = st.path / "model"
+            own_length = getattr(trainer.model, "saved_max_seq_length", None)
+            if own_length:
+                trainer.model.max_seq_length = own_length
+            carry_prompts(trainer.model, training_prompts(cfg, trainer.model))
             with st.timed("save"), atomic_path(out) as tmp:
                 trainer.model.save(str(tmp), create_model_card=False, safe_serialization=True)
             del trainer
@@ -775,8 +817,30 @@ def _training_data(cfg: DictConfig, mine_dir: Path) -> tuple[Any, dict[str, int]
 
 
 def _load_model(cfg: DictConfig):
-    return load_bi_encoder(str(cfg.model.bi_encoder), device=str(cfg.device),
-                           artifacts_root=str(common.artifacts_root(cfg)), max_seq_length=int(cfg.train.max_seq_length))
+    """The v2 model, truncating at train.max_seq_length while it trains; its own length is kept as
+    ``saved_max_seq_length``, which the saved v3 gets back, so that evaluations of v2 and v3 (and users) encode at
+    one length (the v3 encoded at the training length: 128 against v2's 256 in the Cranfield and CISI runs)."""
+    model = load_bi_encoder(str(cfg.model.bi_encoder), device=str(cfg.device),
+                            artifacts_root=str(common.artifacts_root(cfg)))
+    model.saved_max_seq_length = model.max_seq_length
+    model.max_seq_length = int(cfg.train.max_seq_length)
+    return model
+
+
+def training_prompts(cfg: DictConfig, model) -> dict[str, str]:
+    """Column -> prompt: the query prompt before queries, the corpus prompt before positives and negatives, as
+    retrieve and evaluate resolve them (common.resolve_prompt); empty for models without prompts (the v2s)."""
+    query = common.resolve_prompt(model, cfg.model.query_prompt, "query")
+    corpus = common.resolve_prompt(model, cfg.model.corpus_prompt, "corpus")
+    return {col: p for col, p in (("query", query), ("positive", corpus), ("negative", corpus)) if p}
+
+
+def carry_prompts(model, trained_with: dict[str, str]) -> None:
+    """Prompts the model was trained with but does not name (text in the config) go into its ``prompts`` under
+    the names resolve_prompt reads (query, document), so that the saved model encodes as it was trained."""
+    for column, name in (("query", "query"), ("positive", "document")):
+        if trained_with.get(column) and not (model.prompts or {}).get(name):
+            model.prompts = {**(model.prompts or {}), name: trained_with[column]}
 
 
 def _make_stage_trainer(cfg: DictConfig, model, dataset, block_size: int, ckpt_dir: Path):
@@ -792,7 +856,7 @@ def _make_stage_trainer(cfg: DictConfig, model, dataset, block_size: int, ckpt_d
         max_steps=tc.max_steps, save_steps=int(tc.save_steps), save_total_limit=tc.save_total_limit,
         logging_steps=int(tc.logging_steps), dataloader_workers=tc.dataloader_workers,
         seed=int(cfg.seed), report_to=tracking.report_to(cfg), packing=tc.packing,
-        compile_layers=bool(tc.compile_layers))
+        compile_layers=bool(tc.compile_layers), prompts=training_prompts(cfg, model))
 
 
 def _stop_if_interrupted(trainer) -> None:
