@@ -937,8 +937,9 @@ DEMO_MODEL_SETTINGS = {
     "vocab_size": 4000,
     # "v2" = 40 in-batch-negative steps (~2 epochs of the 600 training pairs): a weak but real retriever that
     # leaves the v3 stage room. Whole `experiment=demo` chain on 2 CPU cores, ~26 s: v2 48.35 nDCG@10 (rerank) /
-    # 37.78 MRR@10 (dev) -> v3 56.88 / 50.74 (packed bf16 training; padded fp32: 56.38 / 49.76; v2 at 60 steps:
-    # 50.92 / 45.54 -> 56.55 / 50.08; 300 steps: v3 ~ v2)
+    # 37.78 MRR@10 (dev) -> v3 56.94 / 51.34 (packed bf16 training, every row trained since session 15; before:
+    # 56.88 / 50.74; padded fp32 then: 56.38 / 49.76; v2 at 60 steps: 50.92 / 45.54 -> 56.55 / 50.08; 300 steps:
+    # v3 ~ v2)
     "bi_encoder": {"hidden": 64, "layers": 2, "heads": 2, "max_seq_length": 64, "seed": 0,
                    "warmup_steps": 40, "warmup_batch_size": 32, "warmup_lr": 1e-3},
     "cross_encoder_base": {"hidden": 64, "layers": 2, "heads": 2, "max_seq_length": 128, "seed": 0},
