@@ -206,6 +206,19 @@ def test_cli_unknown_stage_exits_nonzero(tmp_path):
     assert "unknown stage 'nope'" in proc.stderr + proc.stdout
 
 
+def test_plan_counts_every_round_of_iterations(tmp_path):
+    """iterations=2 retrieves, scores and trains twice and evaluates three models (v2, v3, v4); each round's
+    retrieve shares its corpus encode with the evaluation of the model it retrieves with."""
+    from pipeline.stages import plan
+
+    corpus, rerank = 8841823, 41042
+    base = ["experiment=v3_distilbert", f"artifacts_root={tmp_path}"]
+    one, two = (plan.estimate(compose([*base, f"iterations={n}"]))["work"] for n in (1, 2))
+    assert two["passages_encoded"] == {"retrieve": 2 * corpus, "evaluate": corpus + 3 * rerank}
+    assert one["passages_encoded"] == {"retrieve": corpus, "evaluate": corpus + 2 * rerank}
+    assert two["pairs_scored"] == 2 * one["pairs_scored"] and two["training_triplets"] == 2 * one["training_triplets"]
+
+
 def test_plan_counts_triplets_per_query_capped_by_each_querys_positives(tmp_path):
     from pipeline.stages.plan import _positives_per_query, _triplets_per_epoch
 

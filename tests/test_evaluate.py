@@ -130,6 +130,25 @@ def test_dense_system_end_to_end(tmp_path, bi_encoder_spec):
     assert row["name"] == "v3" and Path(row["path"]).name.startswith("tinybeir-v3-")
     assert set(row["metrics"]) == {"test", "rr", "tl"} and 0.0 <= row["metrics"]["test"]["nDCG@10"] <= 1.0
     assert evaluate.results_table([row], cfg).splitlines()[2].startswith("| v3 | ")
+    # without a similarity the chain's calls follow model.similarity, as stage=evaluate and retrieve do
+    dot = evaluate.evaluate_system(config(tmp_path, "model.similarity=dot", "evaluate.bm25=false"), "v3",
+                                   bi_encoder_spec)
+    assert read_manifest(Path(dot["path"]))["extra"]["similarity_used"] == "dot"
+
+
+def test_the_dtype_auto_means_on_this_machine_is_in_the_key(tmp_path, monkeypatch):
+    """precision: auto is bf16 on a GPU or a CPU with bf16, fp32 elsewhere: the figures differ (demo dev RR@10
+    37.78 in fp32, 37.62 in bf16), so a result from one must not be reused as the other's."""
+    from pipeline import engine
+
+    system = {"name": "x", "model": "demo:bi_encoder", "similarity": "auto", "query_prompt": None,
+              "corpus_prompt": None}
+    cfg = config(tmp_path, "evaluate.precision=auto", "device=cpu")
+    keys = {}
+    for fast_bf16 in (True, False):
+        monkeypatch.setattr(engine, "_cpu_has_fast_bf16", lambda fast_bf16=fast_bf16: fast_bf16)
+        keys[fast_bf16] = evaluate.system_identity(cfg, system)["evaluate"]["dtype"]
+    assert keys == {True: "bfloat16", False: "float32"}
 
 
 def test_results_table_shows_published_figures(tmp_path):
@@ -297,3 +316,18 @@ def test_run_from_hits_drops_missing_results(tmp_path):
     scores = np.array([[0.9, 0.5, 0.25], [0.75, -np.inf, -np.inf]], dtype=np.float32)
     run = evaluate.run_from_hits(["q1", "q2"], corpus, scores, idx)
     assert run == {"q1": {"c": 0.8999999761581421, "a": 0.5, "b": 0.25}, "q2": {"b": 0.75}}
+
+
+def test_retrieval_judgements_missing_from_the_corpus_follow_max_missing_qrels(tmp_path):
+    """Closed-corpus retrieval can never find a judged passage the corpus lacks: its figures would read low
+    without a word. data.max_missing_qrels, checked for the training judgements, now holds for these too."""
+    from pipeline.readers import DataError
+
+    folder = beir_folder(tmp_path)
+    bad = tmp_path / "qrels-with-a-stranger.tsv"
+    bad.write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq1\td99\t1\n")
+    extra = ("+data.evals.miss={kind: retrieval, queries: '%s', qrels: '%s', metrics: ['nDCG@10']}"
+             % (folder / "queries.jsonl", bad))
+    with pytest.raises(DataError, match=r"1 of 2 judged passages \(50.0%\) are not in the corpus"):
+        evaluate.run(config(tmp_path, extra, "evaluate.systems=[]", "evaluate.bm25=true"))
+    evaluate.run(config(tmp_path, extra, "evaluate.systems=[]", "evaluate.bm25=true", "data.max_missing_qrels=0.5"))

@@ -94,6 +94,11 @@ def test_depth_and_cache_reuse(single, setup):
     full = dict(zip(zip(*[pq.read_table(folder / "scores.parquet").column(c).to_pylist() for c in ("qid", "pid")]),
                     pq.read_table(folder / "scores.parquet").column("ce_score").to_pylist()))
     assert all(full[(q, p)] == s for q, p, s in zip(d["qid"], d["pid"], d["ce_score"]))
+    # another compute dtype is another cache: an fp32-keyed result never holds bf16 logits, nor the reverse
+    other = "bf16" if str(compose(setup).score.precision) != "bf16" else "fp32"
+    again = score.run(compose([*setup, f"artifacts_root={root}", "score.depth=3", f"score.precision={other}"]))
+    counts = read_manifest(again)["counts"]
+    assert counts["pairs_from_cache"] == 0 and counts["pairs_scored"] == counts["pairs"]
 
 
 def _cli(overrides: list[str], **kw) -> subprocess.Popen:

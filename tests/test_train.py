@@ -347,3 +347,15 @@ def test_training_texts_get_the_prompts_retrieve_and_evaluate_use(packing, tmp_p
     assert bare.prompts == {"query": "q: ", "document": "p: "}
     T.carry_prompts(model, {"query": "other: "})
     assert model.prompts["query"] == "query: "  # the model's own name is kept
+
+
+def test_the_before_figures_follow_the_evaluation_settings(tmp_path, monkeypatch):
+    """A resumed train folder kept v2's figures from its first start and reported them after the evaluation
+    settings (not in the train key) had changed; they now come from v2's evaluate folder, which is keyed by them."""
+    from omegaconf import OmegaConf
+
+    (tmp_path / "metrics_before.json").write_text(json.dumps({"metrics": {"dev": {"RR@10": 0.1, "R@100": 0.2}}}))
+    monkeypatch.setattr(T, "_evaluate", lambda cfg, name, spec: {"metrics": {"dev": {"nDCG@10": 0.3}}})
+    cfg = OmegaConf.create({"model": {"bi_encoder": "v2"}, "iterations": 1})
+    monkeypatch.setattr(T, "version_names", lambda cfg: ("v2", "v3"))
+    assert T._load_or_eval_before(cfg, tmp_path) == {"metrics": {"dev": {"nDCG@10": 0.3}}}

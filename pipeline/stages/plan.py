@@ -193,25 +193,31 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     unknown = [n for n, v in (("corpus passages", corpus), ("training queries", train_q)) if v is None]
     corpus, train_q = corpus or 0, train_q or 0
     evaluate_only = str(p.chain) == "evaluate"
+    # stage=all's rounds: each retrieves, scores, mines and trains with the model the round before trained
+    rounds = 0 if evaluate_only else max(1, int(cfg.get("iterations", 1)))
     if evaluate_only:
         train_q = 0
         dense_systems = len(cfg.evaluate.systems)
     else:
-        dense_systems = 2  # v2 before and v3 after training
+        dense_systems = 1 + rounds  # v2 before training, then each round's model (v3, v4, ...)
     top_k = int(cfg.retrieve.top_k)
     depth = int(cfg.score.depth or top_k)
-    pairs = train_q * (depth + 1)  # candidates plus about one positive per query
+    pairs = rounds * train_q * (depth + 1)  # candidates plus about one positive per query, each round (an upper
+    # bound: the pair cache reuses the pairs a later round retrieves again)
     retrieval_evals = [n for n, v in eval_q.items() if v["kind"] == "retrieval"]
     rerank_passages = sum(known_rerank.get(n, 0) for n, v in eval_q.items() if v["kind"] == "rerank")
-    # the chain's v2 evaluation links the corpus embeddings retrieve made when they are the same (common.embedding_key)
+    # each round's retrieve and the evaluation of the same model share one corpus encode when their embeddings are
+    # the same (common.embedding_key): v2's evaluation links retrieve's, a later round's retrieve links the
+    # evaluation of the model it retrieves with
     reused = not evaluate_only and bool(train_q) and bool(retrieval_evals) and _same_gpu_embeddings(cfg)
-    encode = {"retrieve": corpus if train_q else 0,
-              "evaluate": dense_systems * (corpus * bool(retrieval_evals) + rerank_passages) - corpus * reused}
+    encode = {"retrieve": rounds * corpus if train_q else 0,
+              "evaluate": dense_systems * (corpus * bool(retrieval_evals) + rerank_passages)
+              - rounds * corpus * reused}
     fp32 = {stage: _gpu_dtype(cfg[stage].precision) == "fp32"
             for stage in ("retrieve", "score", "evaluate")}
-    searched = train_q + dense_systems * sum(eval_q[n]["queries"] or 0 for n in retrieval_evals)
+    searched = rounds * train_q + dense_systems * sum(eval_q[n]["queries"] or 0 for n in retrieval_evals)
     batch = int(cfg.train.batch_size)
-    triplets = int(_triplets_per_epoch(train_positives, per_query, train_q) * float(p.epochs))
+    triplets = rounds * int(_triplets_per_epoch(train_positives, per_query, train_q) * float(p.epochs))
     negatives = int(cfg.mine.num_negatives_per_system or depth) * (1 + len(cfg.mine.systems or []))
     pool_rows = train_q * (1 + min(negatives, int(cfg.mine.max_negatives or negatives)))  # the mine stage's pools
     dim = int(p.embedding_dim)
@@ -242,7 +248,7 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
         "train": 4.0 + pool_rows * 160 / 1e9 + triplets * 48 / 1e9,
         # + the run of the largest retrieval eval set as {qid: {pid: score}} and trec_eval over it:
         # scripts/bench_eval_metrics.py, 6,980 dev queries x top-1000 -> 1.32 GB over the imports (198 B a result)
-        "evaluate": 2.0 + search_chunk * dim * 4 * 2 / 1e9
+        "evaluate": 2.0 + min(corpus, int(cfg.evaluate.corpus_chunk)) * dim * 4 * 2 / 1e9
         + max((eval_q[n]["queries"] or 0 for n in retrieval_evals), default=0) * int(cfg.evaluate.k) * 210 / 1e9,
     }
     def gpu_tokens(value) -> int:  # "auto" is 65,536 on a 40 GB+ GPU (engine.resolve_batch_tokens)
@@ -253,7 +259,8 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
         "retrieve": _gpu_memory_gb(p.params_m.bi_encoder, False, tokens) + corpus * dim * 2 / 1e9,  # corpus resident
         "score": _gpu_memory_gb(p.params_m.cross_encoder, False, gpu_tokens(cfg.score.batch_tokens)),
         "train": _gpu_memory_gb(p.params_m.bi_encoder, True, batch * 3 * int(cfg.train.max_seq_length)),
-        "evaluate": _gpu_memory_gb(p.params_m.bi_encoder, False, tokens) + corpus * dim * 2 / 1e9,
+        "evaluate": _gpu_memory_gb(p.params_m.bi_encoder, False, gpu_tokens(cfg.evaluate.batch_tokens))
+        + corpus * dim * 2 / 1e9,
     }
     rates = {}
     ref = p.reference_job

@@ -11,9 +11,10 @@ Resumable and never scoring a pair twice:
 - the pair list is cut into chunks of `chunk_pairs`; each chunk is committed as its own parquet file, so a run
   killed at any moment restarts at the first uncommitted chunk (no lost, no duplicated pair);
 - every newly scored pair is appended to the pair cache ``<cache_root>/ce_scores/<key>/chunk-*.parquet``, keyed by
-  the cross-encoder (model_identity), its max_length and the corpus/query fingerprints (the text of an id depends
-  on the data), not by precision: another retrieval system, another depth or the next mining iteration reuses
-  every logit already computed. The cache is append-only (atomic files written under a lock); reading it
+  the cross-encoder (model_identity), its max_length, the compute dtype that score.precision means on this device
+  (a result keyed fp32 must not hold bf16 logits: they differ by up to 0.02 on the demo's teacher, enough to flip
+  margin decisions) and the corpus/query fingerprints (the text of an id depends on the data): another retrieval
+  system, another depth or the next mining iteration at the same precision reuses every logit already computed. The cache is append-only (atomic files written under a lock); reading it
   de-duplicates (qid, pid), keeping the lowest logit if two processes raced on one pair.
 Sharding splits the chunks (see pipeline.shards); the merged scores.parquet equals a single run's.
 
@@ -113,10 +114,13 @@ class PairCache:
 
     @classmethod
     def for_config(cls, cfg: DictConfig, spec: str, corpus: Any) -> PairCache:
+        from pipeline.engine import resolve_precision
         from pipeline.readers import corpus_source_fingerprint
 
+        dtype = resolve_precision(str(cfg.score.precision), common.stage_device(cfg))
         ident = {"format": CACHE_FORMAT, "cross_encoder": model_identity(spec), "spec": spec,
                  "max_length": cfg.score.max_length, "corpus": corpus.fingerprint,
+                 "dtype": str(dtype).replace("torch.", "") if dtype is not None else "float32",
                  "queries": corpus_source_fingerprint(str(cfg.data.train.queries))}
         folder = Path(str(cfg.cache_root)).expanduser().resolve() / "ce_scores" / config_key(
             {k: v for k, v in ident.items() if k != "spec"}, 16)

@@ -878,16 +878,10 @@ def _evaluate(cfg: DictConfig, name: str, spec: str) -> dict[str, Any] | None:
 
 
 def _load_or_eval_before(cfg: DictConfig, folder: Path) -> dict[str, Any] | None:
-    """v2's figures, kept in the (resumable) folder so a resumed run does not measure them again."""
-    path = folder / "metrics_before.json"
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except ValueError:
-            pass
-    before = _evaluate(cfg, version_names(cfg)[0], str(cfg.model.bi_encoder))
-    atomic_write_json(path, before)
-    return before
+    """v2's figures: its evaluate folder, found complete when a resumed run (or the chain before it) measured them
+    under the same evaluation key. (A copy kept in this folder outlived a change of the evaluation settings, which
+    are not in the train key: a resumed run reported the old measures.)"""
+    return _evaluate(cfg, version_names(cfg)[0], str(cfg.model.bi_encoder))
 
 
 def _headlines(result: Mapping[str, Any] | None) -> dict[str, float]:
