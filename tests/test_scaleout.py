@@ -235,7 +235,8 @@ def no_dropout(setup, tmp_path_factory):
 
 
 def _train_overrides(overrides, root: Path, batch: int, *extra: str) -> list[str]:
-    return [*overrides, f"artifacts_root={root}", "mine.ce_score_margin=null", "stage=train", "train.epochs=1",
+    # two epochs of the 12 queries (batches of 8 and 4 rows each) cut at 3 steps: max_steps never replays a pass
+    return [*overrides, f"artifacts_root={root}", "mine.ce_score_margin=null", "stage=train", "train.epochs=2",
             f"train.batch_size={batch}", "train.max_steps=3", "train.save_steps=100", "train.evaluate=false",
             "train.precision=fp32", "train.lr=1e-3", "train.warmup_steps=0", "train.logging_steps=1",
             "cpu_threads=1", *extra]
@@ -258,7 +259,8 @@ def test_torchrun_two_gloo_processes_match_one_process(no_dropout, tmp_path):
     """`train.batch_size` is the batch of one optimizer step: two ranks take 4 rows each of the very 8-row
     no-duplicates batches one process trains on, gather each other's in-batch negatives and average their
     gradients, so both runs compute the same loss over the same 8 rows at every step. Without dropout they differ
-    only by floating-point summation order. Measured on this setup (3 steps, embeddings of 3 texts; `moved` = how
+    only by floating-point summation order. Measured on this setup before session 15, whose third step replayed
+    the pass of one epoch (3 steps, embeddings of 3 texts; `moved` = how
     far training moved them, 0.194): this run 4e-6 (2e-5 x moved), loss curves equal to 6 digits; with the
     faults this test must catch -- both ranks on the same slice 0.90 x moved (first loss 2.773 vs 2.734),
     no gradient all-reduce 2.1 x moved (second loss 1.643 vs 1.952), ungathered negatives
