@@ -719,7 +719,8 @@ def _lead(cfg: DictConfig, coord) -> Path:
             st.extra["scale_out"] = signals.prepare_trainer(
                 trainer, gather_across_devices=bool(tc.gather_across_devices))
             if resume is not None:
-                planned = -(-block_size // int(tc.batch_size)) * stats["epochs"]
+                planned = trainer.args.batch_sampler(dataset, trainer.args.per_device_train_batch_size,
+                                                     False).steps()  # the sampler make_trainer counted
                 log.info("train: resuming from %s (step %s of %d)", resume.name, resume.name[11:],
                          int(tc.max_steps) if tc.max_steps else planned)
             with st.timed("train"):
