@@ -359,18 +359,21 @@ def forced_run_id() -> str | None:
     return None
 
 
-def forced_by(path: Path) -> str | None:
-    """The forced run id that last cleared ``path`` (None: none recorded)."""
+def forced_already(path: Path, force_id: str | None) -> bool:
+    """Whether the forced run ``force_id`` cleared ``path`` before (a requeue of it, another task of its array):
+    its work there is kept. Never without an id."""
+    if force_id is None:
+        return False
     try:
-        return (Path(path) / FORCED).read_text().strip() or None
+        return (Path(path) / FORCED).read_text().strip() == force_id
     except OSError:
-        return None
+        return False
 
 
 def clear_for_force(path: Path, force_id: str | None) -> bool:
     """Clear ``path`` (its lock file kept) for a forced run, once per ``force_id`` (recorded in the folder); every
     time without one. Whether it cleared. The caller holds the folder's lock."""
-    if force_id is not None and forced_by(path) == force_id:
+    if forced_already(path, force_id):
         return False
     _clear_folder(path)
     if force_id is not None:
@@ -397,7 +400,7 @@ def open_stage(stage: str, identity: Mapping[str, Any], *, root: str | os.PathLi
     force_id = forced_run_id() if force else None
     with folder_lock(path, wait_s=lock_wait_s):
         # this forced run cleared the folder before (a requeue, an array's other task): its work is kept
-        again = force_id is not None and forced_by(path) == force_id
+        again = forced_already(path, force_id)
         if is_complete(path) and (not force or again):
             log.info("%s: complete result found at %s (key %s), skipping; force=true recomputes", stage, path, key)
             run.done = True

@@ -31,7 +31,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pipeline.artifacts import (MARKER, StageError, StageLocked, StageRun, clear_for_force, config_key,
-                                folder_lock, forced_by, forced_run_id, is_complete, open_stage, stage_folder)
+                                folder_lock, forced_already, forced_run_id, is_complete, open_stage, stage_folder)
 from pipeline.config import plain
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def run_sharded(cfg: DictConfig, stage: str, identity: dict[str, Any], label: st
         return st.path
 
     force_id = forced_run_id() if cfg.force else None
-    if is_complete(final) and (not cfg.force or (force_id is not None and forced_by(final) == force_id)):
+    if is_complete(final) and (not cfg.force or forced_already(final, force_id)):
         log.info("%s: the merged result is complete at %s; nothing to do for shard %d", stage, final, index)
         return final
     if cfg.force and force_id is not None:
