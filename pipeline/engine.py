@@ -128,6 +128,12 @@ def resolve_precision(precision: str, device) -> torch.dtype | None:
     return None
 
 
+def dtype_name(dtype: torch.dtype | None) -> str:
+    """A compute dtype as artifacts and reports name it (float32, bfloat16, float16); None (see resolve_precision)
+    is float32."""
+    return str(dtype).replace("torch.", "") if dtype is not None else "float32"
+
+
 def resolve_batch_tokens(batch_tokens, device) -> int:
     """Tokens per batch. "auto": 65,536 on GPUs with 40 GB or more, 32,768 on smaller GPUs, 16,384 on the CPU.
     On an H200 the device alone gains nothing past 65,536 (session 3's profile), and the whole engine call did not
@@ -931,7 +937,7 @@ class _Runner:
             kind=self.kind,
             n=n,
             device=str(self.device),
-            dtype=str(self.dtype).replace("torch.", "") if self.dtype is not None else "float32",
+            dtype=dtype_name(self.dtype),
             attention=self.prep.attn,
             tokenizer=self.tokenizer.source,
             tokens=stats["tokens"],

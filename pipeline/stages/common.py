@@ -99,13 +99,19 @@ def embedding_key(model_spec: str, corpus: Corpus, prompt: str | None, normalize
     that ``precision`` means on ``device``): retrieve and evaluate record it, so that evaluate links the float16
     embeddings of any complete folder with the same key instead of encoding the corpus again (the v2 evaluation
     of a chain reuses what retrieve encoded with v2)."""
-    from pipeline.engine import resolve_precision
     from pipeline.models import model_identity
 
-    dtype = resolve_precision(str(precision), device)
     return config_key({"model": model_identity(str(model_spec)), "corpus": corpus.fingerprint, "prompt": prompt,
                        "normalized": bool(normalized), "max_seq_length": int(max_seq_length),
-                       "dtype": str(dtype).replace("torch.", "") if dtype is not None else "float32"}, 16)
+                       "dtype": compute_dtype(precision, device)}, 16)
+
+
+def compute_dtype(precision: Any, device: str) -> str:
+    """The compute dtype a precision setting means on ``device`` (auto: bf16 on a GPU, fp32 on a CPU without bf16),
+    by name: what embedding, evaluation and pair-cache keys record, so that one key never holds two dtypes."""
+    from pipeline.engine import dtype_name, resolve_precision
+
+    return dtype_name(resolve_precision(str(precision), device))
 
 
 #: stages whose complete folders may hold corpus embeddings another can link (EMB_FILE, same layout)

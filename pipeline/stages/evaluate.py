@@ -52,9 +52,9 @@ from pipeline.models import load_bi_encoder, model_identity, resolve_device
 from pipeline.readers import (Candidates, Corpus, DataError, Qrels, check_qrels_in_corpus, corpus_source_fingerprint,
                               read_candidates, read_qrels, read_queries, sources_by_content, write_run)
 from pipeline.stages.common import (EMB_FILE, artifacts_root, check_finite, commit_rows, committed_row_count,
-                                    corpus_rows, create_embeddings_file, embedding_key, embeddings_file_fits,
-                                    link_embeddings, load_corpus, resolve_prompt, rows_committed, token_store,
-                                    write_embedding_rows)
+                                    compute_dtype, corpus_rows, create_embeddings_file, embedding_key,
+                                    embeddings_file_fits, link_embeddings, load_corpus, resolve_prompt,
+                                    rows_committed, token_store, write_embedding_rows)
 from pipeline.tokens import TextTokens
 
 log = logging.getLogger(__name__)
@@ -136,15 +136,8 @@ def _evaluate_config(cfg: DictConfig, bm25: bool) -> dict[str, Any]:
         return {k: v for k, v in ev.items() if k not in dense_only}
     # the dtype "auto" means on this machine (bf16 on a GPU, fp32 on a CPU without bf16): another dtype gives other
     # figures (demo dev RR@10 37.78 in fp32, 37.62 in bf16), which one key must not hold both of
-    return {**{k: v for k, v in ev.items() if k != "bm25_params"}, "dtype": compute_dtype(cfg.evaluate.precision, cfg)}
-
-
-def compute_dtype(precision: Any, cfg: DictConfig) -> str:
-    """The compute dtype ``precision`` means on this config's device, as a name (float32, bfloat16, float16)."""
-    from pipeline.engine import resolve_precision
-
-    dtype = resolve_precision(str(precision), resolve_device(str(cfg.device)))
-    return str(dtype).replace("torch.", "") if dtype is not None else "float32"
+    return {**{k: v for k, v in ev.items() if k != "bm25_params"},
+            "dtype": compute_dtype(cfg.evaluate.precision, resolve_device(str(cfg.device)))}
 
 
 def system_identity(cfg: DictConfig, system: Mapping[str, Any]) -> dict[str, Any]:
@@ -413,7 +406,7 @@ class _Dense:
         self.facts: dict[str, Any] = {
             "similarity_used": "dot" if self.dot else "cosine", "query_prompt": self.query_prompt,
             "corpus_prompt": self.corpus_prompt, "max_seq_length": int(self.model.max_seq_length or 0),
-            "precision": str(cfg.evaluate.precision), "dtype": compute_dtype(cfg.evaluate.precision, cfg),
+            "precision": str(cfg.evaluate.precision), "dtype": compute_dtype(cfg.evaluate.precision, self.device),
             "device": self.device}
 
     def encode(self, texts: Sequence[str] | TextTokens, prompt: str | None, desc: str) -> np.ndarray:

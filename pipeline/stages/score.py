@@ -114,13 +114,11 @@ class PairCache:
 
     @classmethod
     def for_config(cls, cfg: DictConfig, spec: str, corpus: Any) -> PairCache:
-        from pipeline.engine import resolve_precision
         from pipeline.readers import corpus_source_fingerprint
 
-        dtype = resolve_precision(str(cfg.score.precision), common.stage_device(cfg))
         ident = {"format": CACHE_FORMAT, "cross_encoder": model_identity(spec), "spec": spec,
                  "max_length": cfg.score.max_length, "corpus": corpus.fingerprint,
-                 "dtype": str(dtype).replace("torch.", "") if dtype is not None else "float32",
+                 "dtype": common.compute_dtype(cfg.score.precision, common.stage_device(cfg)),
                  "queries": corpus_source_fingerprint(str(cfg.data.train.queries))}
         folder = Path(str(cfg.cache_root)).expanduser().resolve() / "ce_scores" / config_key(
             {k: v for k, v in ident.items() if k != "spec"}, 16)
