@@ -14,8 +14,9 @@ Resumable and never scoring a pair twice:
   the cross-encoder (model_identity), its max_length, the compute dtype that score.precision means on this device
   (a result keyed fp32 must not hold bf16 logits: they differ by up to 0.02 on the demo's teacher, enough to flip
   margin decisions) and the corpus/query fingerprints (the text of an id depends on the data): another retrieval
-  system, another depth or the next mining iteration at the same precision reuses every logit already computed. The cache is append-only (atomic files written under a lock); reading it
-  de-duplicates (qid, pid), keeping the lowest logit if two processes raced on one pair.
+  system, another depth or the next mining iteration at the same precision reuses every logit already computed.
+  The cache is append-only (atomic files written under a lock); reading it de-duplicates (qid, pid), keeping the
+  lowest logit if two processes raced on one pair.
 Sharding splits the chunks (see pipeline.shards); the merged scores.parquet equals a single run's.
 
 Memory: the pair list is held as integer codes (query row, corpus row, rank, positive flag: 13 bytes a pair), built
