@@ -3,6 +3,7 @@ search, resume after a kill, and shards run one by one + merge == one run (byte 
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -218,42 +219,42 @@ def test_embeddings_that_are_not_finite_are_refused_by_row(tmp_path):
     common.check_finite(np.zeros((0, 3), np.float32), "query")
 
 
-def test_row_markers_of_a_missing_embeddings_file_are_not_trusted(tmp_path):
-    """A forced rerun clears the folder; killed after the embeddings file went but before all its row markers
-    did, it leaves markers for rows of a file that no longer exists. The resumed encode must encode those rows
-    again, not skip them into a fresh all-zero file that it then calls complete."""
+def _encode_ctx(root: Path, final: Path, value: float, n: int = 8, dim: int = 4):
+    """What retrieve.encode_corpus reads, standing in for the stage's context: an n-passage corpus in blocks of 2,
+    embedding key "K", and a model whose every embedding is ``value``."""
     from types import SimpleNamespace
 
     import pyarrow as pa
     from omegaconf import OmegaConf
 
-    from pipeline.artifacts import open_stage
-    from pipeline.stages import common, retrieve
-
-    n, dim = 8, 4
-    cfg = OmegaConf.create({"artifacts_root": str(tmp_path), "token_cache": False, "retrieve": {"encode_block": 2},
-                            "shard": {"index": 0, "count": 1}})
-
     class Passages(SimpleNamespace):
         def __len__(self):
             return n
 
-    corpus = Passages(table=pa.table({"text": [f"p{i}" for i in range(n)]}), fingerprint="c")
+    cfg = OmegaConf.create({"artifacts_root": str(root), "token_cache": False, "retrieve": {"encode_block": 2},
+                            "shard": {"index": 0, "count": 1}})
+    return SimpleNamespace(cfg=cfg, final=final, model=None, facts={"embedding_key": "K", "corpus_prompt": None},
+                           corpus=Passages(table=pa.table({"text": [f"p{i}" for i in range(n)]}), fingerprint="c"),
+                           encode=lambda texts, *a, **k: np.full((len(texts), dim), value, np.float32))
 
-    def ctx(final, value):
-        return SimpleNamespace(cfg=cfg, final=final, corpus=corpus, model=None,
-                               facts={"embedding_key": "K", "corpus_prompt": None},
-                               encode=lambda texts, *a, **k: np.full((len(texts), dim), value, np.float32))
 
+def test_row_markers_of_a_missing_embeddings_file_are_not_trusted(tmp_path):
+    """A forced rerun clears the folder; killed after the embeddings file went but before all its row markers
+    did, it leaves markers for rows of a file that no longer exists. The resumed encode must encode those rows
+    again, not skip them into a fresh all-zero file that it then calls complete."""
+    from pipeline.artifacts import open_stage
+    from pipeline.stages import common, retrieve
+
+    n, dim = 8, 4
     with pytest.raises(RuntimeError, match="killed"), open_stage("retrieve", {"r": 1}, root=tmp_path, label="l",
                                                                  resumable=True) as st:
-        retrieve.encode_corpus(ctx(st.path, 2.0), st)
+        retrieve.encode_corpus(_encode_ctx(tmp_path, st.path, 2.0), st)
         raise RuntimeError("killed before the stage completed")
     final = st.path
     (final / retrieve.EMB_FILE).unlink()  # the file gone, its markers still there
     assert common.committed_row_count(final / retrieve.EMB_BLOCKS) == n
     with open_stage("retrieve", {"r": 1}, root=tmp_path, label="l", resumable=True) as st:
-        emb = retrieve.encode_corpus(ctx(st.path, 3.0), st)
+        emb = retrieve.encode_corpus(_encode_ctx(tmp_path, st.path, 3.0), st)
     np.testing.assert_array_equal(np.asarray(emb), np.full((n, dim), 3.0, np.float16))
 
 
@@ -261,11 +262,6 @@ def test_a_kill_while_linking_embeddings_never_writes_into_the_linked_file(tmp_p
     """retrieve links a complete evaluate folder's corpus embeddings (same key) and marks its blocks done. Killed
     in between, the rerun must not encode the unmarked blocks into the linked file: that is the evaluate
     folder's file too, which would change under its checksums. And no writer writes into a shared file."""
-    from types import SimpleNamespace
-
-    import pyarrow as pa
-    from omegaconf import OmegaConf
-
     from pipeline.artifacts import StageRun, open_stage, verify_folder
     from pipeline.stages import common, retrieve
 
@@ -274,18 +270,9 @@ def test_a_kill_while_linking_embeddings_never_writes_into_the_linked_file(tmp_p
         np.save(st.file(common.EMB_FILE), np.ones((n, dim), np.float16))
         st.extra["embedding_key"] = "K"
     evaluated = st.path
-    cfg = OmegaConf.create({"artifacts_root": str(tmp_path), "token_cache": False, "retrieve": {"encode_block": 2},
-                            "shard": {"index": 0, "count": 1}})
     final = tmp_path / "retrieve" / "l-123"
     final.mkdir(parents=True)
-
-    class Passages(SimpleNamespace):
-        def __len__(self):
-            return n
-
-    ctx = SimpleNamespace(cfg=cfg, final=final, model=None, facts={"embedding_key": "K", "corpus_prompt": None},
-                          corpus=Passages(table=pa.table({"text": [f"p{i}" for i in range(n)]}), fingerprint="c"),
-                          encode=lambda texts, *a, **k: np.full((len(texts), dim), 2.0, np.float32))
+    ctx = _encode_ctx(tmp_path, final, 2.0, n, dim)
     real, marked = common.commit_rows, []
 
     def killed_at_the_second_marker(*a):
