@@ -410,8 +410,12 @@ def open_stage(stage: str, identity: Mapping[str, Any], *, root: str | os.PathLi
             log.warning("%s: force=true, discarding the complete result at %s and recomputing", stage, path)
         (path / MARKER).unlink(missing_ok=True)
         (path / MANIFEST).unlink(missing_ok=True)
-        if (force and not again) or not resumable:
-            clear_for_force(path, force_id) if force else _clear_folder(path)
+        if force and not again:
+            clear_for_force(path, force_id)
+        elif not resumable:  # nothing of an unfinished run is reused, a requeued forced one's included
+            _clear_folder(path)
+            if again:
+                atomic_write_text(path / FORCED, force_id + "\n")
         else:
             for leftover in path.rglob(".tmp-*"):  # half-written files of a killed run; never committed
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()

@@ -400,6 +400,17 @@ def resolve_compile_layers(compile_layers: bool | None, device: torch.device | N
     return bool(compile_layers)
 
 
+def _raised_in_fused_gemm(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of a fused Linear + GELU GEMM (rewrites._LinearGELU), and not for lack of memory
+    (unfusing frees none, and another try would only fail again later)."""
+    import traceback
+
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False
+    fused = rewrites._LinearGELU.forward.__code__
+    return any(frame.f_code is fused for frame, _ in traceback.walk_tb(exc.__traceback__))
+
+
 def _fallback_to_padded(prep: _Prepared) -> None:
     if prep.attn != "varlen":
         return
@@ -708,12 +719,12 @@ class _Runner:
     def _forward(self, batch: _Batch) -> torch.Tensor:
         """The model on one batch. Fused GELU GEMMs that fail (on a shape their check did not try) are undone for
         good, and the batch runs again with separate GELUs (and eager layers: compiled ones were traced with the
-        fused GEMMs)."""
+        fused GEMMs). Any other failure (out of memory, a bad input) is the caller's, as it would be unfused."""
         try:
             return self._forward_layers(batch)
         except Exception as exc:
             prep = self.prep
-            if not prep.fused_gelu:
+            if not prep.fused_gelu or not _raised_in_fused_gemm(exc):
                 raise
             log.warning("engine: a fused GELU GEMM failed (%s: %s); computing the GELUs separately",
                         type(exc).__name__, exc)

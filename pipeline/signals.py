@@ -189,13 +189,18 @@ def stop_callback():
 
         def on_step_end(self, args, state, control, **kwargs):
             global _stopped_at
-            if _any_rank_requested():
+            stopping = _any_rank_requested()
+            if stopping:
                 if _requested is None:
                     request(signal.SIGTERM)
                 _stopped_at = int(state.global_step)
                 log.warning("train: stop requested at step %d: saving a checkpoint, then stopping", state.global_step)
                 control.should_save = True
                 control.should_training_stop = True
+            if control.should_save:
+                # the loss up to every checkpoint is in the log history it saves, so a resumed run's mean loss
+                # can count the steps before the checkpoint (train.whole_run_loss)
+                control.should_log = True
             return control
 
         def on_train_end(self, args, state, control, **kwargs):

@@ -247,3 +247,18 @@ def test_a_forced_run_clears_once_then_resumes_what_it_started(tmp_path, monkeyp
     assert work(tmp_path, calls=calls, force=True) == first and calls == [1, 1]
     monkeypatch.delenv("PIPELINE_FORCE_ID")
     assert work(tmp_path, calls=calls, force=True) == first and calls == [1, 1, 1]  # no id: every force clears
+
+
+def test_a_requeued_forced_stage_that_cannot_resume_starts_clean(tmp_path, monkeypatch):
+    """A stage that is not resumable (mine) keeps nothing of its unfinished forced run when that run is requeued,
+    and the folder still knows the run cleared it (the next requeue does not clear a complete result)."""
+    monkeypatch.setenv("PIPELINE_FORCE_ID", "job-1")
+    with pytest.raises(RuntimeError, match="time limit"):
+        with open_stage("demo", IDENTITY, root=tmp_path, label="lbl", force=True) as st:
+            atomic_write_json(st.file("half-of-the-output.json"), {"rows": 10})
+            raise RuntimeError("time limit")
+    with open_stage("demo", IDENTITY, root=tmp_path, label="lbl", force=True) as st:
+        assert not st.done and not (st.path / "half-of-the-output.json").exists()
+        atomic_write_json(st.file("out.json"), {"value": 1})
+    with open_stage("demo", IDENTITY, root=tmp_path, label="lbl", force=True) as st:
+        assert st.done

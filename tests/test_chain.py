@@ -132,6 +132,10 @@ def test_train_resumes_after_sigkill(chain_run):
     resumed = manifest["extra"]["resumed_from"]
     assert resumed and int(resumed.split("-")[1]) >= 2
     assert manifest["counts"]["steps"] == 24
+    # logged every step, the curve's mean is the mean loss of all 24 steps, not only of the resumed ones
+    summary = json.loads((folder / "metrics.json").read_text())["train"]
+    curve = [point["loss"] for point in summary["loss_curve"]]
+    assert len(curve) == 24 and summary["train_loss"] == pytest.approx(sum(curve) / 24, abs=1e-4)
     assert (folder / "_COMPLETE").exists() and (folder / "model" / "model.safetensors").is_file()
 
 

@@ -875,6 +875,29 @@ def test_fused_gelu_that_fails_on_real_batches_is_undone(monkeypatch, minilm, mi
     engine._PREPARED.clear()
 
 
+def test_failures_outside_the_fused_gemm_keep_it(monkeypatch, minilm, passages):
+    """Out of memory, or an error raised elsewhere in the forward, reaches the caller as it is: the fused GEMMs stay
+    (unfusing would not help, and the warning would blame them)."""
+    monkeypatch.delenv("PIPELINE_FUSE_GELU", raising=False)
+    engine._PREPARED.clear()
+    engine.encode_texts(minilm, passages[:8], precision="fp32", show_progress=False)
+    prep = next(iter(engine._PREPARED[minilm[0].auto_model].values()))
+    assert prep.fused_gelu > 0
+    real = engine._hf_forward
+    for error in (torch.cuda.OutOfMemoryError("CUDA out of memory"), ValueError("bad input ids")):
+        def failing(*args, **kwargs):
+            raise error
+
+        monkeypatch.setattr(engine, "_hf_forward", failing)
+        with pytest.raises(type(error)):
+            engine.encode_texts(minilm, passages[:8], precision="fp32", show_progress=False)
+        assert prep.fused_gelu > 0 and any(isinstance(m, rewrites._LinearGELU) for m in prep.hf.modules())
+    monkeypatch.setattr(engine, "_hf_forward", real)
+    # out of memory inside the fused GEMM itself: still not the GEMM's fault
+    assert not engine._raised_in_fused_gemm(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    engine._PREPARED.clear()
+
+
 def test_no_pairs_score_in_the_shape_pairs_do(tiny_ce):
     """(0,) for one label, (0, labels) for several: what a non-empty call (and the multi-GPU path) returns."""
     import copy

@@ -224,6 +224,33 @@ def test_last_checkpoint_ignores_and_removes_a_half_written_one(tmp_path):
     assert T.last_checkpoint(tmp_path / "nothing-here") is None
 
 
+def test_a_resumed_run_reports_the_mean_loss_of_every_step():
+    # logged losses are means since the previous log: steps 1 | 2-4 | 5-6 (the checkpoint at 6), then 4 resumed
+    history = [{"step": 1, "loss": 4.0}, {"step": 4, "loss": 3.0}, {"step": 6, "loss": 2.0}, {"step": 8, "loss": 1.5}]
+    assert T.whole_run_loss(history, 6, run_loss=1.0, last_step=10) == pytest.approx((4 + 9 + 4 + 4) / 10)
+    assert T.whole_run_loss(history, 0, run_loss=1.0, last_step=10) == 1.0       # not resumed: the trainer's own
+    # a history that stops short of the checkpoint cannot say what steps 5-6 cost: the resumed steps' mean stays
+    assert T.whole_run_loss(history[:2], 6, run_loss=1.0, last_step=10) == 1.0
+
+
+def test_every_checkpoint_logs_the_loss_up_to_its_step():
+    """A save off the logging grid (save_steps 5, logging 50, or a Slurm warning) logs first, so the history a
+    checkpoint carries reaches its own step (what whole_run_loss needs after a resume)."""
+    from transformers import TrainerControl, TrainerState
+
+    from pipeline import signals
+
+    callback = signals.stop_callback()
+    callback.on_train_begin(None, TrainerState(), TrainerControl())
+    try:
+        control = TrainerControl(should_save=True)
+        assert callback.on_step_end(None, TrainerState(global_step=5), control).should_log
+        quiet = callback.on_step_end(None, TrainerState(global_step=6), TrainerControl())
+        assert not quiet.should_log and not quiet.should_save
+    finally:
+        callback.on_train_end(None, TrainerState(), TrainerControl())
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 

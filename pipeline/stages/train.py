@@ -690,6 +690,27 @@ def run(cfg: DictConfig) -> Path:
         return _follow(cfg, coord)
 
 
+def whole_run_loss(history: list[dict], resumed_step: int, run_loss: float, last_step: int) -> float:
+    """The mean training loss over every step, where `run_loss` (the trainer's) covers only the steps after
+    `resumed_step`: the steps before come from the log history the checkpoint carried, each logged loss being the
+    mean since the previous log (a log is forced at every save, signals.stop_callback). A checkpoint whose history
+    stops short of its step (written before that rule) leaves the resumed steps' mean, with a warning."""
+    if resumed_step <= 0 or last_step <= resumed_step:
+        return run_loss
+    covered, total = 0, 0.0
+    for entry in history:
+        step = int(entry["step"])
+        if step > resumed_step:
+            break
+        total += float(entry["loss"]) * (step - covered)
+        covered = step
+    if covered != resumed_step:
+        log.warning("train: the checkpoint's loss log ends at step %d, not %d: train_loss averages the %d resumed "
+                    "steps only", covered, resumed_step, last_step - resumed_step)
+        return run_loss
+    return (total + run_loss * (last_step - resumed_step)) / last_step
+
+
 def _lead(cfg: DictConfig, coord) -> Path:
     """The stage proper (the only process, or rank 0): the folder, its lock, before/after, the model, the marker."""
     from pipeline import signals, tracking
@@ -732,7 +753,8 @@ def _lead(cfg: DictConfig, coord) -> Path:
             history = [h for h in trainer.state.log_history if "loss" in h]
             summary = {
                 "steps": int(trainer.state.global_step),
-                "train_loss": round(float(output.training_loss), 5),
+                "train_loss": round(whole_run_loss(history, int(resume.name[11:]) if resume else 0,
+                                                   float(output.training_loss), int(trainer.state.global_step)), 5),
                 "loss_first": history[0]["loss"] if history else None,
                 "loss_last": history[-1]["loss"] if history else None,
                 "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history],
