@@ -105,15 +105,51 @@ def try_lock(path: Path) -> Iterator[bool]:
         os.close(fd)
 
 
+COMPUTE_RECORD = "compute.json"  # the compute dtype every block of the stage folder was computed in
+
+
+def claim_compute_dtype(final: Path, stage: str, dtype: str, device: str) -> None:
+    """Record the compute dtype (by name) of the first process that computes a block of ``final``, and refuse any
+    other process (a shard, a rerun, a requeue) that would compute in another one: the stage's key holds the
+    precision setting (``auto``), not the dtype it means on each machine, because downstream stages compute that
+    key on any machine, so shards on bf16 and fp16 GPUs (or a CPU) would otherwise mix two dtypes in one result.
+    Created once and atomically (a link that fails if another process linked first)."""
+    import json
+    import socket
+
+    from pipeline.artifacts import atomic_write_text
+
+    record = Path(final) / COMPUTE_RECORD
+    if not record.exists():
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.parent / f".tmp-{COMPUTE_RECORD}-{os.getpid()}"
+        atomic_write_text(tmp, json.dumps({"dtype": dtype, "device": device, "host": socket.gethostname()}) + "\n")
+        try:
+            os.link(tmp, record)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    first = json.loads(record.read_text())
+    if first["dtype"] != dtype:
+        raise StageError(
+            f"{stage}: {final} holds blocks computed in {first['dtype']} (on {first['device']} at {first['host']}); "
+            f"this process would compute in {dtype} on {device}. One result never mixes two dtypes: run every shard "
+            f"on the same kind of device, or set {stage}.precision to one that all of them compute the same way "
+            f"(fp32), or force=true to start over in {dtype}.")
+
+
 def run_sharded(cfg: DictConfig, stage: str, identity: dict[str, Any], label: str, *,
                 prepare: Callable[[Path], Any],
                 work: Callable[[Any, StageRun, range, Path], None],
-                merge: Callable[[Any, StageRun, list[Path]], None]) -> Path:
+                merge: Callable[[Any, StageRun, list[Path]], None],
+                compute: tuple[str, str] | None = None) -> Path:
     """The shard/merge skeleton shared by retrieve and score.
 
     prepare(final_folder) -> ctx, with ``ctx.n_blocks``; work(ctx, run, blocks, out_dir) computes the missing
     blocks of `blocks` into `out_dir` (resumable: committed blocks are kept); merge(ctx, run, out_dirs) writes the
-    stage's final files into ``run.path`` from the block folders, in order.
+    stage's final files into ``run.path`` from the block folders, in order. ``compute``: (dtype name, device) this
+    process computes blocks with, checked against the folder's record before any work (claim_compute_dtype).
     """
     from pipeline.stages.common import artifacts_root
 
@@ -142,6 +178,8 @@ def run_sharded(cfg: DictConfig, stage: str, identity: dict[str, Any], label: st
                 st.extra["merged_parts"] = n
                 merge(ctx, st, [part_dir(final, key, i, n) / "blocks" for i in range(n)])
             else:
+                if compute:
+                    claim_compute_dtype(final, stage, *compute)
                 work(ctx, st, range(ctx.n_blocks), st.path / "blocks")
                 merge(ctx, st, [st.path / "blocks"])
         return st.path
@@ -172,6 +210,8 @@ def run_sharded(cfg: DictConfig, stage: str, identity: dict[str, Any], label: st
                               "total_blocks": ctx.n_blocks})
             log.info("%s: shard %d of %d computes blocks [%d, %d) of %d", stage, index, count, blocks.start,
                      blocks.stop, ctx.n_blocks)
+            if compute:
+                claim_compute_dtype(final, stage, *compute)
             work(ctx, pst, blocks, pst.path / "blocks")
     missing = missing_parts(final, key, count)
     if missing:

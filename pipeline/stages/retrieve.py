@@ -13,6 +13,7 @@ same way whoever computes it, so the merged candidates.parquet is byte-identical
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -25,8 +26,8 @@ from omegaconf import DictConfig
 from pipeline.artifacts import StageError, StageRun, atomic_path, folder_lock
 from pipeline.config import plain
 from pipeline.models import load_bi_encoder, model_identity
-from pipeline.shards import (block_bounds, n_blocks, parquet_stream, run_sharded, shard_blocks, shard_settings,
-                             try_lock, write_parquet)
+from pipeline.shards import (COMPUTE_RECORD, block_bounds, n_blocks, parquet_stream, run_sharded, shard_blocks,
+                             shard_settings, try_lock, write_parquet)
 from pipeline import signals
 from pipeline.stages import common
 
@@ -122,8 +123,9 @@ def run(cfg: DictConfig) -> Path:
         raise ValueError("retrieve.encode_block and retrieve.query_block must be >= 1")
     if str(rc.backend) not in ("torch", "faiss_flat", "faiss_ivf"):
         raise ValueError(f"retrieve.backend must be torch, faiss_flat or faiss_ivf, got {rc.backend!r}")
+    device = common.stage_device(cfg)
     return run_sharded(cfg, "retrieve", identity(cfg), label(cfg), prepare=lambda final: _prepare(cfg, final),
-                       work=_work, merge=_merge)
+                       work=_work, merge=_merge, compute=(common.compute_dtype(rc.precision, device), device))
 
 
 def _prepare(cfg: DictConfig, final: Path) -> _Ctx:
@@ -324,6 +326,8 @@ def _merge(ctx: _Ctx, st: StageRun, dirs: list[Path]) -> None:
                      "embedding_dtype": "float16", "query_blocks": ctx.n_blocks})
     if ctx._facts is not None:
         st.extra.update(ctx._facts)
+    if (ctx.final / COMPUTE_RECORD).is_file():  # the dtype every block was computed in (one, or the run refused)
+        st.extra["computed_in"] = json.loads((ctx.final / COMPUTE_RECORD).read_text())
     log.info("retrieve: %d candidates for %d queries (top %d)", candidates, len(ctx.qids), int(ctx.cfg.retrieve.top_k))
 
 
