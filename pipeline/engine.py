@@ -400,6 +400,13 @@ def resolve_compile_layers(compile_layers: bool | None, device: torch.device | N
     return bool(compile_layers)
 
 
+def embedding_dimension(model: Any) -> int:
+    """The width of a SentenceTransformer's embeddings (0 where unknown): ``get_embedding_dimension`` since
+    sentence-transformers 6, which deprecates the older name (still the only one before it)."""
+    dim_of = getattr(model, "get_embedding_dimension", None) or getattr(model, "get_sentence_embedding_dimension", None)
+    return int((dim_of() if dim_of is not None else 0) or 0)
+
+
 def _raised_in_fused_gemm(exc: BaseException) -> bool:
     """Whether ``exc`` came out of a fused Linear + GELU GEMM (rewrites._LinearGELU), and not for lack of memory
     (unfusing frees none, and another try would only fail again later)."""
@@ -1088,8 +1095,7 @@ def encode_texts(
     )
     emb = runner.run()
     if len(texts) == 0:
-        dim = model.get_sentence_embedding_dimension() if hasattr(model, "get_sentence_embedding_dimension") else 0
-        return np.zeros((0, dim or 0), dtype=np.float32)
+        return np.zeros((0, embedding_dimension(model)), dtype=np.float32)
     truncate_dim = getattr(model, "truncate_dim", None)
     if truncate_dim:
         emb = np.ascontiguousarray(emb[:, :truncate_dim])
@@ -1245,7 +1251,7 @@ def encode_texts_multi_gpu(model: "SentenceTransformer", texts: Sequence[str], *
         devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
     if len(devices) == 1:
         return encode_texts(model, texts, devices=devices, **kwargs)
-    dim = model.get_sentence_embedding_dimension()
+    dim = embedding_dimension(model)
     if getattr(model, "truncate_dim", None):
         dim = min(dim, model.truncate_dim)
     return _multi("encode", model, texts, devices, (dim,), **kwargs)

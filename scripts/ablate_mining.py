@@ -30,7 +30,7 @@ VARIANTS = {
                                    OFF[2]],
     "margin 3.0 logits": ["mine.ce_score_margin=3.0", *OFF[1:]],
     "margin 0 (below the weakest positive)": ["mine.ce_score_margin=0.0", *OFF[1:]],
-    "relative 95%": [*OFF[:2], "mine.relative_margin=0.95"],
+    "relative 95%": [*OFF[:2], "mine.relative_margin=0.05"],
     "experiment's own rule": [],
 }
 

@@ -31,6 +31,16 @@ def test_every_experiment_composes_and_resolves(experiment, tmp_path):
     assert resolved["data"]["name"] and resolved["model"]["bi_encoder"]
 
 
+def test_msmarco_experiments_print_the_published_row_beside_their_own():
+    # the BM25-only experiment too: its table row is compared with the published ElasticSearch BM25
+    from pipeline.stages.evaluate import results_table
+
+    row = {"name": "BM25", "metrics": {"trec_dl19": {"nDCG@10": 0.48}, "dev": {"RR@10": 0.18}}}
+    for experiment in ("bm25", "eval_published"):
+        table = results_table([row], compose([f"experiment={experiment}"]))
+        assert "48.00 (published 45.46)" in table and "18.00 (published 17.29)" in table, (experiment, table)
+
+
 @pytest.mark.parametrize("group,option", [("data", d) for d in DATA if d != "beir"] + [("model", m) for m in MODELS])
 def test_every_group_option_composes(group, option, tmp_path):
     cfg = compose([f"{group}={option}", f"artifacts_root={tmp_path}"])

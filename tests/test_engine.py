@@ -898,6 +898,17 @@ def test_failures_outside_the_fused_gemm_keep_it(monkeypatch, minilm, passages):
     engine._PREPARED.clear()
 
 
+def test_no_texts_encode_to_the_model_width_without_deprecated_calls(minilm):
+    """The width comes from get_embedding_dimension (sentence-transformers 6 deprecates the older name with a
+    FutureWarning, to be removed)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert engine.encode_texts(minilm, [], show_progress=False).shape == (0, 384)
+        assert engine.embedding_dimension(minilm) == 384
+
+
 def test_no_pairs_score_in_the_shape_pairs_do(tiny_ce):
     """(0,) for one label, (0, labels) for several: what a non-empty call (and the multi-GPU path) returns."""
     import copy

@@ -111,6 +111,21 @@ def test_measure_names_are_read_without_surrounding_spaces():
     assert metrics.evaluate_run({"q1": {"d1": 1}}, {"q1": {"d1": 1.0}}, [" RR@10 "]) == {"RR@10": 1.0}
 
 
+def test_score_run_stage_takes_a_relevance_level(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from pipeline.stages import score_run
+
+    (tmp_path / "qrels").write_text("q1 0 d1 1\nq1 0 d2 2\n")
+    (tmp_path / "run").write_text("q1 Q0 d1 1 2.0 t\nq1 Q0 d2 2 1.0 t\n")
+    cfg = OmegaConf.create({"run_file": str(tmp_path / "run"), "qrels_file": str(tmp_path / "qrels"), "score_run": {
+        "measures": ["nDCG@10", "RR@10"], "missing": "skip", "per_query": False, "output": None,
+        "relevance_level": 2}})
+    score_run.run(cfg)
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["RR(rel=2)@10", "all", "0.5000"] in lines and ["nDCG@10", "all", "0.8597"] in lines, lines  # gains 1 + 2/log2(3) over 2 + 1/log2(3)
+
+
 def test_relevance_level_reaches_binary_measures_only(tmp_path):
     """trec_eval.py -l 2: TREC-DL's binary measures count grade >= 2; nDCG keeps the grades as gains and a
     measure that names its own level keeps it."""

@@ -85,7 +85,8 @@ def test_each_rule_alone():
     assert got == {"q1": ["n5", "n6"], "q2": ["m1", "m2", "m3"]}
     got, _, _ = mined(Rules(**{**off, "ce_score_margin": 3.0}))
     assert got == {"q1": ["n3", "n4", "n5", "n6"], "q2": ["m2"]}
-    # relative 0.5 on probabilities: q1 keeps sigmoid(ce) < 0.5 * sigmoid(3.0) = 0.476 (logit < -0.095);
+    # relative 0.5 on probabilities (below (1 - 0.5) of the positive): q1 keeps sigmoid(ce) < 0.5 * sigmoid(3.0) = 0.476
+    # (logit < -0.095);
     # q2 keeps sigmoid(ce) < 0.5 * sigmoid(-1.0) = 0.134 (logit < -1.86)
     got, _, _ = mined(Rules(**{**off, "relative_margin": 0.5}))
     assert got == {"q1": ["n3", "n5", "n6"], "q2": ["m1", "m2", "m3"]}
@@ -102,7 +103,7 @@ def test_rules_combined():
     assert got == {"q1": ["n3", "n4"], "q2": ["m2"]}
     assert sel.removed["rank_window"]["first"] == 1  # n6 at rank 8
     assert sel.removed["per_system_cap"] == {"first": 1}  # n5
-    got, _, _ = mined(Rules(ce_max_score=0.3, ce_score_margin=None, relative_margin=0.2))
+    got, _, _ = mined(Rules(ce_max_score=0.3, ce_score_margin=None, relative_margin=0.8))
     # q1: sigmoid <= 0.3 (logit <= -0.85) and sigmoid < 0.2 * 0.953 = 0.19 (logit < -1.45): n5, n6
     # q2: sigmoid < 0.2 * 0.269 = 0.054 (logit < -2.87): m1, m2
     assert got == {"q1": ["n5", "n6"], "q2": ["m1", "m2"]}
@@ -132,6 +133,8 @@ def test_bad_rules_are_clear():
         Rules(rank_min=5, rank_max=2)
     with pytest.raises(ValueError, match="relative_margin"):
         Rules(relative_margin=5)
+    with pytest.raises(ValueError, match="relative_margin"):
+        Rules(relative_margin=1.0)  # below 0% of the positive: nothing could be kept
 
 
 def test_helpers():
@@ -180,7 +183,10 @@ def test_stage_outputs(chain):
         assert set(line) == {"qid", "pos", "neg", "ce_scores"}
         assert line["pos"] and 1 <= len(line["neg"][system]) <= 3
         assert not set(line["pos"]) & set(line["neg"][system])
-        assert set(line["ce_scores"]) == set(line["pos"]) | set(line["neg"][system])
+        # the demo's ids are MS MARCO's decimal integers: JSON integers, as the published file and its training
+        # script (corpus[int(pid)]) have them; the score map's keys are strings
+        assert all(isinstance(x, int) for x in [line["qid"], *line["pos"], *line["neg"][system]])
+        assert set(line["ce_scores"]) == {str(x) for x in line["pos"] + line["neg"][system]}
     pools = pq.read_table(folder / "pools.parquet")
     assert pools.column_names == ["qid", "pid", "role", "ce_score", "system", "rank"]
     negs = pools.filter(pa.compute.equal(pools.column("role"), "neg"))
@@ -199,7 +205,7 @@ def test_stage_outputs(chain):
     logit = {(q, p): s for q, p, s in zip(scores["qid"], scores["pid"], scores["ce_score"])}
     first = lines[0]
     for pid, value in first["ce_scores"].items():
-        assert value == pytest.approx(logit[(first["qid"], pid)], abs=0)
+        assert value == pytest.approx(logit[(str(first["qid"]), pid)], abs=0)
 
 
 def test_triplets_train_one_step(chain, tmp_path):
@@ -247,6 +253,14 @@ def test_extra_system_from_a_retrieve_folder(chain):
     for line in lines:
         a, b = line["neg"].get(first_sys, []), line["neg"].get("second", [])
         assert len(a) == 3 and len(b) <= 3 and not set(a) & set(b)
+
+
+def test_only_decimal_integer_ids_become_json_integers():
+    from pipeline.stages import mine
+
+    assert mine._decimal_ids(pa.array(["0", "7349777", "571018"]))
+    for other in (["1", "doc1"], ["1", "007"], ["1", "-3"], ["1", "1e3"], ["1", "99999999999999999999"]):
+        assert not mine._decimal_ids(pa.array(other)), other  # BEIR ids, or ones int() would not write back
 
 
 def test_missing_extra_system_is_clear(chain):

@@ -453,9 +453,10 @@ class _Dense:
         file is renamed to ``target`` when every chunk is in."""
         from tqdm.auto import tqdm
 
+        from pipeline.engine import embedding_dimension
+
         corpus, chunk = self.corpus, max(1, int(self.cfg.evaluate.corpus_chunk))
-        dim_of = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
-        dim = int(dim_of() or 0)
+        dim = embedding_dimension(self.model)
         partial, marks = self.st.path / PARTIAL_FILE, self.st.path / PARTIAL_MARKS
         if not embeddings_file_fits(partial, len(corpus), dim):  # continued only where this encode writes its shape
             partial.unlink(missing_ok=True)

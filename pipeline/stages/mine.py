@@ -9,9 +9,10 @@ Per query, a retrieved passage becomes a hard negative when it passes every enab
   ce_max_score      CE <= ce_max_score, on sigmoid(logit) when ce_max_score_scale=probability (RocketQA: 0.1),
                     on the raw logit when logit
   ce_score_margin   CE <= min CE(query, positive) - margin, in logits (the published v3/v4 script, margin 3.0)
-  relative_margin   sigmoid(CE) < relative_margin * sigmoid(min CE(query, positive)): NV-Retriever's TopK-PercPos
-                    (0.95 = "95% of the positive"). Defined on probabilities so it stays meaningful whatever the
-                    logits' sign or scale; a ratio of raw logits flips meaning when the positive's logit is negative.
+  relative_margin   sigmoid(CE) < (1 - relative_margin) * sigmoid(min CE(query, positive)): NV-Retriever's
+                    TopK-PercPos, in sentence-transformers' convention (util.mine_hard_negatives: 0.05 = "below 95%
+                    of the positive"). Defined on probabilities so it stays meaningful whatever the logits' sign or
+                    scale; a ratio of raw logits flips meaning when the positive's logit is negative.
 then, system by system in `systems` order and within a system in retrieval order, the first
 `num_negatives_per_system` survivors not already taken from an earlier system (the published script's loop), and
 at most `max_negatives` in that pooled order. Queries without a positive, without candidates, or without a
@@ -82,8 +83,13 @@ class Rules:
                 raise ValueError(f"mine.{name} must be >= 1 or null, got {value}")
         if self.rank_min is not None and self.rank_max is not None and self.rank_max < self.rank_min:
             raise ValueError(f"mine.rank_max ({self.rank_max}) is below mine.rank_min ({self.rank_min})")
-        if self.relative_margin is not None and not 0.0 < self.relative_margin <= 1.0:
-            raise ValueError(f"mine.relative_margin must lie in (0, 1] (e.g. 0.95), got {self.relative_margin}")
+        if self.relative_margin is not None and not 0.0 <= self.relative_margin < 1.0:
+            raise ValueError(f"mine.relative_margin must lie in [0, 1) (0.05: below 95% of the weakest positive's "
+                             f"probability, sentence-transformers' convention), got {self.relative_margin}")
+        if self.relative_margin is not None and self.relative_margin > 0.5:
+            log.warning("mine.relative_margin=%s keeps only negatives below %.0f%% of the weakest positive's "
+                        "probability (sentence-transformers' convention: NV-Retriever's 95%% is 0.05)",
+                        self.relative_margin, 100 * (1 - self.relative_margin))
         if self.ce_score_margin is not None and not math.isfinite(self.ce_score_margin):
             raise ValueError(f"mine.ce_score_margin must be finite or null, got {self.ce_score_margin}")
 
@@ -278,7 +284,7 @@ def select(pool: Pool, rules: Rules) -> Selection:
     if rules.ce_score_margin is not None:
         apply("ce_score_margin", ce > cmin - np.float32(rules.ce_score_margin))
     if rules.relative_margin is not None:
-        apply("relative_margin", ~(sigmoid(ce) < np.float32(rules.relative_margin) * sigmoid(cmin)))
+        apply("relative_margin", ~(sigmoid(ce) < np.float32(1.0 - rules.relative_margin) * sigmoid(cmin)))
 
     likely_fn = ~is_pos & row_ok & (ce >= cmin)
     lfn_queries = int(np.count_nonzero(np.bincount(q[likely_fn], minlength=nq)))
@@ -704,15 +710,27 @@ def _positive_ranks(pool: Pool, sel: Selection, pos_q: np.ndarray, pos_p: np.nda
     return out
 
 
+def _decimal_ids(column: Any) -> bool:
+    """Whether every id is a decimal integer written as int() would write it back (no sign, no leading zero)."""
+    import pyarrow.compute as pc
+
+    return bool(pc.all(pc.match_substring_regex(column, r"^(0|[1-9][0-9]{0,17})$")).as_py() is not False)
+
+
 def _write_jsonl(path: Path, qid_col: Any, pid_col: Any, ce: np.ndarray, is_neg: np.ndarray, sys: np.ndarray,
                  bounds: np.ndarray, system_names: Sequence[str]) -> None:
     """One line per kept query, in the layout of sentence-transformers' msmarco-hard-negatives plus the
     cross-encoder logits: {"qid", "pos": [...], "neg": {system: [...]}, "ce_scores": {pid: logit}}. Lists here
-    are the mined negatives (after the rules), not the raw retrieval lists."""
+    are the mined negatives (after the rules), not the raw retrieval lists. Ids are JSON integers where every id
+    is a decimal integer (MS MARCO: the published file's layout, which its training script indexes with
+    ``int`` keys), strings otherwise (BEIR ids); ce_scores' keys are strings either way (JSON object keys)."""
     from tqdm.auto import tqdm
 
     qids = qid_col.to_pylist()
-    pids = pid_col.to_pylist()
+    keys = pid_col.to_pylist()
+    pids = keys
+    if _decimal_ids(qid_col) and _decimal_ids(pid_col):
+        qids, pids = [int(x) for x in qids], [int(x) for x in keys]
     ces = ce.astype(np.float64).tolist()
     negs = is_neg.tolist()
     syss = sys.tolist()
@@ -727,7 +745,7 @@ def _write_jsonl(path: Path, qid_col: Any, pid_col: Any, ce: np.ndarray, is_neg:
             for j in range(split, b):
                 neg.setdefault(system_names[syss[j]], []).append(pids[j])
             buf.append(dumps({"qid": qids[a], "pos": pids[a:split], "neg": neg,
-                              "ce_scores": dict(zip(pids[a:b], ces[a:b]))}))
+                              "ce_scores": dict(zip(keys[a:b], ces[a:b]))}))
             if len(buf) >= 10_000:
                 fh.write("\n".join(buf) + "\n")
                 buf.clear()

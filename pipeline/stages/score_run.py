@@ -1,7 +1,7 @@
 """`stage=score_run`: a small trec_eval.
 
     python -m pipeline stage=score_run run_file=run.trec qrels_file=qrels.txt \\
-        'score_run.measures=[nDCG@10,RR(rel=2)@10,R(rel=2)@1000]' [score_run.output=out.json]
+        'score_run.measures=[nDCG@10,RR@10,R@1000]' score_run.relevance_level=2 [score_run.output=out.json]
 
 prints ``num_q`` and one line per measure (``nDCG@10  all  0.4796``), like ``trec_eval -m ...``; the numbers come
 from pipeline.metrics (trec_eval's own code through ir-measures, same tie and missing-query conventions).
@@ -66,8 +66,10 @@ def report(result: dict[str, Any], per_query: bool = False) -> str:
 
 def run(cfg: DictConfig) -> Path:
     sc = cfg.score_run
-    result = score(_required(cfg, "run_file"), _required(cfg, "qrels_file"), list(sc.measures),
-                   missing=str(sc.missing))
+    measures = list(sc.measures)
+    if sc.relevance_level is not None:  # TREC-DL's RR, AP and recall count grade >= 2 (trec_eval -l 2)
+        measures = metrics.with_relevance_level(measures, int(sc.relevance_level))
+    result = score(_required(cfg, "run_file"), _required(cfg, "qrels_file"), measures, missing=str(sc.missing))
     print(report(result, per_query=bool(sc.per_query)), flush=True)
     if sc.output:
         out = Path(str(sc.output)).expanduser()
