@@ -348,15 +348,29 @@ class StageRun:
 def forced_run_id() -> str | None:
     """The forced run this process belongs to: ``force=true`` clears a folder once per id, so that a requeued job
     and the other tasks of its array resume what it started instead of clearing it again (a forced job longer than
-    one time limit never finished). PIPELINE_FORCE_ID where set; else the Slurm (array) job id of a job that
-    submitit launched (requeues keep it, an array's tasks share it); else None: every forced invocation clears,
-    as an interactive shell (even inside one allocation) expects."""
+    one time limit never finished). PIPELINE_FORCE_ID where set; else, for a job that submitit launched, the Slurm
+    (array) job id (requeues keep it, an array's tasks share it) or, under its local executor, the sweep's
+    submission folder (the same for every job of a sweep and its requeues); else None: every forced invocation
+    clears, as an interactive shell (even inside one allocation) expects."""
     if os.environ.get("PIPELINE_FORCE_ID"):
         return os.environ["PIPELINE_FORCE_ID"]
-    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+    executor = os.environ.get("SUBMITIT_EXECUTOR")
+    if executor == "slurm":
         job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
         return f"slurm-{job}" if job else None
+    if executor and os.environ.get("SUBMITIT_FOLDER"):
+        return f"submitit-{hashlib.sha256(os.environ['SUBMITIT_FOLDER'].encode()).hexdigest()[:16]}"
     return None
+
+
+_THIS_PROCESS = f"process-{socket.gethostname()}-{os.getpid()}-{os.urandom(4).hex()}"
+
+
+def stage_force_id() -> str:
+    """The id a forced stage folder is cleared under (:func:`open_stage`): the forced run's, else this process's,
+    so one invocation clears a folder once however often it reaches it (the chain evaluates v2 and v3 inside
+    train and again for its table: two full-corpus encodes each when every call cleared)."""
+    return forced_run_id() or _THIS_PROCESS
 
 
 def forced_already(path: Path, force_id: str | None) -> bool:
@@ -388,7 +402,8 @@ def open_stage(stage: str, identity: Mapping[str, Any], *, root: str | os.PathLi
     """Run a stage's body inside its keyed folder.
 
     - complete and not forced: yields a run with `done=True`; the body must return at once.
-    - forced: cleared and recomputed, once per :func:`forced_run_id` (a requeued forced job finds what it did).
+    - forced: cleared and recomputed, once per :func:`stage_force_id` (a requeued forced job finds what it did,
+      and one invocation reaching the folder twice clears it once).
     - incomplete leftovers: kept when `resumable` (committed chunks are reused), otherwise cleared.
     - on success: checksums every file, writes manifest.json, then the _COMPLETE marker (last).
     - on any error: nothing is marked complete; a full disk gets a message that says so.
@@ -397,7 +412,7 @@ def open_stage(stage: str, identity: Mapping[str, Any], *, root: str | os.PathLi
     key = config_key(identity)
     path = stage_folder(root, stage, label or stage, key)
     run = StageRun(stage=stage, path=path, key=key, identity=identity, config=redact(dict(config or identity)))
-    force_id = forced_run_id() if force else None
+    force_id = stage_force_id() if force else None
     with folder_lock(path, wait_s=lock_wait_s):
         # this forced run cleared the folder before (a requeue, an array's other task): its work is kept
         again = forced_already(path, force_id)

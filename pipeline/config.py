@@ -32,6 +32,14 @@ def rank_suffix() -> str:
     return f"-rank{rank}" if rank else ""
 
 
+def lock_wait_default() -> float:
+    """lock_wait_s's default: 0 by hand (a second command on an artifact in progress is refused at once, naming the
+    holder), a day in a job that submitit launched: a sweep's jobs share their upstream stages, and a job that
+    finds one being computed by another waits for it (then finds it complete) instead of failing. The lock is a
+    flock, released when its holder dies, so the wait never outlives the work."""
+    return 86400.0 if os.environ.get("SUBMITIT_EXECUTOR") else 0.0
+
+
 def register_resolvers() -> None:
     for name, fn in {
         "resource": resource_dir,
@@ -39,6 +47,7 @@ def register_resolvers() -> None:
         "basename": lambda p: Path(str(p)).name,
         "minilm_dir": minilm_dir,
         "rank_suffix": rank_suffix,
+        "lock_wait_default": lock_wait_default,
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

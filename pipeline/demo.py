@@ -968,20 +968,35 @@ def build_demo_models(models_dir: str | os.PathLike, demo_dir: str | os.PathLike
 
     The bi-encoder is the demo's "v2": a random BERT warmed up briefly with in-batch negatives on the demo training
     pairs. The cross-encoder base is untrained (the teacher stage fine-tunes it). Idempotent: a ``stamp.json`` with
-    the settings and a fingerprint of the demo files is written last and checked on the next call.
+    the settings and a fingerprint of the demo files is written last and checked on the next call. Built under
+    the folder's lock: the shards of a job array starting on a fresh root build them once, the others wait.
     """
+    from pipeline.artifacts import folder_lock
+
     models = Path(models_dir)
     demo = Path(demo_dir)
     paths = {"bi_encoder": models / "bi_encoder", "cross_encoder_base": models / "cross_encoder_base"}
     stamp_path = models / "stamp.json"
     want = {"settings": DEMO_MODEL_SETTINGS, "demo": _demo_fingerprint(demo)}
-    if stamp_path.exists() and all(p.exists() for p in paths.values()):
+
+    def built() -> bool:
+        if not (stamp_path.exists() and all(p.exists() for p in paths.values())):
+            return False
         try:
-            if json.loads(stamp_path.read_text()).get("identity") == want:
-                return paths
+            return json.loads(stamp_path.read_text()).get("identity") == want
         except ValueError:
-            pass
-    models.mkdir(parents=True, exist_ok=True)
+            return False
+
+    if built():
+        return paths
+    with folder_lock(models, wait_s=600):
+        if built():  # another process built them while this one waited
+            return paths
+        _build_demo_models(models, demo, paths, stamp_path, want)
+    return paths
+
+
+def _build_demo_models(models: Path, demo: Path, paths: dict, stamp_path: Path, want: dict) -> None:
     if stamp_path.exists():
         stamp_path.unlink()
     s = DEMO_MODEL_SETTINGS
@@ -1010,4 +1025,3 @@ def build_demo_models(models_dir: str | os.PathLike, demo_dir: str | os.PathLike
     tmp.write_text(json.dumps({"identity": want, "timings": timings,
                                "paths": {k: str(v) for k, v in paths.items()}}, indent=2) + "\n")
     os.replace(tmp, stamp_path)
-    return paths

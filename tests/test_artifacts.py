@@ -226,6 +226,36 @@ def test_forced_run_id_comes_from_the_launcher_not_from_any_allocation(monkeypat
     assert forced_run_id() == "rerun-2"
 
 
+def test_a_local_submitit_sweep_is_one_forced_run(monkeypatch):
+    """submitit's local executor (hydra/launcher=local): the sweep's submission folder is the run id, the same for
+    each of its jobs and their requeues (a requeued forced job used to clear its committed work every time)."""
+    from pipeline.artifacts import forced_run_id
+
+    for name in ("PIPELINE_FORCE_ID", "SLURM_ARRAY_JOB_ID", "SLURM_JOB_ID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    monkeypatch.setenv("SUBMITIT_FOLDER", "/runs/multirun/2026-11-27/.submitit/%j")
+    sweep = forced_run_id()
+    assert sweep and sweep.startswith("submitit-") and forced_run_id() == sweep
+    monkeypatch.setenv("SUBMITIT_FOLDER", "/runs/multirun/2026-11-28/.submitit/%j")
+    assert forced_run_id() not in (None, sweep)  # another sweep forces again
+
+
+def test_one_invocation_clears_a_forced_folder_once(tmp_path, monkeypatch):
+    """Without a run id, the process is the forced run: the chain reaches v2's and v3's evaluation folders twice
+    (train's before/after, then the table) and must encode the corpus once each; the next invocation clears."""
+    from pipeline import artifacts
+
+    monkeypatch.delenv("PIPELINE_FORCE_ID", raising=False)
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    calls: list[int] = []
+    first = work(tmp_path, calls=calls)
+    assert work(tmp_path, calls=calls, force=True) == first and calls == [1, 1]
+    assert work(tmp_path, calls=calls, force=True) == first and calls == [1, 1]  # the same invocation: kept
+    monkeypatch.setattr(artifacts, "_THIS_PROCESS", "process-next-invocation")
+    assert work(tmp_path, calls=calls, force=True) == first and calls == [1, 1, 1]
+
+
 def test_a_forced_run_clears_once_then_resumes_what_it_started(tmp_path, monkeypatch):
     """force=true under one run id (a submitit Slurm job): the first start clears and recomputes; a requeue of
     that job finds its committed work (a resumable stage) or its complete result instead of starting over, which

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,7 +68,11 @@ def test_chain_runs_every_stage_and_prints_the_table(chain_run):
         assert any(line.strip().startswith(stage) and status in line for line in lines), (stage, out)
     assert "nothing to do" not in out
     assert "| v2 |" in out and "| v3 |" in out and "| BM25 |" in out
-    table = (root / "results" / f"{cfg.data.name}-{cfg.model.name}.md").read_text()
+    written = Path(next(line.split(": ", 1)[1] for line in lines if line.startswith("results table: ")))
+    # keyed by the rows' evaluation folders: two sweep jobs' tables never overwrite each other
+    assert written.parent == root / "results" and re.fullmatch(rf"{cfg.data.name}-{cfg.model.name}-[0-9a-f]{{12}}\.md",
+                                                                 written.name), written
+    table = written.read_text()
     assert "| v3 |" in table
     assert "mining report plot: " in out and "report.png" in out
     assert list((root / "mine").glob("*/report.png"))

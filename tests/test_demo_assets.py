@@ -157,3 +157,35 @@ def test_build_demo_models_is_idempotent(tmp_path, monkeypatch, demo_data_dir):
     settings["bi_encoder"]["warmup_steps"] = 2  # other settings: rebuilt
     demo.build_demo_models(tmp_path / "models", demo_data_dir)
     assert json.loads((paths["bi_encoder"] / "warmup.json").read_text())["steps"] == 2
+
+
+def test_demo_models_are_built_once_by_concurrent_callers(tmp_path, monkeypatch, demo_data_dir):
+    """The shards of an array on a fresh artifacts root all ask for the demo models at once: one builds, the
+    others wait for it and reuse its models (they used to delete each other's tokenizer mid-build)."""
+    import threading
+
+    settings = copy.deepcopy(demo.DEMO_MODEL_SETTINGS)
+    settings["bi_encoder"]["warmup_steps"] = 2
+    settings["bi_encoder"]["warmup_batch_size"] = 8
+    monkeypatch.setattr(demo, "DEMO_MODEL_SETTINGS", settings)
+    builds, results, errors = [], [], []
+    real = demo._build_demo_models
+
+    def counted(*args):
+        builds.append(1)
+        real(*args)
+
+    monkeypatch.setattr(demo, "_build_demo_models", counted)
+
+    def ask():
+        try:
+            results.append(demo.build_demo_models(tmp_path / "models", demo_data_dir))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=ask) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(builds) == 1 and len(results) == 3 and results[0] == results[1] == results[2]

@@ -87,8 +87,15 @@ def test_bm25_only_end_to_end(tmp_path):
     qrels = read_qrels(Path(cfg.data.root) / "qrels" / "test.tsv")
     again = metrics.evaluate_run(qrels, read_run(folder / "runs" / "test.trec"), ["nDCG@10", "RR@10"])
     assert again == pytest.approx({k: doc["metrics"]["test"][k] for k in again})
-    table = (folder.parents[1] / "results" / "tinybeir.md").read_text()
+    (written,) = (folder.parents[1] / "results").glob("tinybeir-*.md")
+    table = written.read_text()
     assert "| Approach | NDCG@10 (test) | MRR@10 (rerank) |" in table and "| BM25 | " in table
+    # the table's name follows its rows' folders (another system, or another config of one: another file)
+    from pipeline.stages.evaluate import rows_key
+
+    row = {"name": "BM25", "path": str(folder)}
+    assert written.name == f"tinybeir-{rows_key([row])}.md"
+    assert rows_key([row]) != rows_key([{**row, "path": str(folder.with_name("bm25-0123456789ab"))}])
 
 
 def test_dense_system_end_to_end(tmp_path, bi_encoder_spec):

@@ -113,7 +113,7 @@ def run(cfg: DictConfig) -> Path:
         if cfg.evaluate.bm25:
             rows.append(chain.evaluation(cfg, "BM25", evaluate.BM25))
         table = evaluate.results_table(rows, cfg)
-        out = common.artifacts_root(cfg) / "results" / f"{cfg.data.name}-{cfg.model.name}.md"
+        out = common.artifacts_root(cfg) / "results" / f"{cfg.data.name}-{cfg.model.name}-{evaluate.rows_key(rows)}.md"
         plot = Path(mine_dir) / "report.png"
         atomic_write_text(out, f"# {cfg.data.name}: {cfg.model.name} (v2) and its fine-tuned versions\n\n{table}\n"
                                f"Mining report plot: {plot}\n")

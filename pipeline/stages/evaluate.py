@@ -46,7 +46,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline import metrics, signals
-from pipeline.artifacts import StageError, atomic_write_json, atomic_write_text, open_stage
+from pipeline.artifacts import StageError, atomic_write_json, atomic_write_text, config_key, open_stage
 from pipeline.config import plain
 from pipeline.models import load_bi_encoder, model_identity, resolve_device
 from pipeline.readers import (Candidates, Corpus, DataError, Qrels, check_qrels_in_corpus, corpus_source_fingerprint,
@@ -214,13 +214,19 @@ def _published_for(row: Mapping[str, Any], cfg: DictConfig) -> dict[str, Any]:
     return dict(model_pub) if row["name"] == cfg.evaluate.published_system else {}
 
 
+def rows_key(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The key of a results table: its rows' names and evaluation folders (each keyed by its own config), so the
+    tables of two sweep jobs never overwrite each other and a rerun of one job rewrites its own."""
+    return config_key({"rows": [[row["name"], Path(row["path"]).name] for row in rows]})
+
+
 def run(cfg: DictConfig) -> Path:
     systems = _systems(cfg)
     if not systems:
         raise ValueError("nothing to evaluate: evaluate.systems is empty and evaluate.bm25 is false")
     rows = [_run_system(cfg, system) for system in systems]
     table = results_table(rows, cfg)
-    out = artifacts_root(cfg) / "results" / f"{cfg.data.name}.md"
+    out = artifacts_root(cfg) / "results" / f"{cfg.data.name}-{rows_key(rows)}.md"
     atomic_write_text(out, f"# {cfg.data.name}\n\n{table}")
     print(table, flush=True)
     log.info("results table -> %s", out)
