@@ -326,3 +326,32 @@ def test_under_torchrun_other_stages_and_uneven_batches_are_refused_at_once(setu
         run_stage(compose([*setup, f"artifacts_root={tmp_path}", "stage=train", "train.batch_size=7"]))
     assert not any(tmp_path.iterdir())
     assert train.per_device_batch_size(64, 8) == 8 and train.per_device_batch_size(7, 1) == 7
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_split_encode_stops_its_processes_at_a_chunk(tmp_path):
+    """evaluate.devices=[cpu,cpu] with the signal sent to the parent alone (submitit's local executor, a kill by
+    pid): the encoding processes commit their chunk in progress and stop, the parent exits by the signal without
+    waiting for their whole ranges, and the rerun encodes only what is missing."""
+    args = [sys.executable, "-m", "pipeline", "experiment=demo", "stage=evaluate", f"artifacts_root={tmp_path}",
+            "evaluate.bm25=false", "evaluate.devices=[cpu,cpu]", "evaluate.corpus_chunk=8", "token_cache=false"]
+    proc = subprocess.Popen(args, cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marks = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None and not marks:
+        marks = list((tmp_path / "evaluate").glob("*/corpus_emb.chunks/rows-*.done"))
+        time.sleep(0.05)
+    assert proc.poll() is None and marks, f"no chunk committed before the end: {proc.stderr.read().decode()[-2000:]}"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGTERM, err.decode()[-2000:]
+    folder = marks[0].parents[1]
+    committed = len(list((folder / "corpus_emb.chunks").glob("rows-*.done")))
+    # stopped well before the end of the ranges: the encode unfinished (a finished one renames its file and drops
+    # its chunk markers), part of it committed
+    assert 0 < committed < -(-2989 // 8) and not (folder / "corpus_emb.f16.npy").exists()
+    assert not (folder / MARKER).exists()
+
+    rerun = subprocess.run(args, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert is_complete(folder) and read_manifest(folder)["counts"]

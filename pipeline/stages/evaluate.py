@@ -383,10 +383,12 @@ def _encode_part(job: dict[str, Any], device: str, lo: int, hi: int) -> None:  #
                             max_seq_length=job["max_seq_length"])
 
     store = TokenStore.load(Path(job["store"])) if job["store"] else None
-    _encode_range(lambda items, _: encode_texts(model, items, prompt=job["prompt"], normalize=job["normalize"],
-                                             batch_tokens=job["batch_tokens"], precision=job["precision"],
-                                             show_progress=False),
-                  Corpus(Path(job["corpus"])), store, lo, hi, job["chunk"], Path(job["target"]), Path(job["marks"]))
+    with signals.deferred():  # a signal (from the parent, or the scheduler's to every process) ends a chunk first
+        _encode_range(lambda items, _: encode_texts(model, items, prompt=job["prompt"], normalize=job["normalize"],
+                                                 batch_tokens=job["batch_tokens"], precision=job["precision"],
+                                                 show_progress=False),
+                      Corpus(Path(job["corpus"])), store, lo, hi, job["chunk"], Path(job["target"]),
+                      Path(job["marks"]))
 
 
 class _Dense:
@@ -497,6 +499,8 @@ class _Dense:
     def _encode_corpus_split(self, partial: Path, marks: Path, store: Any, devices: list[str], dim: int) -> None:
         """The corpus encode over several devices, one spawned process each on a contiguous range of passages,
         each writing its rows straight into the float16 file (nothing gathered in one process's memory)."""
+        from multiprocessing.connection import wait as wait_any
+
         import torch.multiprocessing as mp
 
         if dim <= 0:
@@ -518,12 +522,22 @@ class _Dense:
         try:
             for proc in procs:
                 proc.start()
-            for proc in procs:
-                proc.join()
+            forwarded = False
+            while any(proc.is_alive() for proc in procs):
+                wait_any([proc.sentinel for proc in procs if proc.is_alive()], timeout=0.5)
+                if signals.requested() is not None and not forwarded:
+                    # the signal may have reached this process alone (submitit's local executor, a kill by pid):
+                    # each encoding process commits its chunk in progress and stops too, instead of finishing
+                    # its whole range while this one waits
+                    for proc in procs:
+                        if proc.is_alive():
+                            os.kill(proc.pid, signals.requested())
+                    forwarded = True
         finally:
             for proc in procs:
                 if proc.is_alive():
                     proc.kill()
+        signals.stop_if_requested()  # stopped by a signal: the committed chunks stay, the rerun encodes the rest
         failed = [(dev, proc.exitcode) for dev, proc in zip(devices, procs) if proc.exitcode != 0]
         if failed:
             raise StageError(f"system {self.system['name']!r}: the corpus encode failed on {failed} "
