@@ -104,11 +104,14 @@ def read_queries(source: str | os.PathLike, *, empty_text: str = "error") -> dic
     source = str(source)
     if source.startswith("irds:"):
         return _irds_queries(source[5:])
-    if source.startswith("hf:"):
-        return {r["id"]: r["text"] for r in _hf_records(source[3:], ("_id", "id", "query_id", "qid"),
-                                                      ("text", "query"), ())}
-    path = Path(source)
-    records = _jsonl_records(path, ("_id",), ("text",), ()) if _is_jsonl(path) else _tsv_records(path)
+    if source.startswith("hf:"):  # the same checks as the files' (row numbers for line numbers)
+        path: Any = source
+        records: Iterable[tuple[int, str, str, Any]] = (
+            (i, r["id"], r["text"], None)
+            for i, r in enumerate(_hf_records(source[3:], ("_id", "id", "query_id", "qid"), ("text", "query"), ()), 1))
+    else:
+        path = Path(source)
+        records = _jsonl_records(path, ("_id",), ("text",), ()) if _is_jsonl(path) else _tsv_records(path)
     queries: dict[str, str] = {}
     empties = 0
     for lineno, qid, text, _ in records:
@@ -328,10 +331,7 @@ def _corpus_records(source: str) -> Iterator[tuple[Any, int, str, str, str]]:
                                           ("text", "passage", "contents"), ("title",)), 1):
             yield source, i, r["id"], r["title"], r["text"]
         return
-    path = Path(source)
-    if path.is_dir():  # a BEIR folder
-        present = [path / n for n in ("corpus.jsonl", "corpus.jsonl.gz") if (path / n).exists()]
-        path = present[0] if present else path / "corpus.jsonl"
+    path = _beir_corpus_file(Path(source))
     if _is_jsonl(path):
         for lineno, pid, text, title in _jsonl_records(path, ("_id", "id", "docid"), ("text", "contents"), ("title",)):
             yield path, lineno, pid, title, text
@@ -340,13 +340,29 @@ def _corpus_records(source: str) -> Iterator[tuple[Any, int, str, str, str]]:
             yield path, lineno, pid, "", text
 
 
+def _beir_corpus_file(path: Path) -> Path:
+    """A BEIR folder's corpus file (corpus.jsonl or .gz); any other path as it is."""
+    if not path.is_dir():
+        return path
+    present = [path / n for n in ("corpus.jsonl", "corpus.jsonl.gz") if (path / n).exists()]
+    return present[0] if present else path / "corpus.jsonl"
+
+
 def corpus_source_fingerprint(source: str) -> dict[str, Any]:
+    """What a data source's artifacts are keyed by: a file's content fingerprint (a BEIR folder's: its corpus file
+    alone, so editing its qrels or queries re-keys only what reads them); a dataset saved on disk and named
+    ``hf:<dir>[@split][#config]``: the folder's content and the split and config; a hub or ir_datasets id:
+    the id (their content is what the id names)."""
     from .artifacts import file_fingerprint
 
-    if source.startswith(("hf:", "irds:")):
+    if source.startswith("hf:"):
+        local = source[3:].split("#", 1)[0].rsplit("@", 1)[0]
+        if Path(local).is_dir():
+            return {"source": "hf:" + source[3 + len(local):], "content": file_fingerprint(Path(local))}
         return {"source": source}
-    path = Path(source)
-    return file_fingerprint(path)
+    if source.startswith("irds:"):
+        return {"source": source}
+    return file_fingerprint(_beir_corpus_file(Path(source)))
 
 
 def sources_by_content(section: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
@@ -441,7 +457,7 @@ class Corpus:
         if self._dense is not None:
             out = np.full(len(pids), -1, dtype=np.int64)
             for i, pid in enumerate(pids):
-                if pid.isdigit() and (pid == "0" or pid[0] != "0"):
+                if pid.isascii() and pid.isdigit() and (pid == "0" or pid[0] != "0"):
                     n = int(pid)
                     if n < len(self._dense):
                         out[i] = self._dense[n]
@@ -535,7 +551,7 @@ def _build_corpus(source: str, out: Path, repair_encoding: bool, empty_text: str
                 empties += 1
             hashes.append(_hash64(pid))
             lines.append(lineno)
-            if all_int and pid.isdigit() and (pid == "0" or pid[0] != "0") and len(pid) < 18:
+            if all_int and pid.isascii() and pid.isdigit() and (pid == "0" or pid[0] != "0") and len(pid) < 18:
                 int_ids.append(int(pid))
             else:
                 all_int = False

@@ -195,6 +195,49 @@ def test_corpus_dense_lookup(tmp_path):
     assert again.folder == corpus.folder  # converted once, then memory-mapped
 
 
+def test_only_ascii_digits_are_dense_ids(tmp_path):
+    # full-width and Arabic-Indic digits are other ids, never passage 12 (and '²' is no crash)
+    corpus = _corpus(tmp_path, "".join(f"{i}\tp{i}\n" for i in range(20)))
+    assert corpus._dense is not None
+    assert corpus.lookup(["12", "\uff11\uff12", "\u0661\u0662", "\u00b2"]).tolist() == [12, -1, -1, -1]
+    odd = Corpus.open(write(tmp_path / "odd.tsv", "1\tone\n\u00b2\tsquare\n"), tmp_path / "cache-odd")
+    assert odd.lookup(["\u00b2", "1"]).tolist() == [1, 0]
+
+
+def test_a_beir_folder_is_keyed_by_its_corpus_file_alone(tmp_path):
+    """Editing a BEIR folder's qrels or queries (or a note beside them) must not re-key what reads only the corpus
+    (retrieve, score, mine, train): they are keyed by their own files."""
+    from pipeline.readers import corpus_source_fingerprint
+
+    folder = tmp_path / "beir"
+    (folder / "qrels").mkdir(parents=True)
+    write(folder / "corpus.jsonl", json.dumps({"_id": "d1", "title": "", "text": "one"}) + "\n")
+    write(folder / "qrels" / "test.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    before = corpus_source_fingerprint(str(folder))
+    write(folder / "qrels" / "test.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td1\t1\n")
+    write(folder / "SOURCE.txt", "copied from elsewhere")
+    assert corpus_source_fingerprint(str(folder)) == before
+    write(folder / "corpus.jsonl", json.dumps({"_id": "d1", "title": "", "text": "changed"}) + "\n")
+    assert corpus_source_fingerprint(str(folder)) != before
+
+
+def test_a_dataset_saved_on_disk_is_keyed_by_its_content(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from pipeline.readers import corpus_source_fingerprint
+
+    datasets.Dataset.from_dict({"_id": ["d1"], "text": ["one"]}).save_to_disk(tmp_path / "corpus")
+    before = corpus_source_fingerprint(f"hf:{tmp_path / 'corpus'}")
+    assert before == corpus_source_fingerprint(f"hf:{tmp_path / 'corpus'}")
+    assert before != corpus_source_fingerprint(f"hf:{tmp_path / 'corpus'}@test")  # another split
+    datasets.Dataset.from_dict({"_id": ["d1"], "text": ["rebuilt in place"]}).save_to_disk(tmp_path / "corpus2")
+    import shutil
+
+    shutil.rmtree(tmp_path / "corpus")
+    (tmp_path / "corpus2").rename(tmp_path / "corpus")
+    assert corpus_source_fingerprint(f"hf:{tmp_path / 'corpus'}") != before
+    assert corpus_source_fingerprint("hf:BeIR/scifact@corpus") == {"source": "hf:BeIR/scifact@corpus"}  # a hub id
+
+
 def test_corpus_hash_lookup_and_beir_titles(tmp_path):
     lines = [{"_id": "doc-b", "title": "Title", "text": "body"}, {"_id": "doc-a", "title": "", "text": "only body"},
              {"_id": "MED-10", "title": "T2", "text": ""}]
@@ -234,3 +277,10 @@ def test_hugging_face_sources_for_corpus_queries_and_qrels(tmp_path):
         tmp_path / "bad")
     with pytest.raises(DataError, match=r"conflicting grades for \(1, d1\)"):
         read_qrels(f"hf:{tmp_path / 'bad'}")
+    # queries from a dataset get the file readers' checks: a duplicate id, an empty text
+    datasets.Dataset.from_dict({"_id": ["1", "1"], "text": ["a", "b"]}).save_to_disk(tmp_path / "dup")
+    with pytest.raises(DataError, match=r"dup:2: duplicate query id '1'"):
+        read_queries(f"hf:{tmp_path / 'dup'}")
+    datasets.Dataset.from_dict({"_id": ["1", "2"], "text": ["a", " "]}).save_to_disk(tmp_path / "empty")
+    with pytest.raises(DataError, match=r"query '2' has empty text"):
+        read_queries(f"hf:{tmp_path / 'empty'}")
