@@ -172,6 +172,26 @@ def test_retrieve_links_embeddings_an_evaluation_made(single, setup, tmp_path):
     assert np.mean([a == b for a, b in zip(ours, fresh)]) >= 0.95 and len(ours) == len(fresh)
 
 
+def test_a_forced_retrieve_encodes_afresh_and_shares_only_what_its_run_made(single, setup, tmp_path, monkeypatch):
+    """force=true recomputes: embeddings an evaluation made before (an older engine, say) are not linked; the
+    evaluation the same forced run makes afterwards links the fresh ones instead of encoding a third time."""
+    from pipeline import artifacts
+    from pipeline.stages import evaluate
+
+    root = tmp_path / "art"
+    monkeypatch.setenv("PIPELINE_FORCE_ID", "forced-run-1")
+    stale = evaluate.run(compose([*setup, f"artifacts_root={root}", "evaluate.bm25=false", "evaluate.precision=fp32"]))
+    monkeypatch.setenv("PIPELINE_FORCE_ID", "forced-run-2")
+    folder = retrieve.run(compose([*setup, f"artifacts_root={root}", "force=true"]))
+    manifest = read_manifest(folder)
+    assert manifest["counts"]["corpus_rows_encoded_here"] > 0 and "corpus_embeddings_linked" not in manifest["extra"]
+    assert (folder / retrieve.EMB_FILE).stat().st_ino != (stale / evaluate.EMB_FILE).stat().st_ino
+    again = evaluate.run(compose([*setup, f"artifacts_root={root}", "evaluate.bm25=false", "evaluate.precision=fp32",
+                                  "force=true"]))
+    assert again == stale and artifacts.forced_already(again, "forced-run-2")
+    assert (again / evaluate.EMB_FILE).stat().st_ino == (folder / retrieve.EMB_FILE).stat().st_ino
+
+
 def test_embedding_rows_written_by_ranges_and_committed(tmp_path):
     """The one writer of a corpus embeddings file (retrieve's blocks, evaluate's chunks and device processes): ranges
     written in any order and by separate processes make the whole float16 file; committed ranges are counted;
@@ -231,8 +251,8 @@ def _encode_ctx(root: Path, final: Path, value: float, n: int = 8, dim: int = 4)
         def __len__(self):
             return n
 
-    cfg = OmegaConf.create({"artifacts_root": str(root), "token_cache": False, "retrieve": {"encode_block": 2},
-                            "shard": {"index": 0, "count": 1}})
+    cfg = OmegaConf.create({"artifacts_root": str(root), "token_cache": False, "force": False,
+                            "retrieve": {"encode_block": 2}, "shard": {"index": 0, "count": 1}})
     return SimpleNamespace(cfg=cfg, final=final, model=None, facts={"embedding_key": "K", "corpus_prompt": None},
                            corpus=Passages(table=pa.table({"text": [f"p{i}" for i in range(n)]}), fingerprint="c"),
                            encode=lambda texts, *a, **k: np.full((len(texts), dim), value, np.float32))

@@ -99,6 +99,12 @@ def test_depth_and_cache_reuse(single, setup):
     again = score.run(compose([*setup, f"artifacts_root={root}", "score.depth=3", f"score.precision={other}"]))
     counts = read_manifest(again)["counts"]
     assert counts["pairs_from_cache"] == 0 and counts["pairs_scored"] == counts["pairs"]
+    # force=true recomputes every pair: the cache (logits of an older engine, say) is not read, nor added to
+    cache_files = sorted(Path(str(compose([*setup, f"artifacts_root={root}"]).cache_root)).glob("ce_scores/*/chunk-*.parquet"))
+    forced = score.run(compose([*setup, f"artifacts_root={root}", "score.depth=3", "force=true"]))
+    counts = read_manifest(forced)["counts"]
+    assert forced == shallow and counts["pairs_from_cache"] == 0 and counts["pairs_scored"] == counts["pairs"]
+    assert sorted(Path(str(compose([*setup, f"artifacts_root={root}"]).cache_root)).glob("ce_scores/*/chunk-*.parquet")) == cache_files
 
 
 def _cli(overrides: list[str], **kw) -> subprocess.Popen:

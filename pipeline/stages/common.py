@@ -14,7 +14,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline.artifacts import (MANIFEST, StageError, atomic_path, atomic_write_text, config_key, folder_lock,
-                                is_complete, read_manifest, require_complete, stage_folder)
+                                forced_already, is_complete, read_manifest, require_complete, stage_folder)
 from pipeline.readers import Corpus, Qrels, check_qrels_in_corpus, positives, read_qrels, read_queries
 
 log = logging.getLogger(__name__)
@@ -118,13 +118,17 @@ def compute_dtype(precision: Any, device: str) -> str:
 EMBEDDING_STAGES = ("evaluate", "retrieve")
 
 
-def reusable_embeddings(root: Path, key: str, here: Path) -> Path | None:
+def reusable_embeddings(root: Path, key: str, here: Path, forced_run: str | None = None) -> Path | None:
     """A complete retrieve or evaluate folder (not ``here``) whose corpus embeddings were recorded with ``key``
-    (:func:`embedding_key`), or None."""
+    (:func:`embedding_key`), or None. For a forced stage (``forced_run``: its artifacts.stage_force_id), only a
+    folder that this forced run computed again: force=true recomputes, so embeddings made before it (by an older
+    engine, say) are not taken over, while the chain's later stages share what it encoded afresh."""
     manifests = [m for stage in EMBEDDING_STAGES for m in sorted((root / stage).glob(f"*/{MANIFEST}"))]
     for manifest in manifests:
         folder = manifest.parent
         if folder == here or not is_complete(folder) or not (folder / EMB_FILE).is_file():
+            continue
+        if forced_run is not None and not forced_already(folder, forced_run):
             continue
         try:
             if read_manifest(folder).get("extra", {}).get("embedding_key") == key:
@@ -134,12 +138,13 @@ def reusable_embeddings(root: Path, key: str, here: Path) -> Path | None:
     return None
 
 
-def link_embeddings(root: Path, key: str, target: Path, here: Path, source: Path | None = None) -> Path | None:
+def link_embeddings(root: Path, key: str, target: Path, here: Path, source: Path | None = None,
+                    forced_run: str | None = None) -> Path | None:
     """Link (hard link; a copy across filesystems) the corpus embeddings of ``source`` or else of
     :func:`reusable_embeddings` to ``target``, instead of encoding the corpus again; returns that folder, or None
     where there is none. The file is never written in place afterwards (write_embedding_rows refuses a file with
     other links): a forced rerun of either folder replaces it."""
-    folder = source or reusable_embeddings(root, key, here)
+    folder = source or reusable_embeddings(root, key, here, forced_run)
     if folder is None:
         return None
     with atomic_path(target) as tmp:

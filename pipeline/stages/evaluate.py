@@ -46,7 +46,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline import metrics, signals
-from pipeline.artifacts import StageError, atomic_write_json, atomic_write_text, config_key, open_stage
+from pipeline.artifacts import (StageError, atomic_write_json, atomic_write_text, config_key, open_stage,
+                                stage_force_id)
 from pipeline.config import plain
 from pipeline.models import load_bi_encoder, model_identity, resolve_device
 from pipeline.readers import (Candidates, Corpus, DataError, Qrels, check_qrels_in_corpus, corpus_source_fingerprint,
@@ -439,7 +440,9 @@ class _Dense:
             key = self._embedding_key()
             self.facts["embedding_key"] = key
             # a file in place is complete (it is renamed there whole): an earlier attempt stopped after the encode
-            if not target.is_file() and not link_embeddings(artifacts_root(self.cfg), key, target, self.st.path):
+            forced_run = stage_force_id() if self.cfg.force else None  # a forced stage links only fresh embeddings
+            if not target.is_file() and not link_embeddings(artifacts_root(self.cfg), key, target, self.st.path,
+                                                            forced_run=forced_run):
                 with self.st.timed("encode_corpus"):
                     self._encode_corpus(target)
             # linked from elsewhere after an attempt of its own was cut short: its partial rows are not needed

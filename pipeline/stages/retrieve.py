@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline.artifacts import StageError, StageRun, atomic_path, folder_lock
+from pipeline.artifacts import StageError, StageRun, atomic_path, folder_lock, stage_force_id
 from pipeline.config import plain
 from pipeline.models import load_bi_encoder, model_identity
 from pipeline.shards import (COMPUTE_RECORD, block_bounds, n_blocks, parquet_stream, run_sharded, shard_blocks,
@@ -220,7 +220,7 @@ def _link_corpus(ctx: _Ctx, total: int) -> bool:
     with folder_lock(final / EMB_BLOCKS, wait_s=600):
         if (final / EMB_FILE).exists():  # a shard already created or linked it
             return False
-        source = common.reusable_embeddings(root, key, final)
+        source = common.reusable_embeddings(root, key, final, stage_force_id() if ctx.cfg.force else None)
         if source is None:
             return False
         n, block = len(ctx.corpus), int(ctx.cfg.retrieve.encode_block)

@@ -390,7 +390,9 @@ def _prepare(cfg: DictConfig) -> _Ctx:
     queries, positives, _ = common.training_set(cfg, corpus)
     cands = pq.ParquetFile(rdir / "candidates.parquet").iter_batches(batch_size=1 << 20, columns=["qid", "pid", "rank"])
     pairs = build_pairs(cands, list(queries), positives, cfg.score.depth, corpus)
-    cache = PairCache.for_config(cfg, spec, corpus) if cfg.score.use_cache else None
+    # force=true recomputes every pair: the cache is neither read (its logits may come from an older engine or
+    # model file) nor appended to (its reads keep the lowest of duplicate logits, mixing old and new)
+    cache = PairCache.for_config(cfg, spec, corpus) if cfg.score.use_cache and not cfg.force else None
     return _Ctx(cfg, corpus, queries, pairs, n_blocks(pairs.num_rows, int(cfg.score.chunk_pairs)), spec, cache, rdir)
 
 
