@@ -276,3 +276,23 @@ def test_stage_keys_do_not_follow_where_the_data_lies(tmp_path):
     train_qrels = (there / "qrels.train.tsv").read_text().splitlines()
     (there / "qrels.train.tsv").write_text("\n".join(train_qrels[:-1]) + "\n")
     assert all(a != b for a, b in zip(keys(moved), keys(base)))
+
+
+def test_bookkeeping_settings_change_no_key(tmp_path):
+    """How often a run logs or checkpoints, how many checkpoints it keeps, or how strict the judged-passage check
+    is change no weight and no retrieved candidate: they must not retrain or re-retrieve. Settings that do (a
+    learning rate) still re-key."""
+    from pipeline.stages import retrieve, teacher, train
+
+    base = ["experiment=demo", f"artifacts_root={tmp_path}"]
+
+    def keys(*overrides):
+        cfg = compose([*base, *overrides])
+        return [config_key(m.identity(cfg)) for m in (retrieve, teacher, train)]
+
+    same = keys()
+    for bookkeeping in ("train.logging_steps=7", "train.save_steps=3", "train.save_total_limit=5",
+                        "train.keep_checkpoints=true", "train.dataloader_workers=2", "teacher.logging_steps=7",
+                        "teacher.save_steps=3", "data.max_missing_qrels=0.05"):
+        assert keys(bookkeeping) == same, bookkeeping
+    assert keys("train.lr=1e-4")[2] != same[2] and keys("teacher.lr=1e-4")[1] != same[1]

@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.artifacts import open_stage
 from pipeline.config import compose
-from pipeline.stages import teacher
+from pipeline.stages import common, teacher
 
 
 def test_sample_negatives_respects_the_rank_window_and_positives():
@@ -26,7 +26,17 @@ def test_sample_negatives_respects_the_rank_window_and_positives():
 def test_teacher_needed_only_without_a_cross_encoder(tmp_path):
     assert teacher.needed(compose(["model=demo", f"artifacts_root={tmp_path}"]))
     assert not teacher.needed(compose(["model.cross_encoder=some/ce", f"artifacts_root={tmp_path}"]))
-    assert teacher.needed(compose(["model.cross_encoder=some/ce", "teacher.enabled=true", f"artifacts_root={tmp_path}"]))
+    asked = compose(["model.cross_encoder=some/ce", "teacher.enabled=true", f"artifacts_root={tmp_path}"])
+    assert teacher.needed(asked)
+    # a teacher asked for is the one that judges (it was trained and then ignored), in every mining round
+    from pipeline.stages import all as chain, score
+
+    assert score._cross_encoder_identity(asked) == {"teacher": common.stage_dir(asked, "teacher").name,
+                                                     "complete": False}
+    assert score._cross_encoder_identity(compose(["model.cross_encoder=some/ce", f"artifacts_root={tmp_path}"])) != \
+        score._cross_encoder_identity(asked)
+    round2 = chain.iteration_config(asked, 2, "round1/model", "teacher/model")
+    assert score._given_cross_encoder(round2) == "teacher/model"
 
 
 def test_teacher_trains_a_cross_encoder_the_score_stage_finds(tmp_path, tiny_bi_encoder, tiny_cross_encoder):

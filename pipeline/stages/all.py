@@ -44,6 +44,7 @@ def iteration_config(cfg: DictConfig, k: int, bi_encoder: str, cross_encoder: st
     derived.model.bi_encoder = str(bi_encoder)
     derived.model.name = f"{base}-it{k}"
     derived.model.cross_encoder = str(cross_encoder)
+    derived.teacher.enabled = False  # the first round's judge, whether given or trained, judges every round
     OmegaConf.set_struct(derived, True)
     return derived
 

@@ -114,6 +114,11 @@ def compute_dtype(precision: Any, device: str) -> str:
     return dtype_name(resolve_precision(str(precision), device))
 
 
+#: settings of train and teacher that change no weight (who tokenises the batches, how often the loss is logged or a
+#: checkpoint saved, how many are kept), left out of their keys: changing one must not retrain
+UNKEYED_TRAINING_SETTINGS = ("dataloader_workers", "logging_steps", "save_steps", "save_total_limit",
+                             "keep_checkpoints")
+
 #: stages whose complete folders may hold corpus embeddings another can link (EMB_FILE, same layout)
 EMBEDDING_STAGES = ("evaluate", "retrieve")
 

@@ -62,16 +62,21 @@ _NOT_IN_KEY = ("debug_sleep_s",)
 # --------------------------------------------------------------------------------------------- inputs
 
 
+def _given_cross_encoder(cfg: DictConfig) -> str | None:
+    """model.cross_encoder, unless a teacher is asked for (teacher.enabled: the trained teacher judges instead)."""
+    return None if cfg.teacher.enabled or not cfg.model.cross_encoder else str(cfg.model.cross_encoder)
+
+
 def cross_encoder_spec(cfg: DictConfig) -> str:
-    """model.cross_encoder, or the teacher stage's trained model when it is null."""
-    if cfg.model.cross_encoder:
-        return str(cfg.model.cross_encoder)
-    return str(common.completed(cfg, "teacher") / "model")
+    """model.cross_encoder, or the teacher stage's trained model when it is null or teacher.enabled is set."""
+    given = _given_cross_encoder(cfg)
+    return given if given else str(common.completed(cfg, "teacher") / "model")
 
 
 def _cross_encoder_identity(cfg: DictConfig) -> dict[str, Any]:
-    if cfg.model.cross_encoder:
-        return model_identity(str(cfg.model.cross_encoder))
+    given = _given_cross_encoder(cfg)
+    if given:
+        return model_identity(given)
     teacher = common.stage_dir(cfg, "teacher")
     if is_complete(teacher):
         return model_identity(str(teacher / "model"))

@@ -35,7 +35,7 @@ def needed(cfg: DictConfig) -> bool:
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
     return {
-        "teacher": plain(cfg.teacher),
+        "teacher": {k: v for k, v in plain(cfg.teacher).items() if k not in common.UNKEYED_TRAINING_SETTINGS},
         "seed": int(cfg.seed),
         "data": train_data_identity(cfg),  # the eval sets change no weight: editing them must not retrain
         "base": model_identity(str(cfg.model.teacher_base)),

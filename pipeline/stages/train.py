@@ -79,7 +79,8 @@ def train_identity(cfg: DictConfig, world: int | None = None) -> dict[str, Any]:
     from pipeline import distributed
 
     section = plain(cfg.train)
-    section.pop("dataloader_workers", None)  # who tokenises the batches changes no weight
+    for bookkeeping in common.UNKEYED_TRAINING_SETTINGS:
+        section.pop(bookkeeping, None)
     world = distributed.world_size() if world is None else int(world)
     if world > 1 and not section.get("gather_across_devices", True):
         section["in_batch_group"] = int(section["batch_size"]) // world
