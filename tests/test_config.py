@@ -203,6 +203,9 @@ def test_verify_reports_an_altered_artifact(tmp_path):
     with open_stage("toy", {"x": 1}, root=tmp_path) as st:
         (st.path / "out.txt").write_text("hello\n")
     cfg = compose([f"artifacts_root={tmp_path}", "stage=verify"])
+    (tmp_path / "cache" / "digests").mkdir(parents=True)
+    (tmp_path / "cache" / "digests" / ".lock").write_text("")  # the cache's locks are no stage folders
+    assert verify.stage_folders(tmp_path, skip=(tmp_path / "cache",)) == [st.path]
     verify.run(cfg)  # intact: no error
     (st.path / "out.txt").write_text("tampered\n")
     with pytest.raises(StageError, match="problems"):

@@ -284,6 +284,8 @@ def test_no_query_kept_is_a_clear_cli_error(chain):
                           check=False)
     assert proc.returncode == 2
     assert "no query kept any negative" in proc.stderr + proc.stdout
+    # the hint names the rule that rejects the most on its own (a ceiling of 0 rejects all), not a fixed one
+    assert "Loosen mine.ce_max_score (it alone rejects" in proc.stderr + proc.stdout
 
 
 def test_whole_corpus_text_hashes_are_cached(chain):

@@ -630,9 +630,14 @@ def run(cfg: DictConfig) -> Path:
                                         "activation": activation})
         report = json.loads((st.path / "report.json").read_text())
         if not report["queries"]["kept"]:
+            # the rule to loosen: the one that alone rejects the most (exclusions of positives are not rules to loosen)
+            alone = {k: v.get("alone", v["first"]) for k, v in sel.removed.items()
+                     if k not in ("positive", "duplicate_text")}
+            worst = max(alone, key=alone.get) if alone and max(alone.values()) else None
+            hint = f"mine.{worst} (it alone rejects {alone[worst]} candidates)" if worst else "the rules"
             raise StageError(f"mine: no query kept any negative (dropped: {sel.reasons}; removed by rule: "
-                             f"{ {k: v['first'] for k, v in sel.removed.items()} }). Loosen the rules (e.g. "
-                             f"mine.ce_score_margin); the report is in {st.path / 'report.json'}")
+                             f"{ {k: v['first'] for k, v in sel.removed.items()} }). Loosen {hint}; the report is "
+                             f"in {st.path / 'report.json'}")
         st.counts.update({"queries": len(query_order), "queries_kept": report["queries"]["kept"],
                           "candidates": len(pool.cand_q), "negatives": len(sel.neg),
                           "triplets": report["queries"]["kept"]})

@@ -21,12 +21,15 @@ def label(cfg: DictConfig) -> str:
     return "verify"
 
 
-def stage_folders(root: Path) -> list[Path]:
-    """Every folder that is, or was meant to be, a stage result (<root>/<stage>/<label>-<key>)."""
+def stage_folders(root: Path, skip: tuple[Path, ...] = ()) -> list[Path]:
+    """Every folder that is, or was meant to be, a stage result (<root>/<stage>/<label>-<key>); folders under
+    ``skip`` (the cache root: its digest and pair-cache folders hold locks too) are none."""
     found = set()
+    skip = tuple(Path(s).resolve() for s in skip)
     for marker in ("manifest.json", "_COMPLETE", ".lock"):
         for f in root.glob(f"*/*/{marker}"):
-            found.add(f.parent)
+            if not any(f.parent.resolve().is_relative_to(s) for s in skip):
+                found.add(f.parent)
     for f in root.glob("*/*/parts/*/" + MANIFEST):  # shard parts have their own manifests
         found.add(f.parent)
     return sorted(found)
@@ -36,7 +39,7 @@ def run(cfg: DictConfig) -> Path:
     root = artifacts_root(cfg)
     if not root.is_dir():
         raise StageError(f"no artifacts under {root}")
-    folders = stage_folders(root)
+    folders = stage_folders(root, skip=(Path(str(cfg.cache_root)).expanduser(),))
     complete = incomplete = damaged = 0
     problems: list[str] = []
     for folder in folders:
