@@ -232,6 +232,22 @@ def test_plan_counts_every_round_of_iterations(tmp_path):
     assert two["pairs_scored"] == 2 * one["pairs_scored"] and two["training_triplets"] == 2 * one["training_triplets"]
 
 
+@pytest.mark.skipif(not (REPO_ROOT.parent / "shared" / "data" / "cranfield").is_dir(),
+                    reason="shared Cranfield data not present")
+def test_plan_costs_the_teacher_and_every_judged_positive(tmp_path):
+    """Cranfield: 135 training queries judge 983 positives, all scored beside the top-30 (4,050 + 983 pairs, the
+    score stage's own count being at most that); the teacher the chain trains first is costed too."""
+    from pipeline.stages import plan
+
+    est = plan.estimate(compose(["experiment=cranfield", f"artifacts_root={tmp_path}"]))
+    work = est["work"]
+    assert work["training_queries"] == 135 and work["pairs_scored"] == 135 * 30 + 983
+    assert work["teacher_pairs_trained"] == (983 + 135 * 8) * 4  # every positive and 8 negatives a query, 4 epochs
+    assert est["gpu_hours"]["baseline"]["this_run"]["teacher"] > 0
+    given = plan.estimate(compose(["experiment=v3_distilbert", f"artifacts_root={tmp_path}"]))
+    assert given["work"]["teacher_pairs_trained"] == 0  # a published cross-encoder: no teacher
+
+
 def test_plan_counts_triplets_per_query_capped_by_each_querys_positives(tmp_path):
     from pipeline.stages.plan import _positives_per_query, _triplets_per_epoch
 

@@ -202,8 +202,20 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
         dense_systems = 1 + rounds  # v2 before training, then each round's model (v3, v4, ...)
     top_k = int(cfg.retrieve.top_k)
     depth = int(cfg.score.depth or top_k)
-    pairs = rounds * train_q * (depth + 1)  # candidates plus about one positive per query, each round (an upper
-    # bound: the pair cache reuses the pairs a later round retrieves again)
+    # every judged positive is scored, retrieved or not: the mean per query where the qrels were read, else one
+    positives_per_query = (sum(train_positives) / len(train_positives)) if train_positives else 1.0
+    # candidates plus the positives, each round (an upper bound: the pair cache reuses the pairs a later round
+    # retrieves again, and a retrieved positive is one pair, not two)
+    pairs = int(rounds * train_q * (depth + positives_per_query))
+    # the teacher (trained first when no cross-encoder is given): (positive + sampled negatives) pairs per query and
+    # epoch, each costed as three scored pairs (forward and backward)
+    from pipeline.stages import teacher
+
+    teacher_pairs = 0
+    if rounds and teacher.needed(cfg):
+        tc = cfg.teacher
+        kept_positives = min(positives_per_query, float(tc.positives_per_query or positives_per_query))
+        teacher_pairs = int(train_q * (kept_positives + int(tc.negatives_per_query)) * int(tc.epochs))
     retrieval_evals = [n for n, v in eval_q.items() if v["kind"] == "retrieval"]
     rerank_passages = sum(known_rerank.get(n, 0) for n, v in eval_q.items() if v["kind"] == "rerank")
     # each round's retrieve and the evaluation of the same model share one corpus encode when their embeddings are
@@ -284,6 +296,7 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
             "encode": sum(_hours(encode[stage], encode_rate[stage]) for stage in ("retrieve", "evaluate")),
             "search": _hours(searched, r.search_queries),
             "score": _hours(pairs, score_rate),
+            "teacher": _hours(3 * teacher_pairs, score_rate),
             "train": _hours(triplets, r.train_triplets / float(p.bi_encoder_cost_factor)),
         }
         if r.get("tokenise_passages"):  # the token stores' builds: once per corpus and tokenizer (stages share them)
@@ -304,6 +317,7 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
         "experiment": {"data": cfg.data.name, "model": cfg.model.name, "chain": str(p.chain)},
         "work": {"corpus_passages": corpus, "training_queries": train_q, "eval_queries": eval_q,
                  "passages_encoded": encode, "queries_searched": searched, "top_k": top_k, "pairs_scored": pairs,
+                 "teacher_pairs_trained": teacher_pairs,
                  "training_triplets": triplets, "training_steps": -(-triplets // batch) if batch else 0},
         "disk_gb": {k: round(v, 2) for k, v in disk.items()},
         "peak_host_ram_gb": {k: round(v, 1) for k, v in host_ram.items()},
@@ -330,6 +344,8 @@ def format_plan(plan: dict[str, Any]) -> str:
     lines += [f"  passages to encode     {sum(w['passages_encoded'].values()):>14,}  {w['passages_encoded']}",
               f"  queries to search      {w['queries_searched']:>14,}  (top-{w['top_k']})",
               f"  pairs to score         {w['pairs_scored']:>14,}",
+              *([f"  teacher training pairs {w['teacher_pairs_trained']:>14,}  (costed as 3 scored pairs each)"]
+                if w.get("teacher_pairs_trained") else []),
               f"  training triplets      {w['training_triplets']:>14,}  ({w['training_steps']:,} steps)",
               "  disk (GB)              " + ", ".join(f"{k} {v}" for k, v in plan["disk_gb"].items()),
               "  peak host RAM (GB)     " + ", ".join(f"{k} {v}" for k, v in plan["peak_host_ram_gb"].items()),
