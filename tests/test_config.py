@@ -4,6 +4,7 @@ verify stages work from it."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,9 @@ def test_every_experiment_composes_and_resolves(experiment, tmp_path):
         assert cfg.data.name == "scifact"
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert resolved["data"]["name"] and resolved["model"]["bi_encoder"]
+    from pipeline import validate
+
+    assert validate.problems(cfg) == []  # every shipped setting passes the checks the CLI runs first
 
 
 def test_msmarco_experiments_print_the_published_row_beside_their_own():
@@ -45,6 +49,43 @@ def test_msmarco_experiments_print_the_published_row_beside_their_own():
 def test_every_group_option_composes(group, option, tmp_path):
     cfg = compose([f"{group}={option}", f"artifacts_root={tmp_path}"])
     assert cfg[group].name
+
+
+@pytest.mark.parametrize("override,named", [
+    ("teacher.pos_weight=-1", "teacher.pos_weight=-1: must be a number > 0"),  # trained an inverted judge
+    ("teacher.epochs=0", "teacher.epochs=0: must be an integer >= 1"),  # an untrained teacher marked complete
+    ("score.use_cache=no", "score.use_cache='no': must be true or false"),  # a string: truthy
+    ("evaluate.search_backend=faiss_flt", "must be one of torch, faiss_flat, faiss_ivf"),  # after the encode
+    ("retrieve.max_seq_length=0", "must be an integer >= 1 (or null)"),  # 0 meant the model's own limit
+    ("data.train.max_queries=-5", "data.train.max_queries=-5"),  # dropped the last five queries
+    ("train.max_steps=-5", "train.max_steps=-5"),  # switched the warm-up off
+    ("teacher.precision=bf61", "teacher.precision='bf61': must be auto, fp32, bf16 or fp16"),
+    ("device=gpu", "device='gpu'"), ("plan.chain=evaluat", "plan.chain='evaluat'"),
+    ("mine.rank_min=9", "mine.rank_max=5 is below mine.rank_min=9"),
+])
+def test_invalid_values_are_named_before_anything_runs(override, named):
+    from pipeline import validate
+
+    extra = ["mine.rank_max=5"] if override.startswith("mine.") else []
+    found = validate.problems(compose(["experiment=demo", override, *extra]))
+    assert len(found) == 1 and named in found[0], found
+
+
+def test_the_cli_refuses_invalid_values_in_one_line_without_running(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "experiment=demo", f"artifacts_root={tmp_path}",
+                           "train.lr=0", "score.use_cache=no"], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out, out[-2000:]
+    assert "train.lr=0: must be a number > 0" in out and "score.use_cache='no'" in out
+    assert not [p for p in tmp_path.iterdir() if p.name != "logs"]  # no stage started, no demo model built
+
+
+def test_every_precision_spelling_reads_the_same_in_training():
+    from pipeline.stages.train import resolve_precision
+
+    assert resolve_precision("float32", "cpu") == resolve_precision("fp32", "cpu") == "fp32"
+    assert resolve_precision("half", "cuda") == "fp16"
 
 
 def test_unknown_keys_are_rejected():

@@ -236,8 +236,10 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     disk = {
         "corpus_arrow": corpus * 350 / 1e9,  # ~350 bytes of text per MS MARCO passage
         "corpus_embeddings_per_model": corpus * dim * 2 / 1e9,
-        # token_cache: ~83 uint16 tokens + 12 bytes of offsets and lengths per MS MARCO passage, per tokenizer
-        "corpus_tokens_per_tokenizer": corpus * (83 * 2 + 12) / 1e9 if tokens_wanted(cfg.token_cache, corpus) else 0.0,
+        # token_cache: uint16 tokens (data.sizes.tokens_per_passage, else MS MARCO's ~83) + 12 bytes of offsets and
+        # lengths per passage, per tokenizer
+        "corpus_tokens_per_tokenizer": corpus * (float(sizes.get("tokens_per_passage") or 83) * 2 + 12) / 1e9
+        if tokens_wanted(cfg.token_cache, corpus) else 0.0,
         "candidates": train_q * top_k * 24 / 1e9,
         "scores_and_pair_cache": 2 * pairs * 24 / 1e9,
         "model_and_checkpoints": 3 * p.params_m.bi_encoder * 1e6 * 4 * 3 / 1e9,

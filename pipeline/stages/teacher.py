@@ -35,7 +35,9 @@ def needed(cfg: DictConfig) -> bool:
 
 def identity(cfg: DictConfig) -> dict[str, Any]:
     return {
-        "teacher": {k: v for k, v in plain(cfg.teacher).items() if k not in common.UNKEYED_TRAINING_SETTINGS},
+        # `enabled` decides whether the chain trains a teacher and which model judges, not this one's weights
+        "teacher": {k: v for k, v in plain(cfg.teacher).items()
+                    if k not in common.UNKEYED_TRAINING_SETTINGS and k != "enabled"},
         "seed": int(cfg.seed),
         "data": train_data_identity(cfg),  # the eval sets change no weight: editing them must not retrain
         "base": model_identity(str(cfg.model.teacher_base)),

@@ -48,7 +48,6 @@ from pipeline.stages.retrieve import train_data_identity
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 SIMILARITIES = ("cosine", "dot")
 COLUMNS = ("query", "positive", "negative")
 
@@ -449,9 +448,9 @@ class RotationBatchSampler:
 def resolve_precision(precision: str, device: str) -> str:
     """auto: bf16 on CUDA with bf16 support, fp16 on older CUDA; on the CPU bf16 autocast where the CPU has native
     bf16 (AVX512-BF16 or AMX: all-MiniLM-L6-v2 trains 1.6x faster than in fp32 on 2 EPYC cores), else fp32."""
-    precision = str(precision)
-    if precision not in PRECISIONS:
-        raise ValueError(f"train precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    from pipeline.models import precision_name
+
+    precision = precision_name(precision)  # the spellings the inference stages accept (float32, half, ...)
     cuda = str(device).startswith("cuda")
     if precision == "auto":  # the inference engine's rule, so training and inference agree on every machine
         import torch

@@ -1,0 +1,190 @@
+"""Every setting a stage reads, checked before any stage starts: a mistyped value stops the command at once with one
+line naming the key (exit 2), instead of a library traceback deep in a run, a typo found after the corpus encode,
+or a value that runs and gives nonsense (a negative BCE weight, zero epochs, ``use_cache=no`` read as true).
+
+Hydra already rejects unknown keys; this checks the values of the known ones. A stage's own checks stay where a
+value depends on the data (shard indices against counts, batch sizes against ranks).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.artifacts import StageError
+
+Check = Callable[[Any], str | None]  # the problem with a value, or None
+
+
+class ConfigError(StageError):
+    """Invalid setting values (one line each)."""
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def integer(minimum: int) -> Check:
+    def check(value: Any) -> str | None:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+        return None if ok else f"must be an integer >= {minimum}"
+    return check
+
+
+def number(minimum: float, *, above: bool = False, maximum: float | None = None, below: bool = False) -> Check:
+    lo = f"> {minimum}" if above else f">= {minimum}"
+    hi = "" if maximum is None else (f" and < {maximum}" if below else f" and <= {maximum}")
+
+    def check(value: Any) -> str | None:
+        if not _number(value) or value < minimum or (above and value == minimum):
+            return f"must be a number {lo}{hi}"
+        if maximum is not None and (value > maximum or (below and value == maximum)):
+            return f"must be a number {lo}{hi}"
+        return None
+    return check
+
+
+def optional(check: Check) -> Check:
+    def maybe(value: Any) -> str | None:
+        problem = None if value is None else check(value)
+        return None if problem is None else f"{problem} (or null)"
+    return maybe
+
+
+def one_of(*choices: Any) -> Check:
+    def check(value: Any) -> str | None:
+        # True/False compared by identity: 1 == True would otherwise pass for a boolean choice
+        ok = any(value is c if isinstance(c, bool) else (not isinstance(value, bool) and value == c) for c in choices)
+        return None if ok else "must be one of " + ", ".join(str(c).lower() if isinstance(c, bool) else str(c)
+                                                          for c in choices)
+    return check
+
+
+def boolean(value: Any) -> str | None:
+    return None if isinstance(value, bool) else "must be true or false"
+
+
+def precision(value: Any) -> str | None:
+    from pipeline.models import precision_name
+
+    try:
+        precision_name(value)
+    except ValueError:
+        return "must be auto, fp32, bf16 or fp16"
+    return None
+
+
+def batch_tokens(value: Any) -> str | None:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return None
+    return "must be auto or a number of tokens >= 1"
+
+
+def device(value: Any) -> str | None:
+    return None if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(value)) else "must be auto, cpu, mps, cuda or cuda:N"
+
+
+def existing_file(value: Any) -> str | None:
+    return None if Path(str(value)).expanduser().is_file() else "names no file"
+
+
+def stemmer(value: Any) -> str | None:
+    try:
+        import Stemmer
+    except ImportError:  # without PyStemmer BM25 runs unstemmed (recorded in the manifest)
+        return None
+    return None if str(value) in Stemmer.algorithms() else "must be a Snowball stemmer (" + ", ".join(
+        Stemmer.algorithms()[:6]) + ", ...)"
+
+
+_PRECISION_KEYS = ("retrieve.precision", "score.precision", "evaluate.precision", "train.precision",
+                   "teacher.precision")
+_POSITIVE = integer(1)
+_LENGTH = optional(_POSITIVE)  # a token limit; null = the model's own
+
+RULES: dict[str, Check] = {
+    "iterations": _POSITIVE, "seed": integer(0), "cpu_threads": optional(_POSITIVE), "device": device,
+    "force": boolean, "token_cache": one_of("auto", True, False), "lock_wait_s": number(0),
+    "data.max_missing_qrels": number(0, maximum=1), "data.empty_text": one_of("warn", "error"),
+    "data.repair_encoding": boolean, "data.train.min_grade": _POSITIVE, "data.train.max_queries": optional(_POSITIVE),
+    "model.similarity": one_of("auto", "cosine", "dot"),
+    **{key: precision for key in _PRECISION_KEYS},
+    "retrieve.top_k": _POSITIVE, "retrieve.backend": one_of("torch", "faiss_flat", "faiss_ivf"),
+    "retrieve.batch_tokens": batch_tokens, "retrieve.max_seq_length": _LENGTH, "retrieve.encode_block": _POSITIVE,
+    "retrieve.query_block": _POSITIVE,
+    "score.depth": optional(_POSITIVE), "score.chunk_pairs": _POSITIVE, "score.max_length": _LENGTH,
+    "score.batch_tokens": batch_tokens, "score.use_cache": boolean, "score.debug_sleep_s": number(0),
+    "mine.exclude_positives": boolean, "mine.exclude_duplicate_text": boolean, "mine.rank_min": optional(_POSITIVE),
+    "mine.rank_max": optional(_POSITIVE), "mine.ce_max_score": optional(number(-math.inf)),
+    "mine.ce_max_score_scale": one_of("probability", "logit"), "mine.ce_score_margin": optional(number(-math.inf)),
+    "mine.relative_margin": optional(number(0, maximum=1, below=True)),
+    "mine.num_negatives_per_system": optional(_POSITIVE), "mine.max_negatives": optional(_POSITIVE),
+    "train.epochs": _POSITIVE, "train.triplets_per_query": optional(_POSITIVE), "train.batch_size": _POSITIVE,
+    "train.lr": number(0, above=True), "train.warmup_steps": integer(0),
+    "train.warmup_ratio": optional(number(0, maximum=1)), "train.weight_decay": number(0),
+    "train.max_grad_norm": number(0, above=True), "train.max_seq_length": _POSITIVE,
+    "train.scale": number(0, above=True), "train.similarity": one_of("cosine", "dot"),
+    "train.max_steps": optional(_POSITIVE), "train.save_steps": _POSITIVE,
+    "train.save_total_limit": optional(_POSITIVE), "train.keep_checkpoints": boolean, "train.logging_steps": _POSITIVE,
+    "train.dataloader_workers": lambda v: None if v == "auto" or integer(0)(v) is None else
+    "must be auto or an integer >= 0",
+    "train.packing": one_of("auto", True, False), "train.compile_layers": boolean, "train.evaluate": boolean,
+    "train.gather_across_devices": boolean,
+    "teacher.enabled": boolean, "teacher.epochs": _POSITIVE, "teacher.batch_size": _POSITIVE,
+    "teacher.lr": number(0, above=True), "teacher.head_lr": optional(number(0, above=True)),
+    "teacher.warmup_ratio": number(0, maximum=1), "teacher.weight_decay": number(0), "teacher.max_length": _LENGTH,
+    "teacher.negatives_per_query": _POSITIVE, "teacher.positives_per_query": optional(_POSITIVE),
+    "teacher.neg_rank_min": _POSITIVE, "teacher.neg_rank_max": _POSITIVE,
+    "teacher.pos_weight": optional(number(0, above=True)), "teacher.save_steps": _POSITIVE,
+    "teacher.logging_steps": _POSITIVE,
+    "evaluate.bm25": boolean, "evaluate.bm25_params.k1": number(0, above=True),
+    "evaluate.bm25_params.b": number(0, maximum=1), "evaluate.bm25_params.stemmer": optional(stemmer),
+    "evaluate.k": _POSITIVE, "evaluate.max_seq_length": _LENGTH, "evaluate.batch_tokens": batch_tokens,
+    "evaluate.corpus_chunk": _POSITIVE, "evaluate.search_backend": one_of("torch", "faiss_flat", "faiss_ivf"),
+    "evaluate.missing_queries": one_of("zero", "skip"),
+    "plan.chain": one_of("all", "evaluate"), "plan.epochs": number(0, above=True),
+    "plan.corpus_tokenizers": _POSITIVE, "plan.bi_encoder_cost_factor": number(0, above=True),
+    "plan.cross_encoder_cost_factor": number(0, above=True), "plan.bench_json": optional(existing_file),
+    "score_run.missing": one_of("skip", "zero"), "score_run.relevance_level": optional(_POSITIVE),
+    "score_run.per_query": boolean,
+}
+
+#: pairs of settings that only make sense in one order
+ORDERED = (("mine.rank_min", "mine.rank_max"), ("teacher.neg_rank_min", "teacher.neg_rank_max"))
+
+
+def problems(cfg: DictConfig) -> list[str]:
+    """``key=value: what it must be`` for every invalid setting in ``cfg`` (keys a config lacks are skipped)."""
+    found = []
+    values: dict[str, Any] = {}
+    for key, check in RULES.items():
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=True, default=_ABSENT)
+        except Exception:  # a value still ??? (data.root of the generic BEIR config): the stage says what is needed
+            continue
+        if value is _ABSENT:
+            continue
+        values[key] = value
+        problem = check(value)
+        if problem:
+            found.append(f"{key}={value!r}: {problem}")
+    for low, high in ORDERED:
+        lo, hi = values.get(low), values.get(high)
+        if _number(lo) and _number(hi) and hi < lo:
+            found.append(f"{high}={hi!r} is below {low}={lo!r}")
+    return found
+
+
+_ABSENT = object()
+
+
+def check(cfg: DictConfig) -> None:
+    """Raise ConfigError listing every invalid setting of ``cfg``."""
+    found = problems(cfg)
+    if found:
+        raise ConfigError("invalid settings (nothing was run): " + "; ".join(found))
