@@ -88,6 +88,16 @@ def test_every_precision_spelling_reads_the_same_in_training():
     assert resolve_precision("half", "cuda") == "fp16"
 
 
+def test_every_yaml_key_says_what_it_is_for():
+    """The convention: each key line of conf/ carries a comment (list items under a commented key excepted)."""
+    import re
+
+    missing = [f"{path.relative_to(CONF_DIR)}:{n}: {line.strip()}" for path in sorted(CONF_DIR.rglob("*.yaml"))
+               for n, line in enumerate(path.read_text().splitlines(), 1)
+               if re.match(r"^\s*(- )?[\w./@-]+:(\s|$)", line) and " #" not in line]
+    assert missing == []
+
+
 def test_unknown_keys_are_rejected():
     with pytest.raises(ConfigCompositionException):
         compose(["train.no_such_key=1"])
