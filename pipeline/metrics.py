@@ -52,13 +52,27 @@ def parse_measures(names: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+#: trec_eval's measures that count a judged document as relevant or not (what its ``-l`` sets)
+BINARY_MEASURES = frozenset({"P", "R", "RR", "AP", "Rprec", "Bpref", "SetP", "SetR", "SetF", "SetAP", "infAP", "IPrec",
+                             "Success"})
+
+
 def with_relevance_level(names: Iterable[str], level: int) -> list[str]:
     """The names with ``rel=level`` added to each binary measure that sets no level of its own (what trec_eval's
-    ``-l`` does: TREC-DL's RR, AP and recall count grade >= 2); graded measures such as nDCG are left as they are."""
+    ``-l`` does: TREC-DL's RR, AP and recall count grade >= 2); graded measures such as nDCG, and NumRet (every
+    retrieved document), are left as they are; NumRelRet counts at the level. NumRel has no level in ir-measures:
+    refused rather than counted at grade 1 beside measures at another."""
     out = []
     for name, measure in parse_measures(names).items():
-        binary = "rel" in getattr(measure, "SUPPORTED_PARAMS", {}) and "rel" not in measure.params
-        out.append(str(measure(rel=int(level))) if binary else name)
+        if name == "NumRelRet":
+            out.append(str(measure(rel=int(level))))
+        elif measure.NAME == "NumRel":
+            raise ValueError(f"{name}: ir-measures counts judged-relevant documents at grade >= 1 only; leave it "
+                             f"out when a relevance level ({level}) is set")
+        elif measure.NAME in BINARY_MEASURES and "rel" not in measure.params:
+            out.append(str(measure(rel=int(level))))
+        else:
+            out.append(name)
     return out
 
 

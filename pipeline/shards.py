@@ -136,7 +136,8 @@ def claim_compute_dtype(final: Path, stage: str, dtype: str, device: str) -> Non
             f"{stage}: {final} holds blocks computed in {first['dtype']} (on {first['device']} at {first['host']}); "
             f"this process would compute in {dtype} on {device}. One result never mixes two dtypes: run every shard "
             f"on the same kind of device, or set {stage}.precision to one that all of them compute the same way "
-            f"(fp32), or force=true to start over in {dtype}.")
+            f"(fp32), or start over in {dtype} with force=true (shards: with one PIPELINE_FORCE_ID=<id> for all of "
+            f"them, which clears what they share; a submitit job array has one; or shard.count=1).")
 
 
 def run_sharded(cfg: DictConfig, stage: str, identity: dict[str, Any], label: str, *,

@@ -72,6 +72,8 @@ def boolean(value: Any) -> str | None:
 def precision(value: Any) -> str | None:
     from pipeline.models import precision_name
 
+    if value is None:  # the stages would read "None" (fp32) where the plan reads auto: say which is meant
+        return "must be auto, fp32, bf16 or fp16"
     try:
         precision_name(value)
     except ValueError:
@@ -108,8 +110,11 @@ _POSITIVE = integer(1)
 _LENGTH = optional(_POSITIVE)  # a token limit; null = the model's own
 
 RULES: dict[str, Check] = {
-    "iterations": _POSITIVE, "seed": integer(0), "cpu_threads": optional(_POSITIVE), "device": device,
-    "force": boolean, "token_cache": one_of("auto", True, False), "lock_wait_s": number(0),
+    # cpu_threads 0 or null: torch's default; token_cache 0/1 read as false/true; lock_wait_s inf: wait for good
+    "iterations": _POSITIVE, "seed": integer(0), "cpu_threads": optional(integer(0)), "device": device,
+    "force": boolean, "token_cache": lambda v: None if v is None or (isinstance(v, int) and v in (0, 1))
+    else one_of("auto", True, False)(v),
+    "lock_wait_s": lambda v: None if (_number(v) and v >= 0) or v == math.inf else "must be a number >= 0 (or inf)",
     "data.max_missing_qrels": number(0, maximum=1), "data.empty_text": one_of("warn", "error"),
     "data.repair_encoding": boolean, "data.train.min_grade": _POSITIVE, "data.train.max_queries": optional(_POSITIVE),
     "model.similarity": one_of("auto", "cosine", "dot"),
@@ -127,7 +132,7 @@ RULES: dict[str, Check] = {
     "train.epochs": _POSITIVE, "train.triplets_per_query": optional(_POSITIVE), "train.batch_size": _POSITIVE,
     "train.lr": number(0, above=True), "train.warmup_steps": integer(0),
     "train.warmup_ratio": optional(number(0, maximum=1)), "train.weight_decay": number(0),
-    "train.max_grad_norm": number(0, above=True), "train.max_seq_length": _POSITIVE,
+    "train.max_grad_norm": number(0), "train.max_seq_length": _POSITIVE,  # 0: no clipping (transformers)
     "train.scale": number(0, above=True), "train.similarity": one_of("cosine", "dot"),
     "train.max_steps": optional(_POSITIVE), "train.save_steps": _POSITIVE,
     "train.save_total_limit": optional(_POSITIVE), "train.keep_checkpoints": boolean, "train.logging_steps": _POSITIVE,

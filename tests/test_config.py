@@ -71,6 +71,23 @@ def test_invalid_values_are_named_before_anything_runs(override, named):
     assert len(found) == 1 and named in found[0], found
 
 
+@pytest.mark.parametrize("override", ["train.max_grad_norm=0", "token_cache=null", "token_cache=1", "lock_wait_s=inf",
+                                      "cpu_threads=0", "train.precision=float32", "retrieve.precision=BF16",
+                                      "train.lr=1", "evaluate.bm25_params.k1=1", "data.max_missing_qrels=0"])
+def test_values_the_stages_accept_pass(override):
+    # transformers reads max_grad_norm 0 as no clipping; 0/1 and null are how token_cache and cpu_threads were set
+    from pipeline import validate
+
+    assert validate.problems(compose(["experiment=demo", override])) == []
+
+
+def test_a_null_precision_is_refused_not_read_two_ways():
+    from pipeline import validate
+
+    assert validate.problems(compose(["experiment=demo", "score.precision=null"])) == [
+        "score.precision=None: must be auto, fp32, bf16 or fp16"]
+
+
 def test_the_cli_refuses_invalid_values_in_one_line_without_running(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline", "experiment=demo", f"artifacts_root={tmp_path}",
                            "train.lr=0", "score.use_cache=no"], cwd=REPO_ROOT, capture_output=True, text=True,

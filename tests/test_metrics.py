@@ -131,6 +131,11 @@ def test_relevance_level_reaches_binary_measures_only(tmp_path):
     measure that names its own level keeps it."""
     assert metrics.with_relevance_level(["nDCG@10", "RR@10", "AP", "R@100", "RR(rel=1)@10"], 2) == [
         "nDCG@10", "RR(rel=2)@10", "AP(rel=2)", "R(rel=2)@100", "RR(rel=1)@10"]
+    # trec_eval -l 2 leaves num_ret (every retrieved document) alone and counts num_rel_ret at the level; ir-measures
+    # has no level for NumRel: refused rather than silently at grade 1
+    assert metrics.with_relevance_level(["NumRet", "NumRelRet", "P@10"], 2) == ["NumRet", "NumRet(rel=2)", "P(rel=2)@10"]
+    with pytest.raises(ValueError, match="NumRel"):
+        metrics.with_relevance_level(["NumRel"], 2)
     (tmp_path / "qrels").write_text("q1 0 d1 1\nq1 0 d2 2\n")
     (tmp_path / "run").write_text("q1 Q0 d1 1 2.0 t\nq1 Q0 d2 2 1.0 t\n")
     script = [sys.executable, str(REPO_ROOT / "scripts" / "trec_eval.py"), str(tmp_path / "qrels"),

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pipeline import metrics
-from pipeline.artifacts import atomic_write_json, file_fingerprint
+from pipeline.artifacts import StageError, atomic_write_json, file_fingerprint
 from pipeline.config import plain
 from pipeline.readers import read_qrels, read_run
 
@@ -68,7 +68,10 @@ def run(cfg: DictConfig) -> Path:
     sc = cfg.score_run
     measures = list(sc.measures)
     if sc.relevance_level is not None:  # TREC-DL's RR, AP and recall count grade >= 2 (trec_eval -l 2)
-        measures = metrics.with_relevance_level(measures, int(sc.relevance_level))
+        try:
+            measures = metrics.with_relevance_level(measures, int(sc.relevance_level))
+        except ValueError as exc:
+            raise StageError(f"score_run.relevance_level: {exc}") from None
     result = score(_required(cfg, "run_file"), _required(cfg, "qrels_file"), measures, missing=str(sc.missing))
     print(report(result, per_query=bool(sc.per_query)), flush=True)
     if sc.output:
