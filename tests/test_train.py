@@ -225,12 +225,13 @@ def test_last_checkpoint_ignores_and_removes_a_half_written_one(tmp_path):
 
 
 def test_a_resumed_run_reports_the_mean_loss_of_every_step():
-    # logged losses are means since the previous log: steps 1 | 2-4 | 5-6 (the checkpoint at 6), then 4 resumed
-    history = [{"step": 1, "loss": 4.0}, {"step": 4, "loss": 3.0}, {"step": 6, "loss": 2.0}, {"step": 8, "loss": 1.5}]
-    assert T.whole_run_loss(history, 6, run_loss=1.0, last_step=10) == pytest.approx((4 + 9 + 4 + 4) / 10)
-    assert T.whole_run_loss(history, 0, run_loss=1.0, last_step=10) == 1.0       # not resumed: the trainer's own
-    # a history that stops short of the checkpoint cannot say what steps 5-6 cost: the resumed steps' mean stays
-    assert T.whole_run_loss(history[:2], 6, run_loss=1.0, last_step=10) == 1.0
+    # logged losses are means since the previous log: steps 1 | 2-4 | 5-6 (the checkpoint at 6) | 7-8 | 9-10 (the
+    # log forced at the final save), the last two in the resumed process
+    history = [{"step": 1, "loss": 4.0}, {"step": 4, "loss": 3.0}, {"step": 6, "loss": 2.0}, {"step": 8, "loss": 1.5},
+               {"step": 10, "loss": 1.0}]
+    assert T.whole_run_loss(history, 10, fallback=7.0) == pytest.approx((4 + 9 + 4 + 3 + 2) / 10)
+    # a history that stops short of the last step cannot say what the steps after it cost: the trainer's figure
+    assert T.whole_run_loss(history[:3], 10, fallback=7.0) == 7.0
 
 
 def test_every_checkpoint_logs_the_loss_up_to_its_step():

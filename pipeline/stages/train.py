@@ -690,25 +690,23 @@ def run(cfg: DictConfig) -> Path:
         return _follow(cfg, coord)
 
 
-def whole_run_loss(history: list[dict], resumed_step: int, run_loss: float, last_step: int) -> float:
-    """The mean training loss over every step, where `run_loss` (the trainer's) covers only the steps after
-    `resumed_step`: the steps before come from the log history the checkpoint carried, each logged loss being the
-    mean since the previous log (a log is forced at every save, signals.stop_callback). A checkpoint whose history
-    stops short of its step (written before that rule) leaves the resumed steps' mean, with a warning."""
-    if resumed_step <= 0 or last_step <= resumed_step:
-        return run_loss
+def whole_run_loss(history: list[dict], last_step: int, fallback: float) -> float:
+    """The mean training loss over every step up to ``last_step``, from the log history (each logged loss is the
+    mean since the previous log; a log is forced at every save, the last one included: signals.stop_callback), which
+    a resumed run carries over from its checkpoint. The trainer's own figure counts only the steps of its process,
+    and transformers releases divide it differently (by those steps, or by every step). A history that stops short
+    of ``last_step`` (a checkpoint written before that rule) leaves ``fallback``, with a warning."""
     covered, total = 0, 0.0
     for entry in history:
         step = int(entry["step"])
-        if step > resumed_step:
-            break
-        total += float(entry["loss"]) * (step - covered)
-        covered = step
-    if covered != resumed_step:
-        log.warning("train: the checkpoint's loss log ends at step %d, not %d: train_loss averages the %d resumed "
-                    "steps only", covered, resumed_step, last_step - resumed_step)
-        return run_loss
-    return (total + run_loss * (last_step - resumed_step)) / last_step
+        if covered < step <= last_step:
+            total += float(entry["loss"]) * (step - covered)
+            covered = step
+    if covered != last_step or last_step <= 0:
+        log.warning("train: the loss log ends at step %d, not %d: train_loss is the trainer's own figure", covered,
+                    last_step)
+        return fallback
+    return total / last_step
 
 
 def _lead(cfg: DictConfig, coord) -> Path:
@@ -753,8 +751,8 @@ def _lead(cfg: DictConfig, coord) -> Path:
             history = [h for h in trainer.state.log_history if "loss" in h]
             summary = {
                 "steps": int(trainer.state.global_step),
-                "train_loss": round(whole_run_loss(history, int(resume.name[11:]) if resume else 0,
-                                                   float(output.training_loss), int(trainer.state.global_step)), 5),
+                "train_loss": round(whole_run_loss(history, int(trainer.state.global_step),
+                                                   float(output.training_loss)), 5),
                 "loss_first": history[0]["loss"] if history else None,
                 "loss_last": history[-1]["loss"] if history else None,
                 "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history],
