@@ -106,6 +106,7 @@ def test_second_run_skips_every_stage_and_says_so(chain_run):
     assert "nothing to do: every stage was complete" in out
 
 
+@pytest.mark.slow  # the fast suite kills train at its commits (test_faults.py); this kills a real CLI run anywhere
 def test_train_resumes_after_sigkill(chain_run):
     """A real `python -m pipeline stage=train` is killed (SIGKILL) once its first checkpoint is on disk; the rerun
     resumes from that checkpoint and finishes."""

@@ -10,6 +10,7 @@ Disk-full is simulated with a write hook: a clear error, nothing marked complete
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import shutil
@@ -77,6 +78,12 @@ def _kill_and_resume(overrides, reference, stage: str, root: Path, kill_at: str)
         from sentence_transformers import SentenceTransformer
 
         assert SentenceTransformer(str(folder / "model"), device="cpu").encode(["a query"]).shape[0] == 1
+        # a log at every save (here every step): the history reaches each checkpoint, and train_loss is the mean
+        # of all 3 steps, not only of those the rerun trained
+        summary = json.loads((folder / "metrics.json").read_text())["train"]
+        assert [point["step"] for point in summary["loss_curve"]] == [1, 2, 3]
+        curve = [point["loss"] for point in summary["loss_curve"]]
+        assert summary["train_loss"] == pytest.approx(sum(curve) / 3, abs=1e-4)
         return
     got, want = _files(folder, root), _files(expected, reference["root"])
     assert sorted(got) == sorted(want)
