@@ -153,6 +153,7 @@ def test_gpu_tile_choices_fit_a_hopper_multiprocessor():
     assert len({kernels.tile_name(t) for t in kernels.GPU_TILE_CHOICES}) == len(kernels.GPU_TILE_CHOICES)
 
 
+@pytest.mark.slow  # 6-13 s of ahead-of-time compiles for a kernel the stages use only when asked (topk_method=fused)
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter runs Triton kernels on the CPU")
 def test_gpu_kernels_compile_for_hopper(tmp_path, monkeypatch):
     """Every tile setting the bench sweeps compiles ahead of time for an H100/H200 (sm_90: no GPU needed), with
