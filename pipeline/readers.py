@@ -348,6 +348,12 @@ def _beir_corpus_file(path: Path) -> Path:
     return present[0] if present else path / "corpus.jsonl"
 
 
+def _decimal_id(pid: str) -> bool:
+    """Whether ``pid`` is a decimal integer as int() writes it back (ASCII digits, no sign, no leading zero): the ids
+    an MS MARCO corpus is indexed by row (mine._decimal_ids is the same rule over an Arrow column)."""
+    return pid.isascii() and pid.isdigit() and (pid == "0" or pid[0] != "0")
+
+
 def corpus_source_fingerprint(source: str) -> dict[str, Any]:
     """What a data source's artifacts are keyed by: a file's content fingerprint (a BEIR folder's: its corpus file
     alone, so editing its qrels or queries re-keys only what reads them); a dataset saved on disk and named
@@ -457,7 +463,7 @@ class Corpus:
         if self._dense is not None:
             out = np.full(len(pids), -1, dtype=np.int64)
             for i, pid in enumerate(pids):
-                if pid.isascii() and pid.isdigit() and (pid == "0" or pid[0] != "0"):
+                if _decimal_id(pid):
                     n = int(pid)
                     if n < len(self._dense):
                         out[i] = self._dense[n]
@@ -551,7 +557,7 @@ def _build_corpus(source: str, out: Path, repair_encoding: bool, empty_text: str
                 empties += 1
             hashes.append(_hash64(pid))
             lines.append(lineno)
-            if all_int and pid.isascii() and pid.isdigit() and (pid == "0" or pid[0] != "0") and len(pid) < 18:
+            if all_int and _decimal_id(pid) and len(pid) < 18:
                 int_ids.append(int(pid))
             else:
                 all_int = False

@@ -21,17 +21,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import re
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
-from pipeline.artifacts import (MARKER, StageError, StageLocked, StageRun, clear_for_force, config_key,
-                                folder_lock, forced_already, forced_run_id, is_complete, open_stage, stage_folder)
+from pipeline.artifacts import (MARKER, StageError, StageLocked, StageRun, atomic_write_text, clear_for_force,
+                                config_key, folder_lock, forced_already, forced_run_id, is_complete, open_stage,
+                                stage_folder)
 from pipeline.config import plain
 
 log = logging.getLogger(__name__)
@@ -114,11 +117,6 @@ def claim_compute_dtype(final: Path, stage: str, dtype: str, device: str) -> Non
     precision setting (``auto``), not the dtype it means on each machine, because downstream stages compute that
     key on any machine, so shards on bf16 and fp16 GPUs (or a CPU) would otherwise mix two dtypes in one result.
     Created once and atomically (a link that fails if another process linked first)."""
-    import json
-    import socket
-
-    from pipeline.artifacts import atomic_write_text
-
     record = Path(final) / COMPUTE_RECORD
     if not record.exists():
         record.parent.mkdir(parents=True, exist_ok=True)
@@ -144,15 +142,20 @@ def run_sharded(cfg: DictConfig, stage: str, identity: dict[str, Any], label: st
                 prepare: Callable[[Path], Any],
                 work: Callable[[Any, StageRun, range, Path], None],
                 merge: Callable[[Any, StageRun, list[Path]], None],
-                compute: tuple[str, str] | None = None) -> Path:
+                precision: Any = None) -> Path:
     """The shard/merge skeleton shared by retrieve and score.
 
     prepare(final_folder) -> ctx, with ``ctx.n_blocks``; work(ctx, run, blocks, out_dir) computes the missing
     blocks of `blocks` into `out_dir` (resumable: committed blocks are kept); merge(ctx, run, out_dirs) writes the
-    stage's final files into ``run.path`` from the block folders, in order. ``compute``: (dtype name, device) this
-    process computes blocks with, checked against the folder's record before any work (claim_compute_dtype).
+    stage's final files into ``run.path`` from the block folders, in order. ``precision``: the stage's setting, whose
+    dtype on this process's device is checked against the folder's record before any work (claim_compute_dtype).
     """
-    from pipeline.stages.common import artifacts_root
+    from pipeline.stages.common import artifacts_root, compute_dtype, stage_device
+
+    def claim() -> None:
+        if precision is not None:
+            device = stage_device(cfg)
+            claim_compute_dtype(final, stage, compute_dtype(precision, device), device)
 
     index, count = shard_settings(cfg)
     root = artifacts_root(cfg)
@@ -179,8 +182,7 @@ def run_sharded(cfg: DictConfig, stage: str, identity: dict[str, Any], label: st
                 st.extra["merged_parts"] = n
                 merge(ctx, st, [part_dir(final, key, i, n) / "blocks" for i in range(n)])
             else:
-                if compute:
-                    claim_compute_dtype(final, stage, *compute)
+                claim()
                 work(ctx, st, range(ctx.n_blocks), st.path / "blocks")
                 merge(ctx, st, [st.path / "blocks"])
         return st.path
@@ -211,8 +213,7 @@ def run_sharded(cfg: DictConfig, stage: str, identity: dict[str, Any], label: st
                               "total_blocks": ctx.n_blocks})
             log.info("%s: shard %d of %d computes blocks [%d, %d) of %d", stage, index, count, blocks.start,
                      blocks.stop, ctx.n_blocks)
-            if compute:
-                claim_compute_dtype(final, stage, *compute)
+            claim()
             work(ctx, pst, blocks, pst.path / "blocks")
     missing = missing_parts(final, key, count)
     if missing:

@@ -189,8 +189,7 @@ def stop_callback():
 
         def on_step_end(self, args, state, control, **kwargs):
             global _stopped_at
-            stopping = _any_rank_requested()
-            if stopping:
+            if _any_rank_requested():
                 if _requested is None:
                     request(signal.SIGTERM)
                 _stopped_at = int(state.global_step)

@@ -82,9 +82,7 @@ def precision(value: Any) -> str | None:
 
 
 def batch_tokens(value: Any) -> str | None:
-    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        return None
-    return "must be auto or a number of tokens >= 1"
+    return None if value == "auto" or integer(1)(value) is None else "must be auto or a number of tokens >= 1"
 
 
 def device(value: Any) -> str | None:

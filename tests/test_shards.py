@@ -84,12 +84,17 @@ def test_a_forced_sharded_run_clears_what_the_shards_share_once(tmp_path, monkey
     assert run(0, "b", True) == final and worked == [0, 1, 2, 3]  # requeued after the merge: nothing to do
 
 
-def test_shards_that_would_compute_in_another_dtype_are_refused(tmp_path):
+def test_shards_that_would_compute_in_another_dtype_are_refused(tmp_path, monkeypatch):
     """retrieve's and score's keys hold `precision: auto`; a shard on a node where it means fp16 (or a CPU's fp32)
-    must not add its blocks to a folder whose first blocks were bf16, and says what to do; the same dtype goes on."""
+    must not add its blocks to a folder whose first blocks were bf16, and says what to do; the same dtype goes on.
+    Each shard's node is stood in for by its device and the dtype its precision setting means there."""
     import pytest
 
     from pipeline.artifacts import StageError
+    from pipeline.stages import common
+
+    node = {}
+    monkeypatch.setattr(common, "stage_device", lambda cfg: node["device"])
 
     def work(ctx, run, blocks, out):
         out.mkdir(parents=True, exist_ok=True)
@@ -99,16 +104,17 @@ def test_shards_that_would_compute_in_another_dtype_are_refused(tmp_path):
     def merge(ctx, st, dirs):
         (st.path / "merged.txt").write_text("".join((d / f"block-{i}").read_text() for i, d in enumerate(dirs)))
 
-    def run(index, dtype, device="cuda"):
+    def run(index, precision, device="cuda"):
+        node["device"] = device
         return run_sharded(_cfg(tmp_path, index), "demo", {"x": 1}, "demo", work=work, merge=merge,
-                           prepare=lambda final: SimpleNamespace(n_blocks=SHARDS), compute=(dtype, device))
+                           prepare=lambda final: SimpleNamespace(n_blocks=SHARDS), precision=precision)
 
-    run(0, "bfloat16")
+    run(0, "bf16")
     with pytest.raises(StageError, match=r"computed in bfloat16 .*would compute in float16 on cuda.*precision"):
-        run(1, "float16")
+        run(1, "fp16")
     with pytest.raises(StageError, match="computed in bfloat16"):
-        run(1, "float32", "cpu")
+        run(1, "fp32", "cpu")
     for index in range(1, SHARDS):
-        final = run(index, "bfloat16", "cpu")  # a CPU with bf16 computes the same dtype: accepted
+        final = run(index, "bf16", "cpu")  # a CPU with bf16 computes the same dtype: accepted
     assert is_complete(final) and (final / "merged.txt").read_text() == "0123"
     assert (final / "compute.json").is_file()

@@ -716,7 +716,8 @@ def _positive_ranks(pool: Pool, sel: Selection, pos_q: np.ndarray, pos_p: np.nda
 
 
 def _decimal_ids(column: Any) -> bool:
-    """Whether every id is a decimal integer written as int() would write it back (no sign, no leading zero)."""
+    """Whether every id is a decimal integer written as int() would write it back (readers._decimal_id's rule,
+    vectorised; at most 18 digits, so it fits an int64)."""
     import pyarrow.compute as pc
 
     return bool(pc.all(pc.match_substring_regex(column, r"^(0|[1-9][0-9]{0,17})$")).as_py() is not False)

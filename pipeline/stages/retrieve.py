@@ -123,9 +123,8 @@ def run(cfg: DictConfig) -> Path:
         raise ValueError("retrieve.encode_block and retrieve.query_block must be >= 1")
     if str(rc.backend) not in ("torch", "faiss_flat", "faiss_ivf"):
         raise ValueError(f"retrieve.backend must be torch, faiss_flat or faiss_ivf, got {rc.backend!r}")
-    device = common.stage_device(cfg)
     return run_sharded(cfg, "retrieve", identity(cfg), label(cfg), prepare=lambda final: _prepare(cfg, final),
-                       work=_work, merge=_merge, compute=(common.compute_dtype(rc.precision, device), device))
+                       work=_work, merge=_merge, precision=rc.precision)
 
 
 def _prepare(cfg: DictConfig, final: Path) -> _Ctx:

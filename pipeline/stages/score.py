@@ -374,9 +374,8 @@ def run(cfg: DictConfig) -> Path:
         raise ValueError(f"score.depth must be >= 1 or null, got {sc.depth}")
     if int(sc.chunk_pairs) < 1:
         raise ValueError(f"score.chunk_pairs must be >= 1, got {sc.chunk_pairs}")
-    device = common.stage_device(cfg)
     return run_sharded(cfg, "score", identity(cfg), label(cfg), prepare=lambda final: _prepare(cfg),
-                       work=_work, merge=_merge, compute=(common.compute_dtype(sc.precision, device), device))
+                       work=_work, merge=_merge, precision=sc.precision)
 
 
 def _prepare(cfg: DictConfig) -> _Ctx:
