@@ -31,9 +31,6 @@ def run(cfg: DictConfig):
                          f"does. Run it as `python -m pipeline stage={cfg.stage} ...` (retrieve and score split "
                          f"across GPUs with shard.count / shard.index, see docs/scale-out.md), then "
                          f"`torchrun ... -m pipeline stage=train ...`")
-    from pipeline import validate
-
-    validate.check(cfg)  # every setting's value, before anything runs
     apply_cpu_threads(cfg)
     # input files are keyed by content: each version of a file is read once per cache, not at every stage start
     remember_digests_in(Path(str(cfg.cache_root)).expanduser() / "digests")

@@ -2,15 +2,17 @@
 line naming the key (exit 2), instead of a library traceback deep in a run, a typo found after the corpus encode,
 or a value that runs and gives nonsense (a negative BCE weight, zero epochs, ``use_cache=no`` read as true).
 
-Hydra already rejects unknown keys; this checks the values of the known ones. A stage's own checks stay where a
-value depends on the data (shard indices against counts, batch sizes against ranks).
+Hydra already rejects unknown keys; this checks the values of the known ones. Every stage entry runs it
+(``@validate.checked``): the CLI, the ``all`` chain, scripts and tests that call a stage's ``run`` directly. A stage's
+own checks stay where a value depends on the data (batch sizes against ranks, ids against the corpus).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,8 @@ from pipeline.artifacts import StageError
 Check = Callable[[Any], str | None]  # the problem with a value, or None
 
 
-class ConfigError(StageError):
-    """Invalid setting values (one line each)."""
+class ConfigError(StageError, ValueError):
+    """Invalid setting values (one line each); a ValueError too, for callers of a stage's ``run``."""
 
 
 def _number(value: Any) -> bool:
@@ -102,6 +104,61 @@ def stemmer(value: Any) -> str | None:
         Stemmer.algorithms()[:6]) + ", ...)"
 
 
+def evaluate_devices(value: Any) -> str | None:
+    ok = value == "auto" or (isinstance(value, (list, tuple)) and all(device(d) is None and d != "auto"
+                                                                      for d in value))
+    return None if ok else "must be auto or a list of devices (cpu, cuda:N)"
+
+
+EVAL_KINDS = ("retrieval", "rerank")
+SIMILARITIES = ("auto", "cosine", "dot")
+SYSTEM_KEYS = frozenset({"name", "model", "similarity", "query_prompt", "corpus_prompt", "published"})
+
+
+def evaluate_systems(value: Any) -> str | None:
+    """A list of {name, model[, similarity, query_prompt, corpus_prompt, published]}."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)):
+        return "must be a list of {name, model, ...} mappings"
+    for i, system in enumerate(value):
+        if not isinstance(system, Mapping) or not system.get("name") or not system.get("model"):
+            return f"entry {i} must be a mapping with at least name and model"
+        unknown = set(system) - SYSTEM_KEYS
+        if unknown:
+            return f"entry {i}: unknown keys {sorted(unknown)} (allowed: {sorted(SYSTEM_KEYS)})"
+        if (system.get("similarity") or "auto") not in SIMILARITIES:
+            return f"entry {i}: similarity {system['similarity']!r} must be one of {', '.join(SIMILARITIES)}"
+    return None
+
+
+def eval_sets(value: Any) -> str | None:
+    """{name: {kind, qrels, metrics, queries (retrieval) | candidates (rerank), headline?}}; none is fine until a
+    stage evaluates (it says so)."""
+    from pipeline.metrics import parse_measures
+
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        return "must map names to eval sets {kind, qrels, metrics, ...}"
+    for name, ev in value.items():
+        if not isinstance(ev, Mapping) or ev.get("kind") not in EVAL_KINDS:
+            return f"{name}: kind must be one of {', '.join(EVAL_KINDS)}"
+        if not ev.get("qrels") or not ev.get("metrics"):
+            return f"{name}: needs qrels and metrics"
+        if ev["kind"] == "rerank" and not ev.get("candidates"):
+            return f"{name} is a rerank set: it needs candidates (top-1000 file or TREC run)"
+        if ev["kind"] == "retrieval" and not ev.get("queries"):
+            return f"{name} is a retrieval set: it needs queries"
+        try:
+            parse_measures(ev["metrics"])
+        except ValueError as exc:
+            return f"{name}: {exc}"
+        if ev.get("headline") and ev["headline"] not in ev["metrics"]:
+            return f"{name}: headline {ev['headline']!r} is not among its metrics {list(ev['metrics'])}"
+    return None
+
+
 _PRECISION_KEYS = ("retrieve.precision", "score.precision", "evaluate.precision", "train.precision",
                    "teacher.precision")
 _POSITIVE = integer(1)
@@ -109,12 +166,13 @@ _LENGTH = optional(_POSITIVE)  # a token limit; null = the model's own
 
 RULES: dict[str, Check] = {
     # cpu_threads 0 or null: torch's default; token_cache 0/1 read as false/true; lock_wait_s inf: wait for good
-    "iterations": _POSITIVE, "seed": integer(0), "cpu_threads": optional(integer(0)), "device": device,
+    "iterations": _POSITIVE, "seed": integer(0), "shard.count": _POSITIVE, "shard.index": integer(0),
+    "tracking.backend": one_of("none", "wandb"), "tracking.mode": one_of("auto", "offline", "online", "disabled"), "cpu_threads": optional(integer(0)), "device": device,
     "force": boolean, "token_cache": lambda v: None if v is None or (isinstance(v, int) and v in (0, 1))
     else one_of("auto", True, False)(v),
     "lock_wait_s": lambda v: None if (_number(v) and v >= 0) or v == math.inf else "must be a number >= 0 (or inf)",
     "data.max_missing_qrels": number(0, maximum=1), "data.empty_text": one_of("warn", "error"),
-    "data.repair_encoding": boolean, "data.train.min_grade": _POSITIVE, "data.train.max_queries": optional(_POSITIVE),
+    "data.repair_encoding": boolean, "data.evals": eval_sets, "data.train.min_grade": _POSITIVE, "data.train.max_queries": optional(_POSITIVE),
     "model.similarity": one_of("auto", "cosine", "dot"),
     **{key: precision for key in _PRECISION_KEYS},
     "retrieve.top_k": _POSITIVE, "retrieve.backend": one_of("torch", "faiss_flat", "faiss_ivf"),
@@ -149,7 +207,8 @@ RULES: dict[str, Check] = {
     "evaluate.bm25_params.b": number(0, maximum=1), "evaluate.bm25_params.stemmer": optional(stemmer),
     "evaluate.k": _POSITIVE, "evaluate.max_seq_length": _LENGTH, "evaluate.batch_tokens": batch_tokens,
     "evaluate.corpus_chunk": _POSITIVE, "evaluate.search_backend": one_of("torch", "faiss_flat", "faiss_ivf"),
-    "evaluate.missing_queries": one_of("zero", "skip"),
+    "evaluate.missing_queries": one_of("zero", "skip"), "evaluate.systems": evaluate_systems,
+    "evaluate.devices": evaluate_devices,
     "plan.chain": one_of("all", "evaluate"), "plan.epochs": number(0, above=True),
     "plan.corpus_tokenizers": _POSITIVE, "plan.bi_encoder_cost_factor": number(0, above=True),
     "plan.cross_encoder_cost_factor": number(0, above=True), "plan.bench_json": optional(existing_file),
@@ -159,18 +218,27 @@ RULES: dict[str, Check] = {
 
 #: pairs of settings that only make sense in one order
 ORDERED = (("mine.rank_min", "mine.rank_max"), ("teacher.neg_rank_min", "teacher.neg_rank_max"))
+#: (index, count) pairs: the index must lie below the count
+BELOW = (("shard.index", "shard.count"),)
 
 
 def problems(cfg: DictConfig) -> list[str]:
     """``key=value: what it must be`` for every invalid setting in ``cfg`` (keys a config lacks are skipped)."""
-    found = []
+    # a ??? left unset (data.root of the generic BEIR config) failed in a traceback wherever it was first read
+    found = [f"{key} is required: give it on the command line ({key}=...)" for key in _unset(cfg)]
     values: dict[str, Any] = {}
     for key, check in RULES.items():
         try:
             value = OmegaConf.select(cfg, key, throw_on_missing=True, default=_ABSENT)
-        except Exception:  # a value still ??? (data.root of the generic BEIR config): the stage says what is needed
+        except Exception:  # built from a ??? value: named above
             continue
         if value is _ABSENT:
+            continue
+        if OmegaConf.is_config(value):  # a list or mapping (eval sets, systems, devices): named by its key alone
+            value = _plain(value)
+            problem = check(value)
+            if problem:
+                found.append(f"{key}: {problem}")
             continue
         values[key] = value
         problem = check(value)
@@ -180,10 +248,37 @@ def problems(cfg: DictConfig) -> list[str]:
         lo, hi = values.get(low), values.get(high)
         if _number(lo) and _number(hi) and hi < lo:
             found.append(f"{high}={hi!r} is below {low}={lo!r}")
+    for index, count in BELOW:
+        i, n = values.get(index), values.get(count)
+        if _number(i) and _number(n) and i >= n:
+            found.append(f"{index}={i!r} must be below {count}={n!r}")
     return found
 
 
 _ABSENT = object()
+
+
+def _unset(node: Any, prefix: str = "") -> list[str]:
+    """The dotted keys still ``???`` (OmegaConf.missing_keys resolves interpolations, and fails on the keys built
+    from them)."""
+    keys = node.keys() if OmegaConf.is_dict(node) else range(len(node))
+    found = []
+    for key in keys:
+        name = f"{prefix}{key}" if OmegaConf.is_dict(node) else f"{prefix.rstrip('.')}[{key}]"
+        if OmegaConf.is_missing(node, key):
+            found.append(name)
+            continue
+        child = node._get_node(key)
+        if not OmegaConf.is_interpolation(node, key) and OmegaConf.is_config(child) and not child._is_none():
+            found += _unset(child, name + ".")
+    return found
+
+
+def _plain(node: Any) -> Any:
+    try:
+        return OmegaConf.to_container(node, resolve=True)
+    except Exception:  # a path still built from a ??? root: its shape can be checked, the stage names what is needed
+        return OmegaConf.to_container(node, resolve=False)
 
 
 def check(cfg: DictConfig) -> None:
@@ -191,3 +286,12 @@ def check(cfg: DictConfig) -> None:
     found = problems(cfg)
     if found:
         raise ConfigError("invalid settings (nothing was run): " + "; ".join(found))
+
+
+def checked(run: Callable[..., Any]) -> Callable[..., Any]:
+    """A stage entry that checks every setting of its config first (ConfigError, nothing started)."""
+    @functools.wraps(run)
+    def entry(cfg: DictConfig, *args: Any, **kwargs: Any) -> Any:
+        check(cfg)
+        return run(cfg, *args, **kwargs)
+    return entry

@@ -62,11 +62,21 @@ def test_every_group_option_composes(group, option, tmp_path):
     ("teacher.precision=bf61", "teacher.precision='bf61': must be auto, fp32, bf16 or fp16"),
     ("device=gpu", "device='gpu'"), ("plan.chain=evaluat", "plan.chain='evaluat'"),
     ("mine.rank_min=9", "mine.rank_max=5 is below mine.rank_min=9"),
+    # checked deep in a stage before: after the corpus encode (eval sets, systems) or in the job's tracker
+    ("shard.index=2", "shard.index=2 must be below shard.count=2"),
+    ("tracking.mode=ofline", "tracking.mode='ofline': must be one of auto, offline, online, disabled"),
+    ("evaluate.systems=[{name: x, model: y, colour: red}]", "evaluate.systems: entry 0: unknown keys ['colour']"),
+    ("evaluate.systems=[{name: x, model: y, similarity: euclid}]", "similarity 'euclid' must be one of"),
+    ("evaluate.devices=cpu", "evaluate.devices='cpu': must be auto or a list of devices"),
+    ("data.evals.dev.kind=retreival", "data.evals: dev: kind must be one of retrieval, rerank"),
+    ("data.evals.dev.headline=MRR@10", "data.evals: dev: headline 'MRR@10' is not among its metrics"),
+    ("data.evals.trec_dl.metrics=[nDGC@10]", "data.evals: trec_dl: unknown measure 'nDGC@10'"),
 ])
 def test_invalid_values_are_named_before_anything_runs(override, named):
     from pipeline import validate
 
-    extra = ["mine.rank_max=5"] if override.startswith("mine.") else []
+    extra = {"mine": ["mine.rank_max=5"], "shard": ["shard.count=2"], "tracking": ["tracking=wandb"]}.get(
+        override.split(".")[0], [])
     found = validate.problems(compose(["experiment=demo", override, *extra]))
     assert len(found) == 1 and named in found[0], found
 
@@ -86,6 +96,28 @@ def test_a_null_precision_is_refused_not_read_two_ways():
 
     assert validate.problems(compose(["experiment=demo", "score.precision=null"])) == [
         "score.precision=None: must be auto, fp32, bf16 or fp16"]
+
+
+def test_a_required_value_left_unset_is_named_not_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "data=beir", "stage=evaluate", f"artifacts_root={tmp_path}"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out, out[-2000:]
+    assert "data.root is required: give it on the command line (data.root=...)" in out
+
+
+def test_a_stage_called_directly_checks_its_settings_first(tmp_path):
+    # scripts and tests call a stage's run without the CLI: the same checks, before anything is built
+    from pipeline.stages import evaluate, retrieve
+    from pipeline.validate import ConfigError
+
+    with pytest.raises(ConfigError, match="retrieve.top_k=0: must be an integer >= 1"):
+        retrieve.run(compose(["experiment=demo", f"artifacts_root={tmp_path}", "retrieve.top_k=0"]))
+    with pytest.raises(ValueError, match="unknown keys"):  # a ValueError too, for callers that catch those
+        evaluate.run(compose(["experiment=demo", f"artifacts_root={tmp_path}",
+                              "evaluate.systems=[{name: x, model: y, colour: red}]"]))
+    assert not list(tmp_path.iterdir())  # no stage folder, no demo model
 
 
 def test_the_cli_refuses_invalid_values_in_one_line_without_running(tmp_path):

@@ -243,8 +243,10 @@ def test_encode_devices_setting(monkeypatch):
     assert evaluate.encode_devices("auto", "cpu") == [] and evaluate.encode_devices([], "cuda") == []
     assert evaluate.encode_devices(["cuda:0"], "cuda") == []  # one device: this process
     assert evaluate.encode_devices(["cuda:0", "cuda:1"], "cuda") == ["cuda:0", "cuda:1"]
-    with pytest.raises(ValueError, match="evaluate.devices"):
-        evaluate.encode_devices("cuda:0,cuda:1", "cuda")
+    from pipeline.validate import evaluate_devices  # a string is refused at the stage entry, not read as a list
+
+    assert evaluate_devices("cuda:0,cuda:1") and evaluate_devices(["cuda:0", "gpu"])
+    assert evaluate_devices(["cuda:0", "cuda:1"]) is None and evaluate_devices(["cpu", "cpu"]) is None
 
 
 def test_corpus_encode_resumes_after_a_crash(tmp_path, bi_encoder_spec, monkeypatch):

@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline import validate
 from pipeline.artifacts import atomic_write_text, read_manifest
 from pipeline.stages import common
 
@@ -82,13 +83,12 @@ class _Chain:
         log.info("%-18s %s  %s", what, status, path)
 
 
+@validate.checked
 def run(cfg: DictConfig) -> Path:
     from pipeline import tracking
     from pipeline.stages import evaluate, score, teacher, train
 
     iterations = int(cfg.iterations)
-    if iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}")
     started = time.perf_counter()
     with tracking.track(cfg, "all") as tracker:
         chain = _Chain(cfg, tracker)

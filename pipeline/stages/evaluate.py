@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from pipeline import metrics, signals
+from pipeline import metrics, signals, validate
 from pipeline.artifacts import (StageError, atomic_write_json, atomic_write_text, config_key, open_stage,
                                 stage_force_id)
 from pipeline.config import plain
@@ -62,9 +62,6 @@ log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
 BM25 = "bm25"
-KINDS = ("retrieval", "rerank")
-SIMILARITIES = ("auto", "cosine", "dot")
-SYSTEM_KEYS = {"name", "model", "similarity", "query_prompt", "corpus_prompt", "published"}
 # evaluate keys that change no number of a system (which systems run, how the table is labelled)
 _NOT_IDENTITY = {"systems", "bm25", "published_system", "devices"}
 
@@ -73,14 +70,10 @@ _NOT_IDENTITY = {"systems", "bm25", "published_system", "devices"}
 
 
 def _systems(cfg: DictConfig) -> list[dict[str, Any]]:
-    """The configured systems in table order: BM25 first (the baseline row), then the bi-encoders."""
+    """The configured systems in table order: BM25 first (the baseline row), then the bi-encoders (their shape is
+    checked at the stage entry, pipeline/validate.py)."""
     out = [_bm25_system()] if cfg.evaluate.bm25 else []
-    for i, raw in enumerate(plain(cfg.evaluate.systems) or []):
-        if not isinstance(raw, Mapping) or not raw.get("name") or not raw.get("model"):
-            raise ValueError(f"evaluate.systems[{i}] must be a mapping with at least name and model, got {raw!r}")
-        unknown = set(raw) - SYSTEM_KEYS
-        if unknown:
-            raise ValueError(f"evaluate.systems[{i}]: unknown keys {sorted(unknown)} (allowed: {sorted(SYSTEM_KEYS)})")
+    for raw in plain(cfg.evaluate.systems) or []:
         out.append(_dense_system(cfg, str(raw["name"]), str(raw["model"]), str(raw.get("similarity") or "auto"),
                                  raw.get("query_prompt", cfg.model.query_prompt),
                                  raw.get("corpus_prompt", cfg.model.corpus_prompt), raw.get("published")))
@@ -93,8 +86,9 @@ def _bm25_system() -> dict[str, Any]:
 
 def _dense_system(cfg: DictConfig, name: str, model: str, similarity: str = "auto", query_prompt: Any = None,
                   corpus_prompt: Any = None, published: Mapping[str, float] | None = None) -> dict[str, Any]:
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity {similarity!r} of system {name!r}: choose one of {', '.join(SIMILARITIES)}")
+    if similarity not in validate.SIMILARITIES:  # evaluate_system's argument: no config checked it
+        raise ValueError(f"similarity {similarity!r} of system {name!r}: choose one of "
+                         f"{', '.join(validate.SIMILARITIES)}")
     system = {"name": name, "model": model, "similarity": similarity,
               "query_prompt": query_prompt, "corpus_prompt": corpus_prompt}
     if published:
@@ -103,21 +97,9 @@ def _dense_system(cfg: DictConfig, name: str, model: str, similarity: str = "aut
 
 
 def _evals(cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    evals = plain(cfg.data.evals) or {}
+    evals = plain(cfg.data.evals) or {}  # their shape is checked at the stage entry (pipeline/validate.py)
     if not evals:
-        raise ValueError(f"data={cfg.data.name} defines no eval sets (data.evals is empty)")
-    for name, ev in evals.items():
-        if ev.get("kind") not in KINDS:
-            raise ValueError(f"data.evals.{name}.kind={ev.get('kind')!r}: choose one of {', '.join(KINDS)}")
-        if not ev.get("qrels") or not ev.get("metrics"):
-            raise ValueError(f"data.evals.{name} needs qrels and metrics")
-        if ev["kind"] == "rerank" and not ev.get("candidates"):
-            raise ValueError(f"data.evals.{name} is a rerank set: it needs candidates (top-1000 file or TREC run)")
-        if ev["kind"] == "retrieval" and not ev.get("queries"):
-            raise ValueError(f"data.evals.{name} is a retrieval set: it needs queries")
-        metrics.parse_measures(ev["metrics"])
-        if ev.get("headline") and ev["headline"] not in ev["metrics"]:
-            raise ValueError(f"data.evals.{name}.headline={ev['headline']!r} is not among its metrics {ev['metrics']}")
+        raise StageError(f"data={cfg.data.name} defines no eval sets (data.evals is empty): nothing to evaluate on")
     return evals
 
 
@@ -221,6 +203,7 @@ def rows_key(rows: Sequence[Mapping[str, Any]]) -> str:
     return config_key({"rows": [[row["name"], Path(row["path"]).name] for row in rows]})
 
 
+@validate.checked
 def run(cfg: DictConfig) -> Path:
     systems = _systems(cfg)
     if not systems:
@@ -343,8 +326,6 @@ def encode_devices(setting: Any, device: str) -> list[str]:
         if device != "cuda" or torch.cuda.device_count() < 2:
             return []
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    if isinstance(setting, str):
-        raise ValueError(f"evaluate.devices must be auto or a list of devices, got {setting!r}")
     devices = [str(d) for d in setting]
     return devices if len(devices) > 1 else []
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from pipeline import validate
 from pipeline.artifacts import (
     StageError,
     atomic_path,
@@ -589,6 +590,7 @@ def label(cfg: DictConfig) -> str:
     return f"{cfg.data.name}-{cfg.model.name}"
 
 
+@validate.checked
 def run(cfg: DictConfig) -> Path:
     import pyarrow as pa
 

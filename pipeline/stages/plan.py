@@ -12,6 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from pipeline import validate
 from pipeline.artifacts import atomic_write_json
 from pipeline.models import precision_name
 from pipeline.stages.common import artifacts_root
@@ -364,6 +365,7 @@ def format_plan(plan: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@validate.checked
 def run(cfg: DictConfig) -> Path:
     plan = estimate(cfg)
     print(format_plan(plan))

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from pipeline import validate
 from pipeline.artifacts import StageError, StageRun, atomic_path, folder_lock, stage_force_id
 from pipeline.config import plain
 from pipeline.models import load_bi_encoder, model_identity
@@ -87,8 +88,6 @@ class _Ctx:
                                           artifacts_root=str(common.artifacts_root(cfg)),
                                           max_seq_length=cfg.retrieve.max_seq_length)
             sim = str(cfg.model.similarity)
-            if sim not in ("auto", "cosine", "dot"):
-                raise ValueError(f"model.similarity must be auto, cosine or dot, got {sim!r}")
             dot = sim == "dot" or (sim == "auto" and engine.uses_dot_product(self._model))
             corpus_prompt = common.resolve_prompt(self._model, cfg.model.corpus_prompt, "document")
             max_len = int(getattr(self._model, "max_seq_length", 0) or 0)
@@ -115,16 +114,10 @@ class _Ctx:
                             precision=str(rc.precision), show_progress=progress, desc=desc)
 
 
+@validate.checked
 def run(cfg: DictConfig) -> Path:
-    rc = cfg.retrieve
-    if int(rc.top_k) < 1:
-        raise ValueError(f"retrieve.top_k must be >= 1, got {rc.top_k}")
-    if int(rc.encode_block) < 1 or int(rc.query_block) < 1:
-        raise ValueError("retrieve.encode_block and retrieve.query_block must be >= 1")
-    if str(rc.backend) not in ("torch", "faiss_flat", "faiss_ivf"):
-        raise ValueError(f"retrieve.backend must be torch, faiss_flat or faiss_ivf, got {rc.backend!r}")
     return run_sharded(cfg, "retrieve", identity(cfg), label(cfg), prepare=lambda final: _prepare(cfg, final),
-                       work=_work, merge=_merge, precision=rc.precision)
+                       work=_work, merge=_merge, precision=cfg.retrieve.precision)
 
 
 def _prepare(cfg: DictConfig, final: Path) -> _Ctx:

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from pipeline import validate
 from pipeline.artifacts import (
     StageError,
     StageRun,
@@ -368,14 +369,10 @@ def activation_name(model: Any) -> str:
         else f"torch.nn.{cls.__qualname__}"
 
 
+@validate.checked
 def run(cfg: DictConfig) -> Path:
-    sc = cfg.score
-    if sc.depth is not None and int(sc.depth) < 1:
-        raise ValueError(f"score.depth must be >= 1 or null, got {sc.depth}")
-    if int(sc.chunk_pairs) < 1:
-        raise ValueError(f"score.chunk_pairs must be >= 1, got {sc.chunk_pairs}")
     return run_sharded(cfg, "score", identity(cfg), label(cfg), prepare=lambda final: _prepare(cfg),
-                       work=_work, merge=_merge, precision=sc.precision)
+                       work=_work, merge=_merge, precision=cfg.score.precision)
 
 
 def _prepare(cfg: DictConfig) -> _Ctx:

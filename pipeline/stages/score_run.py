@@ -16,7 +16,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from pipeline import metrics
+from pipeline import metrics, validate
 from pipeline.artifacts import StageError, atomic_write_json, file_fingerprint
 from pipeline.config import plain
 from pipeline.readers import read_qrels, read_run
@@ -64,6 +64,7 @@ def report(result: dict[str, Any], per_query: bool = False) -> str:
     return "\n".join(lines)
 
 
+@validate.checked
 def run(cfg: DictConfig) -> Path:
     sc = cfg.score_run
     measures = list(sc.measures)

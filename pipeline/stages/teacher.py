@@ -19,6 +19,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from pipeline import validate
 from pipeline.artifacts import StageError, atomic_path, atomic_write_json, open_stage
 from pipeline.config import plain
 from pipeline.models import load_cross_encoder, model_identity, resolve_device
@@ -98,6 +99,7 @@ def pairs_dataset(queries: Mapping[str, str], positives: Mapping[str, Sequence[s
     return Dataset.from_dict({"query": [queries[q] for q in qs], "passage": texts, "label": labels})
 
 
+@validate.checked
 def run(cfg: DictConfig) -> Path:
     from pipeline import tracking
     from pipeline.stages.train import last_checkpoint, resolve_precision

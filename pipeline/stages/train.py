@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from pipeline import validate
 from pipeline.artifacts import StageError, atomic_path, atomic_write_json, atomic_write_text, open_stage, read_manifest
 from pipeline.config import plain
 from pipeline.models import load_bi_encoder, model_identity, resolve_device
@@ -676,6 +677,7 @@ def last_checkpoint(folder: Path) -> Path | None:
 # --------------------------------------------------------------------------------------------- the stage
 
 
+@validate.checked
 def run(cfg: DictConfig) -> Path:
     """One process, or every rank under torchrun: rank 0 runs the stage (`_lead`), the others follow it
     (`_follow`); see the module docstring and pipeline/distributed.py."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from pipeline import validate
 from pipeline.artifacts import MANIFEST, MARKER, StageError, verify_folder
 from pipeline.stages.common import artifacts_root
 
@@ -35,6 +36,7 @@ def stage_folders(root: Path, skip: tuple[Path, ...] = ()) -> list[Path]:
     return sorted(found)
 
 
+@validate.checked
 def run(cfg: DictConfig) -> Path:
     root = artifacts_root(cfg)
     if not root.is_dir():
