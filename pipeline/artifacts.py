@@ -37,7 +37,9 @@ MARKER = "_COMPLETE"
 LOCK = ".lock"
 FORCED = ".forced"  # the forced run (forced_run_id) that last cleared the folder
 _BOOKKEEPING = {MANIFEST, MARKER, LOCK, FORCED}
-_SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|passwd)", re.IGNORECASE)
+# "token" as a name's last word only (hub_token, HF_TOKEN, access_token): batch_tokens, token_cache or
+# corpus_tokenizers are settings that change results, and a manifest that hid them could not be compared
+_SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|passwd|(^|[_-])token$)", re.IGNORECASE)
 _SAFE_LABEL = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -152,6 +154,10 @@ def redact(obj: Any) -> Any:
         return {k: ("<redacted>" if _SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [redact(v) for v in obj]
+    if isinstance(obj, str) and "=" in obj:  # a command-line override (argv): +hub_token=... or tracking.api_key=...
+        key, _, value = obj.partition("=")
+        if value and _SECRET_KEY.search(key.lstrip("+~").rsplit(".", 1)[-1]):
+            return f"{key}=<redacted>"
     return obj
 
 

@@ -62,6 +62,17 @@ def test_secrets_never_reach_the_manifest(tmp_path):
     assert json.loads(manifest)["config"]["lr"] == 1e-5
     assert redact({"WANDB_API_KEY": "k", "nested": [{"password": "p"}]}) == {
         "WANDB_API_KEY": "<redacted>", "nested": [{"password": "<redacted>"}]}
+    assert redact(["-m", "pipeline", "+hub_token=hf_x", "tracking.api_key=k", "lr=1"]) == [
+        "-m", "pipeline", "+hub_token=<redacted>", "tracking.api_key=<redacted>", "lr=1"]
+
+
+def test_settings_named_after_tokens_are_not_taken_for_secrets():
+    # batch_tokens or token_cache change what a stage computes: a manifest that hid them could not be compared
+    settings = {"batch_tokens": 65536, "token_cache": "auto", "corpus_tokenizers": 16, "tokenise_passages": 1,
+                "passages_tokenised": 9, "max_tokens": 3}
+    assert redact({"retrieve": settings}) == {"retrieve": settings}
+    assert redact({"HF_TOKEN": "x", "access_token": "y", "token": "z"}) == {
+        "HF_TOKEN": "<redacted>", "access_token": "<redacted>", "token": "<redacted>"}
 
 
 def test_saved_models_are_safetensors(tiny_bi_encoder, tiny_cross_encoder):
