@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,15 @@ def resolve_model_path(spec: str, artifacts_root: str | os.PathLike | None = Non
             raise ValueError(f"unknown demo model {spec!r}; available: {', '.join('demo:' + k for k in built)}")
         return str(built[name])
     return spec
+
+
+def hub_id(spec: Any) -> str | None:
+    """``spec`` when it names a model on the Hub (owner/name, no such local folder), else None: what a model card's
+    ``base_model`` may link to (a local path or a demo: model means nothing once the folder is shared)."""
+    spec = str(spec)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not Path(spec).expanduser().exists():
+        return spec
+    return None
 
 
 def load_bi_encoder(spec: str, *, device: str = "auto", artifacts_root: str | None = None,

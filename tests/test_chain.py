@@ -92,10 +92,27 @@ def test_train_artifact_has_model_card_metrics_and_no_checkpoints(chain_run):
     assert after["dev"]["RR@10"] > before["dev"]["RR@10"]  # a random v2 is easy to beat; the demo report shows more
     card = (folder / "model" / "README.md").read_text()
     assert "## Hard-negative mining" in card and "ce_score_margin" in card and "## Evaluation" in card
+    # the queries left out, in the mine report's words (they were mined; no negative survived the rules)
+    report = json.loads((common.completed(chain_run["cfg"], "mine") / "report.json").read_text())
+    dropped = {k: v for k, v in report["queries"]["dropped"].items() if v}
+    assert dropped and metrics["rotation"]["skipped_no_pool"] == sum(dropped.values())
+    assert all(f"{reason.replace('_', ' ')} {n}" in card for reason, n in dropped.items()), card
+    assert "| max_seq_length | 48 in training; the saved model encodes at 64" in card
+    assert "base_model:" not in card  # a demo: model has no hub id to link
     assert not (folder / "checkpoints").exists()
     model = SentenceTransformer(str(folder / "model"), device="cpu")
     assert model.encode(["a query"]).shape == (1, 64)
     assert model.max_seq_length == 64  # v2's own length, not the training's 48: v2 and v3 evaluate alike
+
+
+def test_teacher_model_has_a_card_that_says_what_it_was_trained_on(chain_run):
+    from pipeline.stages import common
+
+    folder = common.completed(chain_run["cfg"], "teacher")
+    counts = json.loads((folder / "manifest.json").read_text())["counts"]
+    card = (folder / "model" / "README.md").read_text()
+    assert "BinaryCrossEntropyLoss" in card and "from the bi-encoder's candidates ranked 1-10" in card
+    assert f"pairs: {counts['pairs']} ({counts['positives']} positive, {counts['negatives']} negative)" in card
 
 
 def test_second_run_skips_every_stage_and_says_so(chain_run):

@@ -24,7 +24,7 @@ POOLS = {
 
 def test_rotation_draws_a_fresh_negative_each_epoch():
     epochs, stats = T.rotation(POOLS, ["q1", "q2", "q3", "q4"], epochs=6, seed=7)
-    assert stats == {"queries": 2, "epochs": 6, "triplets": 12, "skipped_not_mined": 1, "skipped_no_positive": 0,
+    assert stats == {"queries": 2, "epochs": 6, "triplets": 12, "skipped_no_pool": 1, "skipped_no_positive": 0,
                      "skipped_no_negative": 1}
     q1 = [next(r for r in rows if r[0] == "q1") for rows in epochs]
     negs = [r[2] for r in q1]
@@ -387,3 +387,20 @@ def test_the_before_figures_follow_the_evaluation_settings(tmp_path, monkeypatch
     cfg = OmegaConf.create({"model": {"bi_encoder": "v2"}, "iterations": 1})
     monkeypatch.setattr(T, "version_names", lambda cfg: ("v2", "v3"))
     assert T._load_or_eval_before(cfg, tmp_path) == {"metrics": {"dev": {"nDCG@10": 0.3}}}
+
+
+def test_model_card_links_a_hub_base_model_and_says_why_queries_were_left_out(tmp_path):
+    from pipeline.config import compose
+
+    rotation = {"queries": 5, "epochs": 1, "triplets": 5, "skipped_no_pool": 3, "skipped_no_positive": 0,
+                "skipped_no_negative": 0, "mine_dropped": {"no_negative_left": 2, "no_candidates": 1}}
+    metrics = {"rotation": rotation, "train": {"warmup_steps": 0, "precision": "fp32", "steps": 1, "loss_first": 1.0,
+                                               "loss_last": 0.5, "saved_max_seq_length": 512}}
+    cfg = compose([f"artifacts_root={tmp_path}", "model=msmarco_distilbert_v2"])
+    card = T.model_card(cfg, tmp_path / "no-mine", metrics)
+    # the Hub links a card to its base by the front matter's hub id; a local folder has none
+    assert "\nbase_model: sentence-transformers/msmarco-distilbert-base-v2\n" in card.split("---")[1]
+    assert "skipped: 3 without a mined pool (mine dropped them: no negative left 2, no candidates 1)" in card
+    assert "the saved model encodes at 512" in card
+    local = compose([f"artifacts_root={tmp_path}", f"model.bi_encoder={tmp_path}"])
+    assert "base_model" not in T.model_card(local, tmp_path / "no-mine", metrics)

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from pipeline import validate
 from pipeline.artifacts import StageError, atomic_path, atomic_write_json, open_stage
 from pipeline.config import plain
-from pipeline.models import load_cross_encoder, model_identity, resolve_device
+from pipeline.models import hub_id, load_cross_encoder, model_identity, resolve_device
 from pipeline.stages import common
 from pipeline.stages.retrieve import train_data_identity
 
@@ -185,6 +185,7 @@ def run(cfg: DictConfig) -> Path:
             out = st.path / "model"
             with st.timed("save"), atomic_path(out) as tmp:
                 trainer.model.save(str(tmp), create_model_card=False, safe_serialization=True)
+                (tmp / "README.md").write_text(model_card(cfg, summary, st.counts), encoding="utf-8")
             atomic_write_json(st.path / "metrics.json", summary)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
             st.counts["steps"] = summary["steps"]
@@ -194,6 +195,66 @@ def run(cfg: DictConfig) -> Path:
                      100 * summary["train_pair_accuracy"])
             tracker.summary({"teacher": {k: v for k, v in summary.items() if k != "loss_curve"}})
     return st.path
+
+
+def model_card(cfg: DictConfig, summary: dict[str, Any], counts: dict[str, Any]) -> str:
+    """README.md of the teacher: what it was trained from and on, and how its scores read."""
+    tc, spec = cfg.teacher, str(cfg.model.teacher_base)
+    pos_weight = "none" if tc.pos_weight is None else tc.pos_weight
+    lines = [
+        "---",
+        "library_name: sentence-transformers",
+        "pipeline_tag: text-ranking",
+        *([f"base_model: {spec}"] if hub_id(spec) else []),
+        "tags: [sentence-transformers, cross-encoder, reranker, msmarco-v3-recipe]",
+        "---",
+        "",
+        f"# {label(cfg)}",
+        "",
+        f"A cross-encoder fine-tuned from `{spec}` by the pipeline's teacher stage, to judge the passages the "
+        "bi-encoder retrieved (the score stage) where no trained cross-encoder was configured. It is a judge for "
+        "mining hard negatives on this data, not a general reranker.",
+        "",
+        "## Data",
+        "",
+        f"- data set: `{cfg.data.name}`; training queries `{cfg.data.train.queries}`, positives from "
+        f"`{cfg.data.train.qrels}` (grade >= {cfg.data.train.min_grade}"
+        + (f", at most {tc.positives_per_query} per query" if tc.positives_per_query else "") + ")",
+        f"- negatives: up to {tc.negatives_per_query} per query, drawn from the bi-encoder's candidates ranked "
+        f"{tc.neg_rank_min}-{tc.neg_rank_max}, never a judged positive",
+        f"- pairs: {counts.get('pairs')} ({counts.get('positives')} positive, {counts.get('negatives')} negative) "
+        f"from {counts.get('queries')} queries",
+        "",
+        "## Training",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| loss | BinaryCrossEntropyLoss (pos_weight {pos_weight}) |",
+        f"| epochs | {tc.epochs} |",
+        f"| batch size | {tc.batch_size} |",
+        f"| learning rate | {tc.lr} (classification head and pooler: {tc.head_lr or tc.lr}); warm-up ratio "
+        f"{tc.warmup_ratio} |",
+        f"| max_length | {tc.max_length} |",
+        f"| precision | {summary['precision']} |",
+        f"| steps | {summary['steps']} |",
+        f"| loss | {summary['loss_first']} (first log) -> {summary['loss_last']} (last log) |",
+        f"| positives above negatives (training pairs, a sanity figure) | {summary['train_pair_accuracy']} |",
+        f"| seed | {cfg.seed} |",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from sentence_transformers import CrossEncoder",
+        "",
+        "model = CrossEncoder(\"path/to/this/folder\")",
+        "scores = model.predict([(\"a query\", \"a passage\")])  # probabilities (sigmoid of the logit)",
+        "```",
+        "",
+        "The score stage stores the raw logit (`scores.parquet`, `ce_score`); mining compares probabilities or "
+        "logits as `mine.ce_max_score_scale` says.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _pair_accuracy(model, dataset, max_queries: int = 50) -> float:

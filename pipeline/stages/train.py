@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 from pipeline import validate
 from pipeline.artifacts import StageError, atomic_path, atomic_write_json, atomic_write_text, open_stage, read_manifest
 from pipeline.config import plain
-from pipeline.models import load_bi_encoder, model_identity, resolve_device
+from pipeline.models import hub_id, load_bi_encoder, model_identity, resolve_device
 from pipeline.stages import common
 from pipeline.stages.retrieve import train_data_identity
 
@@ -276,7 +276,7 @@ def rotation(pools: Mapping[str, Mapping[str, Sequence[str]]], qids: Sequence[st
             for j in range(n):
                 epochs_rows[e].append((q, positives[(e * n + j) % len(positives)], negs[e * n + j]))
     stats = {"queries": len(kept), "epochs": epochs, "triplets": sum(len(rows) for rows in epochs_rows),
-             "skipped_not_mined": no_pool, "skipped_no_positive": no_pos, "skipped_no_negative": no_neg}
+             "skipped_no_pool": no_pool, "skipped_no_positive": no_pos, "skipped_no_negative": no_neg}
     return epochs_rows, stats
 
 
@@ -724,9 +724,8 @@ def _lead(cfg: DictConfig, coord) -> Path:
         mine_dir = common.completed(cfg, "mine")
         with st.timed("data"):
             dataset, stats, block_size, digest = _training_data(cfg, mine_dir)
-        log.info("train: %d queries x %d epochs = %d triplets (rotation; skipped: %d not mined, %d without "
-                 "negatives)", stats["queries"], stats["epochs"], stats["triplets"], stats["skipped_not_mined"],
-                 stats["skipped_no_negative"])
+        log.info("train: %d queries x %d epochs = %d triplets (rotation; skipped: %s)", stats["queries"],
+                 stats["epochs"], stats["triplets"], skipped_text(stats))
         st.counts.update({"queries": stats["queries"], "triplets": stats["triplets"], "epochs": stats["epochs"]})
 
         with tracking.track(cfg, "train") as tracker:
@@ -778,6 +777,7 @@ def _lead(cfg: DictConfig, coord) -> Path:
             own_length = getattr(trainer.model, "saved_max_seq_length", None)
             if own_length:
                 trainer.model.max_seq_length = own_length
+            summary["saved_max_seq_length"] = int(trainer.model.max_seq_length)
             carry_prompts(trainer.model, training_prompts(cfg, trainer.model))
             with st.timed("save"), atomic_path(out) as tmp:
                 trainer.model.save(str(tmp), create_model_card=False, safe_serialization=True)
@@ -829,6 +829,9 @@ def _training_data(cfg: DictConfig, mine_dir: Path) -> tuple[Any, dict[str, int]
     pools = load_pools(mine_dir / "pools.parquet")
     epochs_rows, stats = rotation(pools, list(queries), int(tc.epochs), int(cfg.seed),
                                   None if tc.triplets_per_query is None else int(tc.triplets_per_query))
+    # why a query has no pool is the mine stage's to say (no positive, no candidates, no negative left)
+    report = _safe(lambda: json.loads((mine_dir / "report.json").read_text()), {})
+    stats["mine_dropped"] = {k: v for k, v in ((report.get("queries") or {}).get("dropped") or {}).items() if v}
     if not stats["queries"]:
         raise StageError(f"no training query has both a positive and a mined negative in {mine_dir} "
                          f"({stats}); loosen the mine rules or check the data")
@@ -927,6 +930,16 @@ def _log_before_after(before, after, names: tuple[str, str]) -> None:
 # --------------------------------------------------------------------------------------------- model card
 
 
+def skipped_text(stats: Mapping[str, Any]) -> str:
+    """The training queries left out and why, in the mine report's words where mine dropped them."""
+    dropped = stats.get("mine_dropped") or {}
+    why = ", ".join(f"{reason.replace('_', ' ')} {n}" for reason, n in dropped.items())
+    parts = [f"{stats['skipped_no_pool']} without a mined pool" + (f" (mine dropped them: {why})" if why else "")]
+    parts += [f"{stats[key]} {text}" for key, text in (("skipped_no_positive", "without a positive"),
+                                                       ("skipped_no_negative", "without a negative")) if stats[key]]
+    return ", ".join(parts)
+
+
 def model_card(cfg: DictConfig, mine_dir: Path, metrics: Mapping[str, Any]) -> str:
     """README.md of the v3 model: where its data came from, the mining rules, the training and the figures."""
     tc = plain(cfg.train)
@@ -937,16 +950,18 @@ def model_card(cfg: DictConfig, mine_dir: Path, metrics: Mapping[str, Any]) -> s
     rot, tr = metrics["rotation"], metrics["train"]
     old, new = version_names(cfg)
     name = f"{cfg.model.name}-{new}"
+    spec = str(cfg.model.bi_encoder)
     lines = [
         "---",
         "library_name: sentence-transformers",
         "pipeline_tag: sentence-similarity",
+        *([f"base_model: {spec}"] if hub_id(spec) else []),
         "tags: [sentence-transformers, sentence-similarity, feature-extraction, msmarco-v3-recipe, hard-negatives]",
         "---",
         "",
         f"# {name}",
         "",
-        f"`{cfg.model.bi_encoder}` ({old}) fine-tuned into {new} with the MSMARCO Models v3 recipe: {old} retrieved "
+        f"{cfg.model.name} ({old}, `{spec}`) fine-tuned into {new} with the MSMARCO Models v3 recipe: {old} retrieved "
         f"passages for the training queries, a cross-encoder scored them, passages {old} ranked high but the "
         f"cross-encoder scored low became hard negatives, and {old} was trained further with "
         "MultipleNegativesRankingLoss.",
@@ -957,7 +972,7 @@ def model_card(cfg: DictConfig, mine_dir: Path, metrics: Mapping[str, Any]) -> s
         f"- training queries: `{cfg.data.train.queries}`, positives from `{cfg.data.train.qrels}` "
         f"(grade >= {cfg.data.train.min_grade})",
         f"- queries trained on: {rot['queries']} (with a positive and at least one mined negative); "
-        f"skipped: {rot['skipped_not_mined']} not mined, {rot['skipped_no_negative']} without a negative",
+        f"skipped: {skipped_text(rot)}",
         "",
         "## Hard-negative mining",
         "",
@@ -984,7 +999,9 @@ def model_card(cfg: DictConfig, mine_dir: Path, metrics: Mapping[str, Any]) -> s
         f"| triplets | {rot['triplets']} |",
         f"| batch size | {tc['batch_size']} (no duplicates within a batch) |",
         f"| learning rate | {tc['lr']} (linear decay, {tr['warmup_steps']} warm-up steps) |",
-        f"| max_seq_length | {tc['max_seq_length']} |",
+        f"| max_seq_length | {tc['max_seq_length']} in training; the saved model encodes at "
+        f"{tr.get('saved_max_seq_length', tc['max_seq_length'])}, {old}'s own limit, so {old} and {new} are evaluated "
+        "alike |",
         f"| precision | {tr['precision']} |",
         f"| steps | {tr['steps']} |",
         f"| loss | {tr['loss_first']} (first log) -> {tr['loss_last']} (last log) |",
