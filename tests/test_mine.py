@@ -85,7 +85,7 @@ def test_each_rule_alone():
     assert got == {"q1": ["n5", "n6"], "q2": ["m1", "m2", "m3"]}
     got, _, _ = mined(Rules(**{**off, "ce_score_margin": 3.0}))
     assert got == {"q1": ["n3", "n4", "n5", "n6"], "q2": ["m2"]}
-    # relative 0.5 on probabilities (below (1 - 0.5) of the positive): q1 keeps sigmoid(ce) < 0.5 * sigmoid(3.0) = 0.476
+    # relative 0.5 on probabilities (at most (1 - 0.5) of the positive): q1 keeps sigmoid(ce) <= 0.5 * sigmoid(3.0) = 0.476
     # (logit < -0.095);
     # q2 keeps sigmoid(ce) < 0.5 * sigmoid(-1.0) = 0.134 (logit < -1.86)
     got, _, _ = mined(Rules(**{**off, "relative_margin": 0.5}))
@@ -122,6 +122,50 @@ def test_systems_pool_in_order_without_duplicates():
 def test_input_order_does_not_matter():
     shuffled = [A_ROWS[i] for i in np.random.default_rng(0).permutation(len(A_ROWS))]
     assert mined(Rules(), systems=(shuffled,))[0] == mined(Rules())[0]
+
+
+def test_relative_margin_keeps_a_negative_on_the_threshold_as_sentence_transformers_does():
+    # mine_hard_negatives removes a score above the threshold, not one equal to it; margin 0 makes the threshold
+    # the weakest positive's own probability, reached exactly by a negative of the same logit
+    rows = [("q1", "p1", 1.5, True, None), ("q1", "e1", 1.5, False, 1), ("q1", "e2", 1.5001, False, 2),
+            ("q1", "e3", -2.0, False, 3)]
+    off = {"exclude_positives": True, "exclude_duplicate_text": False, "ce_score_margin": None,
+           "num_negatives_per_system": None}
+    got, _, _ = mined(Rules(**off, relative_margin=0.0), systems=(rows,))
+    assert got == {"q1": ["e1", "e3"]}
+
+
+def test_scores_of_queries_outside_the_training_order_are_ignored():
+    # a score table from a wider run (another query file, a larger max_queries) must not leak into the last query
+    stray = [("q9", "z1", 9.0, True, None), ("q9", "z2", -9.0, False, 1), ("q9", "z3", -8.0, False, 2)]
+    got, sel, pool = mined(Rules(), systems=(A_ROWS + stray,))
+    assert got == mined(Rules())[0] and sel.reasons == mined(Rules())[1].reasons
+    assert sorted(pool.pos_q.tolist()) == [0, 0, 1, 3] and sorted(set(pool.cand_q.tolist())) == [0, 1, 2]
+
+
+def test_written_triplets_pools_and_ranks_follow_the_pooled_order(tmp_path):
+    import datasets
+    import pyarrow.parquet as pq
+
+    from pipeline.stages.mine import write_outputs
+
+    # system B retrieved the positive p1 at rank 4: pools.parquet keeps A's (the first system's) rank 1
+    b_rows = [("q1", "p1", 5.0, True, 4), *B_ROWS[:4]]
+    pool, vocab = build_pool([_table(A_ROWS), _table(b_rows)], QUERIES, _hash)
+    sel = select(pool, Rules(num_negatives_per_system=2))
+    names = vocab.to_pylist()
+    write_outputs(tmp_path, pool, sel, QUERIES, vocab, ["A", "B"], Rules(num_negatives_per_system=2),
+                  texts=(lambda qcodes: [f"query {QUERIES[i]}" for i in qcodes],
+                         lambda pcodes: [f"text of {names[i]}" for i in pcodes]))
+    # one row per kept query: its first positive and its best (first pooled) negative, never a positive
+    triplets = datasets.load_from_disk(str(tmp_path / "triplets")).to_list()
+    assert triplets == [{"query": "query q1", "positive": "text of p1", "negative": "text of n3"},
+                        {"query": "query q2", "positive": "text of p3", "negative": "text of m2"}]
+    pools = pq.read_table(tmp_path / "pools.parquet").to_pylist()
+    ranks = {(r["qid"], r["pid"], r["role"]): r["rank"] for r in pools}
+    assert ranks[("q1", "p1", "pos")] == 1 and ranks[("q1", "p2", "pos")] is None  # p2 was never retrieved
+    assert [r["pid"] for r in pools if r["qid"] == "q1" and r["role"] == "neg"] == ["n3", "n4", "n6", "n7"]
+    assert ranks[("q1", "n6", "neg")] == 2 and ranks[("q1", "n4", "neg")] == 6  # each system's own rank
 
 
 def test_bad_rules_are_clear():

@@ -9,9 +9,9 @@ Per query, a retrieved passage becomes a hard negative when it passes every enab
   ce_max_score      CE <= ce_max_score, on sigmoid(logit) when ce_max_score_scale=probability (RocketQA: 0.1),
                     on the raw logit when logit
   ce_score_margin   CE <= min CE(query, positive) - margin, in logits (the published v3/v4 script, margin 3.0)
-  relative_margin   sigmoid(CE) < (1 - relative_margin) * sigmoid(min CE(query, positive)): NV-Retriever's
-                    TopK-PercPos, in sentence-transformers' convention (util.mine_hard_negatives: 0.05 = "below 95%
-                    of the positive"). Defined on probabilities so it stays meaningful whatever the logits' sign or
+  relative_margin   sigmoid(CE) <= (1 - relative_margin) * sigmoid(min CE(query, positive)): NV-Retriever's
+                    TopK-PercPos, in sentence-transformers' convention (util.mine_hard_negatives: 0.05 = "at most 95%
+                    of the positive"; a score above the threshold is removed, one on it kept). Defined on probabilities so it stays meaningful whatever the logits' sign or
                     scale; a ratio of raw logits flips meaning when the positive's logit is negative.
 then, system by system in `systems` order and within a system in retrieval order, the first
 `num_negatives_per_system` survivors not already taken from an earlier system (the published script's loop), and
@@ -285,7 +285,7 @@ def select(pool: Pool, rules: Rules) -> Selection:
     if rules.ce_score_margin is not None:
         apply("ce_score_margin", ce > cmin - np.float32(rules.ce_score_margin))
     if rules.relative_margin is not None:
-        apply("relative_margin", ~(sigmoid(ce) < np.float32(1.0 - rules.relative_margin) * sigmoid(cmin)))
+        apply("relative_margin", sigmoid(ce) > np.float32(1.0 - rules.relative_margin) * sigmoid(cmin))
 
     likely_fn = ~is_pos & row_ok & (ce >= cmin)
     lfn_queries = int(np.count_nonzero(np.bincount(q[likely_fn], minlength=nq)))
