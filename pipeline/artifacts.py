@@ -41,6 +41,7 @@ _BOOKKEEPING = {MANIFEST, MARKER, LOCK, FORCED}
 # corpus_tokenizers are settings that change results, and a manifest that hid them could not be compared
 _SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|passwd|(^|[_-])token$)", re.IGNORECASE)
 _SAFE_LABEL = re.compile(r"[^A-Za-z0-9._-]+")
+_OPEN_RUNS: list = []  # the StageRuns this process is inside, innermost last: what they read is recorded
 
 
 class StageError(RuntimeError):
@@ -319,10 +320,72 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def require_complete(folder: str | os.PathLike, what: str) -> Path:
+    """``folder``, a complete result that a stage is about to read: refused when a look at its files shows damage
+    (a full check reads every byte: stage=verify), and recorded in the reading stage's manifest, so that its result
+    counts as stale once ``folder`` is recomputed (:func:`stale_inputs`)."""
     folder = Path(folder)
     if not is_complete(folder):
         raise StageError(f"{what} at {folder} is missing or incomplete (no {MARKER}); run that stage first")
+    problem = quick_check(folder)
+    if problem:
+        raise StageError(f"{what} at {folder} is damaged: {problem}. Rerun the stage that wrote it with force=true "
+                         f"(`stage=verify` checks every artifact)")
+    if _OPEN_RUNS:
+        reader = _OPEN_RUNS[-1]
+        reader.upstream[_relative_to_root(folder, reader.path)] = marker_digest(folder)
     return folder
+
+
+def marker_digest(folder: Path) -> str:
+    """The sha256 of a complete folder's manifest, as its marker holds it: changes whenever the folder is
+    recomputed (timings and finish time are in the manifest)."""
+    return (Path(folder) / MARKER).read_text().strip()
+
+
+def quick_check(folder: Path) -> str | None:
+    """What is wrong with a complete folder that its manifest and file sizes show, or None. Cheap (no file is
+    read but the manifest): run before every read of an upstream result."""
+    try:
+        if marker_digest(folder) != sha256_file(folder / MANIFEST):
+            return f"{MANIFEST} was changed after completion"
+        files = dict(json.loads((folder / MANIFEST).read_text()).get("files") or {})
+    except (OSError, ValueError, AttributeError):
+        return f"its {MANIFEST} cannot be read"
+    for name, meta in files.items():
+        try:
+            size = (folder / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if size != meta.get("bytes"):
+            return f"{name} holds {size} bytes where its manifest records {meta.get('bytes')}"
+    return None
+
+
+def _relative_to_root(folder: Path, reader: Path) -> str:
+    """An input folder as the reader records it: relative to the artifacts root both live under (so a copied
+    root keeps its records), absolute otherwise (score.candidates from elsewhere)."""
+    root = reader.parent.parent.resolve()
+    folder = Path(folder).resolve()
+    return folder.relative_to(root).as_posix() if folder.is_relative_to(root) else str(folder)
+
+
+def stale_inputs(folder: Path) -> list[str]:
+    """The recorded inputs of a complete ``folder`` that were recomputed since it read them (their marker
+    differs). An input deleted, moved or being recomputed right now is not taken for a change."""
+    try:
+        recorded = dict(read_manifest(folder).get("upstream") or {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    root = Path(folder).resolve().parent.parent
+    stale = []
+    for name, digest in recorded.items():
+        upstream = Path(name) if Path(name).is_absolute() else root / name
+        try:
+            if is_complete(upstream) and marker_digest(upstream) != digest:
+                stale.append(str(upstream))
+        except OSError:
+            continue
+    return stale
 
 
 @dataclass
@@ -338,6 +401,7 @@ class StageRun:
     counts: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    upstream: dict[str, str] = field(default_factory=dict)  # input folders read (require_complete): their markers
 
     @contextlib.contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -422,11 +486,16 @@ def open_stage(stage: str, identity: Mapping[str, Any], *, root: str | os.PathLi
     with folder_lock(path, wait_s=lock_wait_s):
         # this forced run cleared the folder before (a requeue, an array's other task): its work is kept
         again = forced_already(path, force_id)
-        if is_complete(path) and (not force or again):
+        stale = stale_inputs(path) if is_complete(path) and (not force or again) else []
+        if is_complete(path) and (not force or again) and not stale:
             log.info("%s: complete result found at %s (key %s), skipping; force=true recomputes", stage, path, key)
             run.done = True
             yield run
             return
+        if stale:  # same settings, but an input it read was recomputed since (force=true): built from old data
+            log.warning("%s: the complete result at %s was built from %s before %s recomputed; recomputing", stage,
+                        path, ", ".join(stale), "it was" if len(stale) == 1 else "they were")
+            _clear_folder(path)
         if is_complete(path):
             log.warning("%s: force=true, discarding the complete result at %s and recomputing", stage, path)
         (path / MARKER).unlink(missing_ok=True)
@@ -441,15 +510,19 @@ def open_stage(stage: str, identity: Mapping[str, Any], *, root: str | os.PathLi
             for leftover in path.rglob(".tmp-*"):  # half-written files of a killed run; never committed
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         start = time.perf_counter()
+        _OPEN_RUNS.append(run)
         try:
             yield run
             run.timings["total"] = round(time.perf_counter() - start, 3)
             _finish(run)
         except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise StageError(f"{stage}: no space left on device while writing {path}; nothing was marked "
-                                 f"complete. Free space (or point artifacts_root elsewhere) and rerun.") from exc
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise StageError(f"{stage}: no space left on device while writing {path} ({exc.strerror}); nothing "
+                                 f"was marked complete. Free space (or point artifacts_root elsewhere) and rerun: "
+                                 f"the stage resumes.") from exc
             raise
+        finally:
+            _OPEN_RUNS.remove(run)
     log.info("%s: done in %.1fs -> %s", stage, run.timings.get("total", 0.0), path)
 
 
@@ -486,6 +559,7 @@ def _finish(run: StageRun) -> None:
         "argv": redact(sys.argv),
         "finished_unix": round(time.time(), 3),
         "files": checksum_files(run.path),
+        **({"upstream": run.upstream} if run.upstream else {}),
         **({"extra": run.extra} if run.extra else {}),
     }
     atomic_write_json(run.path / MANIFEST, manifest)
@@ -503,7 +577,12 @@ def verify_folder(folder: str | os.PathLike) -> list[str]:
     problems = []
     if (folder / MARKER).read_text().strip() != sha256_file(folder / MANIFEST):
         problems.append(f"{folder}/{MANIFEST}: altered after completion")
-    recorded = read_manifest(folder).get("files", {})
+    try:
+        recorded = dict(read_manifest(folder).get("files") or {})
+    except (ValueError, AttributeError):
+        return problems + [f"{folder}/{MANIFEST}: cannot be read (rerun the stage that wrote it with force=true)"]
+    problems += [f"{folder}: built from {s} before it was recomputed (its next run recomputes it)"
+                 for s in stale_inputs(folder)]
     actual = checksum_files(folder)
     for name, meta in recorded.items():
         if name not in actual:

@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-from pipeline.artifacts import (LOCK, MANIFEST, MARKER, StageLocked, atomic_path, atomic_write_json, config_key,
-                                is_complete, open_stage, verify_folder)
+from pipeline.artifacts import (LOCK, MANIFEST, MARKER, StageError, StageLocked, atomic_path, atomic_write_json,
+                                config_key, is_complete, open_stage, require_complete, verify_folder)
 
 IDENTITY = {"stage_cfg": {"k": 100, "rule": "x"}, "data": {"files": {"corpus": {"size": 3}}}, "upstream": "abc"}
 
@@ -114,6 +114,47 @@ def test_verify_folder_detects_changes(tmp_path):
     assert any("extra.txt: not in the manifest" in p for p in verify_folder(folder))
     (folder / "out.json").unlink()
     assert any("out.json: missing" in p for p in verify_folder(folder))
+
+
+def _reader(root, upstream, calls, force=False):
+    """A stage that reads ``upstream`` (the way stages read their inputs) and writes one file."""
+    with open_stage("reader", {"reads": "demo"}, root=root, label="r", force=force) as st:
+        if st.done:
+            return st.path
+        require_complete(upstream, "the demo result")
+        calls.append(1)
+        atomic_write_json(st.file("out.json"), {"value": 2})
+        return st.path
+
+
+def test_a_damaged_input_is_refused_before_it_is_read(tmp_path):
+    # a rewritten, truncated or missing file in a complete input (or a mangled manifest) trained on silently
+    upstream = work(tmp_path)
+    require_complete(upstream, "the demo result")
+    (upstream / "out.json").write_text('{"value": 1, "padding": "rewritten"}')
+    with pytest.raises(StageError, match="the demo result at .* is damaged: out.json holds 36 bytes where its "
+                                         "manifest records 17. Rerun the stage that wrote it with force=true"):
+        require_complete(upstream, "the demo result")
+    (upstream / "out.json").unlink()
+    with pytest.raises(StageError, match="out.json is missing"):
+        require_complete(upstream, "the demo result")
+    (upstream / MANIFEST).write_text("{not json")
+    with pytest.raises(StageError, match="manifest.json was changed after completion"):
+        require_complete(upstream, "the demo result")
+    assert any("cannot be read" in p for p in verify_folder(upstream))  # verify reports it, no traceback
+
+
+def test_a_result_built_from_an_input_recomputed_since_is_recomputed(tmp_path):
+    calls: list[int] = []
+    upstream = work(tmp_path)
+    reader = _reader(tmp_path, upstream, calls)
+    assert _reader(tmp_path, upstream, calls) == reader and calls == [1]  # same input: skipped
+    recorded = json.loads((reader / MANIFEST).read_text())["upstream"]
+    assert recorded == {f"demo/{upstream.name}": (upstream / MARKER).read_text().strip()}
+    work(tmp_path, force=True)  # the input recomputed under the same key (after a fix, or after damage)
+    assert any("built from" in p and "before it was recomputed" in p for p in verify_folder(reader))
+    assert _reader(tmp_path, upstream, calls) == reader and calls == [1, 1]  # stale: recomputed, not skipped
+    assert verify_folder(reader) == [] and _reader(tmp_path, upstream, calls) and calls == [1, 1]
 
 
 def test_input_fingerprints_follow_content_not_place_or_mtime(tmp_path, monkeypatch):

@@ -44,6 +44,7 @@ from pipeline.artifacts import (
     is_complete,
     open_stage,
     read_manifest,
+    require_complete,
 )
 from pipeline.config import plain
 from pipeline.stages import common
@@ -566,6 +567,8 @@ def systems(cfg: DictConfig, *, strict: bool = True) -> list[System]:
                      None)
         if found is None and strict:
             raise StageError(f"no complete score result for system {name!r} (key {key}); run {how} first")
+        if found is not None and strict:  # about to be read: checked, and recorded in mine's manifest
+            require_complete(found, f"the score result of system {name!r}")
         out.append(System(name, key, found))
     names = [s.name for s in out]
     if len(set(names)) != len(names):

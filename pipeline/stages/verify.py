@@ -59,5 +59,6 @@ def run(cfg: DictConfig) -> Path:
     for p in problems:
         print("  " + p)
     if problems:
-        raise StageError(f"{len(problems)} problems found in artifacts under {root}")
+        raise StageError(f"{len(problems)} problems found in artifacts under {root}: rerun the stage of each folder "
+                         f"named with force=true (python -m pipeline stage=<stage> force=true ...)")
     return root
