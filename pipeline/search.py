@@ -524,9 +524,10 @@ def faiss_search(
         idx.add(rows(a, min(N, a + add_chunk)))
         if isinstance(corpus, np.memmap):
             _release_pages(corpus, a, min(N, a + add_chunk))
-    D, I = idx.search(q, k_eff)
+    # faiss keeps an arbitrary subset of the scores tied at rank k: ask for a margin more, then keep the lower rows
+    D, I = idx.search(q, min(N, k_eff + 8))
     D, I = _sort_rows(D.astype(np.float32), I.astype(np.int64))
-    return D, I
+    return D[:, :k_eff], I[:, :k_eff]
 
 
 def search(queries, corpus, k: int, *, backend: str = "torch", **kw) -> tuple[np.ndarray, np.ndarray]:

@@ -157,6 +157,41 @@ def test_a_result_built_from_an_input_recomputed_since_is_recomputed(tmp_path):
     assert verify_folder(reader) == [] and _reader(tmp_path, upstream, calls) and calls == [1, 1]
 
 
+def test_verify_folder_detects_an_edited_manifest(tmp_path):
+    # the manifest is the record a result is trusted by: an edit to it (counts, checksums) must not pass unseen
+    folder = work(tmp_path)
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["counts"]["rows"] = 2
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    assert any(f"{MANIFEST}: altered after completion" in p for p in verify_folder(folder))
+
+
+def test_a_marker_without_its_manifest_is_not_complete(tmp_path):
+    # a folder whose manifest was lost (a copy that skipped it) must be recomputed, not skipped as complete
+    calls: list[int] = []
+    folder = work(tmp_path, calls=calls)
+    (folder / MANIFEST).unlink()
+    assert (folder / MARKER).is_file() and not is_complete(folder)
+    assert work(tmp_path, calls=calls) == folder and calls == [1, 1]  # recomputed
+    assert is_complete(folder) and verify_folder(folder) == []
+
+
+def test_a_resumed_stage_deletes_half_written_temporaries(tmp_path):
+    # .tmp-* files and folders are writes a killed run never committed: a resume keeps the committed chunks only
+    with pytest.raises(RuntimeError, match="killed"):
+        with open_stage("demo", IDENTITY, root=tmp_path, label="lbl", resumable=True) as st:
+            atomic_write_json(st.file("chunk-0.json"), {"committed": True})
+            (st.path / "blocks").mkdir()
+            (st.path / ".tmp-chunk-1.json").write_text('{"half')
+            (st.path / "blocks" / ".tmp-block-3").mkdir()
+            (st.path / "blocks" / ".tmp-block-3" / "part.bin").write_bytes(b"\x00")
+            raise RuntimeError("killed")
+    with open_stage("demo", IDENTITY, root=tmp_path, label="lbl", resumable=True) as st:
+        assert not st.done and (st.path / "chunk-0.json").exists()
+        assert not list(st.path.rglob(".tmp-*"))
+    assert is_complete(st.path) and not list(st.path.rglob(".tmp-*"))
+
+
 def test_input_fingerprints_follow_content_not_place_or_mtime(tmp_path, monkeypatch):
     import os
     import shutil
@@ -189,6 +224,24 @@ def test_input_fingerprints_follow_content_not_place_or_mtime(tmp_path, monkeypa
     (tmp_path / "m2" / "sub" / "weights.bin").write_bytes(b"\x00\x02")
     assert artifacts.file_fingerprint(tmp_path / "m1", exclude=("README.md",)) != \
         artifacts.file_fingerprint(tmp_path / "m2", exclude=("README.md",))
+
+
+def test_a_folder_fingerprint_follows_its_file_names(tmp_path):
+    # a model folder whose file was renamed (weights.bin -> other.bin) loads differently: it must get a new key
+    from pipeline import artifacts
+
+    folder = tmp_path / "model"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "weights.bin").write_bytes(b"\x00\x01")
+    (folder / "config.json").write_text("{}")
+    before = artifacts.file_fingerprint(folder)
+    (folder / "sub" / "weights.bin").rename(folder / "sub" / "other.bin")
+    after = artifacts.file_fingerprint(folder)
+    assert after["bytes"] == before["bytes"] and after["files"] == before["files"]
+    assert after != before
+    assert config_key(after) != config_key(before)
+    (folder / "sub" / "other.bin").rename(folder / "weights.bin")  # the same name in another place
+    assert artifacts.file_fingerprint(folder) not in (before, after)
 
 
 @pytest.fixture

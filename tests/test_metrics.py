@@ -64,6 +64,19 @@ def test_missing_queries_skipped_like_trec_eval_or_counted_as_zero():
     assert cov["evaluated_queries"] == 2
 
 
+def test_a_judged_query_with_an_empty_ranking_counts_as_missing():
+    # a retriever that returns nothing for a query writes {qid: {}}: trec_eval never sees that query, so "skip"
+    # leaves it out of the mean and "zero" counts it as 0 (exactly as if the query were absent from the run)
+    qrels = {**QRELS, "q3": {"x": 1}}
+    run = {**RUN, "q3": {}}
+    assert "q3" not in metrics.per_query(qrels, run, ["RR@10"])["RR@10"]
+    both = ["RR@10", "nDCG@10"]
+    assert metrics.evaluate_run(qrels, run, both) == metrics.evaluate_run(qrels, RUN, both)
+    assert metrics.evaluate_run(qrels, run, ["RR@10"])["RR@10"] == pytest.approx(0.5)
+    assert metrics.evaluate_run(qrels, run, ["RR@10"], missing="zero")["RR@10"] == pytest.approx(1.0 / 3)
+    assert metrics.coverage(qrels, run)["judged_missing_from_run"] == 1
+
+
 def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="unknown measure 'nDCG@@10'"):
         metrics.evaluate_run(QRELS, RUN, ["nDCG@@10"])

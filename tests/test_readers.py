@@ -204,6 +204,36 @@ def test_only_ascii_digits_are_dense_ids(tmp_path):
     assert odd.lookup(["\u00b2", "1"]).tolist() == [1, 0]
 
 
+def test_corpus_dense_lookup_array_matches_lookup(tmp_path):
+    # the vectorised lookup maps run/qrels ids to rows: a padded id ("05") is another document, never passage 5,
+    # and the highest id must resolve (it is the last slot of the dense index)
+    pa = pytest.importorskip("pyarrow")
+    corpus = _corpus(tmp_path, "0\tzero\n1\tone\n5\tfive\n")
+    assert corpus._dense is not None
+    pids = ["5", "0", "1", "05", "007", "00", "7", "6", "x", "-1", "+5", " 5", "5.0", "\uff15", "1" + "0" * 18]
+    expected = [2, 0, 1] + [-1] * 12
+    assert corpus.lookup(pids).tolist() == expected
+    assert corpus.lookup_array(pa.array(pids)).tolist() == expected
+    assert corpus.lookup_array(pa.chunked_array([pa.array(["5"]), pa.array(["05", "1"])])).tolist() == [2, -1, 1]
+    assert corpus.lookup_array(pa.array(["5"])).tolist() == [2]  # the highest id alone
+
+
+def test_corpus_hash_lookup_rejects_a_hash_collision(tmp_path, monkeypatch):
+    # ids are found by a 64-bit hash: an unknown id whose hash collides with a corpus id must stay unknown
+    import pipeline.readers as readers
+
+    folder = tmp_path / "beir"
+    folder.mkdir()
+    write(folder / "corpus.jsonl", "".join(json.dumps({"_id": i, "text": f"t {i}"}) + "\n"
+                                           for i in ("doc-b", "doc-a", "MED-10")))
+    corpus = Corpus.open(folder, tmp_path / "cache")
+    assert corpus._dense is None
+    real = readers._hash64
+    monkeypatch.setattr(readers, "_hash64", lambda v: real("doc-a") if v == "impostor" else real(v))
+    assert corpus.lookup(["impostor", "doc-a", "MED-10", "nope"]).tolist() == [-1, 1, 2, -1]
+    assert "impostor" not in corpus
+
+
 def test_a_beir_folder_is_keyed_by_its_corpus_file_alone(tmp_path):
     """Editing a BEIR folder's qrels or queries (or a note beside them) must not re-key what reads only the corpus
     (retrieve, score, mine, train): they are keyed by their own files."""

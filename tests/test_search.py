@@ -177,6 +177,76 @@ def test_a_re_searched_query_keeps_the_order_of_equal_scores():
     np.testing.assert_array_equal(few[0], full[0])
 
 
+def test_a_k_th_score_equal_to_a_chunk_cut_is_searched_again():
+    """chunk_keep: chunk 0 ties four rows at 1.0 and keeps two; chunk 1 has one more 1.0 (row 4). The merged k-th
+    score equals chunk 0's cut, so chunk 0 may hold more of the top k: the query must be searched again, or row 4
+    takes the place of the lower row 2."""
+    c = np.array([[1, 0]] * 4 + [[1, 0]] + [[0, 1]] * 3, np.float32)
+    q = np.array([[1, 0]], np.float32)
+    s, i = S.exact_search(q, torch.from_numpy(c), 3, device="cpu", corpus_chunk=4, merge="once", chunk_keep=2,
+                          show_progress=False)
+    assert S.LAST_SEARCH["merge"] == "once" and S.LAST_SEARCH["chunk_keep"] == 2
+    assert S.LAST_SEARCH["queries_redone"] == 1
+    assert i[0].tolist() == [0, 1, 2] and s[0].tolist() == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("method", ["grouped", "pruned"])
+def test_gpu_topk_methods_break_ties_at_rank_k_by_lower_index(method):
+    """The per-chunk top-k of grouped/pruned picks an arbitrary subset of equal scores; keeping k + tie_margin
+    candidates is what lets the merge choose the lower rows, as the CPU's exact top-k does. Each query has seven
+    distinct top scores, then six rows tied at 3.0 inside one 1000-row chunk: rank k = 10 cuts through them."""
+    rng = np.random.default_rng(10)
+    n, nq, k = 3000, 6, 10
+    c = rng.uniform(0, 2, (n, nq)).astype(np.float32)  # query j reads column j: every score is exact
+    for j in range(nq):
+        rows = 1000 * (j % 3) + rng.choice(1000, 13, replace=False)
+        c[rows[:7], j] = np.arange(10, 3, -1)
+        c[rows[7:], j] = 3.0
+    q = np.eye(nq, dtype=np.float32)
+    ref_s, ref_i = _brute(q, c, k)
+    s, i = S.exact_search(q, c, k, device="cpu", corpus_chunk=1000, query_chunk=1, topk_method=method,
+                          topk_group=8, show_progress=False)
+    assert S.LAST_SEARCH["topk_method"] == method
+    np.testing.assert_array_equal(i, ref_i)
+    np.testing.assert_array_equal(s, ref_s.astype(np.float32))
+
+
+def test_pruned_topk_falls_back_when_groups_outside_its_pick_beat_the_threshold():
+    """_topk_pruned looks only at the kk groups with the largest maxima; when the kk-th maximum is above the running
+    threshold, groups it skipped can still hold top-k rows and the row must be redone exactly. Here the first chunk
+    scores low and the second holds 38 high rows, each in its own 8-column group (more than kk = 16 groups)."""
+    rng = np.random.default_rng(13)
+    c = (0.01 * rng.standard_normal((2000, 4))).astype(np.float32)
+    c[1000 + 8 * np.arange(38), 0] = 1.0 + 0.01 * np.arange(38)
+    q = np.array([[1, 0, 0, 0]], np.float32)
+    thr = torch.full((1,), float(np.sort(c[:1000, 0])[-38]))  # what the running top-38 admits after chunk 0
+    v, i = S._topk_pruned(torch.from_numpy(c[1000:] @ q[0])[None], 38, thr, group=8)
+    assert sorted(i[0].tolist()) == (8 * np.arange(38)).tolist()
+    ref_s, ref_i = _brute(q, c, 30)
+    s, i = S.exact_search(q, c, 30, device="cpu", corpus_chunk=1000, topk_method="pruned", topk_group=8,
+                          show_progress=False)
+    np.testing.assert_array_equal(i, ref_i)
+    np.testing.assert_allclose(s, ref_s, atol=1e-6)
+
+
+def test_fp16_resident_corpus_is_rescored_in_fp32_by_default():
+    """rescore defaults on when the scores are computed in half precision over a resident corpus: the final
+    candidates are scored again in fp32, so scores and order are those of an fp32 search of the same vectors (fp16
+    scores are off by ~1e-4 and reorder near-equal neighbours). A streamed corpus is not rescored."""
+    rng = np.random.default_rng(7)
+    c = _unit(rng, 3000, 32, np.float16)
+    q = _unit(rng, 40, 32)
+    ref_s, ref_i = _brute(q, c.astype(np.float32), 10)
+    s, i = S.exact_search(q, torch.from_numpy(c), 10, device="cpu", dtype="fp16", corpus_chunk=1000,
+                          query_chunk=16, topk_method="grouped", show_progress=False)
+    assert S.LAST_SEARCH["rescore"] and S.LAST_SEARCH["resident"] and S.LAST_SEARCH["dtype"] == "float16"
+    np.testing.assert_array_equal(i, ref_i)
+    np.testing.assert_allclose(s, ref_s, atol=1e-6)
+    S.exact_search(q, c, 10, device="cpu", dtype="fp16", corpus_chunk=1000, topk_method="grouped",
+                   show_progress=False)
+    assert not S.LAST_SEARCH["rescore"] and not S.LAST_SEARCH["resident"]
+
+
 def test_copy_on_write_memmap_is_searched_as_edited(tmp_path):
     """A corpus opened copy-on-write (mode "c") and edited in memory: releasing its pages after a chunk would
     discard the edits (the search would see the file, and so would the caller afterwards)."""
@@ -298,6 +368,45 @@ def test_faiss_flat_equals_torch():
     np.testing.assert_allclose(fs, s, atol=1e-5)
     vs, vi = S.search(q, c, 15, backend="faiss_ivf", nlist=16, nprobe=16, use_gpu=False)  # all lists: exact
     np.testing.assert_array_equal(vi, i)
+
+
+def test_faiss_flat_orders_tied_documents_like_torch():
+    """Exact duplicate passages score the same: faiss returns them in its own order, and the run must not depend on
+    the backend, so faiss_flat orders ties by lower corpus index as the torch backend does (k = the corpus size:
+    every tie is inside the results)."""
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(3)
+    base = rng.integers(-3, 4, size=(40, 8)).astype(np.float32)  # small integers: equal scores are exactly equal
+    c = np.repeat(base, 5, axis=0)
+    rng.shuffle(c)
+    q = rng.integers(-2, 3, size=(30, 8)).astype(np.float32)
+    s, i = S.exact_search(q, c, len(c), device="cpu", corpus_chunk=64, show_progress=False)
+    fs, fi = S.search(q, c, len(c), backend="faiss_flat", use_gpu=False)
+    np.testing.assert_array_equal(fs, s)
+    np.testing.assert_array_equal(fi, i)
+    lowest = float(np.finfo(np.float32).min)  # what faiss returns beside a missing result (-1)
+    d, idx = S._sort_rows(np.array([[1.0, 2.0, lowest, 2.0, 1.0]], np.float32), np.array([[7, 9, -1, 4, 0]]))
+    assert idx.tolist() == [[4, 9, 0, 7, -1]] and d.tolist() == [[2.0, 2.0, 1.0, 1.0, lowest]]
+
+
+def test_faiss_flat_keeps_the_lower_rows_of_ties_at_rank_k():
+    """faiss keeps an arbitrary subset of the documents tied at rank k (here the higher rows): faiss_flat must keep
+    the same documents as the torch backend, or the run depends on the backend. Six rows tie at ranks 8-13, k = 10;
+    24 queries take faiss's BLAS path, 6 its direct one."""
+    pytest.importorskip("faiss")
+    rng = np.random.default_rng(21)
+    n, nq, k = 2000, 6, 10
+    c = rng.uniform(0, 2, (n, nq)).astype(np.float32)  # query j reads column j: every score is exact
+    for j in range(nq):
+        rows = rng.choice(n, 13, replace=False)
+        c[rows[:7], j] = np.arange(10, 3, -1)
+        c[rows[7:], j] = 3.0
+    for q in (np.eye(nq, dtype=np.float32), np.tile(np.eye(nq, dtype=np.float32), (4, 1))):
+        s, i = S.exact_search(q, c, k, device="cpu", show_progress=False)
+        fs, fi = S.search(q, c, k, backend="faiss_flat", use_gpu=False)
+        assert fs.shape == (len(q), k)
+        np.testing.assert_array_equal(fi, i)
+        np.testing.assert_array_equal(fs, s)
 
 
 def test_unknown_backend():

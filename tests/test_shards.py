@@ -7,7 +7,7 @@ from types import SimpleNamespace
 from omegaconf import OmegaConf
 
 from pipeline.artifacts import is_complete
-from pipeline.shards import run_sharded
+from pipeline.shards import block_bounds, n_blocks, run_sharded, shard_blocks
 
 SHARDS = 4
 
@@ -118,3 +118,17 @@ def test_shards_that_would_compute_in_another_dtype_are_refused(tmp_path, monkey
         final = run(index, "bf16", "cpu")  # a CPU with bf16 computes the same dtype: accepted
     assert is_complete(final) and (final / "merged.txt").read_text() == "0123"
     assert (final / "compute.json").is_file()
+
+
+def test_blocks_cover_the_items_exactly_once():
+    # an extra (empty) block past the end would be a part with nothing in it, or a merge waiting for it forever
+    for n, size in [(0, 4), (1, 4), (3, 4), (4, 4), (8, 4), (9, 4), (12, 4), (1000, 1)]:
+        total = n_blocks(n, size)
+        assert total == -(-n // size)
+        bounds = [block_bounds(b, size, n) for b in range(total)]
+        assert all(lo < hi for lo, hi in bounds)  # no empty block
+        assert [i for lo, hi in bounds for i in range(lo, hi)] == list(range(n))
+        for count in (1, 2, 3, 5):
+            shards = [shard_blocks(total, i, count) for i in range(count)]
+            assert [b for r in shards for b in r] == list(range(total))  # shard order is the single-run order
+    assert n_blocks(8, 4) == 2 and block_bounds(1, 4, 8) == (4, 8)
