@@ -49,8 +49,19 @@ def apply_cpu_threads(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from pipeline import validate
+
     try:
+        added = validate.added_keys(list(HydraConfig.get().overrides.task))
+        if added:
+            raise validate.ConfigError("invalid settings (nothing was run): " + "; ".join(added))
         run(cfg)
     except (DataError, StageError) as exc:  # expected failures: one clear line, no traceback, non-zero exit
         log.error("%s", exc)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: what is committed stays; the same command resumes
+        log.error("interrupted: nothing was marked complete that had not finished; run the same command again to "
+                  "resume")
+        sys.exit(130)

@@ -5,6 +5,7 @@ Remote code is never trusted unless a config turns `trust_remote_code` on explic
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -48,7 +49,9 @@ def resolve_model_path(spec: str, artifacts_root: str | os.PathLike | None = Non
         built = demo.build_demo_models(root, resource_dir("demo"))
         name = spec[5:]
         if name not in built:
-            raise ValueError(f"unknown demo model {spec!r}; available: {', '.join('demo:' + k for k in built)}")
+            from pipeline.artifacts import StageError
+
+            raise StageError(f"unknown demo model {spec!r}; available: {', '.join('demo:' + k for k in built)}")
         return str(built[name])
     return spec
 
@@ -66,8 +69,9 @@ def load_bi_encoder(spec: str, *, device: str = "auto", artifacts_root: str | No
                     max_seq_length: int | None = None, trust_remote_code: bool = False) -> Any:
     from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(resolve_model_path(spec, artifacts_root), device=resolve_device(device),
-                                trust_remote_code=trust_remote_code)
+    with _loading(spec, "bi-encoder"):
+        model = SentenceTransformer(resolve_model_path(spec, artifacts_root), device=resolve_device(device),
+                                    trust_remote_code=trust_remote_code)
     if max_seq_length:
         model.max_seq_length = int(max_seq_length)
     return model
@@ -80,7 +84,23 @@ def load_cross_encoder(spec: str, *, device: str = "auto", artifacts_root: str |
     kwargs: dict[str, Any] = {"device": resolve_device(device), "trust_remote_code": trust_remote_code}
     if max_length:
         kwargs["max_length"] = int(max_length)
-    return CrossEncoder(resolve_model_path(spec, artifacts_root), **kwargs)
+    with _loading(spec, "cross-encoder"):
+        return CrossEncoder(resolve_model_path(spec, artifacts_root), **kwargs)
+
+
+@contextlib.contextmanager
+def _loading(spec: str, kind: str):
+    """A model that cannot be loaded (a mistyped path, a hub id offline and not in the cache, a folder without a
+    model) stops the stage with one line naming it, not a library traceback."""
+    from pipeline.artifacts import StageError
+
+    try:
+        yield
+    except OSError as exc:
+        where = ("the folder holds no model" if Path(spec).expanduser().is_dir() else "no such folder" if
+                 spec.startswith((".", "/", "~")) or Path(spec).suffix else
+                 "not a local folder, and the Hub is unreachable or the id is wrong (offline, only the HF cache is read)")
+        raise StageError(f"cannot load the {kind} {spec!r}: {where} ({str(exc).splitlines()[0][:200]})") from exc
 
 
 def model_identity(spec: str) -> dict[str, Any]:

@@ -132,6 +132,16 @@ def evaluate_systems(value: Any) -> str | None:
     return None
 
 
+def measures(value: Any) -> str | None:
+    from pipeline.metrics import parse_measures
+
+    try:
+        parse_measures(value if isinstance(value, (list, tuple)) else [])
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def eval_sets(value: Any) -> str | None:
     """{name: {kind, qrels, metrics, queries (retrieval) | candidates (rerank), headline?}}; none is fine until a
     stage evaluates (it says so)."""
@@ -212,7 +222,7 @@ RULES: dict[str, Check] = {
     "plan.chain": one_of("all", "evaluate"), "plan.epochs": number(0, above=True),
     "plan.corpus_tokenizers": _POSITIVE, "plan.bi_encoder_cost_factor": number(0, above=True),
     "plan.cross_encoder_cost_factor": number(0, above=True), "plan.bench_json": optional(existing_file),
-    "score_run.missing": one_of("skip", "zero"), "score_run.relevance_level": optional(_POSITIVE),
+    "score_run.missing": one_of("skip", "zero"), "score_run.measures": measures, "score_run.relevance_level": optional(_POSITIVE),
     "score_run.per_query": boolean,
 }
 
@@ -286,6 +296,26 @@ def check(cfg: DictConfig) -> None:
     found = problems(cfg)
     if found:
         raise ConfigError("invalid settings (nothing was run): " + "; ".join(found))
+
+
+#: mappings open by design: an eval set of one's own, published figures for the results table; Hydra's own settings
+OPEN_KEYS = ("data.evals.", "model.published.", "hydra.")
+
+
+def added_keys(overrides: list[str]) -> list[str]:
+    """The keys that ``+key=value`` command-line overrides add where no stage reads them. Hydra's own hint for a
+    mistyped key is to add it with +: ``+retrieve.topk=5`` then ran at the default top_k without a word."""
+    from pipeline.config import CONF_DIR
+
+    found = []
+    for override in overrides:
+        if not override.startswith("+") or override.startswith("++"):
+            continue
+        key = override[1:].split("=", 1)[0].strip()
+        group = "/" in key or (CONF_DIR / key).is_dir()  # +experiment=..., +hydra/launcher=...
+        if not group and not key.startswith(OPEN_KEYS):
+            found.append(f"{override}: adds {key!r}, a key no stage reads (a typo of a known key? drop the +)")
+    return found
 
 
 def checked(run: Callable[..., Any]) -> Callable[..., Any]:

@@ -98,6 +98,16 @@ def test_a_null_precision_is_refused_not_read_two_ways():
         "score.precision=None: must be auto, fp32, bf16 or fp16"]
 
 
+def test_a_key_added_with_a_plus_must_be_one_a_stage_reads():
+    # Hydra's hint for a mistyped key is to add it with +: +retrieve.topk=5 then ran at the default top_k
+    from pipeline.validate import added_keys
+
+    assert added_keys(["+retrieve.topk=5", "retrieve.top_k=5", "++train.lr=1"]) == [
+        "+retrieve.topk=5: adds 'retrieve.topk', a key no stage reads (a typo of a known key? drop the +)"]
+    assert added_keys(["+experiment=demo", "+hydra/launcher=local", "+model.published.dev=33.1",
+                       "+data.evals.mine={kind: rerank}", "+hydra.launcher.additional_parameters.x=1"]) == []
+
+
 def test_a_required_value_left_unset_is_named_not_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline", "data=beir", "stage=evaluate", f"artifacts_root={tmp_path}"],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,

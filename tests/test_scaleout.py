@@ -183,6 +183,26 @@ def test_sigterm_commits_a_chunk_exits_and_the_rerun_finishes_identically(setup,
     assert counts["pairs_scored"] + counts["pairs_from_cache"] == counts["pairs"] - committed * CHUNK
 
 
+def test_ctrl_c_says_how_to_resume_without_a_traceback(setup, single, tmp_path):
+    root = tmp_path
+    shutil.copytree(single.retrieve, root / "retrieve" / single.retrieve.name)
+    overrides = [*setup, f"artifacts_root={root}"]
+    key = config_key(score.identity(compose(overrides)))
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "stage=score", *overrides, "score.debug_sleep_s=0.5"],
+                            cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        folder = next(iter((root / "score").glob(f"*-{key}")), None)
+        if folder is not None and any((folder / "blocks").glob("chunk-*.parquet")):
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 130 and "Traceback" not in out, out[-2000:]
+    assert "interrupted: nothing was marked complete that had not finished; run the same command again" in out
+    assert not (folder / MARKER).exists()
+
+
 # --------------------------------------------------------------------------------------------- submitit local
 
 

@@ -404,3 +404,14 @@ def test_model_card_links_a_hub_base_model_and_says_why_queries_were_left_out(tm
     assert "the saved model encodes at 512" in card
     local = compose([f"artifacts_root={tmp_path}", f"model.bi_encoder={tmp_path}"])
     assert "base_model" not in T.model_card(local, tmp_path / "no-mine", metrics)
+
+
+def test_a_diverged_loss_stops_training_before_anything_is_saved(tmp_path):
+    # a nan loss was saved as v3, and its evaluation then blamed the precision (non-finite embeddings)
+    from pipeline.artifacts import StageError
+    from pipeline.config import compose
+
+    cfg = compose([f"artifacts_root={tmp_path}", "train.lr=1e9"])
+    T.check_loss_finite([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}], cfg)
+    with pytest.raises(StageError, match=r"the loss diverged \(nan at step 2\) with train.lr=1000000000.0"):
+        T.check_loss_finite([{"step": 1, "loss": 2.0}, {"step": 2, "loss": float("nan")}], cfg)

@@ -270,7 +270,8 @@ def training_set(cfg: DictConfig, corpus: Corpus | None = None) -> tuple[dict[st
     and fail past data.max_missing_qrels."""
     train = cfg.data.train
     if not train.queries or not train.qrels:
-        raise ValueError(f"data={cfg.data.name} has no training split (data.train.queries/qrels are null)")
+        raise StageError(f"data={cfg.data.name} has no training split (data.train.queries/qrels are null): it can "
+                         f"be evaluated on (stage=evaluate), not trained on")
     queries = read_queries(str(train.queries))
     qrels = read_qrels(str(train.qrels))
     if corpus is not None:

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from pipeline import metrics, validate
 from pipeline.artifacts import StageError, atomic_write_json, file_fingerprint
 from pipeline.config import plain
-from pipeline.readers import read_qrels, read_run
+from pipeline.readers import DataError, read_qrels, read_run
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def label(cfg: DictConfig) -> str:
 def _required(cfg: DictConfig, key: str) -> str:
     value = cfg.get(key)
     if not value:
-        raise ValueError(f"stage=score_run needs {key}=<path>")
+        raise StageError(f"stage=score_run needs {key}=<path>")
     return str(value)
 
 
@@ -73,7 +73,12 @@ def run(cfg: DictConfig) -> Path:
             measures = metrics.with_relevance_level(measures, int(sc.relevance_level))
         except ValueError as exc:
             raise StageError(f"score_run.relevance_level: {exc}") from None
-    result = score(_required(cfg, "run_file"), _required(cfg, "qrels_file"), measures, missing=str(sc.missing))
+    try:
+        result = score(_required(cfg, "run_file"), _required(cfg, "qrels_file"), measures, missing=str(sc.missing))
+    except DataError:
+        raise
+    except ValueError as exc:  # the run and the qrels share no query, an empty file: what the user gave, one line
+        raise StageError(f"score_run: {exc}") from None
     print(report(result, per_query=bool(sc.per_query)), flush=True)
     if sc.output:
         out = Path(str(sc.output)).expanduser()

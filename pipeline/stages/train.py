@@ -692,6 +692,15 @@ def run(cfg: DictConfig) -> Path:
         return _follow(cfg, coord)
 
 
+def check_loss_finite(history: list[dict[str, Any]], cfg: DictConfig) -> None:
+    """A diverged run (a loss of nan or inf) is not saved as v3: its evaluation then blamed the precision."""
+    bad = next((h for h in history if not math.isfinite(float(h["loss"]))), None)
+    if bad is not None:
+        raise StageError(f"train: the loss diverged ({bad['loss']} at step {bad['step']}) with train.lr={cfg.train.lr} "
+                         f"at precision {cfg.train.precision}; nothing was saved. Lower train.lr (the published "
+                         f"recipe: 2e-5) or raise train.warmup_steps")
+
+
 def whole_run_loss(history: list[dict], last_step: int, fallback: float) -> float:
     """The mean training loss over every step up to ``last_step``, from the log history (each logged loss is the
     mean since the previous log; a log is forced at every save, the last one included: signals.stop_callback), which
@@ -750,6 +759,7 @@ def _lead(cfg: DictConfig, coord) -> Path:
             coord.training_done()  # every rank left the trainer: the folder is rank 0's alone again
             _stop_if_interrupted(trainer)
             history = [h for h in trainer.state.log_history if "loss" in h]
+            check_loss_finite(history, cfg)
             summary = {
                 "steps": int(trainer.state.global_step),
                 "train_loss": round(whole_run_loss(history, int(trainer.state.global_step),
