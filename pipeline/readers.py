@@ -80,6 +80,23 @@ def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
         raise DataError(path, None, "file is empty")
 
 
+def _content_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """`iter_lines` without blank lines at the end of the file (editors and `echo >>` leave them); a blank line
+    with content after it is still an error, at the blank line."""
+    blank = None
+    content = False
+    for lineno, line in iter_lines(path):
+        if not line.strip():
+            blank = blank or lineno
+            continue
+        if blank:
+            raise DataError(path, blank, "blank line")
+        content = True
+        yield lineno, line
+    if not content:
+        raise DataError(path, None, "file is empty (blank lines only)")
+
+
 def _check_id(path: Path, lineno: int, value: str, what: str) -> str:
     if not value:
         raise DataError(path, lineno, f"empty {what}")
@@ -88,12 +105,26 @@ def _check_id(path: Path, lineno: int, value: str, what: str) -> str:
     return value
 
 
-def _split(path: Path, lineno: int, line: str, columns: int, layout: str, sep: str | None = "\t") -> list[str]:
-    """Split into exactly `columns` fields; the last may hold the separator only for text columns."""
-    parts = line.split(sep) if sep is None else line.split(sep, columns - 1)
+def _split(path: Path, lineno: int, line: str, columns: int, layout: str) -> list[str]:
+    """Split into exactly `columns` tab-separated fields. MS MARCO texts hold no tab, so an extra field is a
+    shifted or foreign column: joined into the text it would be indexed (and mined) silently."""
+    parts = line.split("\t")
     if len(parts) != columns:
         raise DataError(path, lineno, f"expected {columns} columns ({layout}), found {len(parts)}: {line[:80]!r}")
     return parts
+
+
+# A first line `id \t text` (pandas' to_csv, BEIR-style exports) is a header, not a passage that retrieval and
+# mining would then return; words only, so a decimal id is never taken for one.
+_HEADER_IDS = frozenset({"id", "_id", "pid", "qid", "docid", "doc_id", "doc-id", "docno", "did", "passage_id",
+                         "passageid", "query_id", "queryid", "query-id", "corpus-id", "corpus_id"})
+_HEADER_TEXTS = frozenset({"text", "passage", "passage_text", "body", "contents", "content", "doc", "document",
+                           "query", "query_text", "question", "title"})
+
+
+def _is_header(fields: Sequence[str]) -> bool:
+    return (len(fields) == 2 and not _decimal_id(fields[0]) and fields[0].strip().lower() in _HEADER_IDS
+            and fields[1].strip().lower() in _HEADER_TEXTS)
 
 
 # --------------------------------------------------------------------------- queries
@@ -134,18 +165,17 @@ def _is_jsonl(path: Path) -> bool:
 
 
 def _tsv_records(path: Path) -> Iterator[tuple[int, str, str, str]]:
-    for lineno, line in iter_lines(path):
-        if not line.strip():
-            raise DataError(path, lineno, "blank line")
+    for lineno, line in _content_lines(path):
+        if lineno == 1 and _is_header(line.split("\t")):
+            log.warning("%s: line 1 %r is a header, skipped", path, line[:80])
+            continue
         qid, text = _split(path, lineno, line, 2, "id \\t text")
         yield lineno, _check_id(path, lineno, qid, "id"), text, ""
 
 
 def _jsonl_records(path: Path, id_keys: Sequence[str], text_keys: Sequence[str],
                    title_keys: Sequence[str]) -> Iterator[tuple[int, str, str, str]]:
-    for lineno, line in iter_lines(path):
-        if not line.strip():
-            raise DataError(path, lineno, "blank line")
+    for lineno, line in _content_lines(path):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
@@ -180,9 +210,7 @@ def read_qrels(source: str | os.PathLike) -> Qrels:
     path = Path(source)
     qrels: Qrels = {}
     beir = False
-    for lineno, line in iter_lines(path):
-        if not line.strip():
-            raise DataError(path, lineno, "blank line")
+    for lineno, line in _content_lines(path):
         fields = line.split()
         if lineno == 1 and tuple(f.lower() for f in fields) == BEIR_QRELS_HEADER:
             beir = True
@@ -233,9 +261,7 @@ def read_run(source: str | os.PathLike) -> Run:
     """A TREC run (`qid Q0 pid rank score tag`) as {qid: {pid: score}}."""
     path = Path(source)
     run: Run = {}
-    for lineno, line in iter_lines(path):
-        if not line.strip():
-            raise DataError(path, lineno, "blank line")
+    for lineno, line in _content_lines(path):
         fields = line.split()
         if len(fields) != 6:
             raise DataError(path, lineno, f"expected 6 columns (qid Q0 pid rank score tag), found {len(fields)}")
@@ -294,7 +320,7 @@ def read_candidates(source: str | os.PathLike) -> Candidates:
     queries: dict[str, str] = {}
     passages: dict[str, str] = {}
     seen: set[tuple[str, str]] = set()
-    for lineno, line in iter_lines(path):
+    for lineno, line in _content_lines(path):
         qid, pid, query, passage = _split(path, lineno, line, 4, "qid \\t pid \\t query \\t passage")
         qid, pid = _check_id(path, lineno, qid, "query id"), _check_id(path, lineno, pid, "passage id")
         if (qid, pid) in seen:
@@ -340,11 +366,19 @@ def _corpus_records(source: str) -> Iterator[tuple[Any, int, str, str, str]]:
             yield path, lineno, pid, "", text
 
 
+_warned_both: set[Path] = set()  # once per process: every stage start fingerprints the corpus several times
+
+
 def _beir_corpus_file(path: Path) -> Path:
     """A BEIR folder's corpus file (corpus.jsonl or .gz); any other path as it is."""
     if not path.is_dir():
         return path
     present = [path / n for n in ("corpus.jsonl", "corpus.jsonl.gz") if (path / n).exists()]
+    if len(present) > 1 and path not in _warned_both:
+        # two versions of the corpus (a download beside its unpacked copy, or a stale one): say which one counts
+        _warned_both.add(path)
+        log.warning("%s holds both %s and %s: reading %s, ignoring %s", path, present[0].name, present[1].name,
+                    present[0], present[1].name)
     return present[0] if present else path / "corpus.jsonl"
 
 
@@ -393,18 +427,27 @@ class Corpus:
         import pyarrow as pa
 
         self.folder = folder
-        self._source = pa.memory_map(str(folder / "corpus.arrow"), "r")
-        self.table = pa.ipc.open_file(self._source).read_all()
-        self.meta = json.loads((folder / "meta.json").read_text())
-        self._ids = self.table.column("id")
-        self._text = self.table.column("text")
-        if (folder / "dense_index.npy").exists():
-            self._dense = np.load(folder / "dense_index.npy", mmap_mode="r")
-            self._hashes = self._order = None
-        else:
-            self._dense = None
-            self._hashes = np.load(folder / "hash_sorted.npy", mmap_mode="r")
-            self._order = np.load(folder / "hash_order.npy", mmap_mode="r")
+        arrow = folder / "corpus.arrow"
+        try:
+            self.meta = json.loads((folder / "meta.json").read_text())
+            recorded = self.meta.get("arrow_bytes")  # absent in caches written before it was recorded
+            if recorded is not None and arrow.stat().st_size != recorded:
+                raise ValueError(f"{arrow.name} has {arrow.stat().st_size} bytes, {recorded} when it was written")
+            self._source = pa.memory_map(str(arrow), "r")
+            self.table = pa.ipc.open_file(self._source).read_all()
+            self._ids = self.table.column("id")
+            self._text = self.table.column("text")
+            if (folder / "dense_index.npy").exists():
+                self._dense = np.load(folder / "dense_index.npy", mmap_mode="r")
+                self._hashes = self._order = None
+            else:
+                self._dense = None
+                self._hashes = np.load(folder / "hash_sorted.npy", mmap_mode="r")
+                self._order = np.load(folder / "hash_order.npy", mmap_mode="r")
+        except PermissionError:
+            raise
+        except (OSError, ValueError, KeyError) as exc:  # ArrowInvalid is a ValueError: say what to do, not a traceback
+            raise DataError(folder, None, f"corpus cache is damaged ({exc}); delete the folder to rebuild it") from None
 
     # -- building
 
@@ -540,7 +583,8 @@ def _build_corpus(source: str, out: Path, repair_encoding: bool, empty_text: str
     empties = repaired = 0
     where: Any = source
     batch: dict[str, list[str]] = {"id": [], "title": [], "text": []}
-    log.info("converting corpus %s into memory-mapped Arrow (one time)", source)
+    log.info("converting corpus %s into memory-mapped Arrow (one time)",
+             source if source.startswith(("hf:", "irds:")) else _beir_corpus_file(Path(source)))
     from tqdm.auto import tqdm
 
     with pa.OSFile(str(out / "corpus.arrow"), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
@@ -585,7 +629,8 @@ def _build_corpus(source: str, out: Path, repair_encoding: bool, empty_text: str
         np.save(out / "hash_order.npy", order.astype(np.int64))
     if empties:
         log.warning("%s: %d documents with empty text kept", source, empties)
-    return {"source": str(source), "documents": n, "empty_text_documents": empties, "repaired_texts": repaired}
+    return {"source": str(source), "documents": n, "empty_text_documents": empties, "repaired_texts": repaired,
+            "arrow_bytes": (out / "corpus.arrow").stat().st_size}
 
 
 def _raise_on_duplicate_ids(out: Path, where: Any, sorted_keys: np.ndarray, order: np.ndarray,

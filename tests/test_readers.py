@@ -35,11 +35,11 @@ def _escape(text: str) -> str:
 
 
 def test_queries_tsv_good_variants_read_the_same(tmp_path):
-    plain = write(tmp_path / "q.tsv", "1\tfirst query\n2\tsecond\tquery with a tab\n")
-    bom_crlf = write(tmp_path / "q_bom.tsv", b"\xef\xbb\xbf1\tfirst query\r\n2\tsecond\tquery with a tab\r\n")
+    plain = write(tmp_path / "q.tsv", "1\tfirst query\n2\tsecond query\n")
+    bom_crlf = write(tmp_path / "q_bom.tsv", b"\xef\xbb\xbf1\tfirst query\r\n2\tsecond query\r\n")
     gz = tmp_path / "q.tsv.gz"
     gz.write_bytes(gzip.compress(plain.read_bytes()))
-    expected = {"1": "first query", "2": "second\tquery with a tab"}
+    expected = {"1": "first query", "2": "second query"}
     assert read_queries(plain) == expected
     assert read_queries(bom_crlf) == expected
     assert read_queries(gz) == expected
@@ -58,11 +58,49 @@ def test_queries_beir_jsonl(tmp_path):
     ("1\tok\n2\t  \n", 2, "empty text"),
     ("1\tok\n\n2\tx\n", 2, "blank line"),
     ("1\tok\n\tno id\n", 2, "empty id"),
+    ("\n\n", None, "file is empty \\(blank lines only\\)"),
 ])
 def test_queries_tsv_errors_name_file_and_line(tmp_path, content, line, match):
     path = write(tmp_path / "queries.tsv", content)
     with raises_at(path, line, match):
         read_queries(path)
+
+
+@pytest.mark.parametrize("header", ["id\ttext", "pid\tpassage", "docid\ttext", "_id\ttext", "qid\tquery",
+                                    "query_id\tQuery"])
+def test_a_header_line_is_skipped_with_a_warning(tmp_path, caplog, header):
+    # a header read as a record becomes passage "id": retrieved, and mined as a hard negative
+    queries = write(tmp_path / "queries.tsv", f"{header}\n1\tfirst\n")
+    with caplog.at_level("WARNING"):
+        assert read_queries(queries) == {"1": "first"}
+    assert f"{queries}: line 1" in caplog.text and "header" in caplog.text
+    corpus = _corpus(tmp_path, f"{header}\n0\tzero\n1\tone\n")
+    assert len(corpus) == 2 and corpus.lookup(["0", "1"]).tolist() == [0, 1]
+    # only line 1, and only words: a decimal id or a real text is a record
+    assert read_queries(write(tmp_path / "q2.tsv", "1\ttext\n2\tquery\n")) == {"1": "text", "2": "query"}
+    assert read_queries(write(tmp_path / "q3.tsv", "id\twhat is an id\n")) == {"id": "what is an id"}
+    assert read_queries(write(tmp_path / "q4.tsv", "id\ttext\nid\ttext\n")) == {"id": "text"}
+
+
+@pytest.mark.parametrize("name,read", [("queries.tsv", read_queries),
+                                       ("collection.tsv", lambda p: Corpus.open(p, p.parent / "cache"))])
+def test_an_extra_column_is_an_error_not_text(tmp_path, name, read):
+    # MS MARCO texts hold no tab: a third field is a shifted column that would be indexed as text unnoticed
+    path = write(tmp_path / name, "1\tone\n2\ttwo\textra\n")
+    with raises_at(path, 2, r"expected 2 columns \(id \\t text\), found 3: '2\\ttwo\\textra'"):
+        read(path)
+
+
+@pytest.mark.parametrize("name,content,read", [
+    ("queries.tsv", "1\tone\n2\ttwo\n\n", read_queries),
+    ("qrels.txt", "1 Q0 10 2\n2 Q0 11 0\n\n \n", read_qrels),
+    ("qrels.tsv", "query-id\tcorpus-id\tscore\n1\t10\t2\n2\t11\t0\n\r\n", read_qrels),
+    ("run.trec", "1 Q0 10 1 0.5 t\n2 Q0 11 1 0.4 t\n\n", read_run),
+    ("collection.tsv", "1\tone\n2\ttwo\n\n\n", lambda p: Corpus.open(p, p.parent / "cache").texts_at([0, 1])),
+])
+def test_blank_lines_at_the_end_are_accepted(tmp_path, name, content, read):
+    # editors and `echo >> file` leave them; only a blank line with records after it is suspect (test above)
+    assert len(read(write(tmp_path / name, content))) == 2
 
 
 def test_invalid_utf8_names_the_line(tmp_path):
@@ -115,7 +153,7 @@ def test_qrels_formats_read_the_same(tmp_path):
     ("1 Q0 10 2\n1 Q0 11\n", 2, "expected 4 columns"),
     ("1 Q0 10 2\n1 Q0 11 high\n", 2, "grade 'high' is not an integer"),
     ("1 Q0 10 2\n1 Q0 10 1\n", 2, "conflicting grades"),
-    ("1 Q0 10 2\n\n", 2, "blank line"),
+    ("1 Q0 10 2\n\n1 Q0 11 1\n", 2, "blank line"),
     ("query-id\tcorpus-id\tscore\n1\t10\n", 2, "expected 3 tab-separated columns"),
 ])
 def test_qrels_errors_name_file_and_line(tmp_path, content, line, match):
@@ -266,6 +304,40 @@ def test_a_dataset_saved_on_disk_is_keyed_by_its_content(tmp_path):
     (tmp_path / "corpus2").rename(tmp_path / "corpus")
     assert corpus_source_fingerprint(f"hf:{tmp_path / 'corpus'}") != before
     assert corpus_source_fingerprint("hf:BeIR/scifact@corpus") == {"source": "hf:BeIR/scifact@corpus"}  # a hub id
+
+
+def test_a_beir_folder_with_both_corpus_files_says_which_it_reads(tmp_path, caplog):
+    # the two may differ (a stale unpacked copy): the user must be able to see which one was indexed
+    folder = tmp_path / "beir"
+    folder.mkdir()
+    write(folder / "corpus.jsonl", json.dumps({"_id": "d1", "text": "plain"}) + "\n")
+    write(folder / "corpus.jsonl.gz", gzip.compress((json.dumps({"_id": "d1", "text": "gzipped"}) + "\n").encode()))
+    with caplog.at_level("INFO"):
+        corpus = Corpus.open(folder, tmp_path / "cache")
+    assert corpus.texts(["d1"]) == ["plain"]
+    assert f"reading {folder / 'corpus.jsonl'}, ignoring corpus.jsonl.gz" in caplog.text
+    assert f"converting corpus {folder / 'corpus.jsonl'} into" in caplog.text
+
+
+def test_a_damaged_corpus_cache_says_to_delete_its_folder(tmp_path):
+    # a raw ArrowInvalid traceback says neither which cache is broken nor that deleting it is the fix
+    corpus = _corpus(tmp_path, "1\tone\n2\ttwo\n")
+    folder, arrow = corpus.folder, corpus.folder / "corpus.arrow"
+    del corpus
+    data = arrow.read_bytes()
+    expected = _escape(f"{folder}: corpus cache is damaged (") + ".*" + _escape("); delete the folder to rebuild it")
+    for damaged in (data[: len(data) // 2], data + b"\0" * 64):  # truncated; rewritten at another size
+        arrow.unlink()  # not in place: the old bytes may still be mapped
+        write(arrow, damaged)
+        with pytest.raises(DataError, match=expected):
+            Corpus.open(tmp_path / "collection.tsv", tmp_path / "cache")
+    meta = json.loads((folder / "meta.json").read_text())
+    del meta["arrow_bytes"]  # a cache written before the size was recorded: the Arrow reader's own check
+    write(folder / "meta.json", json.dumps(meta))
+    arrow.unlink()
+    write(arrow, data[: len(data) // 2])
+    with pytest.raises(DataError, match=expected):
+        Corpus.open(tmp_path / "collection.tsv", tmp_path / "cache")
 
 
 def test_corpus_hash_lookup_and_beir_titles(tmp_path):
