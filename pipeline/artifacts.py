@@ -483,6 +483,12 @@ def open_stage(stage: str, identity: Mapping[str, Any], *, root: str | os.PathLi
     path = stage_folder(root, stage, label or stage, key)
     run = StageRun(stage=stage, path=path, key=key, identity=identity, config=redact(dict(config or identity)))
     force_id = stage_force_id() if force else None
+    if not force and is_complete(path) and not _writable(path) and not stale_inputs(path):
+        # an archived or shared read-only root: nothing will be written, so no lock is needed to read it
+        log.info("%s: complete result found at %s (key %s, read-only), skipping", stage, path, key)
+        run.done = True
+        yield run
+        return
     with folder_lock(path, wait_s=lock_wait_s):
         # this forced run cleared the folder before (a requeue, an array's other task): its work is kept
         again = forced_already(path, force_id)
@@ -524,6 +530,17 @@ def open_stage(stage: str, identity: Mapping[str, Any], *, root: str | os.PathLi
         finally:
             _OPEN_RUNS.remove(run)
     log.info("%s: done in %.1fs -> %s", stage, run.timings.get("total", 0.0), path)
+
+
+def _writable(folder: Path) -> bool:
+    """Whether a lock file can be made in ``folder`` (os.access misses read-only mounts and immutable folders
+    under root)."""
+    try:
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 def _clear_folder(path: Path) -> None:

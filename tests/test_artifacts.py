@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -386,3 +388,22 @@ def test_a_requeued_forced_stage_that_cannot_resume_starts_clean(tmp_path, monke
         atomic_write_json(st.file("out.json"), {"value": 1})
     with open_stage("demo", IDENTITY, root=tmp_path, label="lbl", force=True) as st:
         assert st.done
+
+
+def test_a_complete_result_on_a_read_only_root_is_used_without_its_lock(tmp_path, monkeypatch):
+    # an archived or shared root mounted read-only: taking the lock to skip a complete stage failed with EROFS
+    from pipeline import artifacts
+
+    calls: list[int] = []
+    folder = work(tmp_path, calls=calls)
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if str(path).endswith(LOCK) and flags & os.O_CREAT:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(artifacts.os, "open", read_only)
+    assert work(tmp_path, calls=calls) == folder and calls == [1]  # skipped, no lock taken
+    with pytest.raises(OSError, match="Read-only"):  # work to do still needs the lock
+        work(tmp_path, {**IDENTITY, "upstream": "other"}, calls=calls)
