@@ -205,7 +205,9 @@ def test_precision_and_warmup_rules(monkeypatch):
         monkeypatch.setattr(engine, "_cpu_has_fast_bf16", lambda native_bf16=native_bf16: native_bf16)
         assert T.resolve_precision("auto", "cpu") == expected
     assert T.resolve_precision("bf16", "cpu") == "bf16"
-    with pytest.raises(ValueError, match="fp16"):
+    from pipeline.artifacts import StageError
+
+    with pytest.raises(StageError, match="fp16 training needs a CUDA device"):  # one line from the CLI
         T.resolve_precision("fp16", "cpu")
     with pytest.raises(ValueError):
         T.resolve_precision("int8", "cpu")

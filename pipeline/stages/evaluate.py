@@ -141,7 +141,7 @@ def identity(cfg: DictConfig) -> dict[str, Any]:
     """Identity of the last configured system: the folder run() returns."""
     systems = _systems(cfg)
     if not systems:
-        raise ValueError("nothing to evaluate: evaluate.systems is empty and evaluate.bm25 is false")
+        raise StageError("nothing to evaluate: evaluate.systems is empty and evaluate.bm25 is false")
     return system_identity(cfg, systems[-1])
 
 
@@ -207,7 +207,7 @@ def rows_key(rows: Sequence[Mapping[str, Any]]) -> str:
 def run(cfg: DictConfig) -> Path:
     systems = _systems(cfg)
     if not systems:
-        raise ValueError("nothing to evaluate: evaluate.systems is empty and evaluate.bm25 is false")
+        raise StageError("nothing to evaluate: evaluate.systems is empty and evaluate.bm25 is false")
     rows = [_run_system(cfg, system) for system in systems]
     table = results_table(rows, cfg)
     out = artifacts_root(cfg) / "results" / f"{cfg.data.name}-{rows_key(rows)}.md"
@@ -299,7 +299,7 @@ def _judged_queries(queries: Mapping[str, str], qrels: Qrels, eval_name: str) ->
                     missing[:5])
     kept = {q: queries[q] for q in qrels if q in queries}
     if not kept:
-        raise ValueError(f"eval set {eval_name}: no judged query has a text (do queries and qrels match?)")
+        raise StageError(f"eval set {eval_name}: no judged query has a text (do queries and qrels match?)")
     return kept
 
 

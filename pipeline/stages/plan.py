@@ -13,7 +13,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pipeline import validate
-from pipeline.artifacts import atomic_write_json
+from pipeline.artifacts import StageError, atomic_write_json
 from pipeline.models import precision_name
 from pipeline.stages.common import artifacts_root
 from pipeline.tokens import wanted as tokens_wanted
@@ -153,7 +153,7 @@ def figures_from_bench(path: str, use_store: bool, compiled_train: bool = False
     missing += [] if train else [f"train: {_BENCH_FIGURES['train_triplets_eager'][1]}"]
     missing += [f"{row}: {prefix}" for key, (row, prefix) in _BENCH_BASELINES.items() if base[key] is None]
     if missing:
-        raise ValueError(f"plan.bench_json={path} lacks the rows {missing}")
+        raise StageError(f"plan.bench_json={path} lacks the rows {missing}")
     env = doc.get("env", {})
     source = (f"{path} ({env.get('device', '?')}, torch {env.get('torch', '?')}"
               + "".join(f"; {n}" for n in notes) + ")")

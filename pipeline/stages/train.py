@@ -460,7 +460,7 @@ def resolve_precision(precision: str, device: str) -> str:
 
         return {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[engine_precision("auto", device)]
     if precision == "fp16" and not cuda:
-        raise ValueError("fp16 training needs a CUDA device; on CPU use precision=bf16 or fp32")
+        raise StageError("fp16 training needs a CUDA device; on CPU use precision=bf16 or fp32")
     return precision
 
 
