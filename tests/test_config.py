@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from pipeline.artifacts import config_key, open_stage
+from pipeline.artifacts import StageError, config_key, open_stage
 from pipeline.config import CONF_DIR, REPO_ROOT, compose
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
@@ -246,7 +246,7 @@ def test_plan_reads_its_figures_from_a_bench_output(tmp_path):
     assert "no token-store build figure" in est_unbuilt["throughput_source"]
     del rows["search"][0]
     bench.write_text(json.dumps({"rows": rows}))
-    with pytest.raises(ValueError, match="search: ours exact_search"):
+    with pytest.raises(StageError, match="search: ours exact_search"):
         plan.estimate(compose(base))
 
 

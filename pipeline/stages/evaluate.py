@@ -384,9 +384,8 @@ class _Dense:
                 self.model = load_bi_encoder(str(system["model"]), device=self.device,
                                              artifacts_root=str(artifacts_root(cfg)),
                                              max_seq_length=cfg.evaluate.max_seq_length)
-            except OSError as exc:  # a wrong path or an unreachable hub id: say which system, not a traceback
-                raise StageError(f"system {system['name']!r}: cannot load the bi-encoder {system['model']!r} "
-                                 f"({exc})") from exc
+            except StageError as exc:  # a wrong path or an unreachable hub id (models._loading): say which system
+                raise StageError(f"system {system['name']!r}: {exc}") from exc
         sim = system["similarity"]
         self.dot = sim == "dot" or (sim == "auto" and engine.uses_dot_product(self.model))
         self.query_prompt = resolve_prompt(self.model, system.get("query_prompt"), "query")
