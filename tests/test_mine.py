@@ -344,3 +344,16 @@ def test_whole_corpus_text_hashes_are_cached(chain):
     assert len(cached) == 1
     assert np.array_equal(got, corpus_text_hashes(corpus, rows))
     assert np.array_equal(passage_text_hashes(cfg, corpus, rows[:5]), got[:5])
+
+
+def test_the_mine_key_follows_the_scores_it_reads(tmp_path):
+    # re-scoring (another cross-encoder length, another v2) under the same names must not return the old negatives
+    from pipeline.artifacts import config_key
+    from pipeline.config import compose
+    from pipeline.stages import mine
+
+    def key(*overrides):
+        return config_key(mine.identity(compose(["experiment=demo", f"artifacts_root={tmp_path}", *overrides])))
+
+    assert key() == key()
+    assert key("score.max_length=32") != key() and key("retrieve.top_k=7") != key()

@@ -263,3 +263,43 @@ def test_parquet_stream_bytes_depend_on_rows_only(tmp_path, monkeypatch):
         write(table)
         raise RuntimeError("killed")
     assert not list(tmp_path.glob("*never*")) and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_committed_chunk_of_other_pairs_is_refused_at_the_merge(single, setup, tmp_path):
+    # a chunk committed for another pair list (the retrieve result changed under the same key) would pin its
+    # logits onto the wrong (qid, pid) rows
+    import shutil
+
+    import pyarrow as pa
+
+    _, folder, root = single
+    copy = tmp_path / "score" / folder.name
+    shutil.copytree(root / "retrieve", tmp_path / "retrieve")
+    shutil.copytree(folder, copy)
+    for name in ("_COMPLETE", "manifest.json", "scores.parquet"):
+        (copy / name).unlink()
+    chunk = sorted((copy / "blocks").glob("chunk-*.parquet"))[0]
+    table = pq.read_table(chunk)
+    pids = table.column("pid").to_pylist()
+    pq.write_table(table.set_column(table.schema.get_field_index("pid"), "pid", pa.array(pids[1:] + pids[:1])),
+                   chunk)
+    with pytest.raises(StageError, match="does not match the pair list"):
+        score.run(compose([*setup, f"artifacts_root={tmp_path}"]))
+
+
+def test_the_pair_cache_is_keyed_by_truncation_and_query_text(tmp_path):
+    # logits of another max_length, or of a query file with the same ids and other texts, are other logits
+    from types import SimpleNamespace
+
+    corpus = SimpleNamespace(fingerprint={"corpus": "x"})
+    (tmp_path / "a.tsv").write_text("1\tfirst text\n")
+    (tmp_path / "b.tsv").write_text("1\tsecond text\n")
+
+    def folder(*overrides):
+        cfg = compose([f"artifacts_root={tmp_path}", f"cache_root={tmp_path / 'cache'}", *overrides])
+        return score.PairCache.for_config(cfg, "demo:cross_encoder", corpus).folder
+
+    base = folder(f"data.train.queries={tmp_path / 'a.tsv'}", "score.max_length=64")
+    assert folder(f"data.train.queries={tmp_path / 'a.tsv'}", "score.max_length=64") == base
+    assert folder(f"data.train.queries={tmp_path / 'a.tsv'}", "score.max_length=32") != base
+    assert folder(f"data.train.queries={tmp_path / 'b.tsv'}", "score.max_length=64") != base
