@@ -65,3 +65,29 @@ def main(cfg: DictConfig) -> None:
         log.error("interrupted: nothing was marked complete that had not finished; run the same command again to "
                   "resume")
         sys.exit(130)
+    except Exception as exc:
+        if not disk_full(exc):
+            raise
+        # outside a stage's own writes (a library's save, Hydra's log): the same one line as inside
+        log.error("no space left while writing (%s); nothing was marked complete that had not finished. Free space "
+                  "(or point artifacts_root elsewhere) and rerun: the stage resumes", str(exc).splitlines()[0][:200])
+        sys.exit(2)
+
+
+_DISK_FULL = ("No space left on device", "File too large", "Disk quota exceeded", "FileTooLarge", "StorageFull")
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or one it was raised from) is a full disk, a quota or a file-size limit: libraries such as
+    safetensors wrap the OS error in their own."""
+    import errno
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return True
+        if any(s in str(exc) for s in _DISK_FULL):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -125,3 +125,23 @@ def test_disk_full_gives_a_clear_error_and_no_marker(overrides, reference, tmp_p
     monkeypatch.setattr(os, "replace", real_replace)
     assert Path(run_stage(cfg)) == folder and is_complete(folder)
     assert _files(folder, root) == _files(Path(reference["mine"]), reference["root"])
+
+
+def test_a_full_disk_inside_a_library_is_one_line_too():
+    # safetensors wraps the OS error in its own exception: the CLI still names the cause instead of a traceback
+    import errno
+
+    from pipeline.cli import disk_full
+
+    class SafetensorError(Exception):
+        pass
+
+    assert disk_full(SafetensorError("Error while serializing: IoError(Os { code: 27, kind: FileTooLarge })"))
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as inner:
+            raise RuntimeError("save failed") from inner
+    except RuntimeError as outer:
+        assert disk_full(outer)
+    assert not disk_full(RuntimeError("shape mismatch")) and not disk_full(OSError(errno.ENOENT, "missing"))
