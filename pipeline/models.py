@@ -99,7 +99,7 @@ def _loading(spec: str, kind: str):
     except OSError as exc:
         where = ("the folder holds no model" if Path(spec).expanduser().is_dir() else "no such folder" if
                  spec.startswith((".", "/", "~")) or Path(spec).suffix else
-                 "not a local folder, and the Hub is unreachable or the id is wrong (offline, only the HF cache is read)")
+                 "not a local folder, and the Hub is unreachable or the id is wrong (offline: the HF cache only)")
         raise StageError(f"cannot load the {kind} {spec!r}: {where} ({str(exc).splitlines()[0][:200]})") from exc
 
 

@@ -177,12 +177,14 @@ _LENGTH = optional(_POSITIVE)  # a token limit; null = the model's own
 RULES: dict[str, Check] = {
     # cpu_threads 0 or null: torch's default; token_cache 0/1 read as false/true; lock_wait_s inf: wait for good
     "iterations": _POSITIVE, "seed": integer(0), "shard.count": _POSITIVE, "shard.index": integer(0),
-    "tracking.backend": one_of("none", "wandb"), "tracking.mode": one_of("auto", "offline", "online", "disabled"), "cpu_threads": optional(integer(0)), "device": device,
+    "tracking.backend": one_of("none", "wandb"), "tracking.mode": one_of("auto", "offline", "online", "disabled"),
+    "cpu_threads": optional(integer(0)), "device": device,
     "force": boolean, "token_cache": lambda v: None if v is None or (isinstance(v, int) and v in (0, 1))
     else one_of("auto", True, False)(v),
     "lock_wait_s": lambda v: None if (_number(v) and v >= 0) or v == math.inf else "must be a number >= 0 (or inf)",
     "data.max_missing_qrels": number(0, maximum=1), "data.empty_text": one_of("warn", "error"),
-    "data.repair_encoding": boolean, "data.evals": eval_sets, "data.train.min_grade": _POSITIVE, "data.train.max_queries": optional(_POSITIVE),
+    "data.repair_encoding": boolean, "data.evals": eval_sets, "data.train.min_grade": _POSITIVE,
+    "data.train.max_queries": optional(_POSITIVE),
     "model.similarity": one_of("auto", "cosine", "dot"),
     **{key: precision for key in _PRECISION_KEYS},
     "retrieve.top_k": _POSITIVE, "retrieve.backend": one_of("torch", "faiss_flat", "faiss_ivf"),
@@ -222,7 +224,8 @@ RULES: dict[str, Check] = {
     "plan.chain": one_of("all", "evaluate"), "plan.epochs": number(0, above=True),
     "plan.corpus_tokenizers": _POSITIVE, "plan.bi_encoder_cost_factor": number(0, above=True),
     "plan.cross_encoder_cost_factor": number(0, above=True), "plan.bench_json": optional(existing_file),
-    "score_run.missing": one_of("skip", "zero"), "score_run.measures": measures, "score_run.relevance_level": optional(_POSITIVE),
+    "score_run.missing": one_of("skip", "zero"), "score_run.measures": measures,
+    "score_run.relevance_level": optional(_POSITIVE),
     "score_run.per_query": boolean,
 }
 

@@ -109,8 +109,8 @@ def test_a_key_added_with_a_plus_must_be_one_a_stage_reads():
 
 
 def test_a_required_value_left_unset_is_named_not_a_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "data=beir", "stage=evaluate", f"artifacts_root={tmp_path}"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "data=beir", "stage=evaluate",
+                           f"artifacts_root={tmp_path}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2 and "Traceback" not in out, out[-2000:]

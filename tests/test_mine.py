@@ -85,7 +85,8 @@ def test_each_rule_alone():
     assert got == {"q1": ["n5", "n6"], "q2": ["m1", "m2", "m3"]}
     got, _, _ = mined(Rules(**{**off, "ce_score_margin": 3.0}))
     assert got == {"q1": ["n3", "n4", "n5", "n6"], "q2": ["m2"]}
-    # relative 0.5 on probabilities (at most (1 - 0.5) of the positive): q1 keeps sigmoid(ce) <= 0.5 * sigmoid(3.0) = 0.476
+    # relative 0.5 on probabilities (at most (1 - 0.5) of the positive):
+    # q1 keeps sigmoid(ce) <= 0.5 * sigmoid(3.0) = 0.476
     # (logit < -0.095);
     # q2 keeps sigmoid(ce) < 0.5 * sigmoid(-1.0) = 0.134 (logit < -1.86)
     got, _, _ = mined(Rules(**{**off, "relative_margin": 0.5}))

@@ -11,8 +11,9 @@ Per query, a retrieved passage becomes a hard negative when it passes every enab
   ce_score_margin   CE <= min CE(query, positive) - margin, in logits (the published v3/v4 script, margin 3.0)
   relative_margin   sigmoid(CE) <= (1 - relative_margin) * sigmoid(min CE(query, positive)): NV-Retriever's
                     TopK-PercPos, in sentence-transformers' convention (util.mine_hard_negatives: 0.05 = "at most 95%
-                    of the positive"; a score above the threshold is removed, one on it kept). Defined on probabilities so it stays meaningful whatever the logits' sign or
-                    scale; a ratio of raw logits flips meaning when the positive's logit is negative.
+                    of the positive"; a score above the threshold is removed, one on it kept). Defined on
+                    probabilities so it stays meaningful whatever the logits' sign or scale; a ratio of raw logits
+                    flips meaning when the positive's logit is negative.
 then, system by system in `systems` order and within a system in retrieval order, the first
 `num_negatives_per_system` survivors not already taken from an earlier system (the published script's loop), and
 at most `max_negatives` in that pooled order. Queries without a positive, without candidates, or without a
