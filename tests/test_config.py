@@ -425,3 +425,42 @@ def test_bookkeeping_settings_change_no_key(tmp_path):
                         "teacher.save_steps=3", "data.max_missing_qrels=0.05"):
         assert keys(bookkeeping) == same, bookkeeping
     assert keys("train.lr=1e-4")[2] != same[2] and keys("teacher.lr=1e-4")[1] != same[1]
+
+
+@pytest.mark.parametrize("stage,override", [
+    ("train", "mine.ce_score_margin=2.0"), ("train", "model.query_prompt='query: '"), ("train", "seed=7"),
+    ("train", "train.scale=10"), ("teacher", "model.teacher_base=demo:bi_encoder"), ("teacher", "retrieve.top_k=7"),
+    ("teacher", "seed=7"), ("teacher", "teacher.head_lr=0.01"),
+])
+def test_a_setting_that_changes_the_weights_changes_the_stage_key(stage, override, tmp_path):
+    # a key that missed one of these found the old weights complete and reused them
+    import importlib
+
+    module = importlib.import_module(f"pipeline.stages.{stage}")
+    base = ["experiment=demo", f"artifacts_root={tmp_path}"]
+    assert config_key(module.identity(compose([*base, override]))) != config_key(module.identity(compose(base)))
+
+
+def test_an_evaluation_key_follows_the_model_its_prompts_and_its_length(tmp_path):
+    # two models (or prompts, or lengths) sharing one evaluate folder report the first one's figures
+    from pipeline.stages import evaluate
+
+    cfg = compose(["experiment=demo", f"artifacts_root={tmp_path}"])
+    system = {"name": "v3", "model": "demo:bi_encoder", "similarity": "auto", "query_prompt": None,
+              "corpus_prompt": None}
+    key = config_key(evaluate.system_identity(cfg, system))
+    assert config_key(evaluate.system_identity(cfg, {**system, "model": "demo:cross_encoder_base"})) != key
+    assert config_key(evaluate.system_identity(cfg, {**system, "query_prompt": "query: "})) != key
+    longer = compose(["experiment=demo", f"artifacts_root={tmp_path}", "evaluate.max_seq_length=32"])
+    assert config_key(evaluate.system_identity(longer, system)) != key
+
+
+def test_ungathered_negatives_under_several_ranks_have_their_own_key(tmp_path):
+    # each rank then ranks only its share of the batch: other weights than one process or gathered negatives
+    from pipeline.stages import train
+
+    gathered = compose(["experiment=demo", f"artifacts_root={tmp_path}"])
+    alone = compose(["experiment=demo", f"artifacts_root={tmp_path}", "train.gather_across_devices=false"])
+    assert train.train_identity(gathered, world=4) == train.train_identity(gathered, world=1)
+    assert train.train_identity(alone, world=4)["in_batch_group"] == int(alone.train.batch_size) // 4
+    assert "in_batch_group" not in train.train_identity(alone, world=1)

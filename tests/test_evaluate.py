@@ -340,3 +340,35 @@ def test_retrieval_judgements_missing_from_the_corpus_follow_max_missing_qrels(t
     with pytest.raises(DataError, match=r"1 of 2 judged passages \(50.0%\) are not in the corpus"):
         evaluate.run(config(tmp_path, extra, "evaluate.systems=[]", "evaluate.bm25=true"))
     evaluate.run(config(tmp_path, extra, "evaluate.systems=[]", "evaluate.bm25=true", "data.max_missing_qrels=0.5"))
+
+
+def test_rerank_encodes_each_candidate_s_own_text_with_the_passage_prompt(tmp_path, tiny_bi_encoder, monkeypatch):
+    # a TREC run's candidates take their texts from the corpus, whose rows need not follow the ids' order; and
+    # passages take the passage prompt, queries the query prompt (a prompted model scored otherwise is another model)
+    import contextlib
+    from types import SimpleNamespace
+
+    from sentence_transformers import SentenceTransformer
+
+    from pipeline.readers import Candidates
+
+    folder = tmp_path / "unsorted"
+    (folder / "qrels").mkdir(parents=True)
+    docs = {"z9": "zebras graze", "a1": "apples fall", "m5": "mangoes ripen"}  # file order is not id order
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"_id": d, "text": t}) + "\n" for d, t in docs.items()))
+    (folder / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "fruit"}) + "\n")
+    (folder / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\ta1\t1\n")
+    dot_model = tmp_path / "dot_model"
+    model = SentenceTransformer(str(tiny_bi_encoder), device="cpu")
+    model.similarity_fn_name = "dot"
+    model.save(str(dot_model))
+    cfg = compose(["data=beir", f"data.root={folder}", f"artifacts_root={tmp_path / 'art'}", "device=cpu"])
+    system = {"name": "x", "model": str(dot_model), "similarity": "auto", "query_prompt": "query: ",
+              "corpus_prompt": "passage: "}
+    dense = evaluate._Dense(cfg, system, SimpleNamespace(timed=lambda name: contextlib.nullcontext(), counts={}))
+    assert dense.facts["similarity_used"] == "dot"  # auto follows the model's own similarity
+    calls = []
+    monkeypatch.setattr(dense, "encode", lambda texts, prompt, desc: calls.append((list(texts), prompt))
+                        or np.ones((len(texts), 4), np.float32))
+    dense.rerank("rr", {"q1": "fruit"}, Candidates({"q1": ["z9", "a1", "m5"]}, {}, {}), "run.trec")
+    assert calls == [(["apples fall", "mangoes ripen", "zebras graze"], "passage: "), (["fruit"], "query: ")]

@@ -417,3 +417,14 @@ def test_a_diverged_loss_stops_training_before_anything_is_saved(tmp_path):
     T.check_loss_finite([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}], cfg)
     with pytest.raises(StageError, match=r"the loss diverged \(nan at step 2\) with train.lr=1000000000.0"):
         T.check_loss_finite([{"step": 1, "loss": 2.0}, {"step": 2, "loss": float("nan")}], cfg)
+
+
+def test_v2_trains_at_the_training_length_and_keeps_its_own_for_the_saved_model(tmp_path, tiny_bi_encoder):
+    # Cranfield and CISI train at 128 tokens where the model's own limit is 256: without the cut every step is
+    # twice as long; without the kept length v3 would be saved (and evaluated) at the training length
+    from pipeline.config import compose
+
+    cfg = compose([f"artifacts_root={tmp_path}", f"model.bi_encoder={tiny_bi_encoder}", "train.max_seq_length=16",
+                   "device=cpu"])
+    model = T._load_model(cfg)
+    assert model.max_seq_length == 16 and model.saved_max_seq_length == 64
