@@ -84,6 +84,9 @@ def _kill_and_resume(overrides, reference, stage: str, root: Path, kill_at: str)
         assert [point["step"] for point in summary["loss_curve"]] == [1, 2, 3]
         curve = [point["loss"] for point in summary["loss_curve"]]
         assert summary["train_loss"] == pytest.approx(sum(curve) / 3, abs=1e-4)
+        # the rerun continued from the last checkpoint: it ran only the steps after it, not the run again
+        done_before = int(summary["resumed_from"][len("checkpoint-"):]) if summary["resumed_from"] else 0
+        assert summary["steps_this_run"] == 3 - done_before, summary
         return
     got, want = _files(folder, root), _files(expected, reference["root"])
     assert sorted(got) == sorted(want)

@@ -692,6 +692,21 @@ def run(cfg: DictConfig) -> Path:
         return _follow(cfg, coord)
 
 
+class _StepCounter:
+    """Counts the optimizer steps this process ran (a resume runs only those past its checkpoint)."""
+
+    def __new__(cls):
+        from transformers import TrainerCallback
+
+        class Counter(TrainerCallback):
+            steps = 0
+
+            def on_step_end(self, args, state, control, **kwargs):
+                self.steps += 1
+
+        return Counter()
+
+
 def check_loss_finite(history: list[dict[str, Any]], cfg: DictConfig) -> None:
     """A diverged run (a loss of nan or inf) is not saved as v3: its evaluation then blamed the precision."""
     bad = next((h for h in history if not math.isfinite(float(h["loss"]))), None)
@@ -745,6 +760,8 @@ def _lead(cfg: DictConfig, coord) -> Path:
             resume = last_checkpoint(ckpt_dir)
             coord.tell("train", path=str(st.path), resume=str(resume) if resume else None, digest=digest)
             trainer = _make_stage_trainer(cfg, model, dataset, block_size, ckpt_dir)
+            steps_here = _StepCounter()
+            trainer.add_callback(steps_here)
             st.extra["scale_out"] = signals.prepare_trainer(
                 trainer, gather_across_devices=bool(tc.gather_across_devices))
             if resume is not None:
@@ -773,6 +790,7 @@ def _lead(cfg: DictConfig, coord) -> Path:
                 "precision": resolve_precision(str(tc.precision), resolve_device(str(cfg.device))),
                 "warmup_steps": int(trainer.args.warmup_steps),
                 "resumed_from": resume.name if resume else None,
+                "steps_this_run": steps_here.steps,  # after a resume: the steps past the checkpoint only
                 "world_size": st.extra["scale_out"]["world_size"],
                 "effective_batch_size": st.extra["scale_out"]["effective_batch_size"],
                 # which forward trained: packed (with its first-batch check) or padded; compiled layers or eager
