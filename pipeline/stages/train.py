@@ -692,19 +692,18 @@ def run(cfg: DictConfig) -> Path:
         return _follow(cfg, coord)
 
 
-class _StepCounter:
-    """Counts the optimizer steps this process ran (a resume runs only those past its checkpoint)."""
+def _step_counter():
+    """A trainer callback counting the optimizer steps this process ran (a resume runs only those past its
+    checkpoint); transformers is imported when a stage trains, not with this module."""
+    from transformers import TrainerCallback
 
-    def __new__(cls):
-        from transformers import TrainerCallback
+    class StepCounter(TrainerCallback):
+        steps = 0
 
-        class Counter(TrainerCallback):
-            steps = 0
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps += 1
 
-            def on_step_end(self, args, state, control, **kwargs):
-                self.steps += 1
-
-        return Counter()
+    return StepCounter()
 
 
 def check_loss_finite(history: list[dict[str, Any]], cfg: DictConfig) -> None:
@@ -760,7 +759,7 @@ def _lead(cfg: DictConfig, coord) -> Path:
             resume = last_checkpoint(ckpt_dir)
             coord.tell("train", path=str(st.path), resume=str(resume) if resume else None, digest=digest)
             trainer = _make_stage_trainer(cfg, model, dataset, block_size, ckpt_dir)
-            steps_here = _StepCounter()
+            steps_here = _step_counter()
             trainer.add_callback(steps_here)
             st.extra["scale_out"] = signals.prepare_trainer(
                 trainer, gather_across_devices=bool(tc.gather_across_devices))
