@@ -307,3 +307,55 @@ def test_stage_trainer_with_compiled_layers_releases_them_after_training(monkeyp
     assert len(losses) == 2 and all(np.isfinite(losses))
     assert any(not torch.equal(a, b.detach()) for a, b in zip(before, bi_encoder.parameters()))
     assert not any(_layers_compiled(bi_encoder))  # the trained model encodes eagerly in this process
+
+
+# ------------------------------------------------------------------------ mutation review
+
+
+@pytest.mark.parametrize("similarity", ["cosine", "dot"])
+def test_mnrl_loss_uses_the_requested_similarity_and_scale(bi_encoder, similarity):
+    # train.similarity / train.scale are in the train key: the loss must be built with them, padded or packed
+    from sentence_transformers import util
+
+    want = util.cos_sim if similarity == "cosine" else util.dot_score
+    padded = T.mnrl_loss(bi_encoder, scale=7.0, similarity=similarity)
+    assert not isinstance(padded, packing.PackedMNRL)
+    assert padded.similarity_fct is want and padded.scale == 7.0
+    packed = T.mnrl_loss(bi_encoder, scale=13.0, similarity=similarity, packed_by=_primed(bi_encoder))
+    assert isinstance(packed, packing.PackedMNRL)
+    assert packed.similarity_fct is want and packed.scale == 13.0
+
+
+@pytest.fixture
+def tiny_roberta(tiny_tokenizer_dir, tmp_path):
+    """A tiny RobertaModel + mean pooling: positions counted from padding_idx + 1, as in the RoBERTa family."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Pooling, Transformer
+    from transformers import BertTokenizerFast, RobertaConfig, RobertaModel
+
+    tok = BertTokenizerFast.from_pretrained(str(tiny_tokenizer_dir))
+    hf_dir = tmp_path / "roberta"
+    tok.save_pretrained(str(hf_dir))
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=64, max_position_embeddings=66 + tok.pad_token_id,
+                           pad_token_id=tok.pad_token_id, type_vocab_size=1)
+    RobertaModel(config).save_pretrained(str(hf_dir))
+    transformer = Transformer(str(hf_dir), max_seq_length=64)
+    model = SentenceTransformer(modules=[transformer, Pooling(32, pooling_mode="mean")], device="cpu")
+    return model
+
+
+def test_packed_training_of_a_roberta_model_subtracts_the_position_offset(cpu_kernel_calls, tiny_roberta,
+                                                                          monkeypatch):
+    # RoBERTa-family positions start at padding_idx + 1: the check and the padded fallback must undo that offset
+    collator = _primed(tiny_roberta)
+    assert collator.pos_offset > 0
+    ref, ours, ref_grads, grads, loss = _losses(tiny_roberta, collator)
+    assert loss.mode == "packed" and loss.check["min_cosine"] > 0.9999, loss.check
+    assert abs(float(ref.detach()) - float(ours.detach())) < 1e-5
+    # the padded fallback (a kernel that mixes the pack's sequences) rebuilds the library's batches exactly
+    monkeypatch.setattr(varlen, "_segmented_sdpa", lambda q, k, v, cu, m, s, dropout=0.0: 10 * torch.flip(v, [0]))
+    ref, ours, ref_grads, grads, loss = _losses(tiny_roberta, collator)
+    assert loss.mode == "padded" and "min_cosine" in loss.check, loss.check
+    assert abs(float(ref.detach()) - float(ours.detach())) < 1e-5

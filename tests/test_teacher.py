@@ -104,3 +104,86 @@ def test_a_fresh_head_is_seeded_whatever_ran_before(tmp_path, tiny_bi_encoder):
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:
         assert torch.equal(weights[0][name], weights[1][name]), name
+
+
+# ------------------------------------------------------------------------------------------------ mutation review
+
+
+def test_the_last_rank_of_the_window_is_eligible():
+    # neg_rank_max is inclusive: with rank_min == rank_max the window is that one candidate
+    cands = {"q1": [(r, f"p{r}") for r in range(1, 11)]}
+    assert teacher.sample_negatives(cands, {}, k=5, rank_min=4, rank_max=6, seed=0)["q1"] == ["p4", "p5", "p6"]
+    assert teacher.sample_negatives(cands, {}, k=5, rank_min=10, rank_max=10, seed=0)["q1"] == ["p10"]
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Corpus:
+    def texts(self, pids):
+        return [f"passage {p}" for p in pids]
+
+
+def _stub_teacher_inputs(monkeypatch, tmp_path, queries, positives):
+    """teacher.run's inputs stubbed: no retrieve stage, corpus or qrels files are read."""
+    monkeypatch.setattr(common, "completed", lambda cfg, stage: tmp_path)
+    monkeypatch.setattr(common, "load_corpus", lambda cfg: _Corpus())
+    monkeypatch.setattr(common, "training_set", lambda cfg, corpus: (queries, positives, None))
+    monkeypatch.setattr(teacher, "read_candidates",
+                        lambda path: {q: [(r, f"c{r}") for r in range(1, 6)] for q in queries})
+
+
+def test_positives_per_query_is_a_seeded_sample_per_query(monkeypatch, tmp_path):
+    # a cap that took the first k (qrels file order) or one shared draw would bias which positives teach the head
+    queries = {f"q{i}": f"query {i}" for i in range(6)}
+    pool = [f"p{j}" for j in range(8)]
+    _stub_teacher_inputs(monkeypatch, tmp_path, queries, {q: list(pool) for q in queries})
+    seen = []
+
+    def capture(queries, positives, negatives, corpus):
+        seen.append(positives)
+        raise _Stop
+
+    monkeypatch.setattr(teacher, "pairs_dataset", capture)
+    for _ in range(2):
+        with pytest.raises(_Stop):
+            teacher.run(compose(["experiment=demo", f"artifacts_root={tmp_path}", "teacher.positives_per_query=2"]))
+    chosen = seen[0]
+    assert all(len(ps) == 2 and set(ps) <= set(pool) and len(set(ps)) == 2 for ps in chosen.values())
+    assert any(ps != pool[:2] for ps in chosen.values())          # not simply the first k
+    assert len({tuple(ps) for ps in chosen.values()}) > 1          # one draw per query
+    assert seen[1] == chosen                                       # seeded: a rerun samples the same
+
+
+def test_pos_weight_and_head_lr_reach_the_loss_and_the_trainer(monkeypatch, tmp_path, tiny_cross_encoder):
+    # pos_weight rebalances BCE; head_lr lets a fresh head (and untrained pooler) learn in a short run
+    import sentence_transformers.cross_encoder as ce
+    import sentence_transformers.cross_encoder.losses as ce_losses
+
+    queries = {f"q{i}": f"query {i}" for i in range(3)}
+    _stub_teacher_inputs(monkeypatch, tmp_path, queries, {q: [f"p{q}"] for q in queries})
+    got = {}
+
+    def loss(model, **kwargs):
+        got["loss"] = kwargs
+        return None
+
+    def trainer(*, args, **kwargs):
+        got["args"] = args
+        raise _Stop
+
+    monkeypatch.setattr(ce_losses, "BinaryCrossEntropyLoss", loss)
+    monkeypatch.setattr(ce, "CrossEncoderTrainer", trainer)
+    with pytest.raises(_Stop):
+        teacher.run(compose(["experiment=demo", f"artifacts_root={tmp_path}", "device=cpu", "teacher.precision=fp32",
+                             f"model.teacher_base={tiny_cross_encoder}", "teacher.pos_weight=3.5",
+                             "teacher.head_lr=0.01"]))
+    assert float(got["loss"]["pos_weight"]) == 3.5
+    import re
+
+    mapping = got["args"].learning_rate_mapping
+    assert list(mapping.values()) == [0.01]
+    pattern = next(iter(mapping))
+    assert re.search(pattern, "classifier.weight") and re.search(pattern, "bert.pooler.dense.weight")
+    assert not re.search(pattern, "bert.encoder.layer.0.attention.self.query.weight")

@@ -428,3 +428,101 @@ def test_v2_trains_at_the_training_length_and_keeps_its_own_for_the_saved_model(
                    "device=cpu"])
     model = T._load_model(cfg)
     assert model.max_seq_length == 16 and model.saved_max_seq_length == 64
+
+
+# ------------------------------------------------------------------------------------------------ mutation review
+
+
+def test_each_cycle_of_negatives_is_a_fresh_shuffle():
+    # the published recipe reshuffles every pass over a query's negatives; a fixed order repeats the same pairings
+    negs = [f"n{i}" for i in range(8)]
+    seq = T.negative_sequence(negs, 24, seed=3, qid="q1")
+    cycles = [seq[0:8], seq[8:16], seq[16:24]]
+    assert all(sorted(c) == negs for c in cycles)
+    assert cycles[0] != cycles[1] and cycles[1] != cycles[2]
+
+
+def test_queries_with_pools_of_one_size_get_different_negative_orders():
+    # the shuffle is seeded by the qid too: else every query with n negatives walks them in one shared order
+    negs = [f"n{i}" for i in range(8)]
+    orders = [tuple(T.negative_sequence(negs, 8, seed=3, qid=q)) for q in ("q1", "q2", "q3", "q4")]
+    assert len(set(orders)) == 4
+
+
+def _stubbed_training_data(monkeypatch, tmp_path, pools, queries):
+    """_training_data on inline pools: corpus, training set and dataset building stubbed (the rows come back)."""
+    monkeypatch.setattr(T.common, "load_corpus", lambda cfg: None)
+    monkeypatch.setattr(T.common, "training_set", lambda cfg, corpus: (queries, None, None))
+    monkeypatch.setattr(T, "load_pools", lambda path: pools)
+    monkeypatch.setattr(T, "rotation_dataset", lambda epochs_rows, queries, corpus: epochs_rows)
+
+    def build(seed, per_query):
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.create({"seed": seed, "train": {"epochs": 3, "triplets_per_query": per_query}})
+        return T._training_data(cfg, tmp_path)
+
+    return build
+
+
+def test_training_data_follows_the_configured_seed(monkeypatch, tmp_path):
+    # `seed` is in the train key: two seeds must train on two rotations, not one fixed at seed 0
+    pools = {f"q{i}": {"pos": ["p"], "neg": [f"n{j}" for j in range(8)]} for i in range(4)}
+    build = _stubbed_training_data(monkeypatch, tmp_path, pools, {q: q for q in pools})
+    rows5 = build(5, 1)[0]
+    assert rows5 == T.rotation(pools, list(pools), 3, 5)[0]
+    assert rows5 != T.rotation(pools, list(pools), 3, 0)[0]
+    assert build(9, 1)[0] != rows5
+
+
+def test_training_data_honours_triplets_per_query(monkeypatch, tmp_path):
+    # BEIR/Cranfield-style sets need every judged positive per epoch (triplets_per_query null)
+    pools = {"q1": {"pos": ["a", "b", "c"], "neg": ["n1", "n2"]}, "q2": {"pos": ["d", "e"], "neg": ["n3"]}}
+    build = _stubbed_training_data(monkeypatch, tmp_path, pools, {"q1": "x", "q2": "y"})
+    rows, stats, block, _ = build(1, None)
+    assert stats["triplets"] == 3 * 5 and block == 5 and [len(r) for r in rows] == [5, 5, 5]
+    rows, stats, block, _ = build(1, 2)
+    assert stats["triplets"] == 3 * 4 and block == 4
+    assert [r[1] for r in rows[0] if r[0] == "q1"] == ["a", "b"]
+
+
+def test_a_later_epoch_block_is_checked_for_duplicates_on_its_own_rows():
+    # the no-duplicates check must read block b's rows (offset lo), not block 0's, or in-batch negatives repeat
+    from datasets import Dataset
+
+    n = 12
+    ds = Dataset.from_dict({"query": [f"q{i}" for i in range(n)] + ["same"] * n,
+                            "positive": [f"p{i}" for i in range(2 * n)],
+                            "negative": [f"n{i}" for i in range(2 * n)]})
+    sampler = T.RotationBatchSampler(ds, batch_size=4, drop_last=False, seed=0, block_size=n)
+    batches = list(sampler)
+    second = [b for b in batches if min(b) >= n]
+    assert len(second) == n and all(len(b) == 1 for b in second)  # one shared query: one row per batch
+    assert all(len(b) == 4 for b in batches if max(b) < n)
+
+
+def test_each_epoch_block_is_grouped_into_batches_afresh():
+    # seed + block: the same in-batch neighbours every epoch would waste the rotation's fresh pairings
+    ds = _triplets(20, blocks=3)
+    batches = list(T.RotationBatchSampler(ds, batch_size=5, drop_last=False, seed=3, block_size=20))
+    grouping = [sorted(sorted(i % 20 for i in b) for b in batches if min(b) // 20 == k) for k in range(3)]
+    assert grouping[0] != grouping[1] and grouping[1] != grouping[2]
+
+
+def test_warmup_rounds_up():
+    # a floor left the warm-up a step short of the configured fraction
+    assert T.warmup_for(total_steps=95, warmup_steps=1000, warmup_ratio=0.1) == 10
+    assert T.warmup_for(total_steps=11, warmup_steps=1000, warmup_ratio=0.5) == 6
+
+
+def test_the_trainer_decays_the_learning_rate_linearly(tiny_bi_encoder, tmp_path):
+    # the published recipe: linear decay after warm-up (the model card says so)
+    import datasets
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(tiny_bi_encoder), device="cpu")
+    ds = datasets.Dataset.from_dict({"query": ["a", "b"], "positive": ["c", "d"], "negative": ["e", "f"]})
+    trainer = T.make_trainer(model, ds, block_size=2, output_dir=tmp_path / "c", batch_size=2, device="cpu",
+                             packing="false")
+    kind = trainer.args.lr_scheduler_type
+    assert getattr(kind, "value", kind) == "linear"
