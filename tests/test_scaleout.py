@@ -152,13 +152,13 @@ def test_shards_side_by_side_on_one_node_take_one_gpu_each(monkeypatch):
     assert device(shard_count=8, shard_index=5) == "cuda" and current == []
 
 
-def test_sigterm_commits_a_chunk_exits_and_the_rerun_finishes_identically(setup, single, tmp_path):
-    root = tmp_path
+def _score_past_its_first_chunk(setup, single, root: Path, **pipes) -> tuple[subprocess.Popen, Path, list[str]]:
+    """A CLI score run on a copy of the retrieve result, once it has committed a chunk (and sleeps after it)."""
     shutil.copytree(single.retrieve, root / "retrieve" / single.retrieve.name)
     overrides = [*setup, f"artifacts_root={root}"]
     key = config_key(score.identity(compose(overrides)))
     proc = subprocess.Popen([sys.executable, "-m", "pipeline", "stage=score", *overrides, "score.debug_sleep_s=0.5"],
-                            cwd=REPO_ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=REPO_ROOT, env=_env(), **pipes)
     folder = None
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -166,6 +166,12 @@ def test_sigterm_commits_a_chunk_exits_and_the_rerun_finishes_identically(setup,
         if folder is not None and any((folder / "blocks").glob("chunk-*.parquet")):
             break
         time.sleep(0.02)
+    return proc, folder, overrides
+
+
+def test_sigterm_commits_a_chunk_exits_and_the_rerun_finishes_identically(setup, single, tmp_path):
+    proc, folder, overrides = _score_past_its_first_chunk(setup, single, tmp_path, stdout=subprocess.DEVNULL,
+                                                          stderr=subprocess.PIPE)
     assert proc.poll() is None, f"score ended before the signal: {proc.stderr.read().decode()[-2000:]}"
     proc.send_signal(signal.SIGTERM)  # lands in the debug sleep: after a commit, before the next chunk
     _, err = proc.communicate(timeout=60)
@@ -184,18 +190,8 @@ def test_sigterm_commits_a_chunk_exits_and_the_rerun_finishes_identically(setup,
 
 
 def test_ctrl_c_says_how_to_resume_without_a_traceback(setup, single, tmp_path):
-    root = tmp_path
-    shutil.copytree(single.retrieve, root / "retrieve" / single.retrieve.name)
-    overrides = [*setup, f"artifacts_root={root}"]
-    key = config_key(score.identity(compose(overrides)))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "stage=score", *overrides, "score.debug_sleep_s=0.5"],
-                            cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        folder = next(iter((root / "score").glob(f"*-{key}")), None)
-        if folder is not None and any((folder / "blocks").glob("chunk-*.parquet")):
-            break
-        time.sleep(0.02)
+    proc, folder, _ = _score_past_its_first_chunk(setup, single, tmp_path, stdout=subprocess.PIPE,
+                                                  stderr=subprocess.STDOUT)
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=60)[0].decode()
     assert proc.returncode == 130 and "Traceback" not in out, out[-2000:]
