@@ -492,8 +492,9 @@ def open_stage(stage: str, identity: Mapping[str, Any], *, root: str | os.PathLi
     with folder_lock(path, wait_s=lock_wait_s):
         # this forced run cleared the folder before (a requeue, an array's other task): its work is kept
         again = forced_already(path, force_id)
-        stale = stale_inputs(path) if is_complete(path) and (not force or again) else []
-        if is_complete(path) and (not force or again) and not stale:
+        reusable = is_complete(path) and (not force or again)
+        stale = stale_inputs(path) if reusable else []
+        if reusable and not stale:
             log.info("%s: complete result found at %s (key %s), skipping; force=true recomputes", stage, path, key)
             run.done = True
             yield run
@@ -592,7 +593,7 @@ def verify_folder(folder: str | os.PathLike) -> list[str]:
     if not (folder / MARKER).is_file():
         return [f"{folder}: no {MARKER} marker (incomplete)"]
     problems = []
-    if (folder / MARKER).read_text().strip() != sha256_file(folder / MANIFEST):
+    if marker_digest(folder) != sha256_file(folder / MANIFEST):
         problems.append(f"{folder}/{MANIFEST}: altered after completion")
     try:
         recorded = dict(read_manifest(folder).get("files") or {})

@@ -247,16 +247,14 @@ def problems(cfg: DictConfig) -> list[str]:
             continue
         if value is _ABSENT:
             continue
-        if OmegaConf.is_config(value):  # a list or mapping (eval sets, systems, devices): named by its key alone
+        container = OmegaConf.is_config(value)  # a list or mapping (eval sets, systems): named by its key alone
+        if container:
             value = _plain(value)
-            problem = check(value)
-            if problem:
-                found.append(f"{key}: {problem}")
-            continue
-        values[key] = value
+        else:
+            values[key] = value
         problem = check(value)
         if problem:
-            found.append(f"{key}={value!r}: {problem}")
+            found.append(f"{key}: {problem}" if container else f"{key}={value!r}: {problem}")
     for low, high in ORDERED:
         lo, hi = values.get(low), values.get(high)
         if _number(lo) and _number(hi) and hi < lo:
@@ -290,7 +288,7 @@ def _unset(node: Any, prefix: str = "") -> list[str]:
 def _plain(node: Any) -> Any:
     try:
         return OmegaConf.to_container(node, resolve=True)
-    except Exception:  # a path still built from a ??? root: its shape can be checked, the stage names what is needed
+    except Exception:  # a path still built from a ??? root (named by _unset): its shape can still be checked
         return OmegaConf.to_container(node, resolve=False)
 
 
