@@ -369,6 +369,23 @@ def _relative_to_root(folder: Path, reader: Path) -> str:
     return folder.relative_to(root).as_posix() if folder.is_relative_to(root) else str(folder)
 
 
+def unusable_inputs(folder: Path) -> list[tuple[Path, str]]:
+    """The recorded inputs of a complete ``folder`` that could not be read again now (missing, unfinished or
+    damaged), each with what is wrong: recomputing ``folder`` under the same key would need them."""
+    try:
+        recorded = dict(read_manifest(folder).get("upstream") or {})
+    except (OSError, ValueError, AttributeError):
+        return []
+    root = Path(folder).resolve().parent.parent
+    problems = []
+    for name in recorded:
+        upstream = Path(name) if Path(name).is_absolute() else root / name
+        problem = f"no {MARKER}" if not is_complete(upstream) else quick_check(upstream)
+        if problem:
+            problems.append((upstream, problem))
+    return problems
+
+
 def stale_inputs(folder: Path) -> list[str]:
     """The recorded inputs of a complete ``folder`` that were recomputed since it read them (their marker
     differs). An input deleted, moved or being recomputed right now is not taken for a change."""
@@ -499,6 +516,15 @@ def open_stage(stage: str, identity: Mapping[str, Any], *, root: str | os.PathLi
             run.done = True
             yield run
             return
+        if is_complete(path) and not reusable or stale:
+            # discarding a result whose inputs are gone would leave neither the result nor a way to rebuild it
+            gone = unusable_inputs(path)
+            if gone:
+                writers = sorted({f"stage={folder.parent.name}" for folder, _ in gone})
+                raise StageError(f"{stage}: not discarding the complete result at {path}: the "
+                                 f"input{'s' if len(gone) > 1 else ''} it was built from cannot be read "
+                                 f"({'; '.join(f'{folder}: {why}' for folder, why in gone)}). Rebuild "
+                                 f"{'them' if len(gone) > 1 else 'it'} first ({', '.join(writers)}), then rerun.")
         if stale:  # same settings, but an input it read was recomputed since (force=true): built from old data
             log.warning("%s: the complete result at %s was built from %s before %s recomputed; recomputing", stage,
                         path, ", ".join(stale), "it was" if len(stale) == 1 else "they were")

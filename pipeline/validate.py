@@ -169,6 +169,30 @@ def eval_sets(value: Any) -> str | None:
     return None
 
 
+SIZE_KEYS = {"corpus": "passages", "train_queries": "training queries with a positive",
+             "tokens_per_passage": "mean tokens", "eval_queries": "{eval set: judged queries}",
+             "rerank_passages": "{rerank set: candidate lines}"}
+
+
+def data_sizes(value: Any) -> str | None:
+    """Counts stage=plan uses before the files exist (``+data.sizes.corpus=N`` for a data config without them)."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        return "must map " + ", ".join(SIZE_KEYS) + " to counts"
+    for key, count in value.items():
+        if key not in SIZE_KEYS:
+            return f"unknown key {key!r} (known: {', '.join(SIZE_KEYS)})"
+        per_set = key in ("eval_queries", "rerank_passages")
+        counts = count.items() if per_set and isinstance(count, Mapping) else [(None, count)]
+        if per_set and not isinstance(count, Mapping):
+            return f"{key} must map eval set names to counts"
+        for name, n in counts:
+            if not _number(n) or n <= 0:
+                return f"{key}{'' if name is None else '.' + str(name)}={n!r} must be a number > 0"
+    return None
+
+
 _PRECISION_KEYS = ("retrieve.precision", "score.precision", "evaluate.precision", "train.precision",
                    "teacher.precision")
 _POSITIVE = integer(1)
@@ -184,7 +208,7 @@ RULES: dict[str, Check] = {
     "lock_wait_s": lambda v: None if (_number(v) and v >= 0) or v == math.inf else "must be a number >= 0 (or inf)",
     "data.max_missing_qrels": number(0, maximum=1), "data.empty_text": one_of("warn", "error"),
     "data.repair_encoding": boolean, "data.evals": eval_sets, "data.train.min_grade": _POSITIVE,
-    "data.train.max_queries": optional(_POSITIVE),
+    "data.train.max_queries": optional(_POSITIVE), "data.sizes": data_sizes,
     "model.similarity": one_of("auto", "cosine", "dot"),
     **{key: precision for key in _PRECISION_KEYS},
     "retrieve.top_k": _POSITIVE, "retrieve.backend": one_of("torch", "faiss_flat", "faiss_ivf"),
@@ -300,7 +324,7 @@ def check(cfg: DictConfig) -> None:
 
 
 #: mappings open by design: an eval set of one's own, published figures for the results table; Hydra's own settings
-OPEN_KEYS = ("data.evals.", "model.published.", "hydra.")
+OPEN_KEYS = ("data.evals.", "data.sizes.", "model.published.", "hydra.")  # checked by their rules
 
 
 def added_keys(overrides: list[str]) -> list[str]:

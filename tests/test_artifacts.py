@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -157,6 +158,26 @@ def test_a_result_built_from_an_input_recomputed_since_is_recomputed(tmp_path):
     assert any("built from" in p and "before it was recomputed" in p for p in verify_folder(reader))
     assert _reader(tmp_path, upstream, calls) == reader and calls == [1, 1]  # stale: recomputed, not skipped
     assert verify_folder(reader) == [] and _reader(tmp_path, upstream, calls) and calls == [1, 1]
+
+
+def test_force_keeps_a_result_whose_inputs_are_gone(tmp_path):
+    """force=true on a stage whose input was deleted used to discard the result, then fail on the input: the user
+    lost both. The result is kept and the error names the input; once the input is back, force recomputes."""
+    calls: list[int] = []
+    upstream = work(tmp_path)
+    reader = _reader(tmp_path, upstream, calls)
+    shutil.rmtree(upstream)
+    with pytest.raises(StageError, match=r"not discarding the complete result .* cannot be read \(.*demo.*no "
+                                         r"_COMPLETE\)\. Rebuild it first \(stage=demo\)"):
+        _reader(tmp_path, upstream, calls, force=True)
+    assert is_complete(reader) and verify_folder(reader) == [] and calls == [1]
+    assert work(tmp_path) == upstream  # rebuilt
+    (upstream / "out.json").write_text("{}")  # damaged: refused the same way
+    with pytest.raises(StageError, match="out.json holds 2 bytes"):
+        _reader(tmp_path, upstream, calls, force=True)
+    assert is_complete(reader)
+    work(tmp_path, force=True)
+    assert _reader(tmp_path, upstream, calls, force=True) == reader and calls == [1, 1]
 
 
 def test_verify_folder_detects_an_edited_manifest(tmp_path):

@@ -190,6 +190,34 @@ def test_plan_counts_msmarco_without_data_or_models(tmp_path, capsys):
     assert pooled == pytest.approx(estimate["peak_host_ram_gb"]["train"] + 502939 * (41 - 6) * 160 / 1e9, abs=0.1)
 
 
+def test_plan_says_first_what_it_could_not_count(tmp_path, capsys):
+    """A mistyped corpus path used to plan a 0-passage corpus, said only in the last line; a gzipped corpus is
+    counted by its lines (the magic bytes decide, not the name)."""
+    import gzip
+
+    from pipeline import validate
+    from pipeline.stages import plan
+
+    corpus = tmp_path / "corpus.tsv.bin"
+    with gzip.open(corpus, "wt") as fh:
+        fh.write("".join(f"{i}\tpassage {i}\n" for i in range(7)))
+    base = ["experiment=demo", f"artifacts_root={tmp_path}", "stage=plan"]
+    assert plan.estimate(compose([*base, f"data.corpus={corpus}"]))["work"]["corpus_passages"] == 7
+    plan.run(compose([*base, f"data.corpus={tmp_path}/colection.tsv"]))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == (f"  NOT COUNTED (taken as 0 below): corpus passages (data.corpus={tmp_path}/colection.tsv "
+                        f"does not exist; to plan before fetching give data.sizes.corpus=N (+data.sizes.corpus=N "
+                        f"where the data config has no sizes))")
+    sized = compose([*base, f"data.corpus={tmp_path}/colection.tsv", "+data.sizes.corpus=9"])
+    assert validate.added_keys(["+data.sizes.corpus=9"]) == [] and validate.problems(sized) == []
+    assert plan.estimate(sized)["unknown"] == [] and plan.estimate(sized)["work"]["corpus_passages"] == 9
+    assert validate.problems(compose([*base, "+data.sizes.corpsu=9"])) == [
+        "data.sizes: unknown key 'corpsu' (known: corpus, train_queries, tokens_per_passage, eval_queries, "
+        "rerank_passages)"]
+    assert validate.problems(compose([*base, "+data.sizes.eval_queries.dev=0"])) == [
+        "data.sizes: eval_queries.dev=0 must be a number > 0"]
+
+
 def test_plan_reads_its_figures_from_a_bench_output(tmp_path):
     """plan.bench_json: the figures of a scripts/bench_gpu.py --out file, the token-store rows where the stages would
     use a store (MS MARCO: token_cache auto), the texts rows where they would not; a file lacking a row is refused."""

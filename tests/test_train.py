@@ -404,6 +404,12 @@ def test_model_card_links_a_hub_base_model_and_says_why_queries_were_left_out(tm
     assert "\nbase_model: sentence-transformers/msmarco-distilbert-base-v2\n" in card.split("---")[1]
     assert "skipped: 3 without a mined pool (mine dropped them: no negative left 2, no candidates 1)" in card
     assert "the saved model encodes at 512" in card
+    # the evaluation table: v2's figure, then v3's, then the change (a swap reads as a regression)
+    before = {"metrics": {"dev": {"RR@10": 0.25, "note": "text"}}}
+    after = {"metrics": {"dev": {"RR@10": 0.3125, "note": "text"}}}
+    table = T.model_card(cfg, tmp_path / "no-mine", {**metrics, "before": before, "after": after})
+    assert "| eval set | measure | v2 | v3 | change |\n|---|---|---|---|---|\n| dev | RR@10 | 0.2500 | 0.3125 | " \
+           "+0.0625 |\n" in table
     local = compose([f"artifacts_root={tmp_path}", f"model.bi_encoder={tmp_path}"])
     assert "base_model" not in T.model_card(local, tmp_path / "no-mine", metrics)
 

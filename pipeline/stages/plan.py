@@ -7,6 +7,7 @@ bench's JSON output (`plan.bench_json`)."""
 from __future__ import annotations
 
 import gzip
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from pipeline.artifacts import StageError, atomic_write_json
 from pipeline.models import precision_name
 from pipeline.stages.common import artifacts_root
 from pipeline.tokens import wanted as tokens_wanted
+
+log = logging.getLogger(__name__)
 
 
 def identity(cfg: DictConfig) -> dict:
@@ -35,9 +38,22 @@ def _count_lines(path: str | None) -> int | None:
         p = next((p / n for n in ("corpus.jsonl", "corpus.jsonl.gz") if (p / n).exists()), p)
     if not p.is_file():
         return None
-    opener = gzip.open if p.read_bytes()[:2] == b"\x1f\x8b" else open
-    with opener(p, "rb") as fh:
+    with open(p, "rb") as fh:  # the magic bytes only: a corpus is gigabytes
+        gzipped = fh.read(2) == b"\x1f\x8b"
+    with (gzip.open if gzipped else open)(p, "rb") as fh:
         return sum(1 for _ in fh)
+
+
+def _why_uncounted(key: str, source: Any) -> str:
+    """Why the plan could not count what ``key`` names: planning before the data is fetched is meant to work
+    (data.sizes), but a mistyped path must not pass for an empty corpus."""
+    if not source:
+        return f"{key} is not set and data.sizes does not count it"
+    if str(source).startswith(("hf:", "irds:")):
+        return f"{key}={source} is counted only from data.sizes"
+    size = "data.sizes.corpus" if key == "data.corpus" else "data.sizes.train_queries"
+    return (f"{key}={source} does not exist; to plan before fetching give {size}=N (+{size}=N where the data "
+            f"config has no sizes)")
 
 
 def _positives_per_query(path: str | None, min_grade: int) -> list[int] | None:
@@ -191,7 +207,9 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     for name, ev in cfg.data.evals.items():
         count = known_eval.get(name) or _count_judged_queries(ev.qrels, 1)
         eval_q[name] = {"kind": str(ev.kind), "queries": count}
-    unknown = [n for n, v in (("corpus passages", corpus), ("training queries", train_q)) if v is None]
+    unknown = [f"{n} ({_why_uncounted(key, cfg.data.corpus if key == 'data.corpus' else cfg.data.train.qrels)})"
+               for n, key, v in (("corpus passages", "data.corpus", corpus),
+                                 ("training queries", "data.train.qrels", train_q)) if v is None]
     corpus, train_q = corpus or 0, train_q or 0
     evaluate_only = str(p.chain) == "evaluate"
     # stage=all's rounds: each retrieves, scores, mines and trains with the model the round before trained
@@ -360,14 +378,16 @@ def format_plan(plan: dict[str, Any]) -> str:
     if plan["fp32_stages"]:
         lines.append(f"  in fp32 (precision=fp32, the exact path; bf16 is several times faster on a GPU): "
                      f"{', '.join(plan['fp32_stages'])}")
-    if plan["unknown"]:
-        lines.append(f"  unknown (files absent, no data.sizes): {', '.join(plan['unknown'])}")
+    if plan["unknown"]:  # first, where it cannot be missed: every figure below counts these as 0
+        lines[1:1] = [f"  NOT COUNTED (taken as 0 below): {what}" for what in plan["unknown"]]
     return "\n".join(lines)
 
 
 @validate.checked
 def run(cfg: DictConfig) -> Path:
     plan = estimate(cfg)
+    for what in plan["unknown"]:
+        log.warning("plan: not counted, taken as 0: %s", what)
     print(format_plan(plan))
     out = artifacts_root(cfg) / "plans" / f"{cfg.data.name}-{cfg.model.name}.json"
     atomic_write_json(out, plan)
