@@ -186,7 +186,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            with contextlib.suppress(FileNotFoundError):
+            # OSError, not only a missing file: on a read-only mount unlinking the temporary that could not be made
+            # fails with EROFS too, and that second error replaced the one that says what went wrong
+            with contextlib.suppress(OSError):
                 tmp.unlink()
         raise
 

@@ -66,12 +66,36 @@ def main(cfg: DictConfig) -> None:
                   "resume")
         sys.exit(130)
     except Exception as exc:
+        denied = not_writable(exc)
+        if denied is not None:
+            # a read-only or foreign artifacts_root / cache_root, or an input file the job may not read: one line
+            # naming the path, not a traceback (exit 2, like every setting the user has to change)
+            ours = any(Path(str(denied.filename)).resolve().is_relative_to(Path(str(root)).expanduser().resolve())
+                       for root in (cfg.artifacts_root, cfg.cache_root))
+            fix = ("Point artifacts_root (and cache_root, default <artifacts_root>/cache) at a folder this job may "
+                   "write, or fix that path's permissions" if ours else "Fix that path's permissions")
+            log.error("%s: %s; nothing was marked complete that had not finished. %s, and rerun", denied.strerror,
+                      denied.filename, fix)
+            sys.exit(2)
         if not disk_full(exc):
             raise
         # outside a stage's own writes (a library's save, Hydra's log): the same one line as inside
         log.error("no space left while writing (%s); nothing was marked complete that had not finished. Free space "
                   "(or point artifacts_root elsewhere) and rerun: the stage resumes", str(exc).splitlines()[0][:200])
         sys.exit(2)
+
+
+def not_writable(exc: BaseException) -> OSError | None:
+    """The read-only file system or permission error (with the path it names) that ``exc`` is or was raised from."""
+    import errno
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES) and exc.filename:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 _DISK_FULL = ("No space left on device", "File too large", "Disk quota exceeded", "FileTooLarge", "StorageFull")

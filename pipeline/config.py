@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,21 @@ def lock_wait_default() -> float:
     return 86400.0 if os.environ.get("SUBMITIT_EXECUTOR") else 0.0
 
 
+def log_root(artifacts_root: Any) -> str:
+    """Where Hydra keeps its own logs: ``<artifacts_root>/logs``, or, where that cannot be written (a root mounted
+    read-only, whose complete results are read without their locks), ``<temp dir>/pipeline-logs-<uid>``: Hydra makes
+    its log folder before any stage runs, so a read-only root failed there with a traceback. Nothing is created
+    here; the nearest existing folder on the way is asked (os.access sees read-only mounts)."""
+    logs = Path(str(artifacts_root)).expanduser() / "logs"
+    existing = logs
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and os.access(existing, os.W_OK | os.X_OK):
+        return str(logs)
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return str(Path(tempfile.gettempdir()) / f"pipeline-logs-{uid}")
+
+
 def register_resolvers() -> None:
     for name, fn in {
         "resource": resource_dir,
@@ -48,6 +64,7 @@ def register_resolvers() -> None:
         "minilm_dir": minilm_dir,
         "rank_suffix": rank_suffix,
         "lock_wait_default": lock_wait_default,
+        "log_root": log_root,
     }.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

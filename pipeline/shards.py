@@ -115,7 +115,9 @@ def claim_compute_dtype(final: Path, stage: str, dtype: str, device: str) -> Non
     record = Path(final) / COMPUTE_RECORD
     if not record.exists():
         record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.parent / f".tmp-{COMPUTE_RECORD}-{os.getpid()}"
+        # a name of this process's own: shards on two hosts of one array can share a pid (a container per task),
+        # and the second to write a pid-named file replaced the first's, which then linked (and unlinked) it
+        tmp = record.parent / f".tmp-{COMPUTE_RECORD}-{os.getpid()}-{os.urandom(6).hex()}"
         atomic_write_text(tmp, json.dumps({"dtype": dtype, "device": device, "host": socket.gethostname()}) + "\n")
         try:
             os.link(tmp, record)

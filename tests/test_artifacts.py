@@ -78,6 +78,21 @@ def test_atomic_path_leaves_no_partial_file(tmp_path):
     assert target.read_bytes() == b"new"
 
 
+def test_a_write_a_read_only_root_refuses_raises_its_own_error(tmp_path, monkeypatch):
+    # on a read-only mount the temporary cannot be made, and unlinking it fails with EROFS as well (not ENOENT):
+    # that cleanup error used to replace the first one, so the message named the wrong call
+    from pathlib import Path
+
+    def refused(self, missing_ok=False):
+        raise OSError(errno.EROFS, "Read-only file system", "the cleanup's unlink")
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    with pytest.raises(OSError) as raised:
+        with atomic_path(tmp_path / "table.md"):
+            raise OSError(errno.EROFS, "Read-only file system", "the write")
+    assert raised.value.filename == "the write"
+
+
 def test_stale_lock_is_taken_over(tmp_path, caplog):
     folder = tmp_path / "demo" / f"lbl-{config_key(IDENTITY)}"
     folder.mkdir(parents=True)

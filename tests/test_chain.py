@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -121,6 +122,66 @@ def test_second_run_skips_every_stage_and_says_so(chain_run):
         assert any(line.strip().startswith(stage) and "skipped (complete)" in line for line in out.splitlines()), out
     assert "ran in" not in out
     assert "nothing to do: every stage was complete" in out
+
+
+def test_a_complete_chain_on_a_read_only_root_prints_its_table(chain_run, monkeypatch):
+    """An archived root mounted read-only: every stage is found complete without its lock, and the chain then
+    failed with a traceback writing the very results table that was already there."""
+    import errno
+
+    from pipeline import artifacts
+    from pipeline.stages import all as chain
+
+    real_open = os.open
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(args[0]))
+
+    def no_lock_files(path, flags, *args):  # as test_artifacts' read-only root: a lock file cannot be made
+        if flags & os.O_CREAT:
+            read_only(path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(artifacts.os, "open", no_lock_files)
+    monkeypatch.setattr(chain, "atomic_write_text", read_only)
+    out = _run_chain(chain_run["cfg"])
+    assert "nothing to do: every stage was complete" in out and "| v3 |" in out
+    table = Path(next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("results table: ")))
+    assert table.is_file()  # the same table was there: nothing to write
+
+    kept = table.read_bytes()
+    table.unlink()  # a root archived without its table: the table is printed, and the line says it is not on disk
+    try:
+        out = _run_chain(chain_run["cfg"])
+        assert "| v3 |" in out and f"results table: {table} (not written)" in out
+    finally:
+        table.write_bytes(kept)
+
+
+def test_hydra_logs_leave_a_read_only_root(tmp_path, monkeypatch):
+    """Hydra makes its log folder (<artifacts_root>/logs/...) before any stage runs: on a read-only root the CLI
+    failed there with a traceback, before the stages that read a read-only root without their locks could start."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from pipeline import config
+    from pipeline.config import CONF_DIR
+
+    def run_dir(root: Path) -> Path:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=[f"artifacts_root={root}"], return_hydra_config=True)
+        return Path(cfg.hydra.run.dir)
+
+    writable, archive = tmp_path / "writable", tmp_path / "archive"
+    archive.mkdir()
+    assert run_dir(writable).parent.parent == writable / "logs"  # where the logs always were (made by Hydra)
+    real_access = os.access
+    monkeypatch.setattr(config.os, "access",
+                        lambda p, mode: False if Path(p).is_relative_to(archive) else real_access(p, mode))
+    logs = run_dir(archive)
+    assert not logs.is_relative_to(archive) and logs.parent.parent.is_relative_to(tempfile.gettempdir())
 
 
 @pytest.mark.slow  # the fast suite kills train at its commits (test_faults.py); this kills a real CLI run anywhere

@@ -120,6 +120,28 @@ def test_shards_that_would_compute_in_another_dtype_are_refused(tmp_path, monkey
     assert (final / "compute.json").is_file()
 
 
+def test_shards_with_one_pid_on_two_hosts_record_their_dtype_once(tmp_path, monkeypatch):
+    """The tasks of an array start together, and with a container (pid namespace) per task two shards on two hosts
+    can share a pid: both wrote the temporary record under that pid's name, so the first to link it found it unlinked
+    by the other (FileNotFoundError, the task failed). Stood in for by the other host's claim running just before
+    this one links."""
+    from pipeline import shards
+
+    real_link = shards.os.link
+    other_host = {"claimed": False}
+
+    def link(src, dst):
+        if not other_host["claimed"]:
+            other_host["claimed"] = True
+            shards.claim_compute_dtype(tmp_path, "score", "bfloat16", "cuda")  # same pid, another host
+        return real_link(src, dst)
+
+    monkeypatch.setattr(shards.os, "link", link)
+    shards.claim_compute_dtype(tmp_path, "score", "bfloat16", "cuda")
+    assert other_host["claimed"] and (tmp_path / "compute.json").is_file()
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
 def test_blocks_cover_the_items_exactly_once():
     # an extra (empty) block past the end would be a part with nothing in it, or a merge waiting for it forever
     for n, size in [(0, 4), (1, 4), (3, 4), (4, 4), (8, 4), (9, 4), (12, 4), (1000, 1)]:
@@ -132,3 +154,19 @@ def test_blocks_cover_the_items_exactly_once():
             shards = [shard_blocks(total, i, count) for i in range(count)]
             assert [b for r in shards for b in r] == list(range(total))  # shard order is the single-run order
     assert n_blocks(8, 4) == 2 and block_bounds(1, 4, 8) == (4, 8)
+
+
+def test_the_chain_refuses_shard_settings_before_running_anything(tmp_path):
+    """`python -m pipeline -m shard.count=2 'shard.index=range(2)'` (stage=all, the default): one shard's retrieve
+    returns its part, not the merged result, and the chain then stopped with "run that stage first" after the
+    retrieve work; it is refused at once, naming the stages that shard."""
+    import pytest
+
+    from pipeline.artifacts import StageError
+    from pipeline.config import compose
+    from pipeline.stages import all as chain
+
+    cfg = compose(["experiment=demo", f"artifacts_root={tmp_path}", "shard.count=2", "shard.index=0"])
+    with pytest.raises(StageError, match=r"stage=all does not run sharded .*stage=retrieve and stage=score only"):
+        chain.run(cfg)
+    assert not (tmp_path / "retrieve").exists()  # nothing was started

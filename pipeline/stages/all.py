@@ -11,7 +11,9 @@ already scored. Every stage's own run() decides whether to skip; this module onl
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import logging
 import time
 from pathlib import Path
@@ -20,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import validate
-from pipeline.artifacts import atomic_write_text, read_manifest
+from pipeline.artifacts import StageError, atomic_write_text, read_manifest
 from pipeline.stages import common
 
 log = logging.getLogger(__name__)
@@ -83,11 +85,34 @@ class _Chain:
         log.info("%-18s %s  %s", what, status, path)
 
 
+def _write_results(out: Path, text: str) -> bool:
+    """Write the results table unless the same one is there; whether it is there now. A root mounted read-only
+    (an archive whose stages are all complete, read without their locks) gets a warning, not a traceback after
+    every stage was found complete: the table is printed anyway."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if out.read_text(encoding="utf-8") == text:
+            return True
+    try:
+        atomic_write_text(out, text)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        log.warning("results table not written to %s (%s); it is printed below", out, exc.strerror)
+        return False
+    return True
+
+
 @validate.checked
 def run(cfg: DictConfig) -> Path:
     from pipeline import tracking
     from pipeline.stages import evaluate, score, teacher, train
 
+    if int(cfg.shard.count) > 1:
+        # one shard of retrieve returns its part, not the merged result, so the chain's next step stopped with "run
+        # that stage first" (or, once another shard had merged, scored one part of a score that no shard merged)
+        raise StageError(f"stage=all does not run sharded (shard.count={cfg.shard.count}): shard.count/shard.index "
+                         f"split stage=retrieve and stage=score only. Run those two as arrays, then the chain without "
+                         f"shard settings, which finds them complete (docs/scale-out.md)")
     iterations = int(cfg.iterations)
     started = time.perf_counter()
     with tracking.track(cfg, "all") as tracker:
@@ -116,8 +141,8 @@ def run(cfg: DictConfig) -> Path:
         table = evaluate.results_table(rows, cfg)
         out = common.artifacts_root(cfg) / "results" / f"{cfg.data.name}-{cfg.model.name}-{evaluate.rows_key(rows)}.md"
         plot = Path(mine_dir) / "report.png"
-        atomic_write_text(out, f"# {cfg.data.name}: {cfg.model.name} (v2) and its fine-tuned versions\n\n{table}\n"
-                               f"Mining report plot: {plot}\n")
+        written = _write_results(out, f"# {cfg.data.name}: {cfg.model.name} (v2) and its fine-tuned versions\n\n"
+                                      f"{table}\nMining report plot: {plot}\n")
         tracker.log({"results": {r["name"]: r["metrics"] for r in rows}})
 
     total = time.perf_counter() - started
@@ -129,7 +154,7 @@ def run(cfg: DictConfig) -> Path:
     if all(s["skipped"] for s in chain.steps):
         print("nothing to do: every stage was complete\n", flush=True)
     print(table, flush=True)
-    print(f"results table: {out}", flush=True)
+    print(f"results table: {out}" + ("" if written else " (not written)"), flush=True)
     print(f"mining report plot: {plot}" + ("" if plot.is_file() else " (not written)"), flush=True)
     print(f"total: {total:.1f} s", flush=True)
     return Path(train_dir)
