@@ -193,7 +193,8 @@ def stop_callback():
                 if _requested is None:
                     request(signal.SIGTERM)
                 _stopped_at = int(state.global_step)
-                log.warning("train: stop requested at step %d: saving a checkpoint, then stopping", state.global_step)
+                log.warning("training: stop requested at step %d: saving a checkpoint, then stopping",
+                            state.global_step)
                 control.should_save = True
                 control.should_training_stop = True
             if control.should_save:

@@ -187,3 +187,35 @@ def test_pos_weight_and_head_lr_reach_the_loss_and_the_trainer(monkeypatch, tmp_
     pattern = next(iter(mapping))
     assert re.search(pattern, "classifier.weight") and re.search(pattern, "bert.pooler.dense.weight")
     assert not re.search(pattern, "bert.encoder.layer.0.attention.self.query.weight")
+
+
+def test_a_signal_stops_the_teacher_at_a_checkpoint_and_the_rerun_resumes(tmp_path, tiny_cross_encoder,
+                                                                          tiny_bi_encoder):
+    """Slurm's time-limit warning (SIGUSR2) or a preemption mid-teacher: a checkpoint at the end of the step, nothing
+    marked complete, and the rerun resumes from that step (before, the teacher trained on to its next save_steps
+    checkpoint or lost the steps since the last one). The handler standing in for submitit's lets the process live,
+    as submitit's does for SIGTERM."""
+    import signal
+
+    from pipeline import signals
+    from pipeline.artifacts import StageError, is_complete
+
+    cfg = compose(["experiment=demo", f"artifacts_root={tmp_path}", f"model.bi_encoder={tiny_bi_encoder}",
+                   f"model.teacher_base={tiny_cross_encoder}", "data.train.max_queries=24", "teacher.epochs=1",
+                   "teacher.negatives_per_query=3", "teacher.batch_size=8", "teacher.save_steps=1000"])
+    _write_candidates(cfg, tmp_path)
+    seen = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(signum))
+    try:
+        signals.request(signal.SIGUSR2)  # arrived while the first step ran
+        with pytest.raises(StageError, match=r"teacher: stopped by a signal at step 1 \(checkpoint saved\)"):
+            teacher.run(cfg)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert seen == [signal.SIGUSR2]  # handed on to the scheduler's handler once the checkpoint was on disk
+    folder = next((tmp_path / "teacher").iterdir())
+    assert not is_complete(folder) and (folder / "checkpoints" / "checkpoint-1").is_dir()
+    out = teacher.run(cfg)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert is_complete(out) and metrics["resumed_from"] == "checkpoint-1" and metrics["steps"] == 13
+    assert signals.requested() is None

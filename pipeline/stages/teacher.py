@@ -101,7 +101,7 @@ def pairs_dataset(queries: Mapping[str, str], positives: Mapping[str, Sequence[s
 
 @validate.checked
 def run(cfg: DictConfig) -> Path:
-    from pipeline import tracking
+    from pipeline import signals, tracking
     from pipeline.stages.train import last_checkpoint, resolve_precision
 
     tc = cfg.teacher
@@ -166,6 +166,9 @@ def run(cfg: DictConfig) -> Path:
         with tracking.track(cfg, "teacher") as tracker:
             trainer = CrossEncoderTrainer(model=model, args=args, train_dataset=dataset,
                                           loss=BinaryCrossEntropyLoss(model, pos_weight=pos_weight))
+            # Slurm's time-limit warning or a preemption: checkpoint at the end of the step and stop, as train does
+            # (without it a requeued teacher lost every step since its last save_steps checkpoint)
+            trainer.add_callback(signals.stop_callback())
             resume = last_checkpoint(ckpt_dir)
             if resume is not None:
                 log.info("teacher: resuming from %s", resume.name)
@@ -173,6 +176,10 @@ def run(cfg: DictConfig) -> Path:
                 started = time.perf_counter()
                 output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
                 seconds = time.perf_counter() - started
+            stopped = signals.training_stopped_at()
+            if stopped is not None:  # the signal's own handler let the process live (submitit ignores SIGTERM)
+                raise StageError(f"teacher: stopped by a signal at step {stopped} (checkpoint saved); nothing was "
+                                 f"marked complete, the next run resumes from checkpoints/checkpoint-{stopped}")
             history = [h for h in trainer.state.log_history if "loss" in h]
             summary = {"steps": int(trainer.state.global_step), "train_loss": round(float(output.training_loss), 5),
                        "loss_first": history[0]["loss"] if history else None,
