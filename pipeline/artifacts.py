@@ -266,6 +266,9 @@ def git_revision() -> str | None:
 # --------------------------------------------------------------------------- locks
 
 
+_NO_LOCKS = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)}
+
+
 @contextlib.contextmanager
 def folder_lock(folder: Path, wait_s: float = 0.0) -> Iterator[None]:
     """Exclusive flock on <folder>/.lock. A lock file left by a killed process holds no flock, so it is
@@ -286,6 +289,15 @@ def folder_lock(folder: Path, wait_s: float = 0.0) -> Iterator[None]:
                         f"{folder} is being written by another live process ({holder}); "
                         f"wait for it to finish or stop it (lock file {path})") from None
                 time.sleep(0.5)
+            except OSError as exc:
+                if exc.errno not in _NO_LOCKS:
+                    raise
+                # without locks two jobs could write one folder at once: refuse rather than go on unguarded
+                raise StageError(
+                    f"{folder}: this file system does not support file locks ({exc.strerror}), which the stages "
+                    f"need to keep two jobs out of one folder. Put artifacts_root and cache_root on a file system "
+                    f"that supports flock (Lustre mounted with -o flock, NFS with its lock service, or node-local "
+                    f"scratch)") from None
         previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         if previous:
             log.warning("taking over a stale lock in %s (left by %s, no longer running)", folder, previous)

@@ -93,6 +93,22 @@ def test_a_write_a_read_only_root_refuses_raises_its_own_error(tmp_path, monkeyp
     assert raised.value.filename == "the write"
 
 
+@pytest.mark.parametrize("code", [errno.ENOSYS, errno.ENOLCK])
+def test_a_file_system_without_locks_is_refused_in_one_line(tmp_path, monkeypatch, code):
+    # Lustre mounted without -o flock answers ENOSYS, NFS without its lock service ENOLCK: a traceback before, and
+    # going on without the lock would let two jobs write one folder
+    from pipeline import artifacts
+
+    def no_flock(fd, op):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(artifacts.fcntl, "flock", no_flock)
+    with pytest.raises(StageError, match=rf"does not support file locks \({os.strerror(code)}\).*Lustre mounted "
+                                         r"with -o flock"):
+        work(tmp_path)
+    assert not list((tmp_path / "demo").glob("*/out.json"))  # nothing was written unguarded
+
+
 def test_stale_lock_is_taken_over(tmp_path, caplog):
     folder = tmp_path / "demo" / f"lbl-{config_key(IDENTITY)}"
     folder.mkdir(parents=True)
