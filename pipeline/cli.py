@@ -54,7 +54,7 @@ def main(cfg: DictConfig) -> None:
     from pipeline import validate
 
     try:
-        added = validate.added_keys(list(HydraConfig.get().overrides.task))
+        added = validate.added_keys(list(HydraConfig.get().overrides.task), cfg)
         if added:
             raise validate.ConfigError("invalid settings (nothing was run): " + "; ".join(added))
         run(cfg)

@@ -327,9 +327,10 @@ def check(cfg: DictConfig) -> None:
 OPEN_KEYS = ("data.evals.", "data.sizes.", "model.published.", "hydra.")  # checked by their rules
 
 
-def added_keys(overrides: list[str]) -> list[str]:
+def added_keys(overrides: list[str], cfg: DictConfig | None = None) -> list[str]:
     """The keys that ``+key=value`` command-line overrides add where no stage reads them. Hydra's own hint for a
-    mistyped key is to add it with +: ``+retrieve.topk=5`` then ran at the default top_k without a word."""
+    mistyped key is to add it with +: ``+retrieve.topk=5`` then ran at the default top_k without a word. With the
+    composed ``cfg``, the nearest known key is named."""
     from pipeline.config import CONF_DIR
 
     found = []
@@ -339,8 +340,22 @@ def added_keys(overrides: list[str]) -> list[str]:
         key = override[1:].split("=", 1)[0].strip()
         group = "/" in key or (CONF_DIR / key).is_dir()  # +experiment=..., +hydra/launcher=...
         if not group and not key.startswith(OPEN_KEYS):
-            found.append(f"{override}: adds {key!r}, a key no stage reads (a typo of a known key? drop the +)")
+            near = _nearest_key(cfg, key) if cfg is not None else None
+            hint = f"did you mean {near}?" if near else "a typo of a known key?"
+            found.append(f"{override}: adds {key!r}, a key no stage reads ({hint} drop the +)")
     return found
+
+
+def _nearest_key(cfg: DictConfig, key: str) -> str | None:
+    """The known key beside ``key`` (same parent) that it most looks like a typo of."""
+    import difflib
+
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+    if not OmegaConf.is_dict(node):
+        return None
+    near = difflib.get_close_matches(leaf, [k for k in node.keys() if k != leaf], n=1, cutoff=0.6)
+    return f"{parent}.{near[0]}" if near and parent else (near[0] if near else None)
 
 
 def checked(run: Callable[..., Any]) -> Callable[..., Any]:

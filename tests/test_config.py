@@ -106,6 +106,12 @@ def test_a_key_added_with_a_plus_must_be_one_a_stage_reads():
         "+retrieve.topk=5: adds 'retrieve.topk', a key no stage reads (a typo of a known key? drop the +)"]
     assert added_keys(["+experiment=demo", "+hydra/launcher=local", "+model.published.dev=33.1",
                        "+data.evals.mine={kind: rerank}", "+hydra.launcher.additional_parameters.x=1"]) == []
+    # with the composed config the known key it most looks like is named (the + override is in it by then)
+    cfg = compose(["+retrieve.topk=5", "+train.learning_rate=1", "+zzz=1"])
+    assert added_keys(["+retrieve.topk=5", "+train.learning_rate=1", "+zzz=1"], cfg) == [
+        "+retrieve.topk=5: adds 'retrieve.topk', a key no stage reads (did you mean retrieve.top_k? drop the +)",
+        "+train.learning_rate=1: adds 'train.learning_rate', a key no stage reads (a typo of a known key? drop the +)",
+        "+zzz=1: adds 'zzz', a key no stage reads (a typo of a known key? drop the +)"]
 
 
 def test_a_required_value_left_unset_is_named_not_a_traceback(tmp_path):
