@@ -67,6 +67,15 @@ def test_default_rules_published_margin():
     assert sel.likely_false_negatives == 1 and sel.likely_false_negative_queries == 1  # n1: 4.0 >= 3.0
 
 
+def test_a_negative_tied_with_the_weakest_positive_counts_as_a_likely_false_negative():
+    # the report's likely false negatives are the candidates the cross-encoder scores at least as high as a
+    # query's weakest positive: a tie is one (the cross-encoder cannot tell it from a positive)
+    rows = [("q1", "p1", 2.0, True, 3), ("q1", "p2", 4.0, True, None), ("q1", "t", 2.0, False, 1),
+            ("q1", "u", 1.999, False, 2), ("q2", "m1", 0.5, True, 1), ("q2", "m2", 0.5, False, 2)]
+    _, sel, _ = mined(Rules(), systems=(rows,))
+    assert (sel.likely_false_negatives, sel.likely_false_negative_queries) == (2, 2)
+
+
 def test_each_rule_alone():
     off = {"exclude_positives": False, "exclude_duplicate_text": False, "ce_score_margin": None,
            "num_negatives_per_system": None}
