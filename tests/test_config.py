@@ -71,6 +71,14 @@ def test_every_group_option_composes(group, option, tmp_path):
     ("data.evals.dev.kind=retreival", "data.evals: dev: kind must be one of retrieval, rerank"),
     ("data.evals.dev.headline=MRR@10", "data.evals: dev: headline 'MRR@10' is not among its metrics"),
     ("data.evals.trec_dl.metrics=[nDGC@10]", "data.evals: trec_dl: unknown measure 'nDGC@10'"),
+    ("mine.relative_margin=1", "mine.relative_margin=1: must be a number >= 0 and < 1"),  # kept no negative
+    ("train.packing=1", "train.packing=1: must be one of auto, true, false"),  # a number is no switch
+    ("teacher.epochs=true", "teacher.epochs=True: must be an integer >= 1"),
+    ("retrieve.batch_tokens=0", "retrieve.batch_tokens=0: must be auto or a number of tokens >= 1"),
+    ("device=cuda:0x", "device='cuda:0x'"), ("token_cache=2", "token_cache=2"),
+    ("evaluate.systems=[{name: x}]", "evaluate.systems: entry 0 must be a mapping with at least name and model"),
+    ("evaluate.devices=[auto]", "evaluate.devices: must be auto or a list of devices"),
+    ("data.evals.dev.kind=rerank", "data.evals: dev is a rerank set: it needs candidates"),
 ])
 def test_invalid_values_are_named_before_anything_runs(override, named):
     from pipeline import validate
@@ -83,7 +91,8 @@ def test_invalid_values_are_named_before_anything_runs(override, named):
 
 @pytest.mark.parametrize("override", ["train.max_grad_norm=0", "token_cache=null", "token_cache=1", "lock_wait_s=inf",
                                       "cpu_threads=0", "train.precision=float32", "retrieve.precision=BF16",
-                                      "train.lr=1", "evaluate.bm25_params.k1=1", "data.max_missing_qrels=0"])
+                                      "train.lr=1", "evaluate.bm25_params.k1=1", "data.max_missing_qrels=0",
+                                      "teacher.neg_rank_min=30"])  # the demo's neg_rank_max: a single rank
 def test_values_the_stages_accept_pass(override):
     # transformers reads max_grad_norm 0 as no clipping; 0/1 and null are how token_cache and cpu_threads were set
     from pipeline import validate
@@ -96,6 +105,15 @@ def test_a_null_precision_is_refused_not_read_two_ways():
 
     assert validate.problems(compose(["experiment=demo", "score.precision=null"])) == [
         "score.precision=None: must be auto, fp32, bf16 or fp16"]
+
+
+def test_jobs_submitit_launched_wait_for_a_stage_in_progress(monkeypatch):
+    # a sweep's jobs share their upstream stages: one that finds a stage being computed waits for it; by hand, a
+    # second command on an artifact in progress is refused at once
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    assert compose(["experiment=demo"]).lock_wait_s == 0
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    assert compose(["experiment=demo"]).lock_wait_s == 86400
 
 
 def test_a_key_added_with_a_plus_must_be_one_a_stage_reads():
@@ -404,6 +422,69 @@ def test_plan_counts_triplets_per_query_capped_by_each_querys_positives(tmp_path
     assert _triplets_per_epoch(grade1, None, 3) == 3 + 1 + 12
     assert _triplets_per_epoch(grade2, None, 3) == 1        # only q1's grade-2 passage is a positive
     assert _triplets_per_epoch(None, 8, 500) == 4000        # sizes from the config, no qrels to read
+
+
+def test_plan_follows_the_settings_that_set_the_work(tmp_path):
+    """Each count and cost of the plan moves with the setting that drives it (MS MARCO sizes, no files): every
+    round searches the training queries again, score.depth bounds the pairs, data.train.max_queries caps the
+    queries, a last partial batch is a step, bi_encoder_cost_factor slows what the bi-encoder does, and a larger
+    cross-encoder needs its weights' memory."""
+    from pipeline.stages import plan
+
+    base = ["data=msmarco", "model=msmarco_distilbert_v2", f"artifacts_root={tmp_path}"]
+    train_q, dev_q = 502939, 6980
+    one = plan.estimate(compose(base))
+    # each round retrieves for every training query; dev is searched for v2 and each round's model
+    assert one["work"]["queries_searched"] == train_q + 2 * dev_q
+    assert plan.estimate(compose([*base, "iterations=2"]))["work"]["queries_searched"] == 2 * train_q + 3 * dev_q
+    capped = plan.estimate(compose([*base, "data.train.max_queries=1000", "score.depth=10", "train.batch_size=64"]))
+    work = capped["work"]
+    assert work["training_queries"] == 1000 and work["pairs_scored"] == 1000 * (10 + 1)
+    assert one["disk_gb"]["candidates"] > 1 > capped["disk_gb"]["candidates"]  # 100 candidates a query
+    steps = work["training_steps"]  # a last, partial batch is a step
+    assert work["training_triplets"] % 64 and (steps - 1) * 64 < work["training_triplets"] <= steps * 64
+    # a bi-encoder twice distilbert-base's cost: encoding and training take twice as long, scoring as long; and
+    # 890M more cross-encoder parameters: at least their bf16 weights more GPU memory to score, none to retrieve
+    slow = plan.estimate(compose([*base, "plan.bi_encoder_cost_factor=2", "plan.params_m.cross_encoder=1000"]))
+    for which in ("pipeline", "baseline"):
+        h1, h2 = one["gpu_hours"][which]["this_run"], slow["gpu_hours"][which]["this_run"]
+        assert h2["encode"] == pytest.approx(2 * h1["encode"], rel=1e-2)
+        assert h2["train"] == pytest.approx(2 * h1["train"], rel=1e-2)
+        assert h2["score"] == h1["score"]
+    big, small = slow["peak_gpu_memory_gb"], one["peak_gpu_memory_gb"]
+    assert big["score"] - small["score"] >= 890e6 * 2 / 1e9 - 0.1 and big["retrieve"] == small["retrieve"]
+
+
+def test_an_evaluation_only_plan_encodes_the_corpus_once_per_system(tmp_path):
+    from pipeline.stages import plan
+
+    cfg = compose(["experiment=eval_published", f"artifacts_root={tmp_path}"])
+    systems, corpus, rerank = len(cfg.evaluate.systems), 8841823, 41042
+    assert systems > 1
+    work = plan.estimate(cfg)["work"]
+    assert work["passages_encoded"] == {"retrieve": 0, "evaluate": systems * (corpus + rerank)}
+    assert work["queries_searched"] == systems * 6980 and work["pairs_scored"] == work["training_triplets"] == 0
+
+
+def test_plan_costs_a_teacher_pair_as_three_scored_pairs(tmp_path):
+    """The teacher trains on at most teacher.positives_per_query positives a query (here 3 and 1 judged) and
+    teacher.negatives_per_query negatives, each pair costed as three scored pairs (forward and backward)."""
+    from pipeline.stages import plan
+
+    qrels = tmp_path / "qrels.tsv"
+    qrels.write_text("q1 0 a 1\nq1 0 b 1\nq1 0 c 1\nq2 0 d 1\n")
+    base = ["experiment=demo", f"artifacts_root={tmp_path}", f"data.train.qrels={qrels}", "data.train.max_queries=null",
+            "teacher.enabled=true", "teacher.epochs=1", "teacher.negatives_per_query=8"]
+    work = plan.estimate(compose(base))["work"]
+    assert work["training_queries"] == 2 and work["teacher_pairs_trained"] == (3 + 1) + 2 * 8
+    one_each = plan.estimate(compose([*base, "teacher.positives_per_query=1"]))["work"]
+    assert one_each["teacher_pairs_trained"] == 2 * (1 + 8)
+    # the hours: MS MARCO, whose figures are large enough for the rounded hours to compare
+    ms = plan.estimate(compose(["data=msmarco", "model=msmarco_distilbert_v2", f"artifacts_root={tmp_path}",
+                                "teacher.enabled=true"]))
+    hours, work = ms["gpu_hours"]["pipeline"]["this_run"], ms["work"]
+    assert hours["teacher"] == pytest.approx(hours["score"] * 3 * work["teacher_pairs_trained"] / work["pairs_scored"],
+                                             rel=1e-2)
 
 
 def test_stage_keys_do_not_follow_where_the_data_lies(tmp_path):

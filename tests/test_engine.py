@@ -126,6 +126,7 @@ def test_encode_prompt_and_order(minilm, passages):
     ours = engine.encode_texts(minilm, texts, prompt=prompt, precision="fp32", show_progress=False, batch_tokens=2048,
                                chunk_size=10)
     assert _cos(ours, ref).min() >= 0.99999
+    assert engine.LAST_RUN["tokenizer"] == "fast"  # the prompt is the fast tokenizer's, not a fallback's
     plain = engine.encode_texts(minilm, texts, precision="fp32", show_progress=False)
     assert _cos(ours, plain).min() < 0.9999  # the prompt was really applied
 
@@ -135,6 +136,47 @@ def test_encode_normalize_flag_and_empty(minilm, passages):
     np.testing.assert_allclose(np.linalg.norm(raw, axis=1), 1.0, atol=1e-5)
     empty = engine.encode_texts(minilm, [], show_progress=False)
     assert empty.shape[0] == 0
+
+
+def test_truncated_embeddings_keep_the_models_own_normalisation(tiny_bi_encoder):
+    """truncate_dim cuts the embeddings as the library does; normalize=None adds no normalisation the model
+    lacks (the tiny bi-encoder has no Normalize module), True normalises the cut embeddings."""
+    model = st.SentenceTransformer(str(tiny_bi_encoder), device="cpu", truncate_dim=16)
+    texts = ["a cat sat on the mat", "river bank money", "water flows under the bridge into the sea"]
+    ours = engine.encode_texts(model, texts, precision="fp32", show_progress=False)
+    ref = model.encode(texts, convert_to_numpy=True)
+    assert ours.shape == ref.shape == (3, 16)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    assert np.abs(np.linalg.norm(ours, axis=1) - 1).max() > 1e-3  # really unnormalised, so the check means something
+    unit = engine.encode_texts(model, texts, precision="fp32", show_progress=False, normalize=True)
+    np.testing.assert_allclose(unit, ref / np.linalg.norm(ref, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_a_model_truncating_on_the_left_keeps_the_fast_tokenizer(tiny_bi_encoder):
+    """A tokenizer that truncates on the left (keeps the end of a long text) is followed by the fast path, which
+    then agrees with the model's own preprocess instead of falling back to it."""
+    model = st.SentenceTransformer(str(tiny_bi_encoder), device="cpu")
+    model.tokenizer.truncation_side = "left"
+    texts = ["the start of a long text " + "word " * 100 + "and its own ending", "a short one"]
+    ours = engine.encode_texts(model, texts, precision="fp32", show_progress=False)
+    assert engine.LAST_RUN["tokenizer"] == "fast"
+    np.testing.assert_allclose(ours, model.encode(texts, convert_to_numpy=True), atol=1e-5)
+
+
+def test_the_working_copy_follows_the_models_precision_and_weights(tiny_bi_encoder):
+    """The engine's working copy of a model is cached per precision and while the weights are unchanged: an fp32
+    call after a bf16 one is exact again, and weights changed in place (an optimizer step) are encoded with."""
+    model = st.SentenceTransformer(str(tiny_bi_encoder), device="cpu")
+    texts = ["a cat sat on the mat", "river bank money", "water flows under the bridge into the sea"]
+    engine.encode_texts(model, texts, precision="bf16", show_progress=False)
+    exact = engine.encode_texts(model, texts, precision="fp32", show_progress=False)
+    np.testing.assert_allclose(exact, model.encode(texts, convert_to_numpy=True), atol=1e-5)
+    with torch.no_grad():
+        for p in model[0].auto_model.encoder.parameters():
+            p.mul_(1.5)
+    moved = engine.encode_texts(model, texts, precision="fp32", show_progress=False)
+    np.testing.assert_allclose(moved, model.encode(texts, convert_to_numpy=True), atol=1e-5)
+    assert np.abs(moved - exact).max() > 1e-2
 
 
 def test_score_pairs_parity(tiny_ce, passages):
@@ -148,6 +190,15 @@ def test_score_pairs_parity(tiny_ce, passages):
     # the bf16 path keeps the ranking
     ours_bf16 = engine.score_pairs(tiny_ce, pairs, precision="bf16", show_progress=False)
     assert _spearman(ours_bf16, ref) >= 0.995
+
+
+def test_bf16_scores_come_from_a_float32_head(tiny_ce, passages):
+    # a bf16 head rounds the logits to 8 significant bits: margins and thresholds (mine) would compare rounded
+    # values and a small model's scores collapse onto a few levels; the body's output goes to a float32 head
+    pairs = [("what is the capital of france", p) for p in passages[:16]]
+    scores = engine.score_pairs(tiny_ce, pairs, precision="bf16", show_progress=False)
+    assert engine.LAST_RUN["dtype"] == "bfloat16"
+    assert (torch.from_numpy(scores).bfloat16().float().numpy() != scores).sum() >= 8
 
 
 def test_score_pairs_real_queries(tiny_ce, passages):
@@ -171,6 +222,28 @@ def test_token_budget_batches_cover_every_input_once(packed):
         assert cost <= 4096 or b - a == 1
     # a row longer than the budget gets a batch of its own
     assert engine.token_budget_batches(np.array([9000, 10]), 4096, 64) == [(0, 1), (1, 2)]
+
+
+def test_packed_token_budget_batches_fill_the_budget_and_pass_long_rows():
+    # a packed batch takes rows while their sum fits, a sum equal to the budget included ...
+    assert engine.token_budget_batches(np.array([3, 3, 2, 2, 2]), 6, 64, packed=True) == [(0, 2), (2, 5)]
+    # ... and a row longer than the budget is a batch of its own instead of stalling the cut
+    assert engine.token_budget_batches(np.array([9000, 10]), 4096, 64, packed=True) == [(0, 1), (1, 2)]
+
+
+def test_padded_batches_stay_within_the_token_budget(tiny_bi_encoder):
+    """The model sees padded batches of at most batch_tokens tokens (rows x longest row), whatever the order of the
+    texts: each chunk is sorted by length, longest first, before it is cut."""
+    rng = np.random.default_rng(0)
+    words = "the of a cat sat on mat river bank money water flows".split()
+    texts = [" ".join(rng.choice(words, int(n))) for n in rng.integers(1, 60, 64)]
+    model = st.SentenceTransformer(str(tiny_bi_encoder), device="cpu")
+    shapes = []
+    model[0].auto_model.register_forward_pre_hook(  # copied with the model into the engine's working copy
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    engine.encode_texts(model, texts, precision="fp32", show_progress=False, batch_tokens=512)
+    assert len(shapes) > 2 and sum(b for b, _ in shapes) == len(texts)
+    assert max(b * length for b, length in shapes) <= 512, shapes
 
 
 def test_collate_rows_roundtrip():
@@ -297,6 +370,23 @@ def test_packed_path_score(packed_on_cpu, tiny_ce, passages):
     assert _spearman(ours, ref) >= 0.995
 
 
+def test_a_wrong_kernel_is_caught_by_the_first_batch_check(packed_on_cpu, monkeypatch, tiny_cross_encoder, passages):
+    """A varlen kernel that mixes the texts of a pack (what wrong cu_seq_lens would do) disagrees with padded
+    attention on the first packed batch: that batch and the packed ones already queued are re-padded, token type
+    ids included, and scored as a padded call scores them."""
+    monkeypatch.setattr(varlen, "_VARLEN_FN", lambda q, k, v, cu, m, s: 10 * torch.flip(v, [0]))
+    model = st.CrossEncoder(str(tiny_cross_encoder), device="cpu")
+    with torch.no_grad():  # scores with a real spread, and visibly apart for a passage read with the query's type ids
+        model.model.classifier.weight.normal_(0.0, 1.0, generator=torch.Generator().manual_seed(0))
+        model.model.bert.embeddings.token_type_embeddings.weight[1] *= 20
+    qs = ["what is the capital of france", "how long to boil an egg", "symptoms of flu"]
+    pairs = [(qs[i % len(qs)], p) for i, p in enumerate(passages[:40])]
+    padded = engine.score_pairs(model, pairs, precision="bf16", show_progress=False, attention="padded")
+    ours = engine.score_pairs(model, pairs, precision="bf16", show_progress=False, batch_tokens=1000)
+    assert engine.LAST_RUN["attention"] == "sdpa"
+    np.testing.assert_allclose(ours, padded, atol=0.02 * np.abs(padded).max())
+
+
 def test_first_token_feed_forward_gives_the_same_scores(monkeypatch, tiny_ce, passages):
     """The cross-encoder's last layer runs its feed-forward on each text's first token only: scores equal the
     unpruned model's (fp32, padded and packed batches), and the caller's model is untouched."""
@@ -403,6 +493,22 @@ def test_first_token_feed_forward_only_where_the_pooled_token_is_the_first(minil
     engine._PREPARED.clear()
 
 
+def test_first_token_pooling_read_from_the_older_flags():
+    """sentence-transformers before 6 says how a Pooling pools with pooling_mode_* flags: [CLS] alone is
+    first-token pooling, [CLS] beside another mode (mean) reads every token."""
+    from types import SimpleNamespace
+
+    body = SimpleNamespace(auto_model=object(), tokenizer=object())
+
+    def flags(**on):
+        names = ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
+        return SimpleNamespace(**{f"pooling_mode_{n}": on.get(n, False) for n in names})
+
+    assert engine._pools_first_token_only([body, flags(cls_token=True)])
+    assert not engine._pools_first_token_only([body, flags(cls_token=True, mean_tokens=True)])
+    assert not engine._pools_first_token_only([body, flags(mean_tokens=True)])
+
+
 def test_a_transformer_handing_on_other_outputs_is_refused(minilm):
     """The engine hands the last hidden state on as token embeddings; a Transformer module configured to hand on
     another output (a middle layer, the pooler output) or followed by a module that reads every layer would get
@@ -468,6 +574,22 @@ def test_tokenize_workers_auto(monkeypatch):
     assert shared == max(0, min(16, tokenizing.usable_cpus() // 2 - 2))
     monkeypatch.setenv("PIPELINE_TOKENIZE_WORKERS", "5")
     assert tokenizing.resolve_tokenize_workers(None, cpu, 1) == 5
+
+
+def test_fast_tokens_that_differ_only_on_long_texts_are_caught(tiny_bi_encoder):
+    """The cross-check against the model's preprocess covers the longest inputs, not only the first ones: a fast
+    tokenisation that truncates later than the model (here at 128 tokens instead of 64) differs on long texts
+    alone, and is replaced by the model's own preprocess."""
+    from pipeline import tokenize_worker
+
+    model = st.SentenceTransformer(str(tiny_bi_encoder), device="cpu")
+    assert model.max_seq_length == 64
+    texts = [f"short text {i}" for i in range(40)] + ["word " * 100, "a longer text " * 40]
+    tok = tokenizing.Tokenizer(model, "texts", None, False, None)
+    tok._encode = tokenize_worker.build_tokenizer(tok.tokenizer_json, 128, "right").encode_batch
+    got = tok(texts)
+    assert "differs from the model's preprocess" in tok.source
+    assert got.lengths.max() == 64 and tok.backend is None
 
 
 def test_tokeniser_process_failure_falls_back(tiny_ce, passages, monkeypatch, caplog):

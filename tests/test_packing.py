@@ -200,6 +200,16 @@ def test_segmented_sdpa_equals_attention_per_sequence(lengths):
     # dropout reaches the kernel: p = 1 zeroes every attention output
     dropped = varlen._segmented_sdpa(q, k, v, cu, max(lengths), None, dropout=1.0)
     assert float(dropped.detach().abs().max()) == 0.0
+    # and through the attention interface the model's layers call ([1, H, T, D]): their scaling and their attention
+    # dropout reach it
+    q, k, v = (x.detach() for x in (q, k, v))
+    heads = [x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)]
+    packed = dict(cu_seq_lens_q=cu, max_length_q=max(lengths))
+    scaled, _ = varlen._varlen_attention_forward(None, *heads, None, scaling=0.3, **packed)
+    torch.testing.assert_close(scaled[0], _reference_train_varlen(q, k, v, cu, max(lengths), 0.3, 0.0), atol=1e-5,
+                               rtol=1e-5)
+    dropped, _ = varlen._varlen_attention_forward(None, *heads, None, dropout=1.0, **packed)
+    assert float(dropped.abs().max()) == 0.0
 
 
 def test_stage_trainer_trains_packed_with_dropout(packed_on_cpu, bi_encoder, tmp_path):

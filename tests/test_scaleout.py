@@ -97,6 +97,44 @@ def test_prepare_trainer_logs_effective_batch_and_gathers_only_with_several_rank
     assert loss.gather_across_devices is False  # one rank: nothing to gather (and no library warning)
 
 
+def test_rank_0_failing_while_the_others_wait_tells_them(monkeypatch):
+    """Under torchrun the other ranks wait for rank 0's word before training (its evaluation, up to hours) and
+    after it (its save): a rank 0 that fails at either point tells them, so they stop with its error instead of
+    waiting out CONTROL_TIMEOUT_S; while they train beside it there is nothing to tell (torchrun ends them)."""
+    import torch.distributed as dist
+
+    from pipeline import distributed
+
+    sent: list[dict] = []
+    for name, fake in (("is_initialized", lambda: True), ("get_rank", lambda group=None: 0),
+                       ("get_world_size", lambda group=None: 2), ("new_group", lambda **kwargs: "control"),
+                       ("barrier", lambda group=None: None), ("destroy_process_group", lambda: None)):
+        monkeypatch.setattr(dist, name, fake)
+    monkeypatch.setattr(distributed.Coordinator, "_broadcast", lambda self, message: sent.append(message) or message)
+
+    def errors_told(steps: list[str]) -> list[dict]:
+        sent.clear()
+        with pytest.raises(RuntimeError, match="disk full"):
+            with distributed.coordinator("cpu") as coord:
+                for step in steps:
+                    coord.training_done() if step == "training_done" else coord.tell(step)
+                raise RuntimeError("disk full")
+        return [m for m in sent if m["action"] == "error"]
+
+    before = errors_told([])  # the evaluation before training failed
+    assert len(before) == 1 and "RuntimeError: disk full" in before[0]["message"]
+    assert errors_told(["train"]) == []  # during training the followers are not listening
+    after = errors_told(["train", "training_done"])  # the save after training failed
+    assert len(after) == 1 and "disk full" in after[0]["message"]
+    assert errors_told(["skip"]) == []  # told already: the followers have left
+
+    follower = distributed.Coordinator(rank=1, world=2, group="control")
+    monkeypatch.setattr(distributed.Coordinator, "_broadcast",
+                        lambda self, message: {"action": "error", "message": "disk full"})
+    with pytest.raises(distributed.FollowerError, match="rank 0 failed, so rank 1 stops too: disk full"):
+        follower.listen()
+
+
 def test_rotation_sampler_gives_each_rank_its_slice_of_the_single_process_batches():
     """Through accelerate's own BatchSamplerShard (what the trainer wraps a batch sampler in under DDP): at every
     step rank r gets slice r of the batch one process would train on, equal slices, no row twice; a block's short

@@ -137,6 +137,9 @@ def test_key_ignores_truncation_but_not_vocabulary(wordpiece, bpe):
     spec["truncation"] = {"direction": "Right", "max_length": 7, "strategy": "LongestFirst", "stride": 0}
     assert tokens.tokenizer_key(json.dumps(spec)) == tokens.tokenizer_key(js)
     assert tokens.tokenizer_key(bpe.backend_tokenizer.to_str()) != tokens.tokenizer_key(js)
+    vocab = spec["model"]["vocab"]  # the same normaliser and pre-tokeniser with two ids swapped: another store
+    vocab["the"], vocab["of"] = vocab["of"], vocab["the"]
+    assert tokens.tokenizer_key(json.dumps(spec)) != tokens.tokenizer_key(js)
 
 
 # ------------------------------------------------------------------------------------------------- engine
@@ -259,6 +262,36 @@ def test_store_build_is_keyed_reused_and_resumes(models, demo_data_dir, tmp_path
     replace("ids.npy", lambda p: p.write_bytes(b"not an array"))
     with pytest.raises(ValueError, match="damaged.*delete the folder"):
         tokens.open_store(corpus, js, tmp_path / "cache")
+
+
+def test_a_built_store_cuts_long_passages_at_the_cap(models, demo_data_dir, tmp_path, monkeypatch):
+    """Passages longer than CAP keep their first CAP tokens and their full length (MS MARCO has a few; the demo
+    passages are made long here by a CAP of 16), and a build killed between a block's two files (its ids written,
+    its lengths not) redoes that block: the store holds what its passages tokenise to."""
+    from pipeline.readers import Corpus
+
+    monkeypatch.setattr(tokens, "CAP", 16)
+    monkeypatch.setattr(tokens, "BUILD_BLOCK", 100)
+    corpus = Corpus.open(demo_data_dir / "collection.tsv", tmp_path / "cache")
+    js = tokens.fast_tokenizer_json(models[0])
+    real_save = tokens._save
+
+    def killed_before_the_lengths(path, array):
+        if path.name.endswith(".lengths.npy"):
+            raise RuntimeError("killed")
+        real_save(path, array)
+
+    monkeypatch.setattr(tokens, "_save", killed_before_the_lengths)
+    with pytest.raises(RuntimeError, match="killed"):
+        tokens.open_store(corpus, js, tmp_path / "cache")
+    monkeypatch.setattr(tokens, "_save", real_save)
+    store = tokens.open_store(corpus, js, tmp_path / "cache")
+    texts = corpus.texts_at(np.arange(len(corpus)))
+    raw = [e.ids for e in tokens._backend(js).encode_batch(texts, add_special_tokens=False)]
+    assert sum(len(r) > 16 for r in raw) > len(raw) // 2
+    np.testing.assert_array_equal(store.lengths, [len(r) for r in raw])
+    np.testing.assert_array_equal(store.offsets, np.concatenate([[0], np.cumsum([min(len(r), 16) for r in raw])]))
+    np.testing.assert_array_equal(store.ids.astype(np.int32), np.concatenate([r[:16] for r in raw]))
 
 
 def test_a_stop_signal_during_the_store_build_is_taken_after_the_block(models, demo_data_dir, tmp_path, monkeypatch):
