@@ -534,7 +534,9 @@ def open_stage(stage: str, identity: Mapping[str, Any], *, root: str | os.PathLi
             # discarding a result whose inputs are gone would leave neither the result nor a way to rebuild it
             gone = unusable_inputs(path)
             if gone:
-                writers = sorted({f"stage={folder.parent.name}" for folder, _ in gone})
+                # a damaged input still marked complete is skipped by a plain rerun of its stage: it needs force
+                writers = sorted({f"stage={folder.parent.name}" + (" force=true" if is_complete(folder) else "")
+                                  for folder, _ in gone})
                 raise StageError(f"{stage}: not discarding the complete result at {path}: the "
                                  f"input{'s' if len(gone) > 1 else ''} it was built from cannot be read "
                                  f"({'; '.join(f'{folder}: {why}' for folder, why in gone)}). Rebuild "

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 
 from pipeline.artifacts import (LOCK, MANIFEST, MARKER, StageError, StageLocked, atomic_path, atomic_write_json,
-                                config_key, is_complete, open_stage, require_complete, verify_folder)
+                                config_key, is_complete, open_stage, quick_check, require_complete, verify_folder)
 
 IDENTITY = {"stage_cfg": {"k": 100, "rule": "x"}, "data": {"files": {"corpus": {"size": 3}}}, "upstream": "abc"}
 
@@ -204,9 +204,10 @@ def test_force_keeps_a_result_whose_inputs_are_gone(tmp_path):
     assert is_complete(reader) and verify_folder(reader) == [] and calls == [1]
     assert work(tmp_path) == upstream  # rebuilt
     (upstream / "out.json").write_text("{}")  # damaged: refused the same way
-    with pytest.raises(StageError, match="out.json holds 2 bytes"):
+    with pytest.raises(StageError, match=r"out.json holds 2 bytes.*Rebuild it first \(stage=demo force=true\)"):
         _reader(tmp_path, upstream, calls, force=True)
     assert is_complete(reader)
+    assert work(tmp_path) == upstream and "holds 2 bytes" in quick_check(upstream)  # plain rerun: skipped, damaged
     work(tmp_path, force=True)
     assert _reader(tmp_path, upstream, calls, force=True) == reader and calls == [1, 1]
 
