@@ -309,6 +309,7 @@ def _train_in(root: Path, chain: SimpleNamespace, cmd: list[str], overrides: lis
                           timeout=600, check=False)
 
 
+@pytest.mark.slow  # 25 s (three CLI runs, two under torchrun): .ci/run runs it by name after the suite
 def test_torchrun_two_gloo_processes_match_one_process(no_dropout, tmp_path):
     """`train.batch_size` is the batch of one optimizer step: two ranks take 4 rows each of the very 8-row
     no-duplicates batches one process trains on, gather each other's in-batch negatives and average their
