@@ -383,17 +383,22 @@ def _relative_to_root(folder: Path, reader: Path) -> str:
     return folder.relative_to(root).as_posix() if folder.is_relative_to(root) else str(folder)
 
 
-def unusable_inputs(folder: Path) -> list[tuple[Path, str]]:
-    """The recorded inputs of a complete ``folder`` that could not be read again now (missing, unfinished or
-    damaged), each with what is wrong: recomputing ``folder`` under the same key would need them."""
+def _recorded_inputs(folder: Path) -> dict[Path, str]:
+    """The input folders a complete ``folder`` recorded reading (:func:`require_complete`), with their markers then;
+    none when its manifest cannot be read."""
     try:
         recorded = dict(read_manifest(folder).get("upstream") or {})
     except (OSError, ValueError, AttributeError):
-        return []
+        return {}
     root = Path(folder).resolve().parent.parent
+    return {Path(name) if Path(name).is_absolute() else root / name: digest for name, digest in recorded.items()}
+
+
+def unusable_inputs(folder: Path) -> list[tuple[Path, str]]:
+    """The recorded inputs of a complete ``folder`` that could not be read again now (missing, unfinished or
+    damaged), each with what is wrong: recomputing ``folder`` under the same key would need them."""
     problems = []
-    for name in recorded:
-        upstream = Path(name) if Path(name).is_absolute() else root / name
+    for upstream in _recorded_inputs(folder):
         problem = f"no {MARKER}" if not is_complete(upstream) else quick_check(upstream)
         if problem:
             problems.append((upstream, problem))
@@ -403,14 +408,8 @@ def unusable_inputs(folder: Path) -> list[tuple[Path, str]]:
 def stale_inputs(folder: Path) -> list[str]:
     """The recorded inputs of a complete ``folder`` that were recomputed since it read them (their marker
     differs). An input deleted, moved or being recomputed right now is not taken for a change."""
-    try:
-        recorded = dict(read_manifest(folder).get("upstream") or {})
-    except (OSError, ValueError, AttributeError):
-        return []
-    root = Path(folder).resolve().parent.parent
     stale = []
-    for name, digest in recorded.items():
-        upstream = Path(name) if Path(name).is_absolute() else root / name
+    for upstream, digest in _recorded_inputs(folder).items():
         try:
             if is_complete(upstream) and marker_digest(upstream) != digest:
                 stale.append(str(upstream))

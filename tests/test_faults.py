@@ -155,23 +155,30 @@ def test_a_full_disk_inside_a_library_is_one_line_too():
 def test_a_read_only_root_is_one_line_and_exit_2_from_the_cli(tmp_path, monkeypatch, capsys):
     # an archived root mounted read-only, or a cache_root owned by someone else: the write fails with EROFS/EACCES,
     # which the CLI reported as a traceback (exit 1) in which the cleanup's own EROFS hid the first error
-    from pipeline import cli
-
     root = tmp_path / "archive"
 
     def read_only(src, dst):
         raise OSError(errno.EROFS, "Read-only file system", str(src))
 
     monkeypatch.setattr(os, "replace", read_only)
+    said = _plan_from_the_cli(root, tmp_path / "logs", monkeypatch, capsys)
+    assert re.search(rf"Read-only file system: {re.escape(str(root / 'plans'))}/\.tmp-\S+; .*Point artifacts_root",
+                     said)
+
+
+def _plan_from_the_cli(root, logs, monkeypatch, capsys) -> str:
+    """`python -m pipeline experiment=demo stage=plan` in this process, which must stop with one line, exit 2: what
+    it said."""
+    from pipeline import cli
+
     monkeypatch.setattr(sys, "argv", ["pipeline", "experiment=demo", "stage=plan", f"artifacts_root={root}",
-                                      f"hydra.run.dir={tmp_path / 'logs'}"])
+                                      f"hydra.run.dir={logs}"])
     with pytest.raises(SystemExit) as stopped:
         cli.main()
     out = capsys.readouterr()
     assert stopped.value.code == 2, out.err[-2000:]
     assert "Traceback" not in out.out + out.err
-    assert re.search(rf"Read-only file system: {re.escape(str(root / 'plans'))}/\.tmp-\S+; .*Point artifacts_root",
-                     out.out + out.err)
+    return out.out + out.err
 
 
 def test_an_input_the_job_may_not_read_is_one_line_without_blaming_the_roots(tmp_path, monkeypatch, capsys):
@@ -182,11 +189,6 @@ def test_an_input_the_job_may_not_read_is_one_line_without_blaming_the_roots(tmp
         raise PermissionError(errno.EACCES, "Permission denied", "/data/other-group/collection.tsv")
 
     monkeypatch.setattr(cli, "run", denied)
-    monkeypatch.setattr(sys, "argv", ["pipeline", "experiment=demo", "stage=plan", f"artifacts_root={tmp_path}",
-                                      f"hydra.run.dir={tmp_path / 'logs'}"])
-    with pytest.raises(SystemExit) as stopped:
-        cli.main()
-    said = capsys.readouterr()
-    assert stopped.value.code == 2 and "Traceback" not in said.out + said.err
+    said = _plan_from_the_cli(tmp_path, tmp_path / "logs", monkeypatch, capsys)
     assert ("Permission denied: /data/other-group/collection.tsv; nothing was marked complete that had not "
-            "finished. Fix that path's permissions, and rerun") in said.out + said.err
+            "finished. Fix that path's permissions, and rerun") in said
