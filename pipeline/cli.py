@@ -70,8 +70,11 @@ def main(cfg: DictConfig) -> None:
         if denied is not None:
             # a read-only or foreign artifacts_root / cache_root, or an input file the job may not read: one line
             # naming the path, not a traceback (exit 2, like every setting the user has to change)
-            ours = any(Path(str(denied.filename)).resolve().is_relative_to(Path(str(root)).expanduser().resolve())
-                       for root in (cfg.artifacts_root, cfg.cache_root))
+            try:
+                ours = any(Path(str(denied.filename)).resolve().is_relative_to(Path(str(root)).expanduser().resolve())
+                           for root in (cfg.artifacts_root, cfg.cache_root))
+            except Exception:  # a root that cannot be resolved: name both fixes
+                ours = True
             fix = ("Point artifacts_root (and cache_root, default <artifacts_root>/cache) at a folder this job may "
                    "write, or fix that path's permissions" if ours else "Fix that path's permissions")
             log.error("%s: %s; nothing was marked complete that had not finished. %s, and rerun", denied.strerror,
