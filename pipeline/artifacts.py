@@ -529,7 +529,7 @@ def open_stage(stage: str, identity: Mapping[str, Any], *, root: str | os.PathLi
             run.done = True
             yield run
             return
-        if is_complete(path) and not reusable or stale:
+        if (is_complete(path) and not reusable) or stale:
             # discarding a result whose inputs are gone would leave neither the result nor a way to rebuild it
             gone = unusable_inputs(path)
             if gone:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -88,17 +89,21 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from (libraries such as safetensors wrap the OS error)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def not_writable(exc: BaseException) -> OSError | None:
     """The read-only file system or permission error (with the path it names) that ``exc`` is or was raised from."""
     import errno
 
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.EROFS, errno.EACCES) and exc.filename:
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
+    return next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES)
+                 and e.filename), None)
 
 
 _DISK_FULL = ("No space left on device", "File too large", "Disk quota exceeded", "FileTooLarge", "StorageFull")
@@ -109,12 +114,5 @@ def disk_full(exc: BaseException) -> bool:
     safetensors wrap the OS error in their own."""
     import errno
 
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            return True
-        if any(s in str(exc) for s in _DISK_FULL):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+    return any((isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
+               or any(s in str(e) for s in _DISK_FULL) for e in _chain(exc))

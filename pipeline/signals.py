@@ -170,9 +170,14 @@ def _any_rank_requested() -> bool:
 _stopped_at: int | None = None
 
 
-def training_stopped_at() -> int | None:
-    """The step at which the last training stopped on a signal (None: it ran to its end)."""
-    return _stopped_at
+def raise_if_training_stopped(stage: str) -> None:
+    """Training that a signal stopped (its checkpoint saved) is never saved as the final model, even when the
+    signal's own handler let the process live (submitit logs and ignores SIGTERM): the next run resumes."""
+    from pipeline.artifacts import StageError
+
+    if _stopped_at is not None:
+        raise StageError(f"{stage}: stopped by a signal at step {_stopped_at} (checkpoint saved); nothing was marked "
+                         f"complete, the next run resumes from checkpoints/checkpoint-{_stopped_at}")
 
 
 def stop_callback():

@@ -184,10 +184,9 @@ def data_sizes(value: Any) -> str | None:
         if key not in SIZE_KEYS:
             return f"unknown key {key!r} (known: {', '.join(SIZE_KEYS)})"
         per_set = key in ("eval_queries", "rerank_passages")
-        counts = count.items() if per_set and isinstance(count, Mapping) else [(None, count)]
         if per_set and not isinstance(count, Mapping):
             return f"{key} must map eval set names to counts"
-        for name, n in counts:
+        for name, n in count.items() if per_set else [(None, count)]:
             if not _number(n) or n <= 0:
                 return f"{key}{'' if name is None else '.' + str(name)}={n!r} must be a number > 0"
     return None

@@ -44,14 +44,13 @@ def _count_lines(path: str | None) -> int | None:
         return sum(1 for _ in fh)
 
 
-def _why_uncounted(key: str, source: Any) -> str:
-    """Why the plan could not count what ``key`` names: planning before the data is fetched is meant to work
-    (data.sizes), but a mistyped path must not pass for an empty corpus."""
+def _why_uncounted(key: str, source: Any, size: str) -> str:
+    """Why the plan could not count what ``key`` names (``size``: the data.sizes key that would give it): planning
+    before the data is fetched is meant to work, but a mistyped path must not pass for an empty corpus."""
     if not source:
         return f"{key} is not set and data.sizes does not count it"
     if str(source).startswith(("hf:", "irds:")):
         return f"{key}={source} is counted only from data.sizes"
-    size = "data.sizes.corpus" if key == "data.corpus" else "data.sizes.train_queries"
     return (f"{key}={source} does not exist; to plan before fetching give {size}=N (+{size}=N where the data "
             f"config has no sizes)")
 
@@ -207,9 +206,10 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     for name, ev in cfg.data.evals.items():
         count = known_eval.get(name) or _count_judged_queries(ev.qrels, 1)
         eval_q[name] = {"kind": str(ev.kind), "queries": count}
-    unknown = [f"{n} ({_why_uncounted(key, cfg.data.corpus if key == 'data.corpus' else cfg.data.train.qrels)})"
-               for n, key, v in (("corpus passages", "data.corpus", corpus),
-                                 ("training queries", "data.train.qrels", train_q)) if v is None]
+    unknown = [f"{what} ({_why_uncounted(key, source, size)})" for what, key, source, size, count in (
+        ("corpus passages", "data.corpus", cfg.data.corpus, "data.sizes.corpus", corpus),
+        ("training queries", "data.train.qrels", cfg.data.train.qrels, "data.sizes.train_queries", train_q))
+        if count is None]
     corpus, train_q = corpus or 0, train_q or 0
     evaluate_only = str(p.chain) == "evaluate"
     # stage=all's rounds: each retrieves, scores, mines and trains with the model the round before trained

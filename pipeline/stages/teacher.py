@@ -176,10 +176,7 @@ def run(cfg: DictConfig) -> Path:
                 started = time.perf_counter()
                 output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
                 seconds = time.perf_counter() - started
-            stopped = signals.training_stopped_at()
-            if stopped is not None:  # the signal's own handler let the process live (submitit ignores SIGTERM)
-                raise StageError(f"teacher: stopped by a signal at step {stopped} (checkpoint saved); nothing was "
-                                 f"marked complete, the next run resumes from checkpoints/checkpoint-{stopped}")
+            signals.raise_if_training_stopped("teacher")
             history = [h for h in trainer.state.log_history if "loss" in h]
             summary = {"steps": int(trainer.state.global_step), "train_loss": round(float(output.training_loss), 5),
                        "loss_first": history[0]["loss"] if history else None,

@@ -773,7 +773,7 @@ def _lead(cfg: DictConfig, coord) -> Path:
                 output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
                 seconds = time.perf_counter() - started
             coord.training_done()  # every rank left the trainer: the folder is rank 0's alone again
-            _stop_if_interrupted(trainer)
+            signals.raise_if_training_stopped("train")
             history = [h for h in trainer.state.log_history if "loss" in h]
             check_loss_finite(history, cfg)
             summary = {
@@ -910,17 +910,6 @@ def _make_stage_trainer(cfg: DictConfig, model, dataset, block_size: int, ckpt_d
         logging_steps=int(tc.logging_steps), dataloader_workers=tc.dataloader_workers,
         seed=int(cfg.seed), report_to=tracking.report_to(cfg), packing=tc.packing,
         compile_layers=bool(tc.compile_layers), prompts=training_prompts(cfg, model))
-
-
-def _stop_if_interrupted(trainer) -> None:
-    """Training that a signal stopped (its checkpoint saved) is never saved as the final model, even when the
-    signal's own handler let the process live (submitit logs and ignores SIGTERM): the next run resumes."""
-    from pipeline import signals
-
-    step = signals.training_stopped_at()
-    if step is not None:
-        raise StageError(f"train: stopped by a signal at step {step} (checkpoint saved); nothing was marked "
-                         f"complete, the next run resumes from checkpoints/checkpoint-{step}")
 
 
 def _evaluate(cfg: DictConfig, name: str, spec: str) -> dict[str, Any] | None:
