@@ -130,7 +130,7 @@ def test_a_complete_chain_on_a_read_only_root_prints_its_table(chain_run, monkey
     import errno
 
     from pipeline import artifacts
-    from pipeline.stages import all as chain
+    from pipeline.stages import evaluate
 
     real_open = os.open
 
@@ -143,7 +143,7 @@ def test_a_complete_chain_on_a_read_only_root_prints_its_table(chain_run, monkey
         return real_open(path, flags, *args)
 
     monkeypatch.setattr(artifacts.os, "open", no_lock_files)
-    monkeypatch.setattr(chain, "atomic_write_text", read_only)
+    monkeypatch.setattr(evaluate, "atomic_write_text", read_only)
     out = _run_chain(chain_run["cfg"])
     assert "nothing to do: every stage was complete" in out and "| v3 |" in out
     table = Path(next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("results table: ")))

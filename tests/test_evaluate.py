@@ -98,6 +98,37 @@ def test_bm25_only_end_to_end(tmp_path):
     assert rows_key([row]) != rows_key([{**row, "path": str(folder.with_name("bm25-0123456789ab"))}])
 
 
+
+def test_a_complete_evaluation_on_a_read_only_root_prints_its_table(tmp_path, monkeypatch, capsys):
+    """An archived root mounted read-only: the evaluation is found complete without its lock, and the stage then
+    failed on the very results table that was already there (stage=all printed it and went on)."""
+    import errno
+
+    from pipeline import artifacts
+
+    cfg = config(tmp_path, "evaluate.systems=[]")
+    folder = evaluate.run(cfg)
+    (table,) = (folder.parents[1] / "results").glob("tinybeir-*.md")
+    assert f"results table: {table}\n" in capsys.readouterr().out
+    real_open = os.open
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(args[0]))
+
+    def no_lock_files(path, flags, *args):
+        if flags & os.O_CREAT:
+            read_only(path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(artifacts.os, "open", no_lock_files)
+    monkeypatch.setattr(evaluate, "atomic_write_text", read_only)
+    assert evaluate.run(cfg) == folder  # the same table was there: nothing to write
+    assert f"results table: {table}\n" in capsys.readouterr().out
+    table.unlink()  # archived without its table: printed, and the line says it is not on disk
+    assert evaluate.run(cfg) == folder
+    out = capsys.readouterr().out
+    assert "| BM25 | " in out and f"results table: {table} (not written)" in out and not table.exists()
+
 def test_dense_system_end_to_end(tmp_path, bi_encoder_spec):
     from sentence_transformers import SentenceTransformer
 

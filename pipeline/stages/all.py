@@ -11,9 +11,7 @@ already scored. Every stage's own run() decides whether to skip; this module onl
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import errno
 import logging
 import time
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import validate
-from pipeline.artifacts import StageError, atomic_write_text, read_manifest
+from pipeline.artifacts import StageError, read_manifest
 from pipeline.stages import common
 
 log = logging.getLogger(__name__)
@@ -85,23 +83,6 @@ class _Chain:
         log.info("%-18s %s  %s", what, status, path)
 
 
-def _write_results(out: Path, text: str) -> bool:
-    """Write the results table unless the same one is there; whether it is there now. A root mounted read-only
-    (an archive whose stages are all complete, read without their locks) gets a warning, not a traceback after
-    every stage was found complete: the table is printed anyway."""
-    with contextlib.suppress(OSError, UnicodeDecodeError):
-        if out.read_text(encoding="utf-8") == text:
-            return True
-    try:
-        atomic_write_text(out, text)
-    except OSError as exc:
-        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise
-        log.warning("results table not written to %s (%s); it is printed below", out, exc.strerror)
-        return False
-    return True
-
-
 @validate.checked
 def run(cfg: DictConfig) -> Path:
     from pipeline import tracking
@@ -141,7 +122,7 @@ def run(cfg: DictConfig) -> Path:
         table = evaluate.results_table(rows, cfg)
         out = common.artifacts_root(cfg) / "results" / f"{cfg.data.name}-{cfg.model.name}-{evaluate.rows_key(rows)}.md"
         plot = Path(mine_dir) / "report.png"
-        written = _write_results(out, f"# {cfg.data.name}: {cfg.model.name} (v2) and its fine-tuned versions\n\n"
+        written = evaluate.write_results(out, f"# {cfg.data.name}: {cfg.model.name} (v2) and its fine-tuned versions\n\n"
                                       f"{table}\nMining report plot: {plot}\n")
         tracker.log({"results": {r["name"]: r["metrics"] for r in rows}})
 

@@ -34,6 +34,8 @@ Conventions, chosen to equal BEIR's ``EvaluateRetrieval`` and MTEB's retrieval e
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -203,6 +205,23 @@ def rows_key(rows: Sequence[Mapping[str, Any]]) -> str:
     return config_key({"rows": [[row["name"], Path(row["path"]).name] for row in rows]})
 
 
+def write_results(out: Path, text: str) -> bool:
+    """Write a results table unless the same one is there; whether it is there now. A root mounted read-only
+    (an archive whose stages are all complete, read without their locks) gets a warning, not a traceback after
+    every stage was found complete: the caller prints the table anyway (this stage and `stage=all` alike)."""
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        if out.read_text(encoding="utf-8") == text:
+            return True
+    try:
+        atomic_write_text(out, text)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        log.warning("results table not written to %s (%s); it is printed below", out, exc.strerror)
+        return False
+    return True
+
+
 @validate.checked
 def run(cfg: DictConfig) -> Path:
     systems = _systems(cfg)
@@ -211,9 +230,9 @@ def run(cfg: DictConfig) -> Path:
     rows = [_run_system(cfg, system) for system in systems]
     table = results_table(rows, cfg)
     out = artifacts_root(cfg) / "results" / f"{cfg.data.name}-{rows_key(rows)}.md"
-    atomic_write_text(out, f"# {cfg.data.name}\n\n{table}")
+    written = write_results(out, f"# {cfg.data.name}\n\n{table}")
     print(table, flush=True)
-    log.info("results table -> %s", out)
+    print(f"results table: {out}" + ("" if written else " (not written)"), flush=True)
     return Path(rows[-1]["path"])
 
 
