@@ -604,7 +604,27 @@ def checksum_files(folder: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
+def _hub_commits(identity: Any) -> dict[str, str]:
+    """The commit of every Hub model in a stage's identity that this process loaded: an unpinned id keys by name
+    (whatever the Hub serves), so this is what says which weights made the result."""
+    from pipeline.models import hub_commit
+
+    found: dict[str, str] = {}
+    if isinstance(identity, dict):
+        if isinstance(identity.get("hub"), str):
+            spec = identity["hub"] + (f"@{identity['revision']}" if identity.get("revision") else "")
+            if hub_commit(spec):
+                found[spec] = str(hub_commit(spec))
+        for value in identity.values():
+            found.update(_hub_commits(value))
+    elif isinstance(identity, list):
+        for value in identity:
+            found.update(_hub_commits(value))
+    return found
+
+
 def _finish(run: StageRun) -> None:
+    commits = _hub_commits(run.identity)
     manifest = {
         "stage": run.stage,
         "key": run.key,
@@ -619,6 +639,7 @@ def _finish(run: StageRun) -> None:
         "finished_unix": round(time.time(), 3),
         "files": checksum_files(run.path),
         **({"upstream": run.upstream} if run.upstream else {}),
+        **({"hub_commits": commits} if commits else {}),
         **({"extra": run.extra} if run.extra else {}),
     }
     atomic_write_json(run.path / MANIFEST, manifest)

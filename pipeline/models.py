@@ -56,22 +56,77 @@ def resolve_model_path(spec: str, artifacts_root: str | os.PathLike | None = Non
     return spec
 
 
-def hub_id(spec: Any) -> str | None:
-    """``spec`` when it names a model on the Hub (owner/name, no such local folder), else None: what a model card's
-    ``base_model`` may link to (a local path or a demo: model means nothing once the folder is shared)."""
+#: a Hub model pinned to a branch, tag or commit: owner/name@revision (pip's spelling of a pinned source)
+_PINNED = re.compile(r"([\w.-]+/[\w.-]+)@([\w./-]+)")
+
+#: the commit each Hub model loaded in this process resolved to, by its spec: manifests record it
+_hub_commits: dict[str, str] = {}
+
+
+def split_revision(spec: Any) -> tuple[str, str | None]:
+    """(model, revision) of ``owner/name@revision``; (spec, None) for anything else, a local folder whose name
+    holds an ``@`` included."""
     spec = str(spec)
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) and not Path(spec).expanduser().exists():
-        return spec
+    m = _PINNED.fullmatch(spec)
+    if m and not Path(spec).expanduser().exists():
+        return m.group(1), m.group(2)
+    return spec, None
+
+
+def hub_id(spec: Any) -> str | None:
+    """The Hub id ``spec`` names (owner/name, any ``@revision`` dropped; no such local folder), else None: what a
+    model card's ``base_model`` may link to (a local path or a demo: model means nothing once the folder is shared)."""
+    name = split_revision(spec)[0]
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).expanduser().exists():
+        return name
     return None
+
+
+def hub_commit(spec: Any) -> str | None:
+    """The commit a Hub model loaded in this process came from (None: not a Hub model, or not loaded here)."""
+    return _hub_commits.get(str(spec))
+
+
+def commit_note(spec: Any) -> str:
+    """What a model card adds after a spec: ' at commit <sha>' for a Hub model loaded in this process, else ''."""
+    commit = hub_commit(spec)
+    return f" at commit {commit}" if commit else ""
+
+
+def _record_commit(spec: str, model: Any) -> None:
+    """Remember the commit a Hub model was loaded from: the cache snapshot its files came from (the refs of a branch
+    or tag resolve there, online or offline); sentence-transformers' own record, where that fails, only when it is
+    a commit (for a pinned branch or tag it keeps the name as given)."""
+    name = hub_id(spec)
+    if not name:
+        return
+    revision = split_revision(spec)[1]
+    commit = None
+    with contextlib.suppress(Exception):  # a cache layout this cannot read: the manifest goes without it
+        from huggingface_hub import try_to_load_from_cache
+
+        for filename in ("modules.json", "config.json"):
+            path = try_to_load_from_cache(name, filename, revision=revision)
+            if isinstance(path, str) and "snapshots" in Path(path).parts:
+                parts = Path(path).parts
+                commit = parts[parts.index("snapshots") + 1]
+                break
+    if commit is None:
+        commit = getattr(getattr(model, "model_card_data", None), "base_model_revision", None)
+        commit = commit if re.fullmatch(r"[0-9a-f]{40}", str(commit)) else None
+    if commit:
+        _hub_commits[spec] = str(commit)
 
 
 def load_bi_encoder(spec: str, *, device: str = "auto", artifacts_root: str | None = None,
                     max_seq_length: int | None = None, trust_remote_code: bool = False) -> Any:
     from sentence_transformers import SentenceTransformer
 
+    name, revision = split_revision(spec)
     with _loading(spec, "bi-encoder"):
-        model = SentenceTransformer(resolve_model_path(spec, artifacts_root), device=resolve_device(device),
-                                    trust_remote_code=trust_remote_code)
+        model = SentenceTransformer(resolve_model_path(name, artifacts_root), device=resolve_device(device),
+                                    trust_remote_code=trust_remote_code, revision=revision)
+    _record_commit(spec, model)
     if max_seq_length:
         model.max_seq_length = int(max_seq_length)
     return model
@@ -81,11 +136,15 @@ def load_cross_encoder(spec: str, *, device: str = "auto", artifacts_root: str |
                        max_length: int | None = None, trust_remote_code: bool = False) -> Any:
     from sentence_transformers import CrossEncoder
 
-    kwargs: dict[str, Any] = {"device": resolve_device(device), "trust_remote_code": trust_remote_code}
+    name, revision = split_revision(spec)
+    kwargs: dict[str, Any] = {"device": resolve_device(device), "trust_remote_code": trust_remote_code,
+                              "revision": revision}
     if max_length:
         kwargs["max_length"] = int(max_length)
     with _loading(spec, "cross-encoder"):
-        return CrossEncoder(resolve_model_path(spec, artifacts_root), **kwargs)
+        model = CrossEncoder(resolve_model_path(name, artifacts_root), **kwargs)
+    _record_commit(spec, model)
+    return model
 
 
 @contextlib.contextmanager
@@ -97,16 +156,19 @@ def _loading(spec: str, kind: str):
     try:
         yield
     except OSError as exc:
-        where = ("the folder holds no model" if Path(spec).expanduser().is_dir() else "no such folder" if
+        revision = split_revision(spec)[1]
+        where = ("the folder holds no model" if Path(spec).expanduser().is_dir() else
+                 f"not a local folder, and the Hub is unreachable, or the id or revision {revision!r} is wrong "
+                 "(offline: the HF cache only)" if revision else "no such folder" if
                  spec.startswith((".", "/", "~")) or Path(spec).suffix else
                  "not a local folder, and the Hub is unreachable or the id is wrong (offline: the HF cache only)")
         raise StageError(f"cannot load the {kind} {spec!r}: {where} ({str(exc).splitlines()[0][:200]})") from exc
 
 
 def model_identity(spec: str) -> dict[str, Any]:
-    """What keys an artifact to a model: the hub id, or a local folder's content fingerprint (so two different
-    local models never share a cache, unlike util.mine_hard_negatives' cache_folder, and one model copied
-    elsewhere keeps its cached embeddings)."""
+    """What keys an artifact to a model: the hub id (with its revision when pinned), or a local folder's content
+    fingerprint (so two different local models never share a cache, unlike util.mine_hard_negatives' cache_folder,
+    and one model copied elsewhere keeps its cached embeddings)."""
     from pipeline.artifacts import file_fingerprint
 
     spec = str(spec)
@@ -120,4 +182,6 @@ def model_identity(spec: str) -> dict[str, Any]:
         # a folder's model card (README.md) is left out: the train stage writes the measured figures into it after
         # evaluating the model, and it changes nothing the model computes
         return {"local": file_fingerprint(spec, exclude=("README.md",))}
-    return {"hub": spec}
+    name, revision = split_revision(spec)
+    # an unpinned id keys by its name alone (whatever the Hub serves; the manifest records the commit it was)
+    return {"hub": name, "revision": revision} if revision else {"hub": spec}

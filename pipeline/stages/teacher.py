@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from pipeline import validate
 from pipeline.artifacts import StageError, atomic_path, atomic_write_json, open_stage
 from pipeline.config import plain
-from pipeline.models import hub_id, load_cross_encoder, model_identity, resolve_device
+from pipeline.models import commit_note, hub_id, load_cross_encoder, model_identity, resolve_device
 from pipeline.stages import common
 from pipeline.stages.retrieve import train_data_identity
 
@@ -209,13 +209,13 @@ def model_card(cfg: DictConfig, summary: dict[str, Any], counts: dict[str, Any])
         "---",
         "library_name: sentence-transformers",
         "pipeline_tag: text-ranking",
-        *([f"base_model: {spec}"] if hub_id(spec) else []),
+        *([f"base_model: {hub_id(spec)}"] if hub_id(spec) else []),
         "tags: [sentence-transformers, cross-encoder, reranker, msmarco-v3-recipe]",
         "---",
         "",
         f"# {label(cfg)}",
         "",
-        f"A cross-encoder fine-tuned from `{spec}` by the pipeline's teacher stage, to judge the passages the "
+        f"A cross-encoder fine-tuned from `{spec}`{commit_note(spec)} by the pipeline's teacher stage, to judge the passages the "
         "bi-encoder retrieved (the score stage) where no trained cross-encoder was configured. It is a judge for "
         "mining hard negatives on this data, not a general reranker.",
         "",

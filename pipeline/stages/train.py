@@ -43,7 +43,7 @@ from omegaconf import DictConfig
 from pipeline import validate
 from pipeline.artifacts import StageError, atomic_path, atomic_write_json, atomic_write_text, open_stage, read_manifest
 from pipeline.config import plain
-from pipeline.models import hub_id, load_bi_encoder, model_identity, resolve_device
+from pipeline.models import commit_note, hub_id, load_bi_encoder, model_identity, resolve_device
 from pipeline.stages import common
 from pipeline.stages.retrieve import train_data_identity
 
@@ -971,13 +971,14 @@ def model_card(cfg: DictConfig, mine_dir: Path, metrics: Mapping[str, Any]) -> s
         "---",
         "library_name: sentence-transformers",
         "pipeline_tag: sentence-similarity",
-        *([f"base_model: {spec}"] if hub_id(spec) else []),
+        *([f"base_model: {hub_id(spec)}"] if hub_id(spec) else []),
         "tags: [sentence-transformers, sentence-similarity, feature-extraction, msmarco-v3-recipe, hard-negatives]",
         "---",
         "",
         f"# {name}",
         "",
-        f"{cfg.model.name} ({old}, `{spec}`) fine-tuned into {new} with the MSMARCO Models v3 recipe: {old} retrieved "
+        f"{cfg.model.name} ({old}, `{spec}`{commit_note(spec)}) fine-tuned into {new} with the MSMARCO Models v3 "
+        f"recipe: {old} retrieved "
         f"passages for the training queries, a cross-encoder scored them, passages {old} ranked high but the "
         f"cross-encoder scored low became hard negatives, and {old} was trained further with "
         "MultipleNegativesRankingLoss.",
