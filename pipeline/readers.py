@@ -48,7 +48,11 @@ class DataError(ValueError):
 
 def _open_binary(path: Path):
     if not path.exists():
-        raise DataError(path, None, "file not found")
+        # every reader takes a gzipped file as is, but a setting names one file: a user who gzipped the data (the
+        # layout's collection.tsv[.gz]) was told only that the file the config names is not there
+        gz = path.with_name(path.name + ".gz")
+        raise DataError(path, None, "file not found" + (f" ({gz.name} is there: point the setting at it)"
+                                                        if gz.is_file() else ""))
     if path.is_dir():
         raise DataError(path, None, "is a directory, expected a file")
     with open(path, "rb") as probe:

@@ -26,6 +26,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+# where data=msmarco looks (conf/data/msmarco.yaml: ${repo_root:}/data/msmarco, or $MSMARCO_DIR): the repository's
+# data/ folder, not the working directory's, so a fetch run from elsewhere lands where the pipeline reads
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "data" / "msmarco"
+
 MIRRORS = ["https://msmarco.z22.web.core.windows.net/msmarcoranking/",
            "https://msmarco.blob.core.windows.net/msmarcoranking/"]
 
@@ -124,7 +128,7 @@ def extract(archive: Path, members: dict[str, str], out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("MSMARCO_DIR", "data/msmarco"), help="target folder")
+    parser.add_argument("--out", default=os.environ.get("MSMARCO_DIR", str(DEFAULT_OUT)), help="target folder")
     parser.add_argument("--only", default="corpus,train,dev,dl19", help=f"groups: {','.join(GROUPS)}")
     parser.add_argument("--keep-archives", action="store_true", help="keep the downloaded archives")
     args = parser.parse_args(argv)
@@ -143,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         archive = out / name
         download([url] if url else [m + name for m in MIRRORS], archive, md5)
         extract(archive, members, out)
-        if not args.keep_archives and any(members.values()) and archive.name.endswith(".gz"):
+        # every .gz download was extracted (a .tar.gz into its members, a .gz into the file it compresses); the
+        # downloads that are the file itself (qrels.train.tsv, 2019qrels-pass.txt) end otherwise and stay
+        if not args.keep_archives and archive.name.endswith(".gz"):
             archive.unlink()
     print(f"done: {out}")
     return 0

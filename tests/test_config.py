@@ -188,6 +188,17 @@ def test_unknown_keys_are_rejected():
         compose(["no_such_top_level_key=1"])
 
 
+def test_plan_says_how_deep_each_search_goes():
+    """The searches line said (top-100), retrieve's depth, also for the evaluation-only plan, whose dev queries are
+    searched to evaluate.k (1000)."""
+    from pipeline.stages import plan
+
+    lines = {e: next(line for line in plan.format_plan(plan.estimate(compose([f"experiment={e}"]))).splitlines()
+                     if "queries to search" in line) for e in ("eval_published", "v3_distilbert")}
+    assert lines["eval_published"].endswith("41,880  (evaluation top-1000)")
+    assert lines["v3_distilbert"].endswith("516,899  (training top-100, evaluation top-1000)")
+
+
 def test_beir_requires_a_root():
     from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 

@@ -373,6 +373,32 @@ def test_retrieval_judgements_missing_from_the_corpus_follow_max_missing_qrels(t
     evaluate.run(config(tmp_path, extra, "evaluate.systems=[]", "evaluate.bm25=true", "data.max_missing_qrels=0.5"))
 
 
+def test_a_top1000_s_own_query_texts_fill_in_for_a_queries_file_that_lacks_them(tmp_path):
+    """A TREC-DL top-1000 file whose queries the eval set's queries file lacks (another year's queries file): the
+    judged ones were counted as 0 under a warning that they had no text, though the top-1000 file carries it."""
+    folder = beir_folder(tmp_path)
+    qrels = folder / "qrels" / "test.tsv"
+    other_year = tmp_path / "queries-without-q1.tsv"  # q1's text only in the top-1000 file
+    other_year.write_text("".join(f"{q}\t{t}\n" for q, t in QUERIES.items() if q != "q1"))
+    extra = ("+data.evals.dl={kind: rerank, queries: '%s', qrels: '%s', candidates: '%s', metrics: ['RR@10']}"
+             % (other_year, qrels, folder / "top1000.tsv"))
+    folder_bm25 = evaluate.run(config(tmp_path, extra, "evaluate.systems=[]"))
+    assert set(read_run(folder_bm25 / "runs" / "dl.trec")) == {"q1", "q2", "q4"}
+
+
+def test_a_top1000_that_ranks_no_judged_query_is_one_line(tmp_path):
+    """A top-1000 file of another year or split ranks none of the judged queries: the empty run ended in a
+    traceback from the metrics (exit 1) after the stages before it had run; now one line naming the file (exit 2)."""
+    folder = beir_folder(tmp_path)
+    qrels = folder / "qrels" / "test.tsv"
+    stranger = tmp_path / "top1000-other-queries.tsv"
+    stranger.write_text("x1\td1\tlava\tLava flows from an erupting volcano.\n")
+    extra = ("+data.evals.dl={kind: rerank, queries: '%s', qrels: '%s', candidates: '%s', metrics: ['RR@10']}"
+             % (folder / "queries.jsonl", qrels, stranger))
+    with pytest.raises(StageError, match=r"top1000-other-queries.tsv ranks none of its 5 judged queries"):
+        evaluate.run(config(tmp_path, extra, "evaluate.systems=[]"))
+
+
 def test_rerank_encodes_each_candidate_s_own_text_with_the_passage_prompt(tmp_path, tiny_bi_encoder, monkeypatch):
     # a TREC run's candidates take their texts from the corpus, whose rows need not follow the ids' order; and
     # passages take the passage prompt, queries the query prompt (a prompted model scored otherwise is another model)

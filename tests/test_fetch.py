@@ -93,8 +93,21 @@ def test_resume_md5_and_extraction(server, tmp_path):
     assert (out / "collection.tsv").read_bytes() == collection
     assert (out / "msmarco-test2019-queries.tsv").read_text() == "1\twhat is a test\n"
     assert not list(out.glob(".tmp-*")) and not list(out.glob("*.part"))
+    # without --keep-archives no download stays once extracted: a single-file .gz was kept beside its file
+    assert sorted(f.name for f in out.iterdir()) == ["collection.tsv", "msmarco-test2019-queries.tsv"]
 
     fetch.FILES["collectionandqueries.tar.gz"] = (None, "0" * 32, {"collection2.tsv": "collection.tsv"})
     with pytest.raises(SystemExit, match="could not download"):
         fetch.download([base + "collectionandqueries.tar.gz"], out / "bad.tar.gz", "0" * 32, retries=1)
     assert not (out / "bad.tar.gz").exists()
+
+
+def test_the_default_folder_is_the_one_data_msmarco_reads(monkeypatch, tmp_path):
+    """The script's default was data/msmarco under the working directory, the config's the repository's: a fetch
+    run from another folder put the files where `data=msmarco` did not look."""
+    from pipeline.config import compose
+
+    monkeypatch.delenv("MSMARCO_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    fetch = _load_fetch()
+    assert Path(compose(["data=msmarco"]).data.root) == fetch.DEFAULT_OUT

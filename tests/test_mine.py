@@ -309,6 +309,43 @@ def test_extra_system_from_a_retrieve_folder(chain):
         assert len(a) == 3 and len(b) <= 3 and not set(a) & set(b)
 
 
+def test_a_later_round_of_the_chain_finds_the_extra_systems_of_the_first(chain):
+    """iterations=2 with a bi-encoder spec in mine.systems: round 2 runs under model.name <name>-it2, which the
+    extra system's score key held (through its retrieve folder's name), so round 2's mine asked for results no
+    command makes (its message named the ones that made round 1's). Each round now pools the same extra results."""
+    from pipeline.config import compose
+    from pipeline.stages import all as chain_stage
+    from pipeline.stages import mine
+
+    spec = str(chain["cfg"].model.bi_encoder) + "/"  # the same model under another spelling: its results exist
+    cfg = compose([*chain["overrides"], f"mine.systems=['second={spec}']"])
+    first = mine.systems(cfg)[1]
+    assert first.score_dir is not None
+    round2 = chain_stage.iteration_config(cfg, 2, "round1/model", str(cfg.model.cross_encoder))
+    again = mine.systems(round2, strict=False)[1]
+    assert (again.name, again.score_key, again.score_dir) == ("second", first.score_key, first.score_dir)
+
+
+def test_an_extra_system_is_judged_by_the_teacher_that_judges_the_first(tmp_path, demo_stage_overrides):
+    """Without a given cross-encoder, an extra system's score key (and the message naming the commands to make it)
+    asked for a teacher of its own, trained on its own candidates: two judges whose logits the rules compared."""
+    from pipeline.artifacts import MANIFEST, MARKER
+    from pipeline.config import compose
+    from pipeline.stages import common, mine, score
+
+    cfg = compose([f"artifacts_root={tmp_path}", *demo_stage_overrides(max_queries=4, top_k=5, cross_encoder=False),
+                   "mine.systems=['second=owner/other']"])
+    teacher = common.stage_dir(cfg, "teacher")  # a complete teacher, as the chain leaves it before mine
+    (teacher / "model").mkdir(parents=True)
+    (teacher / "model" / "config.json").write_text("{}")
+    (teacher / MANIFEST).write_text("{}")
+    (teacher / MARKER).write_text("done\n")
+    ((name, extra, how),) = mine._extra_entries(cfg)
+    assert score.identity(extra)["cross_encoder"] == score.identity(cfg)["cross_encoder"]
+    assert how.endswith(f"stage=score model.bi_encoder=owner/other model.cross_encoder={teacher / 'model'} "
+                        "teacher.enabled=false")
+
+
 def test_only_decimal_integer_ids_become_json_integers():
     from pipeline.stages import mine
 

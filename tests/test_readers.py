@@ -124,6 +124,13 @@ def test_empty_and_missing_files(tmp_path):
         read_queries(tmp_path / "nope.tsv")
 
 
+def test_a_missing_file_whose_gzipped_copy_is_there_says_so(tmp_path):
+    # data.root at a folder of gzipped files: the config names collection.tsv, the folder holds collection.tsv.gz
+    write(tmp_path / "collection.tsv.gz", gzip.compress(b"0\tsome passage\n"))
+    with raises_at(tmp_path / "collection.tsv", None, r"file not found \(collection.tsv.gz is there"):
+        read_queries(tmp_path / "collection.tsv")
+
+
 @pytest.mark.parametrize("content,line,match", [
     ('{"_id": "a", "text": "x"}\n{"_id": "b", "text": "y"\n', 2, "invalid JSON"),
     ('{"_id": "a", "text": "x"}\n["b", "y"]\n', 2, "expected a JSON object"),

@@ -414,6 +414,27 @@ def test_model_card_links_a_hub_base_model_and_says_why_queries_were_left_out(tm
     assert "base_model" not in T.model_card(local, tmp_path / "no-mine", metrics)
 
 
+def test_model_card_names_the_commit_the_hub_cross_encoder_came_from(tmp_path):
+    """The card named v2's Hub commit but not the judge's: train never loads the cross-encoder, whose commit only the
+    score stage's manifest (hub_commits) held."""
+    from pipeline.config import compose
+
+    rotation = {"queries": 5, "epochs": 1, "triplets": 5, "skipped_no_pool": 0, "skipped_no_positive": 0,
+                "skipped_no_negative": 0}
+    metrics = {"rotation": rotation, "train": {"warmup_steps": 0, "precision": "fp32", "steps": 1, "loss_first": 1.0,
+                                               "loss_last": 0.5}}
+    cfg = compose([f"artifacts_root={tmp_path}", "model=msmarco_distilbert_v2"])
+    score_dir, mine_dir = tmp_path / "score" / "s-1", tmp_path / "mine" / "m-1"
+    score_dir.mkdir(parents=True)
+    mine_dir.mkdir(parents=True)
+    ce = "cross-encoder/ms-marco-electra-base"
+    (score_dir / "manifest.json").write_text(json.dumps({"hub_commits": {ce: "c" * 40}}))
+    (mine_dir / "report.json").write_text(json.dumps({"systems": {"v2": str(score_dir)}}))
+    card = T.model_card(cfg, mine_dir, metrics)
+    assert f"- cross-encoder: `{ce}` at commit {'c' * 40}\n" in card
+    assert f"- cross-encoder: `{ce}`\n" in T.model_card(cfg, tmp_path / "no-mine", metrics)  # no score manifest
+
+
 def test_a_diverged_loss_stops_training_before_anything_is_saved(tmp_path):
     # a nan loss was saved as v3, and its evaluation then blamed the precision (non-finite embeddings)
     from pipeline.artifacts import StageError

@@ -38,6 +38,8 @@ def label(cfg: DictConfig) -> str:
 def iteration_config(cfg: DictConfig, k: int, bi_encoder: str, cross_encoder: str) -> DictConfig:
     """Round k's config: the previous round's model as the bi-encoder, the first round's cross-encoder,
     and a model name that keeps the rounds' folders and table rows apart."""
+    from pipeline.stages import mine
+
     derived = copy.deepcopy(cfg)
     base = str(cfg.model.name)
     OmegaConf.set_readonly(derived, False)
@@ -46,6 +48,7 @@ def iteration_config(cfg: DictConfig, k: int, bi_encoder: str, cross_encoder: st
     derived.model.name = f"{base}-it{k}"
     derived.model.cross_encoder = str(cross_encoder)
     derived.teacher.enabled = False  # the first round's judge, whether given or trained, judges every round
+    derived.mine.systems = mine.fixed_systems(cfg)  # the extra systems' round-1 results, not ones under this name
     OmegaConf.set_struct(derived, True)
     return derived
 

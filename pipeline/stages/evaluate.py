@@ -263,6 +263,7 @@ def _run_system(cfg: DictConfig, system: dict[str, Any]) -> dict[str, Any]:
                     else:
                         cands = read_candidates(str(ev["candidates"]))
                         queries = _judged_queries(_rerank_queries(ev, cands), qrels, name)
+                        _check_candidates_judged(queries, cands, name, str(ev["candidates"]))
                         ranked = scorer.rerank(name, queries, cands, str(ev["candidates"]))
                 with st.timed(f"{name}.metrics"):
                     results[name] = metrics.evaluate_run(qrels, ranked, list(ev["metrics"]),
@@ -304,7 +305,15 @@ def _safe_tag(name: str) -> str:
 
 def _rerank_queries(ev: Mapping[str, Any], cands: Candidates) -> dict[str, str]:
     if ev.get("queries"):
-        return read_queries(str(ev["queries"]))
+        queries = read_queries(str(ev["queries"]))
+        # a TREC-DL top-1000 file carries the text of every query it ranks: a query the queries file lacks (another
+        # year's or split's file) is still ranked, with the text its candidates were retrieved for, instead of
+        # being counted as 0 under a warning that it has no text
+        extra = {q: t for q, t in cands.queries.items() if q not in queries}
+        if extra:
+            log.warning("%s: %d queries of the candidates file are not in %s, e.g. %s; their text is taken from "
+                        "the candidates file", ev["candidates"], len(extra), ev["queries"], sorted(extra)[:5])
+        return {**queries, **extra}
     if not cands.queries:
         raise DataError(str(ev["candidates"]), None, "a TREC run carries no query texts: set the eval set's queries")
     return dict(cands.queries)
@@ -320,6 +329,16 @@ def _judged_queries(queries: Mapping[str, str], qrels: Qrels, eval_name: str) ->
     if not kept:
         raise StageError(f"eval set {eval_name}: no judged query has a text (do queries and qrels match?)")
     return kept
+
+
+def _check_candidates_judged(queries: Mapping[str, str], cands: Candidates, eval_name: str, source: str) -> None:
+    """A rerank set whose candidates rank none of its judged queries (a top-1000 file of another year or split)
+    would leave an empty run, which failed deep in the metrics with a traceback: one line naming the file instead.
+    Some judged queries without candidates are allowed (counted by evaluate.missing_queries, with a warning)."""
+    if not any(cands.ranked.get(q) for q in queries):
+        raise StageError(f"eval set {eval_name}: the candidates file {source} ranks none of its {len(queries)} judged "
+                         f"queries (e.g. {sorted(queries)[:3]}; it ranks {sorted(cands.ranked)[:3]}): do the "
+                         f"candidates, queries and qrels belong to the same set?")
 
 
 def _corpus_rows(corpus: Corpus, cands: Candidates, source: str) -> dict[str, int]:

@@ -534,15 +534,47 @@ class System:
 def systems(cfg: DictConfig, *, strict: bool = True) -> list[System]:
     """The configured bi-encoder (named model.name) then each of `mine.systems`: "<name>=<source>" or
     "<source>", a source being a retrieve artifact folder or a bi-encoder spec (hub id, dir, demo:<name>).
-    Score results are found by key whatever their label (an extra system may run under another model.name).
+    Score results are found by key whatever their label (a retrieve folder's system may have run under another
+    model.name; a spec's key holds this config's model.name, through the retrieve folder's name).
     strict: every score result must be complete (StageError naming the command to run otherwise)."""
+    from pipeline.stages import score
+
+    entries: list[tuple[str, DictConfig, str]] = [(str(cfg.model.name), cfg, "stage=score"), *_extra_entries(cfg)]
+    out = []
+    for name, cfg2, how in entries:
+        key = config_key(score.identity(cfg2))
+        found = next((f for f in sorted((common.artifacts_root(cfg) / "score").glob(f"*-{key}")) if is_complete(f)),
+                     None)
+        if found is None and strict:
+            raise StageError(f"no complete score result for system {name!r} (key {key}); run {how} first")
+        if found is not None and strict:  # about to be read: checked, and recorded in mine's manifest
+            require_complete(found, f"the score result of system {name!r}")
+        out.append(System(name, key, found))
+    names = [s.name for s in out]
+    if len(set(names)) != len(names):
+        raise StageError(f"mine.systems: system names must be unique, got {names}; name them as <name>=<source>")
+    return out
+
+
+def fixed_systems(cfg: DictConfig) -> list[str]:
+    """`mine.systems` with each source as the retrieve folder it names under ``cfg``: what stage=all gives its later
+    rounds. A later round runs under another model.name (<name>-it<k>), which a bi-encoder spec's score key holds
+    (through the retrieve folder's name): round 2 looked for results no command had made, and its message named
+    the commands that had made round 1's. The folder names the same candidates, and the same scores, every round."""
+    from pipeline.stages import score
+
+    return [f"{name}={score.retrieve_dir(cfg2, must_exist=False)}" for name, cfg2, _ in _extra_entries(cfg)]
+
+
+def _extra_entries(cfg: DictConfig) -> list[tuple[str, DictConfig, str]]:
+    """(name, config that scores it, the commands that make its score result) of each of `mine.systems`."""
     import copy
 
     from omegaconf import OmegaConf
 
     from pipeline.stages import score
 
-    entries: list[tuple[str, DictConfig, str]] = [(str(cfg.model.name), cfg, "stage=score")]
+    entries: list[tuple[str, DictConfig, str]] = []
     for entry in cfg.mine.systems or []:
         entry = str(entry)
         name, sep, source = entry.partition("=")
@@ -559,22 +591,18 @@ def systems(cfg: DictConfig, *, strict: bool = True) -> list[System]:
         else:
             OmegaConf.update(cfg2, "model.bi_encoder", source)
             name = name or Path(source.rstrip("/")).name or source
-            how = f"stage=retrieve model.bi_encoder={source}, then stage=score model.bi_encoder={source}"
+            judge = ""
+            if score._given_cross_encoder(cfg) is None:
+                # the teacher this config trains judges every system, as it judges every round of stage=all: the
+                # extra system's own config asked for a teacher of its own (trained on its own candidates), whose
+                # logits the mining rules would then have compared with the first teacher's
+                teacher_model = common.stage_dir(cfg, "teacher") / "model"
+                OmegaConf.update(cfg2, "model.cross_encoder", str(teacher_model))
+                OmegaConf.update(cfg2, "teacher.enabled", False)
+                judge = f" model.cross_encoder={teacher_model} teacher.enabled=false"
+            how = f"stage=retrieve model.bi_encoder={source}, then stage=score model.bi_encoder={source}{judge}"
         entries.append((name, cfg2, how))
-    out = []
-    for name, cfg2, how in entries:
-        key = config_key(score.identity(cfg2))
-        found = next((f for f in sorted((common.artifacts_root(cfg) / "score").glob(f"*-{key}")) if is_complete(f)),
-                     None)
-        if found is None and strict:
-            raise StageError(f"no complete score result for system {name!r} (key {key}); run {how} first")
-        if found is not None and strict:  # about to be read: checked, and recorded in mine's manifest
-            require_complete(found, f"the score result of system {name!r}")
-        out.append(System(name, key, found))
-    names = [s.name for s in out]
-    if len(set(names)) != len(names):
-        raise StageError(f"mine.systems: system names must be unique, got {names}; name them as <name>=<source>")
-    return out
+    return entries
 
 
 # --------------------------------------------------------------------------------------------- stage

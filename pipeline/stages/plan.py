@@ -247,6 +247,14 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     fp32 = {stage: _gpu_dtype(cfg[stage].precision) == "fp32"
             for stage in ("retrieve", "score", "evaluate")}
     searched = rounds * train_q + dense_systems * sum(eval_q[n]["queries"] or 0 for n in retrieval_evals)
+    # the depth each search goes to: retrieve's top_k for training queries, evaluate's k (at least the metrics'
+    # largest cutoff) for the dev queries; the line said top-100 for an evaluation-only plan searching top-1000
+    from pipeline import metrics
+
+    eval_depth = max([int(cfg.evaluate.k)] + [metrics.max_cutoff(list(cfg.data.evals[n].metrics)) or 0
+                                              for n in retrieval_evals])
+    depths = [*([f"training top-{top_k}"] if rounds * train_q else []),
+              *([f"evaluation top-{eval_depth}"] if retrieval_evals else [])]
     batch = int(cfg.train.batch_size)
     triplets = rounds * int(_triplets_per_epoch(train_positives, per_query, train_q) * float(p.epochs))
     negatives = int(cfg.mine.num_negatives_per_system or depth) * (1 + len(cfg.mine.systems or []))
@@ -337,7 +345,8 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     return {
         "experiment": {"data": cfg.data.name, "model": cfg.model.name, "chain": str(p.chain)},
         "work": {"corpus_passages": corpus, "training_queries": train_q, "eval_queries": eval_q,
-                 "passages_encoded": encode, "queries_searched": searched, "top_k": top_k, "pairs_scored": pairs,
+                 "passages_encoded": encode, "queries_searched": searched, "top_k": top_k,
+                 "search_depths": ", ".join(depths), "pairs_scored": pairs,
                  "teacher_pairs_trained": teacher_pairs,
                  "training_triplets": triplets, "training_steps": -(-triplets // batch) if batch else 0},
         "disk_gb": {k: round(v, 2) for k, v in disk.items()},
@@ -363,7 +372,7 @@ def format_plan(plan: dict[str, Any]) -> str:
         count = f"{ev['queries']:,}" if ev["queries"] is not None else "?"
         lines.append(f"  eval {name:<17} {count:>14} queries ({ev['kind']})")
     lines += [f"  passages to encode     {sum(w['passages_encoded'].values()):>14,}  {w['passages_encoded']}",
-              f"  queries to search      {w['queries_searched']:>14,}  (top-{w['top_k']})",
+              f"  queries to search      {w['queries_searched']:>14,}  ({w['search_depths']})",
               f"  pairs to score         {w['pairs_scored']:>14,}",
               *([f"  teacher training pairs {w['teacher_pairs_trained']:>14,}  (costed as 3 scored pairs each)"]
                 if w.get("teacher_pairs_trained") else []),

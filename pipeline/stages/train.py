@@ -993,7 +993,7 @@ def model_card(cfg: DictConfig, mine_dir: Path, metrics: Mapping[str, Any]) -> s
         "",
         "## Hard-negative mining",
         "",
-        f"- cross-encoder: `{ce}`",
+        f"- cross-encoder: `{ce}`{_judge_commit_note(ce, report)}",
         f"- mine stage artifact: `{mine_dir.name}`",
         "- rules (mine config):",
         "",
@@ -1048,6 +1048,18 @@ def _cross_encoder(cfg: DictConfig) -> str:
         return str(score.cross_encoder_spec(cfg))
     except Exception:  # the card must not fail over a label
         return str(cfg.model.cross_encoder or "teacher stage")
+
+
+def _judge_commit_note(ce: str, report: Mapping[str, Any]) -> str:
+    """' at commit <sha>' for a Hub cross-encoder, from the manifests of the score results the mine report names:
+    train never loads the judge, so the card named v2's commit and left the judge's unsaid (an unpinned id keys by
+    its name, whatever the Hub serves)."""
+    from pipeline.models import hub_commit
+
+    commit = hub_commit(ce)
+    for folder in (report.get("systems") or {}).values():
+        commit = commit or _safe(lambda f=folder: read_manifest(Path(f)).get("hub_commits", {}).get(ce), None)
+    return f" at commit {commit}" if commit else ""
 
 
 def _safe(fn, default):
