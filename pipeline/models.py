@@ -155,7 +155,9 @@ def _loading(spec: str, kind: str):
 
     try:
         yield
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        if not isinstance(exc, OSError) and not Path(spec).expanduser().is_dir():
+            raise  # a folder without a model (no config.json, or one without model_type) raises ValueError
         revision = split_revision(spec)[1]
         where = ("the folder holds no model" if Path(spec).expanduser().is_dir() else
                  f"not a local folder, and the Hub is unreachable, or the id or revision {revision!r} is wrong "

@@ -75,8 +75,8 @@ def test_chain_runs_every_stage_and_prints_the_table(chain_run):
                                                                  written.name), written
     table = written.read_text()
     assert "| v3 |" in table
-    assert "mining report plot: " in out and "report.png" in out
-    assert list((root / "mine").glob("*/report.png"))
+    plot = Path(next(line.split(": ", 1)[1] for line in lines if line.startswith("mining report plot: ")))
+    assert plot.name == "report.png" and plot.is_file() and plot.parent.parent == root / "mine"
 
 
 def test_train_artifact_has_model_card_metrics_and_no_checkpoints(chain_run):
@@ -122,6 +122,26 @@ def test_second_run_skips_every_stage_and_says_so(chain_run):
         assert any(line.strip().startswith(stage) and "skipped (complete)" in line for line in out.splitlines()), out
     assert "ran in" not in out
     assert "nothing to do: every stage was complete" in out
+
+
+
+def test_a_chain_without_bm25_leaves_its_row_out(chain_run):
+    # bookkeeping only: every stage is found complete, and the table has no BM25 row
+    out = _run_chain(compose([*chain_run["overrides"], "evaluate.bm25=false"]))
+    assert "nothing to do: every stage was complete" in out
+    assert "| v2 |" in out and "| v3 |" in out and "BM25" not in out
+
+
+def test_each_round_of_iterations_trains_from_the_last_under_its_own_name(tmp_path):
+    from pipeline.stages import all as chain
+    from pipeline.stages import common, train
+
+    cfg = compose(["experiment=demo", f"artifacts_root={tmp_path}", "iterations=3"])
+    round2 = chain.iteration_config(cfg, 2, "round1/model", "judge/model")
+    round3 = chain.iteration_config(cfg, 3, "round2/model", "judge/model")
+    assert [train.version_names(c) for c in (cfg, round2, round3)] == [("v2", "v3"), ("v3", "v4"), ("v4", "v5")]
+    assert (round3.model.bi_encoder, round3.model.cross_encoder) == ("round2/model", "judge/model")
+    assert len({common.stage_dir(c, "train") for c in (cfg, round2, round3)}) == 3
 
 
 def test_a_complete_chain_on_a_read_only_root_prints_its_table(chain_run, monkeypatch):

@@ -164,11 +164,43 @@ def test_the_cli_refuses_invalid_values_in_one_line_without_running(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name != "logs"]  # no stage started, no demo model built
 
 
+def test_the_cli_refuses_a_key_added_with_a_plus_without_running(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "experiment=demo", "stage=plan",
+                           f"artifacts_root={tmp_path}", "+retrieve.topk=5"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out, out[-2000:]
+    assert "invalid settings (nothing was run): +retrieve.topk=5: adds 'retrieve.topk'" in out
+    assert not [p for p in tmp_path.iterdir() if p.name != "logs"]
+
+
+def test_cpu_threads_sets_the_threads_a_stage_computes_with(tmp_path):
+    import torch
+
+    from pipeline.cli import run as run_stage
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run_stage(compose(["experiment=demo", "stage=plan", f"artifacts_root={tmp_path}", "cpu_threads=1"]))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_every_precision_spelling_reads_the_same_in_training():
     from pipeline.stages.train import resolve_precision
 
     assert resolve_precision("float32", "cpu") == resolve_precision("fp32", "cpu") == "fp32"
     assert resolve_precision("half", "cuda") == "fp16"
+
+
+def test_a_precision_may_be_left_unset_or_spelled_as_torch_names_it():
+    from pipeline.models import precision_name
+
+    assert precision_name(None) == precision_name("auto") == "auto"
+    assert precision_name("torch.float16") == precision_name("Half") == "fp16"
+    assert precision_name("torch.bfloat16") == "bf16"
 
 
 def test_every_yaml_key_says_what_it_is_for():
@@ -383,6 +415,35 @@ def test_verify_reports_an_altered_artifact(tmp_path):
     (st.path / "out.txt").write_text("tampered\n")
     with pytest.raises(StageError, match="problems"):
         verify.run(cfg)
+
+
+def test_verify_counts_each_kind_of_folder_and_names_each_problem(tmp_path, capsys):
+    from pipeline.stages import verify
+
+    with pytest.raises(StageError, match="no artifacts under"):
+        verify.run(compose([f"artifacts_root={tmp_path / 'none'}", "stage=verify"]))
+    root = tmp_path / "art"
+    with open_stage("toy", {"x": 1}, root=root):
+        pass
+    with open_stage("toy", {"x": 2}, root=root) as damaged:
+        (damaged.path / "out.txt").write_text("hello\n")
+    (damaged.path / "out.txt").write_text("tampered\n")
+    killed = root / "toy" / "killed-0123"  # a stage killed before it wrote anything but its lock
+    killed.mkdir()
+    (killed / ".lock").write_text("")
+    with open_stage("toy", {"x": 3}, root=root) as unmarked:
+        pass
+    (unmarked.path / "_COMPLETE").unlink()  # a manifest without its marker
+    with pytest.raises(StageError, match="^2 problems found"):
+        verify.run(compose([f"artifacts_root={root}", "stage=verify"]))
+    out = capsys.readouterr().out
+    assert f"verify: 4 artifact folders under {root}: 1 intact, 2 with problems, 1 incomplete\n" in out
+    assert f"  {damaged.path}/out.txt: altered (sha256 differs from the manifest)\n" in out
+    assert f"  {unmarked.path}: no _COMPLETE marker (incomplete)\n" in out
+    # a sharded stage's parts carry manifests of their own
+    (tmp_path / "sharded" / "retrieve" / "r-1" / "parts" / "0").mkdir(parents=True)
+    (tmp_path / "sharded" / "retrieve" / "r-1" / "parts" / "0" / "manifest.json").write_text("{}")
+    assert verify.stage_folders(tmp_path / "sharded") == [tmp_path / "sharded" / "retrieve" / "r-1" / "parts" / "0"]
 
 
 def test_cli_unknown_stage_exits_nonzero(tmp_path):

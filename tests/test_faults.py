@@ -192,3 +192,46 @@ def test_an_input_the_job_may_not_read_is_one_line_without_blaming_the_roots(tmp
     said = _plan_from_the_cli(tmp_path, tmp_path / "logs", monkeypatch, capsys)
     assert ("Permission denied: /data/other-group/collection.tsv; nothing was marked complete that had not "
             "finished. Fix that path's permissions, and rerun") in said
+
+
+def test_a_cache_root_elsewhere_that_may_not_be_written_is_blamed_on_the_roots(tmp_path, monkeypatch, capsys):
+    # a cache_root shared between projects, outside artifacts_root: the fix is a root setting, not file permissions
+    from pipeline import cli
+
+    cache = tmp_path / "shared-cache"
+
+    def denied(cfg):
+        raise PermissionError(errno.EACCES, "Permission denied", str(cache / "digests" / "x"))
+
+    monkeypatch.setattr(cli, "run", denied)
+    monkeypatch.setattr(sys, "argv", ["pipeline", "experiment=demo", "stage=plan", f"artifacts_root={tmp_path / 'art'}",
+                                      f"cache_root={cache}", f"hydra.run.dir={tmp_path / 'logs'}"])
+    with pytest.raises(SystemExit) as stopped:
+        cli.main()
+    said = capsys.readouterr()
+    said = said.out + said.err
+    assert stopped.value.code == 2
+    assert f"Permission denied: {cache / 'digests' / 'x'}; " in said and "Point artifacts_root" in said
+
+
+def test_a_full_disk_outside_a_stage_is_one_line_and_exit_2_from_the_cli(tmp_path, monkeypatch, capsys):
+    # a library's save that fails while handling the OS error (not `raise ... from`) still names the full disk
+    from pipeline import cli
+
+    def full(cfg):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("save failed")
+
+    monkeypatch.setattr(cli, "run", full)
+    said = _plan_from_the_cli(tmp_path, tmp_path / "logs", monkeypatch, capsys)
+    assert "no space left while writing (save failed); nothing was marked complete that had not finished" in said
+
+
+def test_a_permission_error_without_a_path_is_not_blamed_on_one():
+    from pipeline.cli import not_writable
+
+    named = PermissionError(errno.EACCES, "Permission denied", "/data/x.tsv")
+    assert not_writable(named) is named
+    assert not_writable(PermissionError(errno.EACCES, "Permission denied")) is None

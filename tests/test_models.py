@@ -11,8 +11,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from pipeline import models
+from pipeline.artifacts import StageError
 from pipeline.config import REPO_ROOT
-from pipeline.models import hub_id, model_identity, split_revision
+from pipeline.models import (hub_id, load_bi_encoder, load_cross_encoder, model_identity, resolve_device,
+                             resolve_model_path, split_revision)
 
 MAIN, TAGGED = "a" * 40, "b" * 40
 
@@ -66,6 +71,14 @@ for spec in sys.argv[2:]:
     out[spec] = {"folder": folder.name, "hub_commits": manifest.get("hub_commits"),
                  "identity": manifest["identity"]["bi_encoder"],
                  "scores": pq.read_table(folder / "candidates.parquet").column("bi_score").to_pylist()}
+from pipeline.models import hub_commit, load_cross_encoder
+
+for spec in ("owner/tiny@" + "b" * 40, "owner/tiny@v8"):  # the tag v1's commit, a revision the cache lacks
+    try:
+        load_cross_encoder(spec, device="cpu")
+        out["cross-encoder " + spec] = {"hub_commit": hub_commit(spec)}
+    except StageError as exc:
+        out["cross-encoder " + spec] = {"error": str(exc)}
 print("RESULT " + json.dumps(out))
 """
 
@@ -92,3 +105,96 @@ def test_retrieve_loads_the_pinned_revision_and_its_manifest_records_the_commit(
     assert got[f"owner/tiny@{MAIN}"]["scores"] == got["owner/tiny"]["scores"] != got["owner/tiny@v1"]["scores"]
     error = got["owner/tiny@v9"]["error"]
     assert "cannot load the bi-encoder 'owner/tiny@v9'" in error and "revision 'v9'" in error
+    assert got[f"cross-encoder owner/tiny@{TAGGED}"] == {"hub_commit": TAGGED}
+    error = got["cross-encoder owner/tiny@v8"]["error"]
+    assert "cannot load the cross-encoder 'owner/tiny@v8'" in error and "revision 'v8'" in error
+
+
+def test_device_auto_is_what_this_machine_has():
+    import torch
+
+    assert resolve_device("auto") == resolve_device(None) == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cuda:1") == "cuda:1"
+
+
+def test_a_pin_may_name_a_branch_with_slashes_and_a_local_folder_is_never_a_hub_id(tmp_path, monkeypatch):
+    # the Hub's pull-request refs and slashed branch names are revisions too
+    assert split_revision("owner/name@refs/pr/1") == ("owner/name", "refs/pr/1")
+    # a folder named like an id is that folder: nothing for a model card to link
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    assert hub_id("models/tiny") is None and hub_id("models/other") == "models/other"
+
+
+def test_a_commit_is_recorded_only_when_it_is_one(monkeypatch):
+    """Where the cache cannot say which commit a model came from, the loader's record is kept only when it is a
+    commit: a branch or tag name (what it keeps for a pinned one) would mislabel the card."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(models, "_hub_commits", {})
+
+    def loaded(revision):
+        return SimpleNamespace(model_card_data=SimpleNamespace(base_model_revision=revision))
+
+    models._record_commit("owner/not-cached@v1", loaded("v1"))
+    models._record_commit("owner/not-cached", loaded("c" * 40))
+    assert models.commit_note("owner/not-cached@v1") == ""
+    assert models.commit_note("owner/not-cached") == " at commit " + "c" * 40
+    assert models.commit_note("./local-model") == ""
+
+
+def test_loaders_apply_the_configured_lengths(tiny_bi_encoder, tiny_cross_encoder):
+    assert load_bi_encoder(str(tiny_bi_encoder), device="cpu", max_seq_length=7).max_seq_length == 7
+    assert load_cross_encoder(str(tiny_cross_encoder), device="cpu", max_length=9).max_length == 9
+
+
+def test_a_model_that_cannot_load_is_one_line_saying_why(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    for spec, why in [("empty", "the folder holds no model"), ("./missing", "no such folder"),
+                      ("model.pt", "no such folder"),
+                      ("owner/not-cached", "not a local folder, and the Hub is unreachable or the id is wrong "
+                                           "(offline: the HF cache only)")]:
+        with pytest.raises(StageError) as info:
+            load_bi_encoder(spec, device="cpu")
+        message = str(info.value)
+        assert message.startswith(f"cannot load the bi-encoder {spec!r}: {why} ("), message
+        assert "\n" not in message
+    # a library's multi-line explanation is cut to its first line
+    import sentence_transformers
+
+    def unreachable(*args, **kwargs):
+        raise OSError("We couldn't connect to the Hub.\nCheckout your internet connection or see how to run the "
+                      "library in offline mode.")
+
+    monkeypatch.setattr(sentence_transformers, "SentenceTransformer", unreachable)
+    with pytest.raises(StageError, match=r"\(We couldn't connect to the Hub\.\)$"):
+        load_bi_encoder("owner/name", device="cpu")
+
+
+def test_unknown_demo_models_are_named(tmp_path):
+    with pytest.raises(StageError, match=r"unknown demo model 'demo:nope'; available: demo:"):
+        resolve_model_path("demo:nope", tmp_path)
+
+
+def test_a_models_identity_follows_what_it_computes(tmp_path, monkeypatch):
+    """A local folder keys by its content but not its card (train writes the measured figures into README.md after
+    evaluating); a demo model keys by the settings that build it."""
+    import copy
+
+    from pipeline import demo
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    before = model_identity(str(folder))
+    (folder / "README.md").write_text("# measured: MRR@10 0.33\n")
+    assert model_identity(str(folder)) == before
+    (folder / "config.json").write_text('{"hidden": 8}')
+    assert model_identity(str(folder)) != before
+
+    built = model_identity("demo:bi_encoder")
+    settings = copy.deepcopy(demo.DEMO_MODEL_SETTINGS)
+    settings["version"] += 1
+    monkeypatch.setattr(demo, "DEMO_MODEL_SETTINGS", settings)
+    assert model_identity("demo:bi_encoder") != built
