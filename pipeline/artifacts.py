@@ -604,27 +604,10 @@ def checksum_files(folder: Path) -> dict[str, dict[str, Any]]:
     return files
 
 
-def _hub_commits(identity: Any) -> dict[str, str]:
-    """The commit of every Hub model in a stage's identity that this process loaded: an unpinned id keys by name
-    (whatever the Hub serves), so this is what says which weights made the result."""
-    from pipeline.models import hub_commit
-
-    found: dict[str, str] = {}
-    if isinstance(identity, dict):
-        if isinstance(identity.get("hub"), str):
-            spec = identity["hub"] + (f"@{identity['revision']}" if identity.get("revision") else "")
-            if hub_commit(spec):
-                found[spec] = str(hub_commit(spec))
-        for value in identity.values():
-            found.update(_hub_commits(value))
-    elif isinstance(identity, list):
-        for value in identity:
-            found.update(_hub_commits(value))
-    return found
-
-
 def _finish(run: StageRun) -> None:
-    commits = _hub_commits(run.identity)
+    from pipeline.models import hub_commits_in
+
+    commits = hub_commits_in(run.identity)
     manifest = {
         "stage": run.stage,
         "key": run.key,

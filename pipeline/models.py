@@ -87,10 +87,30 @@ def hub_commit(spec: Any) -> str | None:
     return _hub_commits.get(str(spec))
 
 
-def commit_note(spec: Any) -> str:
-    """What a model card adds after a spec: ' at commit <sha>' for a Hub model loaded in this process, else ''."""
-    commit = hub_commit(spec)
+def commit_note(spec: Any, recorded: str | None = None) -> str:
+    """What a model card adds after a spec: ' at commit <sha>' for a Hub model loaded in this process (else the
+    commit ``recorded`` by the stage that loaded it), '' when neither is known."""
+    commit = hub_commit(spec) or recorded
     return f" at commit {commit}" if commit else ""
+
+
+def hub_commits_in(identity: Any) -> dict[str, str]:
+    """The commit of every Hub model in a stage's identity (the :func:`model_identity` entries in it) that this
+    process loaded, by its spec: an unpinned id keys by name (whatever the Hub serves), so this is what says which
+    weights made the result."""
+    found: dict[str, str] = {}
+    if isinstance(identity, dict):
+        if isinstance(identity.get("hub"), str):
+            spec = identity["hub"] + (f"@{identity['revision']}" if identity.get("revision") else "")
+            commit = hub_commit(spec)
+            if commit:
+                found[spec] = commit
+        for value in identity.values():
+            found.update(hub_commits_in(value))
+    elif isinstance(identity, list):
+        for value in identity:
+            found.update(hub_commits_in(value))
+    return found
 
 
 def _record_commit(spec: str, model: Any) -> None:

@@ -36,7 +36,7 @@ def test_teacher_needed_only_without_a_cross_encoder(tmp_path):
     assert score._cross_encoder_identity(compose(["model.cross_encoder=some/ce", f"artifacts_root={tmp_path}"])) != \
         score._cross_encoder_identity(asked)
     round2 = chain.iteration_config(asked, 2, "round1/model", "teacher/model")
-    assert score._given_cross_encoder(round2) == "teacher/model"
+    assert score.given_cross_encoder(round2) == "teacher/model"
 
 
 def test_teacher_trains_a_cross_encoder_the_score_stage_finds(tmp_path, tiny_bi_encoder, tiny_cross_encoder):

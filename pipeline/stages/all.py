@@ -125,8 +125,9 @@ def run(cfg: DictConfig) -> Path:
         table = evaluate.results_table(rows, cfg)
         out = common.artifacts_root(cfg) / "results" / f"{cfg.data.name}-{cfg.model.name}-{evaluate.rows_key(rows)}.md"
         plot = Path(mine_dir) / "report.png"
-        written = evaluate.write_results(out, f"# {cfg.data.name}: {cfg.model.name} (v2) and its fine-tuned versions\n\n"
-                                      f"{table}\nMining report plot: {plot}\n")
+        written = evaluate.write_results(
+            out, f"# {cfg.data.name}: {cfg.model.name} (v2) and its fine-tuned versions\n\n{table}\n"
+                 f"Mining report plot: {plot}\n")
         tracker.log({"results": {r["name"]: r["metrics"] for r in rows}})
 
     total = time.perf_counter() - started

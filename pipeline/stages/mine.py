@@ -592,7 +592,7 @@ def _extra_entries(cfg: DictConfig) -> list[tuple[str, DictConfig, str]]:
             OmegaConf.update(cfg2, "model.bi_encoder", source)
             name = name or Path(source.rstrip("/")).name or source
             judge = ""
-            if score._given_cross_encoder(cfg) is None:
+            if score.given_cross_encoder(cfg) is None:
                 # the teacher this config trains judges every system, as it judges every round of stage=all: the
                 # extra system's own config asked for a teacher of its own (trained on its own candidates), whose
                 # logits the mining rules would then have compared with the first teacher's

@@ -63,19 +63,19 @@ _NOT_IN_KEY = ("debug_sleep_s",)
 # --------------------------------------------------------------------------------------------- inputs
 
 
-def _given_cross_encoder(cfg: DictConfig) -> str | None:
+def given_cross_encoder(cfg: DictConfig) -> str | None:
     """model.cross_encoder, unless a teacher is asked for (teacher.enabled: the trained teacher judges instead)."""
     return None if cfg.teacher.enabled or not cfg.model.cross_encoder else str(cfg.model.cross_encoder)
 
 
 def cross_encoder_spec(cfg: DictConfig) -> str:
     """model.cross_encoder, or the teacher stage's trained model when it is null or teacher.enabled is set."""
-    given = _given_cross_encoder(cfg)
+    given = given_cross_encoder(cfg)
     return given if given else str(common.completed(cfg, "teacher") / "model")
 
 
 def _cross_encoder_identity(cfg: DictConfig) -> dict[str, Any]:
-    given = _given_cross_encoder(cfg)
+    given = given_cross_encoder(cfg)
     if given:
         return model_identity(given)
     teacher = common.stage_dir(cfg, "teacher")

@@ -215,9 +215,9 @@ def model_card(cfg: DictConfig, summary: dict[str, Any], counts: dict[str, Any])
         "",
         f"# {label(cfg)}",
         "",
-        f"A cross-encoder fine-tuned from `{spec}`{commit_note(spec)} by the pipeline's teacher stage, to judge the passages the "
-        "bi-encoder retrieved (the score stage) where no trained cross-encoder was configured. It is a judge for "
-        "mining hard negatives on this data, not a general reranker.",
+        f"A cross-encoder fine-tuned from `{spec}`{commit_note(spec)} by the pipeline's teacher stage, to judge the "
+        "passages the bi-encoder retrieved (the score stage) where no trained cross-encoder was configured. It is a "
+        "judge for mining hard negatives on this data, not a general reranker.",
         "",
         "## Data",
         "",

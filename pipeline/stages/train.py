@@ -1054,12 +1054,10 @@ def _judge_commit_note(ce: str, report: Mapping[str, Any]) -> str:
     """' at commit <sha>' for a Hub cross-encoder, from the manifests of the score results the mine report names:
     train never loads the judge, so the card named v2's commit and left the judge's unsaid (an unpinned id keys by
     its name, whatever the Hub serves)."""
-    from pipeline.models import hub_commit
-
-    commit = hub_commit(ce)
+    recorded = None
     for folder in (report.get("systems") or {}).values():
-        commit = commit or _safe(lambda f=folder: read_manifest(Path(f)).get("hub_commits", {}).get(ce), None)
-    return f" at commit {commit}" if commit else ""
+        recorded = recorded or _safe(lambda f=folder: read_manifest(Path(f)).get("hub_commits", {}).get(ce), None)
+    return commit_note(ce, recorded)
 
 
 def _safe(fn, default):
