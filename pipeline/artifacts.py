@@ -36,7 +36,8 @@ MANIFEST = "manifest.json"
 MARKER = "_COMPLETE"
 LOCK = ".lock"
 FORCED = ".forced"  # the forced run (forced_run_id) that last cleared the folder
-_BOOKKEEPING = {MANIFEST, MARKER, LOCK, FORCED}
+HUB_WEIGHTS = ".hub-weights.json"  # the files of the Hub model the folder's work is computed with (claim_weights)
+_BOOKKEEPING = {MANIFEST, MARKER, LOCK, FORCED, HUB_WEIGHTS}
 # "token" as a name's last word only (hub_token, HF_TOKEN, access_token): batch_tokens, token_cache or
 # corpus_tokenizers are settings that change results, and a manifest that hid them could not be compared
 _SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|passwd|(^|[_-])token$)", re.IGNORECASE)
@@ -572,6 +573,35 @@ def open_stage(stage: str, identity: Mapping[str, Any], *, root: str | os.PathLi
         finally:
             _OPEN_RUNS.remove(run)
     log.info("%s: done in %.1fs -> %s", stage, run.timings.get("total", 0.0), path)
+
+
+def claim_weights(folder: Path, spec: str) -> None:
+    """Refuse to add work to ``folder`` computed with other files of a Hub model than its work so far: an unpinned
+    id (or a branch) keys a result by name, so a run resumed or a shard started after the Hub's main moved would
+    put two models' outputs into one result. The first process to load the model there records what it loaded
+    (models.cache_identity); the others compare. Local folders and demo models key the result by content."""
+    from pipeline.models import cache_identity, hub_commit, hub_id
+
+    if not hub_id(spec):
+        return
+    mine = {"spec": str(spec), "files": cache_identity(spec), "commit": hub_commit(spec)}
+    path = Path(folder) / HUB_WEIGHTS
+    if not path.exists():
+        tmp = path.with_name(f".tmp-{os.getpid()}-{os.urandom(4).hex()}")
+        atomic_write_json(tmp, mine)
+        try:
+            os.link(tmp, path)  # the first claim wins, also between shards on other hosts
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    theirs = json.loads(path.read_text())
+    if theirs.get("files") != mine["files"]:
+        name = hub_id(spec)
+        raise StageError(f"{folder}: its work so far was computed with {spec} at commit {theirs.get('commit')}, "
+                         f"and {spec} now loads commit {mine['commit']}, whose files differ (the Hub moved since). "
+                         f"Rerun with force=true to recompute it with the new files, or pin "
+                         f"{name}@{theirs.get('commit')} to finish a result of the earlier ones (a new folder).")
 
 
 def _writable(folder: Path) -> bool:

@@ -58,9 +58,12 @@ def resolve_model_path(spec: str, artifacts_root: str | os.PathLike | None = Non
 
 #: a Hub model pinned to a branch, tag or commit: owner/name@revision (pip's spelling of a pinned source)
 _PINNED = re.compile(r"([\w.-]+/[\w.-]+)@([\w./-]+)")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 #: the commit each Hub model loaded in this process resolved to, by its spec: manifests record it
 _hub_commits: dict[str, str] = {}
+#: the HF cache snapshot folder each Hub model loaded in this process came from, by its spec: caches key by its files
+_hub_snapshots: dict[str, Path] = {}
 
 
 def split_revision(spec: Any) -> tuple[str, str | None]:
@@ -94,6 +97,35 @@ def commit_note(spec: Any, recorded: str | None = None) -> str:
     return f" at commit {commit}" if commit else ""
 
 
+def loaded_spec(spec: Any) -> str:
+    """``spec`` pinned to the commit this process loaded it at (``owner/name@<commit>``) when it is a Hub model
+    loaded here; else ``spec``: what a helper process loads, so that it computes with the parent's weights even if
+    the Hub's branch moved in between."""
+    commit = hub_commit(spec)
+    return f"{split_revision(spec)[0]}@{commit}" if commit else str(spec)
+
+
+def cache_identity(spec: Any) -> dict[str, Any]:
+    """What keys a cache that outlives one result (corpus embeddings linked between stages, the cross-encoder pair
+    cache): :func:`model_identity`, except that a Hub model loaded in this process keys by the files it loaded (the
+    content of its HF cache snapshot, README.md left out; else the commit), whether unpinned or pinned to a branch,
+    a tag or the commit. A result keyed by an unpinned name keeps its key when the Hub's main moves (its manifest
+    records the commit); a cache must not, or a new result would mix the earlier weights' embeddings or logits with
+    the new weights' own, while a commit that changes no file loaded (a model card, ONNX exports) keeps it. Call it
+    after loading the model (before, a Hub model keys by its spec as in model_identity)."""
+    from pipeline.artifacts import file_fingerprint
+
+    identity = model_identity(str(spec))
+    if "hub" not in identity:
+        return identity
+    snapshot = _hub_snapshots.get(str(spec))
+    if snapshot is not None and snapshot.is_dir():
+        return {"hub": identity["hub"], "files": file_fingerprint(snapshot, exclude=("README.md",))}
+    revision = identity.get("revision")
+    commit = hub_commit(spec) or (revision if _COMMIT.fullmatch(str(revision)) else None)
+    return {"hub": identity["hub"], "commit": commit} if commit else identity
+
+
 def hub_commits_in(identity: Any) -> dict[str, str]:
     """The commit of every Hub model in a stage's identity (the :func:`model_identity` entries in it) that this
     process loaded, by its spec: an unpinned id keys by name (whatever the Hub serves), so this is what says which
@@ -121,6 +153,8 @@ def _record_commit(spec: str, model: Any) -> None:
     if not name:
         return
     revision = split_revision(spec)[1]
+    _hub_commits.pop(spec, None)  # what an earlier load of the spec found says nothing of this one
+    _hub_snapshots.pop(spec, None)
     commit = None
     with contextlib.suppress(Exception):  # a cache layout this cannot read: the manifest goes without it
         from huggingface_hub import try_to_load_from_cache
@@ -130,10 +164,11 @@ def _record_commit(spec: str, model: Any) -> None:
             if isinstance(path, str) and "snapshots" in Path(path).parts:
                 parts = Path(path).parts
                 commit = parts[parts.index("snapshots") + 1]
+                _hub_snapshots[spec] = Path(*parts[:parts.index("snapshots") + 2])
                 break
     if commit is None:
         commit = getattr(getattr(model, "model_card_data", None), "base_model_revision", None)
-        commit = commit if re.fullmatch(r"[0-9a-f]{40}", str(commit)) else None
+        commit = commit if _COMMIT.fullmatch(str(commit)) else None
     if commit:
         _hub_commits[spec] = str(commit)
 

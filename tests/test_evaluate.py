@@ -422,7 +422,8 @@ def test_rerank_encodes_each_candidate_s_own_text_with_the_passage_prompt(tmp_pa
     cfg = compose(["data=beir", f"data.root={folder}", f"artifacts_root={tmp_path / 'art'}", "device=cpu"])
     system = {"name": "x", "model": str(dot_model), "similarity": "auto", "query_prompt": "query: ",
               "corpus_prompt": "passage: "}
-    dense = evaluate._Dense(cfg, system, SimpleNamespace(timed=lambda name: contextlib.nullcontext(), counts={}))
+    st = SimpleNamespace(timed=lambda name: contextlib.nullcontext(), counts={}, path=tmp_path)
+    dense = evaluate._Dense(cfg, system, st)
     assert dense.facts["similarity_used"] == "dot"  # auto follows the model's own similarity
     calls = []
     monkeypatch.setattr(dense, "encode", lambda texts, prompt, desc: calls.append((list(texts), prompt))

@@ -19,7 +19,7 @@ from pipeline.config import REPO_ROOT
 from pipeline.models import (hub_id, load_bi_encoder, load_cross_encoder, model_identity, resolve_device,
                              resolve_model_path, split_revision)
 
-MAIN, TAGGED = "a" * 40, "b" * 40
+MAIN, TAGGED, NEW_CARD = "a" * 40, "b" * 40, "c" * 40
 
 
 def test_a_pinned_spec_splits_and_keys_by_its_revision(tmp_path, monkeypatch):
@@ -198,3 +198,140 @@ def test_a_models_identity_follows_what_it_computes(tmp_path, monkeypatch):
     settings["version"] += 1
     monkeypatch.setattr(demo, "DEMO_MODEL_SETTINGS", settings)
     assert model_identity("demo:bi_encoder") != built
+
+
+HUB_MOVES = """
+import json, os, sys
+from pathlib import Path
+from pipeline.artifacts import StageError, read_manifest
+from pipeline.config import compose
+from pipeline.stages import retrieve, score
+
+overrides, hub, new_main = json.loads(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+out = {}
+
+def retrieved(name, *extra):
+    folder = retrieve.run(compose([*overrides, *extra]))
+    out[name] = {"key": read_manifest(folder)["extra"]["embedding_key"], "emb": str(folder / "corpus_emb.f16.npy")}
+
+def scored(name, *extra):
+    manifest = read_manifest(score.run(compose([*overrides, *extra])))
+    out[name] = {**manifest["counts"], "hub_commits": manifest.get("hub_commits")}
+
+retrieved("before", "model.bi_encoder=owner/tiny")
+sharded = [*overrides, "model.bi_encoder=owner/tiny", "retrieve.top_k=8", "shard.count=2"]
+retrieve.run(compose([*sharded, "shard.index=0"]))  # an array task that ran before the move
+scored("scored before", "model.bi_encoder=owner/tiny", "model.cross_encoder=owner/ce", "score.depth=3")
+for repo in ("models--owner--tiny", "models--owner--ce"):  # the Hub's main moves on
+    (hub / repo / "refs" / "main").write_text(new_main)
+retrieved("after", "model.bi_encoder=owner/tiny", "retrieve.top_k=6")
+retrieved("pinned", "model.bi_encoder=owner/tiny@" + new_main, "retrieve.top_k=7")
+try:
+    retrieve.run(compose([*sharded, "shard.index=1"]))  # and its other task, started after the move
+except StageError as exc:
+    out["sharded after"] = str(exc)
+scored("scored after", "model.bi_encoder=owner/tiny", "model.cross_encoder=owner/ce", "score.depth=4")
+scored("scored pinned", "model.bi_encoder=owner/tiny", "model.cross_encoder=owner/ce@v1", "score.depth=5")
+scored("scored new card", "model.bi_encoder=owner/tiny", "model.cross_encoder=owner/ce@" + "c" * 40, "score.depth=3")
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_caches_follow_the_commit_a_hub_model_loads_at_when_the_hub_moves(tmp_path, tiny_tokenizer_dir,
+                                                                         demo_stage_overrides):
+    """An unpinned id keys its results by name, but the corpus embeddings linked between stages and the pair cache
+    must not outlive the weights: after the Hub's main moved, a new result computed with the new weights took the
+    old weights' embeddings and logits (its manifest naming the new commit). Pins of the same files share them."""
+    from pipeline.demo import build_tiny_cross_encoder_base
+
+    cache = _hub_cache(tmp_path / "hub", tiny_tokenizer_dir)
+    ce = cache / "models--owner--ce"
+    (ce / "refs").mkdir(parents=True)
+    (ce / "refs" / "main").write_text(MAIN)
+    (ce / "refs" / "v1").write_text(TAGGED)
+    for seed, commit in enumerate((MAIN, TAGGED)):
+        build_tiny_cross_encoder_base(ce / "snapshots" / commit, tokenizer_dir=tiny_tokenizer_dir, hidden=32,
+                                      layers=1, heads=2, max_seq_length=64, seed=seed)
+    shutil.copytree(ce / "snapshots" / MAIN, ce / "snapshots" / NEW_CARD)  # main's weights, a new model card
+    (ce / "snapshots" / NEW_CARD / "README.md").write_text("# a model card added later")
+    overrides = [*demo_stage_overrides(max_queries=4, top_k=5), f"artifacts_root={tmp_path / 'art'}",
+                 "token_cache=false"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-c", HUB_MOVES, json.dumps(overrides), str(cache), TAGGED],
+                          capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")))
+
+    assert got["after"]["key"] != got["before"]["key"]
+    assert not os.path.samefile(got["after"]["emb"], got["before"]["emb"])  # encoded again, not linked
+    assert got["pinned"]["key"] == got["after"]["key"]  # the commit main now names, pinned: one cache
+    assert os.path.samefile(got["pinned"]["emb"], got["after"]["emb"])
+    before, after, pinned = got["scored before"], got["scored after"], got["scored pinned"]
+    assert before["hub_commits"]["owner/ce"] == MAIN and after["hub_commits"]["owner/ce"] == TAGGED
+    assert before["pairs_scored"] > 0 and after["pairs_from_cache"] == 0  # no logit of the old weights reused
+    assert after["pairs_scored"] == after["pairs"]
+    assert pinned["pairs_from_cache"] == after["pairs"] > 0  # the tag v1 is that commit: its logits are reused
+    # one result is never computed with two models: the shard started after the move stops, saying what to do
+    error = got["sharded after"]
+    assert f"owner/tiny at commit {MAIN}" in error and f"loads commit {TAGGED}" in error
+    assert "force=true" in error and f"owner/tiny@{MAIN}" in error
+    # a commit that changed no file the model loads (a model card here; ONNX exports on the Hub) keeps the cache
+    assert got["scored new card"]["pairs_from_cache"] == before["pairs"] > 0
+
+
+def test_a_cache_keys_a_hub_model_by_the_files_it_loaded(monkeypatch, tmp_path):
+    """Unpinned, pinned to a tag or to the commit itself: the same files share one cache key, a model card does not
+    count and a weight does; without its snapshot a model loaded here keys by its commit, one not loaded by its
+    spec; and a helper process is handed the commit, not the moving name."""
+    snapshot = tmp_path / "snapshots" / MAIN
+    snapshot.mkdir(parents=True)
+    (snapshot / "model.safetensors").write_bytes(b"weights")
+    (snapshot / "README.md").write_text("card")
+    monkeypatch.setattr(models, "_hub_commits", {"owner/x": MAIN, "owner/x@v1": MAIN, "owner/z": TAGGED})
+    monkeypatch.setattr(models, "_hub_snapshots", {"owner/x": snapshot, "owner/x@v1": snapshot})
+    first = models.cache_identity("owner/x")
+    assert first["hub"] == "owner/x" and first == models.cache_identity("owner/x@v1")
+    (snapshot / "README.md").write_text("a new card")
+    assert models.cache_identity("owner/x") == first
+    (snapshot / "model.safetensors").write_bytes(b"other weights")
+    assert models.cache_identity("owner/x") != first
+    assert models.cache_identity("owner/z") == {"hub": "owner/z", "commit": TAGGED}
+    assert models.cache_identity(f"owner/y@{MAIN}") == {"hub": "owner/y", "commit": MAIN}  # it names its commit
+    assert models.cache_identity("owner/y") == {"hub": "owner/y"}
+    assert models.cache_identity("owner/y@v2") == {"hub": "owner/y", "revision": "v2"}
+    assert models.loaded_spec("owner/x") == models.loaded_spec("owner/x@v1") == f"owner/x@{MAIN}"
+    assert models.loaded_spec("owner/y") == "owner/y"
+    (tmp_path / "config.json").write_text("{}")
+    assert models.cache_identity(str(tmp_path)) == model_identity(str(tmp_path))
+
+
+def test_a_folder_takes_work_from_one_set_of_a_hub_models_files(monkeypatch, tmp_path):
+    """The first load claims the folder; the same files (another shard, a resumed run) may add to it, other files
+    may not; a local model is keyed by content already and claims nothing."""
+    from pipeline.artifacts import HUB_WEIGHTS, claim_weights
+
+    snapshots = {}
+    for commit, weights in ((MAIN, b"w1"), (NEW_CARD, b"w1"), (TAGGED, b"w2")):
+        snapshots[commit] = tmp_path / "snapshots" / commit
+        snapshots[commit].mkdir(parents=True)
+        (snapshots[commit] / "model.safetensors").write_bytes(weights)
+        (snapshots[commit] / "README.md").write_text(commit)
+    folder = tmp_path / "stage"
+    folder.mkdir()
+
+    def loaded(commit):
+        monkeypatch.setattr(models, "_hub_commits", {"owner/x": commit})
+        monkeypatch.setattr(models, "_hub_snapshots", {"owner/x": snapshots[commit]})
+
+    loaded(MAIN)
+    claim_weights(folder, "owner/x")
+    claim_weights(folder, "owner/x")
+    assert json.loads((folder / HUB_WEIGHTS).read_text())["commit"] == MAIN
+    loaded(NEW_CARD)
+    claim_weights(folder, "owner/x")  # a new model card: the same weights
+    loaded(TAGGED)
+    with pytest.raises(StageError, match=f"loads commit {TAGGED}, whose files differ"):
+        claim_weights(folder, "owner/x")
+    (tmp_path / "local").mkdir()
+    claim_weights(tmp_path / "local", str(snapshots[MAIN]))
+    assert not (tmp_path / "local" / HUB_WEIGHTS).exists()

@@ -95,13 +95,14 @@ def resolve_prompt(model: Any, setting: Any, role: str) -> str | None:
 
 def embedding_key(model_spec: str, corpus: Corpus, prompt: str | None, normalized: bool, max_seq_length: int,
                   precision: str, device: str) -> str:
-    """What a corpus's embeddings depend on (model, corpus, prompt, normalisation, truncation, the compute dtype
-    that ``precision`` means on ``device``): retrieve and evaluate record it, so that evaluate links the float16
-    embeddings of any complete folder with the same key instead of encoding the corpus again (the v2 evaluation
-    of a chain reuses what retrieve encoded with v2)."""
-    from pipeline.models import model_identity
+    """What a corpus's embeddings depend on (the model, a Hub model by the files it loaded, so call it after
+    loading; corpus, prompt, normalisation, truncation, the compute dtype that ``precision`` means on ``device``):
+    retrieve and evaluate record it, so that evaluate links the float16 embeddings of any complete folder with the
+    same key instead of encoding the corpus again (the v2 evaluation of a chain reuses what retrieve encoded with
+    v2)."""
+    from pipeline.models import cache_identity
 
-    return config_key({"model": model_identity(str(model_spec)), "corpus": corpus.fingerprint, "prompt": prompt,
+    return config_key({"model": cache_identity(str(model_spec)), "corpus": corpus.fingerprint, "prompt": prompt,
                        "normalized": bool(normalized), "max_seq_length": int(max_seq_length),
                        "dtype": compute_dtype(precision, device)}, 16)
 

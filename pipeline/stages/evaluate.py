@@ -48,10 +48,10 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline import metrics, signals, validate
-from pipeline.artifacts import (StageError, atomic_write_json, atomic_write_text, config_key, open_stage,
-                                stage_force_id)
+from pipeline.artifacts import (StageError, atomic_write_json, atomic_write_text, claim_weights, config_key,
+                                open_stage, stage_force_id)
 from pipeline.config import plain
-from pipeline.models import load_bi_encoder, model_identity, resolve_device
+from pipeline.models import load_bi_encoder, loaded_spec, model_identity, resolve_device
 from pipeline.readers import (Candidates, Corpus, DataError, Qrels, check_qrels_in_corpus, corpus_source_fingerprint,
                               read_candidates, read_qrels, read_queries, sources_by_content, write_run)
 from pipeline.stages.common import (EMB_FILE, artifacts_root, check_finite, commit_rows, committed_row_count,
@@ -424,6 +424,7 @@ class _Dense:
                                              max_seq_length=cfg.evaluate.max_seq_length)
             except StageError as exc:  # a wrong path or an unreachable hub id (models._loading): say which system
                 raise StageError(f"system {system['name']!r}: {exc}") from exc
+        claim_weights(st.path, str(system["model"]))
         sim = system["similarity"]
         self.dot = sim == "dot" or (sim == "auto" and engine.uses_dot_product(self.model))
         self.query_prompt = resolve_prompt(self.model, system.get("query_prompt"), "query")
@@ -530,7 +531,7 @@ class _Dense:
         n = len(self.corpus)
         create_embeddings_file(partial, n, dim, marks)  # here, at its full size: the processes only write rows into it
         bounds = np.linspace(0, n, len(devices) + 1).astype(int)
-        job = {"model": str(self.system["model"]), "artifacts_root": str(artifacts_root(self.cfg)),
+        job = {"model": loaded_spec(self.system["model"]), "artifacts_root": str(artifacts_root(self.cfg)),
                "max_seq_length": self.cfg.evaluate.max_seq_length, "corpus": str(self.corpus.folder),
                "store": str(store.folder) if store is not None else None, "prompt": self.corpus_prompt,
                "normalize": None if self.dot else True, "batch_tokens": self.cfg.evaluate.batch_tokens,

@@ -24,7 +24,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline import validate
-from pipeline.artifacts import StageError, StageRun, atomic_path, folder_lock, stage_force_id
+from pipeline.artifacts import (StageError, StageRun, atomic_path, claim_weights, folder_lock,
+                                stage_force_id)
 from pipeline.config import plain
 from pipeline.models import load_bi_encoder, model_identity
 from pipeline.shards import (COMPUTE_RECORD, block_bounds, n_blocks, parquet_stream, run_sharded, shard_blocks,
@@ -87,6 +88,7 @@ class _Ctx:
             self._model = load_bi_encoder(str(cfg.model.bi_encoder), device=device,
                                           artifacts_root=str(common.artifacts_root(cfg)),
                                           max_seq_length=cfg.retrieve.max_seq_length)
+            claim_weights(self.final, str(cfg.model.bi_encoder))
             sim = str(cfg.model.similarity)
             dot = sim == "dot" or (sim == "auto" and engine.uses_dot_product(self._model))
             corpus_prompt = common.resolve_prompt(self._model, cfg.model.corpus_prompt, "document")

@@ -11,10 +11,11 @@ Resumable and never scoring a pair twice:
 - the pair list is cut into chunks of `chunk_pairs`; each chunk is committed as its own parquet file, so a run
   killed at any moment restarts at the first uncommitted chunk (no lost, no duplicated pair);
 - every newly scored pair is appended to the pair cache ``<cache_root>/ce_scores/<key>/chunk-*.parquet``, keyed by
-  the cross-encoder (model_identity), its max_length, the compute dtype that score.precision means on this device
-  (a result keyed fp32 must not hold bf16 logits: they differ by up to 0.02 on the demo's teacher, enough to flip
-  margin decisions) and the corpus/query fingerprints (the text of an id depends on the data): another retrieval
-  system, another depth or the next mining iteration at the same precision reuses every logit already computed.
+  the cross-encoder (models.cache_identity: a Hub model by the files it loads), its max_length, the compute
+  dtype that score.precision means on this device (a result keyed fp32 must not hold bf16 logits: they differ by
+  up to 0.02 on the demo's teacher, enough to flip margin decisions) and the corpus/query fingerprints (the text of
+  an id depends on the data): another retrieval system, another depth or the next mining iteration at the same
+  precision reuses every logit already computed.
   The cache is append-only (atomic files written under a lock); reading it de-duplicates (qid, pid), keeping the
   lowest logit if two processes raced on one pair.
 Sharding splits the chunks (see pipeline.shards); the merged scores.parquet equals a single run's.
@@ -42,6 +43,7 @@ from pipeline.artifacts import (
     StageError,
     StageRun,
     atomic_write_json,
+    claim_weights,
     config_key,
     folder_lock,
     is_complete,
@@ -49,7 +51,7 @@ from pipeline.artifacts import (
     require_complete,
 )
 from pipeline.config import plain
-from pipeline.models import load_cross_encoder, model_identity
+from pipeline.models import cache_identity, hub_id, load_cross_encoder, model_identity
 from pipeline.shards import block_bounds, n_blocks, parquet_stream, run_sharded, write_parquet
 from pipeline import signals
 from pipeline.stages import common
@@ -123,7 +125,7 @@ class PairCache:
     def for_config(cls, cfg: DictConfig, spec: str, corpus: Any) -> PairCache:
         from pipeline.readers import corpus_source_fingerprint
 
-        ident = {"format": CACHE_FORMAT, "cross_encoder": model_identity(spec), "spec": spec,
+        ident = {"format": CACHE_FORMAT, "cross_encoder": cache_identity(spec), "spec": spec,
                  "max_length": cfg.score.max_length, "corpus": corpus.fingerprint,
                  "dtype": common.compute_dtype(cfg.score.precision, common.stage_device(cfg)),
                  "queries": corpus_source_fingerprint(str(cfg.data.train.queries))}
@@ -318,6 +320,7 @@ class _Ctx:
     spec: str
     cache: PairCache | None
     retrieve: Path
+    final: Path
     _model: Any = None
 
     @property
@@ -326,6 +329,7 @@ class _Ctx:
             self._model = load_cross_encoder(self.spec, device=common.stage_device(self.cfg),
                                              artifacts_root=str(common.artifacts_root(self.cfg)),
                                              max_length=self.cfg.score.max_length)
+            claim_weights(self.final, self.spec)
             labels = int(getattr(self._model, "num_labels", 1) or 1)
             if labels != 1:
                 raise StageError(f"cross-encoder {self.spec} has {labels} labels; scoring needs a single-logit model")
@@ -371,11 +375,11 @@ def activation_name(model: Any) -> str:
 
 @validate.checked
 def run(cfg: DictConfig) -> Path:
-    return run_sharded(cfg, "score", identity(cfg), label(cfg), prepare=lambda final: _prepare(cfg),
+    return run_sharded(cfg, "score", identity(cfg), label(cfg), prepare=lambda final: _prepare(cfg, final),
                        work=_work, merge=_merge, precision=cfg.score.precision)
 
 
-def _prepare(cfg: DictConfig) -> _Ctx:
+def _prepare(cfg: DictConfig, final: Path) -> _Ctx:
     import pyarrow.parquet as pq
 
     from pipeline.stages.retrieve import train_data_identity
@@ -393,8 +397,13 @@ def _prepare(cfg: DictConfig) -> _Ctx:
     pairs = build_pairs(cands, list(queries), positives, cfg.score.depth, corpus)
     # force=true recomputes every pair: the cache is neither read (its logits may come from an older engine or
     # model file) nor appended to (its reads keep the lowest of duplicate logits, mixing old and new)
-    cache = PairCache.for_config(cfg, spec, corpus) if cfg.score.use_cache and not cfg.force else None
-    return _Ctx(cfg, corpus, queries, pairs, n_blocks(pairs.num_rows, int(cfg.score.chunk_pairs)), spec, cache, rdir)
+    ctx = _Ctx(cfg, corpus, queries, pairs, n_blocks(pairs.num_rows, int(cfg.score.chunk_pairs)), spec, None, rdir,
+               final)
+    if cfg.score.use_cache and not cfg.force:
+        if hub_id(spec):
+            _ = ctx.model  # a Hub model's cache is keyed by the files it loads (models.cache_identity)
+        ctx.cache = PairCache.for_config(cfg, spec, corpus)
+    return ctx
 
 
 def _chunk_file(out_dir: Path, b: int) -> Path:
