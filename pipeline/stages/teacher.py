@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pipeline import validate
-from pipeline.artifacts import StageError, atomic_path, atomic_write_json, open_stage
+from pipeline.artifacts import StageError, atomic_path, atomic_write_json, claim_weights, open_stage
 from pipeline.config import plain
 from pipeline.models import commit_note, hub_id, load_cross_encoder, model_identity, resolve_device
 from pipeline.stages import common
@@ -139,6 +139,7 @@ def run(cfg: DictConfig) -> Path:
             torch.manual_seed(int(cfg.seed))
             model = load_cross_encoder(str(cfg.model.teacher_base), device=device,
                                        artifacts_root=str(common.artifacts_root(cfg)), max_length=int(tc.max_length))
+            claim_weights(st.path, str(cfg.model.teacher_base))  # checkpoints of other weights are not resumed
         if model.num_labels != 1:
             raise StageError(f"teacher base {cfg.model.teacher_base} has a {model.num_labels}-label head; the teacher "
                              f"needs one logit per pair: use a bi-encoder or an encoder checkpoint without a head")

@@ -41,7 +41,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from pipeline import validate
-from pipeline.artifacts import StageError, atomic_path, atomic_write_json, atomic_write_text, open_stage, read_manifest
+from pipeline.artifacts import (StageError, atomic_path, atomic_write_json, atomic_write_text, claim_weights,
+                                open_stage, read_manifest)
 from pipeline.config import plain
 from pipeline.models import commit_note, hub_id, load_bi_encoder, model_identity, resolve_device
 from pipeline.stages import common
@@ -755,6 +756,7 @@ def _lead(cfg: DictConfig, coord) -> Path:
             before = _load_or_eval_before(cfg, st.path) if tc.evaluate else None
             with st.timed("load_model"):
                 model = _load_model(cfg)  # (builds a demo: model once, before the other ranks load it)
+            claim_weights(st.path, str(cfg.model.bi_encoder))  # checkpoints of other weights are not resumed
             ckpt_dir = st.path / "checkpoints"
             resume = last_checkpoint(ckpt_dir)
             coord.tell("train", path=str(st.path), resume=str(resume) if resume else None, digest=digest)
