@@ -48,8 +48,21 @@ def apply_cpu_threads(cfg: DictConfig) -> None:
         torch.set_num_threads(int(cfg.cpu_threads))
 
 
+def main() -> None:
+    """The command line: a mistyped setting is one line naming the nearest known one (exit 2, as every setting
+    the user has to change) before Hydra composes, then the stage."""
+    from pipeline import validate
+
+    unknown = validate.unknown_keys(sys.argv[1:])
+    if unknown:
+        logging.basicConfig(format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+        log.error("invalid settings (nothing was run): %s", "; ".join(unknown))
+        sys.exit(2)
+    _hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from pipeline import validate

@@ -345,6 +345,42 @@ def added_keys(overrides: list[str], cfg: DictConfig | None = None) -> list[str]
     return found
 
 
+def unknown_keys(argv: list[str]) -> list[str]:
+    """The plain ``key=value`` command-line overrides of keys the config does not have. Hydra refuses them with a
+    multi-line error whose hint, to add the key with +, leads to :func:`added_keys`' refusal: here one line names
+    the nearest known key first. The config groups chosen on the command line (experiment=..., data=...) are
+    composed to know the keys; where they cannot be, Hydra's own error follows."""
+    from pipeline.config import CONF_DIR, compose
+
+    groups, plain_keys = [], []
+    for arg in argv:
+        key = arg.split("=", 1)[0].strip()
+        if arg.startswith("-") or "=" not in arg or key.startswith(("+", "~", "hydra")) or "@" in key:
+            continue  # flags (-m, --cfg), additions and deletions, Hydra's own settings, package overrides
+        (groups if "/" in key or (CONF_DIR / key).is_dir() else plain_keys).append((arg, key))
+    if not plain_keys:
+        return []
+    try:
+        cfg = compose([arg for arg, _ in groups])
+    except Exception:
+        return []
+    found = []
+    for arg, key in plain_keys:
+        if key.startswith(OPEN_KEYS):
+            continue
+        node, parts = cfg, key.split(".")
+        for depth, part in enumerate(parts):
+            if not OmegaConf.is_dict(node):
+                break  # a list index or a value's attribute: Hydra's to judge
+            if part not in node:
+                missing = ".".join(parts[:depth + 1])
+                near = _nearest_key(cfg, missing)
+                found.append(f"{arg}: {missing!r} is no setting" + (f" (did you mean {near}?)" if near else ""))
+                break
+            node = node._get_node(part)
+    return found
+
+
 def _nearest_key(cfg: DictConfig, key: str) -> str | None:
     """The known key beside ``key`` (same parent) that it most looks like a typo of."""
     import difflib

@@ -132,6 +132,30 @@ def test_a_key_added_with_a_plus_must_be_one_a_stage_reads():
         "+zzz=1: adds 'zzz', a key no stage reads (a typo of a known key? drop the +)"]
 
 
+def test_a_mistyped_key_is_one_line_naming_the_nearest_known_key(tmp_path):
+    """Hydra's own refusal of retrieve.topk=5 is five lines whose hint (add it with +) leads to a second refusal;
+    the keys come from the groups chosen on the same command line (an experiment's, a data config's)."""
+    from pipeline.validate import unknown_keys
+
+    assert unknown_keys(["-m", "retrieve.topk=5,6", "retreive.top_k=5", "sed=1", "retrieve.top_k=5", "seed=2"]) == [
+        "retrieve.topk=5,6: 'retrieve.topk' is no setting (did you mean retrieve.top_k?)",
+        "retreive.top_k=5: 'retreive' is no setting (did you mean retrieve?)",
+        "sed=1: 'sed' is no setting (did you mean seed?)"]
+    # what Hydra judges: additions, deletions, its own settings, groups, open mappings, flags, a group it cannot find
+    assert unknown_keys(["+retrieve.topk=5", "~train.lr", "hydra.verbose=true", "hydra/launcher=local",
+                         "experiment=demo", "data.evals.x.kind=rerank", "model.published.dev=1", "--cfg", "job"]) == []
+    assert unknown_keys(["experiment=nosuch", "retrieve.topk=1"]) == []
+    assert unknown_keys(["data=cisi", "data.root=x", "data.rot=x"]) == [
+        "data.rot=x: 'data.rot' is no setting (did you mean data.root?)"]
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "experiment=demo", "retrieve.topk=5",
+                           f"artifacts_root={tmp_path}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and not list(tmp_path.iterdir())
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "invalid settings (nothing was run): retrieve.topk=5: 'retrieve.topk' is no setting (did you mean "
+        "retrieve.top_k?)")
+
+
 def test_a_required_value_left_unset_is_named_not_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline", "data=beir", "stage=evaluate",
                            f"artifacts_root={tmp_path}"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
