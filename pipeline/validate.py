@@ -355,9 +355,12 @@ def unknown_keys(argv: list[str]) -> list[str]:
     groups, plain_keys = [], []
     for arg in argv:
         key = arg.split("=", 1)[0].strip()
-        if arg.startswith("-") or "=" not in arg or key.startswith(("+", "~", "hydra")) or "@" in key:
-            continue  # flags (-m, --cfg), additions and deletions, Hydra's own settings, package overrides
-        (groups if "/" in key or (CONF_DIR / key).is_dir() else plain_keys).append((arg, key))
+        if arg.startswith("-") or "=" not in arg or "@" in key:
+            continue  # flags (-m, --cfg), package overrides
+        if "/" in key or (CONF_DIR / key.lstrip("+")).is_dir():
+            groups.append((arg, key))  # experiment=..., +experiment=..., hydra/launcher=...
+        elif not key.startswith(("+", "~", "hydra")):  # additions, deletions, Hydra's own settings: judged later
+            plain_keys.append((arg, key))
     if not plain_keys:
         return []
     try:
