@@ -352,6 +352,8 @@ def unknown_keys(argv: list[str]) -> list[str]:
     composed to know the keys; where they cannot be, Hydra's own error follows."""
     from pipeline.config import CONF_DIR, compose
 
+    if any(arg.startswith(("-cd", "-cn", "-cp", "--config", "hydra.searchpath")) for arg in argv):
+        return []  # another config than conf/config.yaml: Hydra's to judge
     groups, plain_keys = [], []
     for arg in argv:
         key = arg.split("=", 1)[0].strip()

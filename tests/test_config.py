@@ -145,6 +145,7 @@ def test_a_mistyped_key_is_one_line_naming_the_nearest_known_key(tmp_path):
     assert unknown_keys(["+retrieve.topk=5", "~train.lr", "hydra.verbose=true", "hydra/launcher=local",
                          "experiment=demo", "data.evals.x.kind=rerank", "model.published.dev=1", "--cfg", "job"]) == []
     assert unknown_keys(["experiment=nosuch", "retrieve.topk=1"]) == []
+    assert unknown_keys(["--config-dir", "/my/conf", "retrieve.topk=1"]) == []  # keys of another config
     assert unknown_keys(["+experiment=cisi", "data.root=x"]) == []  # cisi's data has a root, the default's not
     assert unknown_keys(["data=cisi", "data.root=x", "data.rot=x"]) == [
         "data.rot=x: 'data.rot' is no setting (did you mean data.root?)"]
