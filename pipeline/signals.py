@@ -214,6 +214,26 @@ def stop_callback():
     return StopOnSignal()
 
 
+@contextlib.contextmanager
+def training() -> Iterator[None]:
+    """Around ``trainer.train()``: when training raises, the stop callback's on_train_end never runs, and the
+    handlers its on_train_begin installed would stay for the rest of the process (a later run in it, a test, a
+    notebook, would never get its signals). The error ends the stop request too: it is not sent again."""
+    global _depth, _requested
+    depth = _depth
+    try:
+        yield
+    except BaseException:
+        if threading.current_thread() is threading.main_thread():
+            with _lock:
+                if _depth > depth:
+                    _depth = depth
+                    if depth == 0:
+                        _restore()
+                        _requested = None
+        raise
+
+
 def prepare_trainer(trainer: Any, *, gather_across_devices: bool = True) -> dict[str, int]:
     """Scale-out settings of a SentenceTransformerTrainer built by the train stage: the stop-on-signal callback,
     in-batch negatives gathered across ranks (MultipleNegativesRankingLoss.gather_across_devices, only when

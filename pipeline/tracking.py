@@ -18,7 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from pipeline.artifacts import read_manifest, redact
+from pipeline.artifacts import StageError, read_manifest, redact
 from pipeline.config import plain
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,11 @@ def track(cfg: DictConfig, stage: str, name: str | None = None) -> Iterator[Trac
     if not enabled(cfg):
         yield Tracker()
         return
-    import wandb
+    try:
+        import wandb
+    except ImportError:  # an optional extra: one line, as for the other optional packages, not a traceback
+        raise StageError("tracking=wandb needs the wandb package: pip install '.[wandb]' (or wandb), or set "
+                         "tracking=none") from None
 
     if wandb.run is not None:
         yield Tracker(wandb.run)

@@ -84,3 +84,38 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not available at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch):
+    """A stand-in `wandb` module that records what the pipeline sends (no network here, and wandb is an optional
+    extra): `.runs` holds every run `init` made, each with its init arguments, `.logged` calls, summary and
+    finish count. The WANDB_* variables tracking exports for trainers are put back after the test."""
+    import sys
+    import types
+
+    module = types.ModuleType("wandb")
+
+    class Run:
+        def __init__(self, **kwargs):
+            self.kwargs, self.name, self.logged, self.summary, self.finished = kwargs, kwargs.get("name"), [], {}, 0
+
+        def log(self, data, step=None):
+            self.logged.append(dict(data))
+
+        def finish(self):
+            self.finished += 1
+            module.run = None
+
+    def init(**kwargs):
+        module.run = Run(**kwargs)
+        module.runs.append(module.run)
+        return module.run
+
+    module.run, module.runs, module.init = None, [], init
+    module.Image = lambda path: ("image", str(path))
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    for name in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_DIR", "WANDB_LOG_MODEL", "WANDB_ENTITY", "WANDB_API_KEY"):
+        monkeypatch.setenv(name, "")  # recorded, so that what the test (or the code) sets is undone after it
+        monkeypatch.delenv(name)
+    return module

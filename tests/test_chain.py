@@ -124,6 +124,27 @@ def test_second_run_skips_every_stage_and_says_so(chain_run):
     assert "nothing to do: every stage was complete" in out
 
 
+def test_a_tracked_chain_mirrors_every_stage_into_one_run(chain_run, fake_wandb):
+    """tracking=wandb: the chain's one run gets each stage's manifest numbers under the stage's name (found complete
+    or run: the chain mirrors them, most stages open no run of their own), the mining report and its plot, and the
+    results table's metrics; it is finished when the chain ends."""
+    from pipeline.artifacts import read_manifest
+    from pipeline.stages import common
+
+    cfg = compose([*chain_run["overrides"], "tracking=wandb"])
+    _run_chain(cfg)
+    assert len(fake_wandb.runs) == 1 and fake_wandb.runs[0].finished == 1
+    run = fake_wandb.runs[0]
+    assert run.kwargs["mode"] == "offline" and run.kwargs["job_type"] == "all"
+    logged = {key: value for step in run.logged for key, value in step.items()}
+    for stage in ("retrieve", "teacher", "score", "mine", "train"):
+        counts = read_manifest(common.completed(cfg, stage))["counts"]
+        assert counts and all(logged[f"{stage}/counts/{k}"] == v for k, v in counts.items()
+                              if isinstance(v, int) and not isinstance(v, bool)), (stage, sorted(logged))
+    report = json.loads((common.completed(cfg, "mine") / "report.json").read_text())
+    assert logged["mine/report/queries/kept"] == report["queries"]["kept"] and logged["mine/report"][0] == "image"
+    assert logged["results/v3/dev/RR@10"] > 0 and "results/BM25/trec_dl/nDCG@10" in logged
+
 
 def test_a_chain_without_bm25_leaves_its_row_out(chain_run):
     # bookkeeping only: every stage is found complete, and the table has no BM25 row

@@ -157,3 +157,66 @@ def test_relevance_level_reaches_binary_measures_only(tmp_path):
     level2 = subprocess.run(script + ["-l", "2"], capture_output=True, text=True, timeout=120)
     assert ["RR@10", "all", "1.0000"] in [line.split() for line in level1.stdout.splitlines()], level1.stderr
     assert ["RR(rel=2)@10", "all", "0.5000"] in [line.split() for line in level2.stdout.splitlines()], level2.stderr
+
+
+def _score_run_config(tmp_path, **score_run):
+    from omegaconf import OmegaConf
+
+    settings = {"measures": ["RR@10"], "missing": "skip", "per_query": False, "output": None, "relevance_level": None}
+    return OmegaConf.create({"run_file": str(tmp_path / "run"), "qrels_file": str(tmp_path / "qrels"),
+                             "score_run": {**settings, **score_run}})
+
+
+def test_score_run_stage_counts_missing_queries_lists_per_query_and_writes_json(tmp_path, capsys):
+    """The trec_eval switches score_run stands for: -c (missing=zero: a judged query the run left out counts 0 and
+    num_q counts it), -q (per_query: a line per query, none without it), and output= (the JSON beside the print,
+    whose path the stage returns)."""
+    import json
+
+    from pipeline.stages import score_run
+
+    (tmp_path / "qrels").write_text("q1 0 d1 1\nq2 0 d2 1\nq3 0 d3 1\n")
+    (tmp_path / "run").write_text("q1 Q0 d1 1 2.0 t\nq2 Q0 d9 1 2.0 t\nq2 Q0 d2 2 1.0 t\n")  # q3 left out
+
+    def lines(**settings):
+        out = score_run.run(_score_run_config(tmp_path, **settings))
+        return out, [line.split() for line in capsys.readouterr().out.splitlines()]
+
+    out, skip = lines()
+    assert skip == [["num_q", "all", "2"], ["RR@10", "all", "0.7500"]] and out == tmp_path / "run"
+    _, zero = lines(missing="zero")
+    assert zero == [["num_q", "all", "3"], ["RR@10", "all", "0.5000"]]
+    _, listed = lines(per_query=True)
+    assert listed[:2] == [["RR@10", "q1", "1.0000"], ["RR@10", "q2", "0.5000"]] and listed[2:] == skip
+    out, written = lines(output=str(tmp_path / "scores.json"))
+    saved = json.loads((tmp_path / "scores.json").read_text())
+    assert out == tmp_path / "scores.json" and written == skip
+    assert saved["measures"] == {"RR@10": 0.75} and saved["per_query"]["RR@10"] == {"q1": 1.0, "q2": 0.5}
+
+
+def test_score_run_stage_mistakes_are_one_line(tmp_path):
+    """What the user typed wrong is a StageError (one line and exit 2 from the CLI), not a traceback: no run file,
+    a run from other topics, a relevance level a measure cannot take; a malformed line stays the reader's DataError
+    (<file>:<line>: what is wrong); and a misspelt measure is named before the (possibly large) files are read."""
+    from pipeline.artifacts import StageError
+    from pipeline.readers import DataError
+    from pipeline.stages import score_run
+
+    (tmp_path / "qrels").write_text("q1 0 d1 1\n")
+    (tmp_path / "run").write_text("q7 Q0 d1 1 2.0 t\n")
+    for unset in (None, ""):  # run_file= on the command line is an empty string
+        cfg = _score_run_config(tmp_path)
+        cfg.run_file = unset
+        with pytest.raises(StageError, match=r"stage=score_run needs run_file=<path>"):
+            score_run.run(cfg)
+    with pytest.raises(StageError, match=r"score_run: no query of the run has judgements"):
+        score_run.run(_score_run_config(tmp_path))
+    with pytest.raises(StageError, match=r"score_run.relevance_level: .*NumRel"):
+        score_run.run(_score_run_config(tmp_path, measures=["NumRel"], relevance_level=2))
+    (tmp_path / "bad.run").write_text("q1 Q0 d1 one 2.0 t\n")
+    cfg = _score_run_config(tmp_path)
+    cfg.run_file = str(tmp_path / "bad.run")
+    with pytest.raises(DataError, match=r"bad.run:1: rank 'one' must be an integer"):  # the reader's own line
+        score_run.run(cfg)
+    with pytest.raises(ValueError, match="nDGC@10"):  # scripts/trec_eval.py calls score() without the stage's check
+        score_run.score(str(tmp_path / "absent.run"), str(tmp_path / "qrels"), ["nDGC@10"])

@@ -82,6 +82,103 @@ def test_nested_blocks_restore_only_at_the_outermost():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_carried_on_signal_in_nested_blocks_keeps_them_deferred_until_the_outermost():
+    """deferred() is re-entrant (a deferred function called inside another's block). A previous handler that lets the
+    work go on (submitit's for SIGTERM) at a safe point in the inner block: leaving that block must not put the
+    previous handlers back while the outer one still works, or a later signal would act mid-chunk there."""
+    seen = []
+    old = signal.signal(signal.SIGUSR1, lambda s, f: seen.append(s))
+    try:
+        with signals.deferred():
+            with signals.deferred():
+                os.kill(os.getpid(), signal.SIGUSR1)
+                signals.stop_if_requested()
+                assert seen == [signal.SIGUSR1]
+            assert signal.getsignal(signal.SIGUSR1) is signals._record  # the outer block still defers
+            os.kill(os.getpid(), signal.SIGUSR1)
+            assert seen == [signal.SIGUSR1]
+        assert seen == [signal.SIGUSR1, signal.SIGUSR1] and signal.getsignal(signal.SIGUSR1) is not signals._record
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+
+
+def test_a_handler_python_cannot_see_is_put_back_as_the_default_action(monkeypatch):
+    """signal.getsignal answers None for a handler installed outside Python (a launcher's C library): leaving the
+    block sets the default action (the signal ends the process) rather than failing on signal.signal(sig, None)."""
+    real = signal.getsignal
+    before = {sig: real(sig) for sig in signals.SIGNALS}
+    monkeypatch.setattr(signal, "getsignal", lambda sig: None)
+    try:
+        with signals.deferred():
+            monkeypatch.setattr(signal, "getsignal", real)
+        assert all(signal.getsignal(sig) is signal.SIG_DFL for sig in signals.SIGNALS)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def test_training_that_raises_puts_the_handlers_back(monkeypatch):
+    """The stop callback installs the flag-setters at on_train_begin and removes them at on_train_end, which a
+    training that raises never reaches: the handlers from before are back all the same, and the stop request
+    does not outlive the error (it would stop the process's next run at its first safe point)."""
+    def mine(signum, frame):  # a handler to recognise
+        pass
+
+    previous = signal.signal(signal.SIGUSR1, mine)
+    try:
+        with pytest.raises(RuntimeError, match="out of memory"):
+            with signals.training():
+                signals.stop_callback().on_train_begin(None, None, None)
+                assert signal.getsignal(signal.SIGUSR1) is not mine
+                signals.request(signal.SIGUSR1)
+                raise RuntimeError("out of memory")
+        assert signal.getsignal(signal.SIGUSR1) is mine and signals.requested() is None
+        with signals.training():  # a training that ends normally: on_train_end uninstalled, nothing is left to do
+            callback = signals.stop_callback()
+            callback.on_train_begin(None, None, None)
+            callback.on_train_end(None, None, None)
+        assert signal.getsignal(signal.SIGUSR1) is mine
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_signal_on_any_rank_stops_every_rank_at_the_same_step(monkeypatch):
+    """Under torchrun a signal may reach some ranks only: the ranks agree through an all_reduce, so every rank saves
+    and stops at the same step (one that trained on would hang in the next collective), and a rank that got none
+    records a SIGTERM, so it ends by the signal like the others instead of carrying on."""
+    import torch.distributed as dist
+    from transformers import TrainerControl, TrainerState
+
+    from pipeline.artifacts import StageError
+
+    other_rank = {"flag": 0}
+
+    def all_reduce(tensor, op):  # two ranks: this one and one whose flag the test sets
+        pair = [int(tensor.item()), other_rank["flag"]]
+        tensor.fill_({dist.ReduceOp.MAX: max(pair), dist.ReduceOp.MIN: min(pair)}.get(op, sum(pair)))
+
+    for name, fake in (("is_available", lambda: True), ("is_initialized", lambda: True),
+                       ("get_world_size", lambda group=None: 2), ("get_backend", lambda group=None: "gloo"),
+                       ("all_reduce", all_reduce)):
+        monkeypatch.setattr(dist, name, fake)
+    monkeypatch.setattr(signals, "_stopped_at", None)
+    seen = []
+    old = signal.signal(signal.SIGTERM, lambda s, f: seen.append(s))  # stands in for submitit's handler
+    try:
+        callback = signals.stop_callback()
+        callback.on_train_begin(None, TrainerState(), TrainerControl())
+        assert not callback.on_step_end(None, TrainerState(global_step=3), TrainerControl()).should_training_stop
+        other_rank["flag"] = 1
+        control = callback.on_step_end(None, TrainerState(global_step=4), TrainerControl())
+        assert control.should_save and control.should_training_stop and signals.requested() == signal.SIGTERM
+        callback.on_train_end(None, TrainerState(), TrainerControl())
+        assert seen == [signal.SIGTERM]
+        with pytest.raises(StageError, match="stopped by a signal at step 4"):
+            signals.raise_if_training_stopped("train")
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def test_prepare_trainer_logs_effective_batch_and_gathers_only_with_several_ranks():
     loss = SimpleNamespace(gather_across_devices=False)
     callbacks = []
@@ -95,6 +192,10 @@ def test_prepare_trainer_logs_effective_batch_and_gathers_only_with_several_rank
     trainer.args.world_size = 1
     signals.prepare_trainer(trainer, gather_across_devices=True)
     assert loss.gather_across_devices is False  # one rank: nothing to gather (and no library warning)
+    losses = {"a": SimpleNamespace(gather_across_devices=False), "b": SimpleNamespace(gather_across_devices=False)}
+    trainer.loss, trainer.args.world_size = losses, 2  # a trainer given one loss per data set
+    signals.prepare_trainer(trainer, gather_across_devices=True)
+    assert all(one.gather_across_devices for one in losses.values())
 
 
 def test_rank_0_failing_while_the_others_wait_tells_them(monkeypatch):

@@ -175,7 +175,8 @@ def run(cfg: DictConfig) -> Path:
                 log.info("teacher: resuming from %s", resume.name)
             with st.timed("train"):
                 started = time.perf_counter()
-                output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+                with signals.training():
+                    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
                 seconds = time.perf_counter() - started
             signals.raise_if_training_stopped("teacher")
             history = [h for h in trainer.state.log_history if "loss" in h]

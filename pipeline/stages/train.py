@@ -772,7 +772,8 @@ def _lead(cfg: DictConfig, coord) -> Path:
                          int(tc.max_steps) if tc.max_steps else planned)
             with st.timed("train"):
                 started = time.perf_counter()
-                output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+                with signals.training():
+                    output = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
                 seconds = time.perf_counter() - started
             coord.training_done()  # every rank left the trainer: the folder is rank 0's alone again
             signals.raise_if_training_stopped("train")
@@ -840,7 +841,8 @@ def _follow(cfg: DictConfig, coord) -> Path:
     from pipeline import signals
 
     signals.prepare_trainer(trainer, gather_across_devices=bool(cfg.train.gather_across_devices))
-    trainer.train(resume_from_checkpoint=decision["resume"])
+    with signals.training():
+        trainer.train(resume_from_checkpoint=decision["resume"])
     coord.training_done()
     return Path(coord.listen()["path"])  # rank 0's "done", or its error (a stop signal, a failed save) raised here
 
