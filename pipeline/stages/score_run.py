@@ -17,20 +17,10 @@ from typing import Any
 from omegaconf import DictConfig
 
 from pipeline import metrics, validate
-from pipeline.artifacts import StageError, atomic_write_json, file_fingerprint
-from pipeline.config import plain
+from pipeline.artifacts import StageError, atomic_write_json
 from pipeline.readers import DataError, read_qrels, read_run
 
 log = logging.getLogger(__name__)
-
-
-def identity(cfg: DictConfig) -> dict[str, Any]:
-    return {"run": file_fingerprint(_required(cfg, "run_file")),
-            "qrels": file_fingerprint(_required(cfg, "qrels_file")), "score_run": plain(cfg.score_run)}
-
-
-def label(cfg: DictConfig) -> str:
-    return Path(str(cfg.run_file or "run")).name
 
 
 def _required(cfg: DictConfig, key: str) -> str:
