@@ -48,8 +48,21 @@ def _hub_cache(root: Path, tokenizer: Path) -> Path:
     for seed, commit in enumerate((MAIN, TAGGED)):
         build_tiny_bi_encoder(root / "built" / commit, tokenizer_dir=tokenizer, hidden=32, layers=1, heads=2,
                               max_seq_length=32, seed=seed)
-        shutil.copytree(root / "built" / commit, repo / "snapshots" / commit)
+        _as_hub_snapshot(root / "built" / commit, repo, commit)
     return root
+
+
+def _as_hub_snapshot(model: Path, repo: Path, commit: str) -> None:
+    """``model``'s files as huggingface_hub lays out a download: content-named blobs, the snapshot's files links."""
+    import hashlib
+
+    for f in sorted(p for p in model.rglob("*") if p.is_file()):
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(f, blob)
+        link = repo / "snapshots" / commit / f.relative_to(model)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
 
 
 RETRIEVE = """
@@ -250,10 +263,11 @@ def test_caches_follow_the_commit_a_hub_model_loads_at_when_the_hub_moves(tmp_pa
     (ce / "refs" / "main").write_text(MAIN)
     (ce / "refs" / "v1").write_text(TAGGED)
     for seed, commit in enumerate((MAIN, TAGGED)):
-        build_tiny_cross_encoder_base(ce / "snapshots" / commit, tokenizer_dir=tiny_tokenizer_dir, hidden=32,
-                                      layers=1, heads=2, max_seq_length=64, seed=seed)
-    shutil.copytree(ce / "snapshots" / MAIN, ce / "snapshots" / NEW_CARD)  # main's weights, a new model card
-    (ce / "snapshots" / NEW_CARD / "README.md").write_text("# a model card added later")
+        built = build_tiny_cross_encoder_base(tmp_path / "built-ce" / commit, tokenizer_dir=tiny_tokenizer_dir,
+                                              hidden=32, layers=1, heads=2, max_seq_length=64, seed=seed)
+        _as_hub_snapshot(built, ce, commit)
+    (tmp_path / "built-ce" / MAIN / "README.md").write_text("# a model card added later")
+    _as_hub_snapshot(tmp_path / "built-ce" / MAIN, ce, NEW_CARD)  # main's weights, a new model card
     overrides = [*demo_stage_overrides(max_queries=4, top_k=5), f"artifacts_root={tmp_path / 'art'}",
                  "token_cache=false"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf")}
