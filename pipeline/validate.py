@@ -375,9 +375,9 @@ def unknown_keys(argv: list[str]) -> list[str]:
             continue
         node, parts = cfg, key.split(".")
         for depth, part in enumerate(parts):
-            if not OmegaConf.is_dict(node):
-                break  # a list index or a value's attribute: Hydra's to judge
-            if part not in node:
+            if not OmegaConf.is_dict(node) or not OmegaConf.is_struct(node):
+                break  # a list index, a value's attribute, a mapping open to new keys: Hydra's to judge
+            if part not in node.keys():  # `in` calls a ??? value absent
                 missing = ".".join(parts[:depth + 1])
                 near = _nearest_key(cfg, missing)
                 found.append(f"{arg}: {missing!r} is no setting" + (f" (did you mean {near}?)" if near else ""))

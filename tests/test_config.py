@@ -146,7 +146,8 @@ def test_a_mistyped_key_is_one_line_naming_the_nearest_known_key(tmp_path):
                          "experiment=demo", "data.evals.x.kind=rerank", "model.published.dev=1", "--cfg", "job"]) == []
     assert unknown_keys(["experiment=nosuch", "retrieve.topk=1"]) == []
     assert unknown_keys(["--config-dir", "/my/conf", "retrieve.topk=1"]) == []  # keys of another config
-    assert unknown_keys(["+experiment=cisi", "data.root=x"]) == []  # cisi's data has a root, the default's not
+    # keys a chosen group brings (the default data has no root), a required ??? one included
+    assert unknown_keys(["data=beir", "data.root=x"]) == unknown_keys(["experiment=beir_minilm", "data.root=x"]) == []
     assert unknown_keys(["data=cisi", "data.root=x", "data.rot=x"]) == [
         "data.rot=x: 'data.rot' is no setting (did you mean data.root?)"]
     proc = subprocess.run([sys.executable, "-m", "pipeline", "experiment=demo", "retrieve.topk=5",
@@ -156,6 +157,29 @@ def test_a_mistyped_key_is_one_line_naming_the_nearest_known_key(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].endswith(
         "invalid settings (nothing was run): retrieve.topk=5: 'retrieve.topk' is no setting (did you mean "
         "retrieve.top_k?)")
+
+
+@pytest.mark.parametrize("group", ["experiment", "data", "model", "tracking"])
+def test_every_key_of_every_choice_passes_the_key_check(group):
+    """The key check must never refuse what Hydra accepts: each key of every option of the groups that change the
+    keys (a required ??? one, an interpolated one, a nested one) set on the command line beside that choice."""
+    from omegaconf import OmegaConf
+
+    from pipeline.config import CONF_DIR
+    from pipeline.validate import unknown_keys
+
+    def leaves(node, prefix=""):
+        for key in node.keys():
+            child = node._get_node(key)
+            if OmegaConf.is_dict(child) and not child._is_none() and not OmegaConf.is_interpolation(node, key):
+                yield from leaves(child, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}"
+
+    for option in sorted(f.stem for f in (CONF_DIR / group).glob("*.yaml")):
+        choice = f"{group}={option}"
+        keys = [k for k in leaves(compose([choice])) if not k.startswith("hydra")]
+        assert len(keys) > 20 and unknown_keys([choice, *(f"{k}=1" for k in keys)]) == [], choice
 
 
 def test_a_required_value_left_unset_is_named_not_a_traceback(tmp_path):
