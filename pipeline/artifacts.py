@@ -596,12 +596,14 @@ def claim_weights(folder: Path, spec: str) -> None:
         finally:
             tmp.unlink(missing_ok=True)
     theirs = json.loads(path.read_text())
-    if theirs.get("files") != mine["files"]:
-        name = hub_id(spec)
+    same_commit = mine["commit"] is not None and theirs.get("commit") == mine["commit"]
+    if not same_commit and theirs.get("files") != mine["files"]:  # one commit: files fetched another way, no change
         raise StageError(f"{folder}: its work so far was computed with {spec} at commit {theirs.get('commit')}, "
                          f"and {spec} now loads commit {mine['commit']}, whose files differ (the Hub moved since). "
-                         f"Rerun with force=true to recompute it with the new files, or pin "
-                         f"{name}@{theirs.get('commit')} to finish a result of the earlier ones (a new folder).")
+                         f"Recompute it with the new files with force=true (shards: with one PIPELINE_FORCE_ID=<id> "
+                         f"for all of them, which clears what they share; a submitit job array has one; or "
+                         f"shard.count=1), or pin {hub_id(spec)}@{theirs.get('commit')} to finish a result of the "
+                         f"earlier files (a new folder).")
 
 
 def _writable(folder: Path) -> bool:

@@ -6,6 +6,7 @@ Remote code is never trusted unless a config turns `trust_remote_code` on explic
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import re
@@ -105,22 +106,48 @@ def loaded_spec(spec: Any) -> str:
     return f"{split_revision(spec)[0]}@{commit}" if commit else str(spec)
 
 
+#: files of a Hub snapshot that no loader here reads: model cards, other frameworks' weights and exports (the Hub's
+#: sentence-transformers repos gained onnx/ and openvino/ folders in later commits). A snapshot holds the files that
+#: were downloaded, lazily or all at once, so these are left out of its fingerprint rather than required.
+_NOT_LOADED = re.compile(r"(^|/)(onnx|openvino)/|\.(md|onnx|h5|msgpack|ot|xml|gitattributes)$")
+
+
+def snapshot_fingerprint(snapshot: Path) -> dict[str, Any]:
+    """Content identity of the files a model loads from a Hugging Face cache snapshot: each file's relative path
+    and blob name (the blobs are named by their content hash, so nothing is read), or its sha256 where the cache
+    holds copies rather than links. One weight format: beside model.safetensors, transformers never reads
+    pytorch_model.bin (which older libraries downloaded)."""
+    from pipeline.artifacts import content_digest
+
+    files = {f.relative_to(snapshot).as_posix(): f for f in sorted(snapshot.rglob("*")) if f.is_file()}
+    digest = hashlib.sha256()
+    count = 0
+    for rel, f in files.items():
+        folder = rel.rpartition("/")[0] + "/" if "/" in rel else ""
+        safetensors = {folder + "model.safetensors", folder + "model.safetensors.index.json"} & files.keys()
+        if _NOT_LOADED.search(rel) or (rel.rpartition("/")[2].startswith("pytorch_model") and safetensors):
+            continue
+        target = Path(os.readlink(f)) if f.is_symlink() else None
+        blob = target.name if target is not None and target.parent.name == "blobs" else content_digest(f)
+        digest.update(f"{rel}\0{blob}\n".encode())
+        count += 1
+    return {"files": count, "sha256": digest.hexdigest()[:32]}
+
+
 def cache_identity(spec: Any) -> dict[str, Any]:
     """What keys a cache that outlives one result (corpus embeddings linked between stages, the cross-encoder pair
-    cache): :func:`model_identity`, except that a Hub model loaded in this process keys by the files it loaded (the
-    content of its HF cache snapshot, README.md left out; else the commit), whether unpinned or pinned to a branch,
-    a tag or the commit. A result keyed by an unpinned name keeps its key when the Hub's main moves (its manifest
-    records the commit); a cache must not, or a new result would mix the earlier weights' embeddings or logits with
-    the new weights' own, while a commit that changes no file loaded (a model card, ONNX exports) keeps it. Call it
-    after loading the model (before, a Hub model keys by its spec as in model_identity)."""
-    from pipeline.artifacts import file_fingerprint
-
+    cache): :func:`model_identity`, except that a Hub model loaded in this process keys by the files it loads from
+    its snapshot (:func:`snapshot_fingerprint`; else by its commit), whether unpinned or pinned to a branch, a tag
+    or the commit. A result keyed by an unpinned name keeps its key when the Hub's main moves (its manifest records
+    the commit); a cache must not, or a new result would mix the earlier weights' embeddings or logits with the new
+    weights' own, while a commit that changes no file loaded (a model card, ONNX exports) keeps it. Call it after
+    loading the model (before, a Hub model keys by its spec as in model_identity)."""
     identity = model_identity(str(spec))
     if "hub" not in identity:
         return identity
     snapshot = _hub_snapshots.get(str(spec))
     if snapshot is not None and snapshot.is_dir():
-        return {"hub": identity["hub"], "files": file_fingerprint(snapshot, exclude=("README.md",))}
+        return {"hub": identity["hub"], "files": snapshot_fingerprint(snapshot)}
     revision = identity.get("revision")
     commit = hub_commit(spec) or (revision if _COMMIT.fullmatch(str(revision)) else None)
     return {"hub": identity["hub"], "commit": commit} if commit else identity

@@ -83,7 +83,9 @@ def track(cfg: DictConfig, stage: str, name: str | None = None) -> Iterator[Trac
         return
     try:
         import wandb
-    except ImportError:  # an optional extra: one line, as for the other optional packages, not a traceback
+    except ModuleNotFoundError as exc:  # an optional extra: one line, as for the other optional packages
+        if exc.name != "wandb":
+            raise  # installed, but one of its own imports fails: that traceback is what says why
         raise StageError("tracking=wandb needs the wandb package: pip install '.[wandb]' (or wandb), or set "
                          "tracking=none") from None
 

@@ -235,6 +235,9 @@ retrieved("before", "model.bi_encoder=owner/tiny")
 sharded = [*overrides, "model.bi_encoder=owner/tiny", "retrieve.top_k=8", "shard.count=2"]
 retrieve.run(compose([*sharded, "shard.index=0"]))  # an array task that ran before the move
 scored("scored before", "model.bi_encoder=owner/tiny", "model.cross_encoder=owner/ce", "score.depth=3")
+score_shards = ["model.bi_encoder=owner/tiny", "model.cross_encoder=owner/ce", "score.depth=2", "score.chunk_pairs=4",
+                "shard.count=2"]
+score.run(compose([*overrides, *score_shards, "shard.index=0"]))
 for repo in ("models--owner--tiny", "models--owner--ce"):  # the Hub's main moves on
     (hub / repo / "refs" / "main").write_text(new_main)
 retrieved("after", "model.bi_encoder=owner/tiny", "retrieve.top_k=6")
@@ -243,6 +246,10 @@ try:
     retrieve.run(compose([*sharded, "shard.index=1"]))  # and its other task, started after the move
 except StageError as exc:
     out["sharded after"] = str(exc)
+try:
+    score.run(compose([*overrides, *score_shards, "shard.index=1"]))
+except StageError as exc:
+    out["score shard after"] = str(exc)
 scored("scored after", "model.bi_encoder=owner/tiny", "model.cross_encoder=owner/ce", "score.depth=4")
 scored("scored pinned", "model.bi_encoder=owner/tiny", "model.cross_encoder=owner/ce@v1", "score.depth=5")
 scored("scored new card", "model.bi_encoder=owner/tiny", "model.cross_encoder=owner/ce@" + "c" * 40, "score.depth=3")
@@ -267,7 +274,9 @@ def test_caches_follow_the_commit_a_hub_model_loads_at_when_the_hub_moves(tmp_pa
                                               hidden=32, layers=1, heads=2, max_seq_length=64, seed=seed)
         _as_hub_snapshot(built, ce, commit)
     (tmp_path / "built-ce" / MAIN / "README.md").write_text("# a model card added later")
-    _as_hub_snapshot(tmp_path / "built-ce" / MAIN, ce, NEW_CARD)  # main's weights, a new model card
+    (tmp_path / "built-ce" / MAIN / "onnx").mkdir()
+    (tmp_path / "built-ce" / MAIN / "onnx" / "model.onnx").write_bytes(b"an export added later")
+    _as_hub_snapshot(tmp_path / "built-ce" / MAIN, ce, NEW_CARD)  # main's weights, a new card and an ONNX export
     overrides = [*demo_stage_overrides(max_queries=4, top_k=5), f"artifacts_root={tmp_path / 'art'}",
                  "token_cache=false"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf")}
@@ -289,6 +298,7 @@ def test_caches_follow_the_commit_a_hub_model_loads_at_when_the_hub_moves(tmp_pa
     error = got["sharded after"]
     assert f"owner/tiny at commit {MAIN}" in error and f"loads commit {TAGGED}" in error
     assert "force=true" in error and f"owner/tiny@{MAIN}" in error
+    assert f"owner/ce at commit {MAIN}" in got["score shard after"]
     # a commit that changed no file the model loads (a model card here; ONNX exports on the Hub) keeps the cache
     assert got["scored new card"]["pairs_from_cache"] == before["pairs"] > 0
 
@@ -305,7 +315,11 @@ def test_a_cache_keys_a_hub_model_by_the_files_it_loaded(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "_hub_snapshots", {"owner/x": snapshot, "owner/x@v1": snapshot})
     first = models.cache_identity("owner/x")
     assert first["hub"] == "owner/x" and first == models.cache_identity("owner/x@v1")
+    # what a full download adds beside a lazy one, or a later commit that changes no file loaded: the same key
     (snapshot / "README.md").write_text("a new card")
+    (snapshot / "onnx").mkdir()
+    (snapshot / "onnx" / "model.onnx").write_bytes(b"export")
+    (snapshot / "pytorch_model.bin").write_bytes(b"the weights in the older format")
     assert models.cache_identity("owner/x") == first
     (snapshot / "model.safetensors").write_bytes(b"other weights")
     assert models.cache_identity("owner/x") != first
@@ -317,6 +331,28 @@ def test_a_cache_keys_a_hub_model_by_the_files_it_loaded(monkeypatch, tmp_path):
     assert models.loaded_spec("owner/y") == "owner/y"
     (tmp_path / "config.json").write_text("{}")
     assert models.cache_identity(str(tmp_path)) == model_identity(str(tmp_path))
+
+
+def test_a_snapshot_of_links_is_fingerprinted_without_reading_its_weights(monkeypatch, tmp_path):
+    """huggingface_hub names each blob by its content hash: a multi-GB model keys its caches from the names."""
+    from pipeline import artifacts
+
+    repo = tmp_path / "models--owner--x"
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights")
+    (model / "config.json").write_text("{}")
+    _as_hub_snapshot(model, repo, MAIN)
+
+    def unread(path):
+        raise AssertionError(f"read {path}")
+
+    monkeypatch.setattr(artifacts, "content_digest", unread)
+    linked = models.snapshot_fingerprint(repo / "snapshots" / MAIN)
+    assert linked["files"] == 2
+    (model / "model.safetensors").write_bytes(b"other weights")
+    _as_hub_snapshot(model, repo, TAGGED)
+    assert models.snapshot_fingerprint(repo / "snapshots" / TAGGED) != linked
 
 
 def test_a_folder_takes_work_from_one_set_of_a_hub_models_files(monkeypatch, tmp_path):
@@ -343,9 +379,13 @@ def test_a_folder_takes_work_from_one_set_of_a_hub_models_files(monkeypatch, tmp
     assert json.loads((folder / HUB_WEIGHTS).read_text())["commit"] == MAIN
     loaded(NEW_CARD)
     claim_weights(folder, "owner/x")  # a new model card: the same weights
+    (snapshots[MAIN] / "model.safetensors").write_bytes(b"w1, fetched another way")
+    loaded(MAIN)
+    claim_weights(folder, "owner/x")  # the claimed commit itself, whatever another host's cache holds of it
     loaded(TAGGED)
-    with pytest.raises(StageError, match=f"loads commit {TAGGED}, whose files differ"):
+    with pytest.raises(StageError, match=f"loads commit {TAGGED}, whose files differ") as refused:
         claim_weights(folder, "owner/x")
+    assert "PIPELINE_FORCE_ID" in str(refused.value) and f"owner/x@{MAIN}" in str(refused.value)
     (tmp_path / "local").mkdir()
     claim_weights(tmp_path / "local", str(snapshots[MAIN]))
     assert not (tmp_path / "local" / HUB_WEIGHTS).exists()

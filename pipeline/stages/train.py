@@ -44,7 +44,7 @@ from pipeline import validate
 from pipeline.artifacts import (StageError, atomic_path, atomic_write_json, atomic_write_text, claim_weights,
                                 open_stage, read_manifest)
 from pipeline.config import plain
-from pipeline.models import commit_note, hub_id, load_bi_encoder, model_identity, resolve_device
+from pipeline.models import commit_note, hub_id, load_bi_encoder, loaded_spec, model_identity, resolve_device
 from pipeline.stages import common
 from pipeline.stages.retrieve import train_data_identity
 
@@ -759,7 +759,8 @@ def _lead(cfg: DictConfig, coord) -> Path:
             claim_weights(st.path, str(cfg.model.bi_encoder))  # checkpoints of other weights are not resumed
             ckpt_dir = st.path / "checkpoints"
             resume = last_checkpoint(ckpt_dir)
-            coord.tell("train", path=str(st.path), resume=str(resume) if resume else None, digest=digest)
+            coord.tell("train", path=str(st.path), resume=str(resume) if resume else None, digest=digest,
+                       model=loaded_spec(cfg.model.bi_encoder))  # the commit rank 0 loaded, not the moving name
             trainer = _make_stage_trainer(cfg, model, dataset, block_size, ckpt_dir)
             steps_here = _step_counter()
             trainer.add_callback(steps_here)
@@ -837,7 +838,8 @@ def _follow(cfg: DictConfig, coord) -> Path:
     if digest != decision["digest"]:
         raise StageError(f"rank {coord.rank} built another training set than rank 0 (digest {digest[:12]} vs "
                          f"{decision['digest'][:12]}): do all ranks read the same files and config?")
-    trainer = _make_stage_trainer(cfg, _load_model(cfg), dataset, block_size, folder / "checkpoints")
+    model = _load_model(cfg, decision.get("model"))
+    trainer = _make_stage_trainer(cfg, model, dataset, block_size, folder / "checkpoints")
     from pipeline import signals
 
     signals.prepare_trainer(trainer, gather_across_devices=bool(cfg.train.gather_across_devices))
@@ -873,11 +875,12 @@ def _training_data(cfg: DictConfig, mine_dir: Path) -> tuple[Any, dict[str, int]
     return dataset, stats, len(epochs_rows[0]), h.hexdigest()
 
 
-def _load_model(cfg: DictConfig):
+def _load_model(cfg: DictConfig, spec: str | None = None):
     """The v2 model, truncating at train.max_seq_length while it trains; its own length is kept as
     ``saved_max_seq_length``, which the saved v3 gets back, so that evaluations of v2 and v3 (and users) encode at
-    one length (the v3 encoded at the training length: 128 against v2's 256 in the Cranfield and CISI runs)."""
-    model = load_bi_encoder(str(cfg.model.bi_encoder), device=str(cfg.device),
+    one length (the v3 encoded at the training length: 128 against v2's 256 in the Cranfield and CISI runs).
+    ``spec``: what to load in place of model.bi_encoder (another rank: the commit rank 0 loaded)."""
+    model = load_bi_encoder(spec or str(cfg.model.bi_encoder), device=str(cfg.device),
                             artifacts_root=str(common.artifacts_root(cfg)))
     model.saved_max_seq_length = model.max_seq_length
     model.max_seq_length = int(cfg.train.max_seq_length)
