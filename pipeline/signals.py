@@ -218,19 +218,24 @@ def stop_callback():
 def training() -> Iterator[None]:
     """Around ``trainer.train()``: when training raises, the stop callback's on_train_end never runs, and the
     handlers its on_train_begin installed would stay for the rest of the process (a later run in it, a test, a
-    notebook, would never get its signals). The error ends the stop request too: it is not sent again."""
-    global _depth, _requested
+    notebook, would never get its signals). They are put back, and a stop request recorded before the error is
+    handed on: a preemption that broke a collective on another rank still reaches submitit's requeue handler."""
+    global _depth
     depth = _depth
     try:
         yield
-    except BaseException:
+    except BaseException as exc:
         if threading.current_thread() is threading.main_thread():
             with _lock:
-                if _depth > depth:
+                unwound = _depth > depth
+                if unwound:
                     _depth = depth
                     if depth == 0:
                         _restore()
-                        _requested = None
+            if unwound and depth == 0 and _requested is not None:
+                log.error("training stopped by an error after a stop request: %s", str(exc).splitlines()[0][:300]
+                          if str(exc) else type(exc).__name__)
+                _redeliver()
         raise
 
 

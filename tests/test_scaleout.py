@@ -119,10 +119,12 @@ def test_a_handler_python_cannot_see_is_put_back_as_the_default_action(monkeypat
 
 def test_training_that_raises_puts_the_handlers_back(monkeypatch):
     """The stop callback installs the flag-setters at on_train_begin and removes them at on_train_end, which a
-    training that raises never reaches: the handlers from before are back all the same, and the stop request
-    does not outlive the error (it would stop the process's next run at its first safe point)."""
-    def mine(signum, frame):  # a handler to recognise
-        pass
+    training that raises never reaches: the handlers from before are back all the same, and a stop request recorded
+    before the error is handed to them (a preemption that broke another rank's collective still requeues)."""
+    received = []
+
+    def mine(signum, frame):  # a handler to recognise, which lets the process live (as submitit's SIGTERM one)
+        received.append(signum)
 
     previous = signal.signal(signal.SIGUSR1, mine)
     try:
@@ -130,9 +132,15 @@ def test_training_that_raises_puts_the_handlers_back(monkeypatch):
             with signals.training():
                 signals.stop_callback().on_train_begin(None, None, None)
                 assert signal.getsignal(signal.SIGUSR1) is not mine
-                signals.request(signal.SIGUSR1)
+                os.kill(os.getpid(), signal.SIGUSR1)
                 raise RuntimeError("out of memory")
-        assert signal.getsignal(signal.SIGUSR1) is mine and signals.requested() is None
+        assert signal.getsignal(signal.SIGUSR1) is mine and received == [signal.SIGUSR1]
+        assert signals.requested() is None
+        with pytest.raises(RuntimeError):  # no request: nothing is sent
+            with signals.training():
+                signals.stop_callback().on_train_begin(None, None, None)
+                raise RuntimeError("a bug")
+        assert signal.getsignal(signal.SIGUSR1) is mine and received == [signal.SIGUSR1]
         with signals.training():  # a training that ends normally: on_train_end uninstalled, nothing is left to do
             callback = signals.stop_callback()
             callback.on_train_begin(None, None, None)
