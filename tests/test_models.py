@@ -257,22 +257,88 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def test_caches_follow_the_commit_a_hub_model_loads_at_when_the_hub_moves(tmp_path, tiny_tokenizer_dir,
-                                                                         demo_stage_overrides):
-    """An unpinned id keys its results by name, but the corpus embeddings linked between stages and the pair cache
-    must not outlive the weights: after the Hub's main moved, a new result computed with the new weights took the
-    old weights' embeddings and logits (its manifest naming the new commit). Pins of the same files share them."""
+def _hub_cross_encoder(cache: Path, tokenizer: Path, tmp_path: Path) -> Path:
+    """owner/ce in the Hub cache: a tiny single-logit cross-encoder at main and at the tag v1, other weights."""
     from pipeline.demo import build_tiny_cross_encoder_base
 
-    cache = _hub_cache(tmp_path / "hub", tiny_tokenizer_dir)
     ce = cache / "models--owner--ce"
     (ce / "refs").mkdir(parents=True)
     (ce / "refs" / "main").write_text(MAIN)
     (ce / "refs" / "v1").write_text(TAGGED)
     for seed, commit in enumerate((MAIN, TAGGED)):
-        built = build_tiny_cross_encoder_base(tmp_path / "built-ce" / commit, tokenizer_dir=tiny_tokenizer_dir,
-                                              hidden=32, layers=1, heads=2, max_seq_length=64, seed=seed)
+        built = build_tiny_cross_encoder_base(tmp_path / "built-ce" / commit, tokenizer_dir=tokenizer, hidden=32,
+                                              layers=1, heads=2, max_seq_length=64, seed=seed)
         _as_hub_snapshot(built, ce, commit)
+    return ce
+
+
+CLAIMS = """
+import json, sys
+from pathlib import Path
+from pipeline import artifacts
+from pipeline.artifacts import StageError, stage_folder, config_key
+from pipeline.config import compose
+from pipeline.stages import common, evaluate, mine, retrieve, score, teacher, train
+
+overrides = json.loads(sys.argv[1])
+cfg = compose([*overrides, "model.cross_encoder=owner/ce"])
+taught = compose([*overrides, "model.cross_encoder=null", "model.teacher_base=owner/ce", "teacher.epochs=1"])
+out = {}
+
+def claimed_by_others(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"spec": "x", "files": {"hub": "x", "files": "other"}, "commit": "d" * 40}
+    (folder / artifacts.HUB_WEIGHTS).write_text(json.dumps(record))
+
+def refused(name, folder, call):
+    claimed_by_others(folder)
+    try:
+        call()
+        out[name] = "ran"
+    except StageError as exc:
+        out[name] = str(exc)
+    (folder / artifacts.HUB_WEIGHTS).unlink()
+
+refused("retrieve", common.stage_dir(cfg, "retrieve"), lambda: retrieve.run(cfg))
+retrieve.run(cfg)
+refused("teacher", common.stage_dir(taught, "teacher"), lambda: teacher.run(taught))
+refused("score", common.stage_dir(cfg, "score"), lambda: score.run(cfg))
+score.run(cfg)
+mine.run(cfg)
+refused("train", common.stage_dir(cfg, "train"), lambda: train.run(cfg))
+system = evaluate._dense_system(cfg, "v2", "owner/tiny", "auto", None, None)
+folder = stage_folder(common.artifacts_root(cfg), "evaluate", evaluate._label_for(cfg, system),
+                      config_key(evaluate.system_identity(cfg, system)))
+refused("evaluate", folder, lambda: evaluate.evaluate_system(cfg, "v2", "owner/tiny"))
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_every_stage_that_loads_a_hub_model_claims_its_folder(tmp_path, tiny_tokenizer_dir, demo_stage_overrides):
+    """Retrieve, teacher, score, train and evaluate each refuse to add to a folder whose work other files of their
+    Hub model computed (the claims are one call each; a stage without one would mix two models after a move)."""
+    cache = _hub_cache(tmp_path / "hub", tiny_tokenizer_dir)
+    _hub_cross_encoder(cache, tiny_tokenizer_dir, tmp_path)
+    overrides = [*demo_stage_overrides(max_queries=4, top_k=5, cross_encoder=False),
+                 f"artifacts_root={tmp_path / 'art'}", "token_cache=false", "model.bi_encoder=owner/tiny",
+                 "train.max_steps=1", "train.evaluate=false", "data.evals={}", "mine.ce_score_margin=-100"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run([sys.executable, "-c", CLAIMS, json.dumps(overrides)], capture_output=True, text=True,
+                          cwd=REPO_ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(next(line[7:] for line in proc.stdout.splitlines() if line.startswith("RESULT ")))
+    for stage, spec in (("retrieve", "owner/tiny"), ("teacher", "owner/ce"), ("score", "owner/ce"),
+                        ("train", "owner/tiny"), ("evaluate", "owner/tiny")):
+        assert f"computed with {spec} at commit {'d' * 40}" in got[stage], (stage, got[stage])
+
+
+def test_caches_follow_the_commit_a_hub_model_loads_at_when_the_hub_moves(tmp_path, tiny_tokenizer_dir,
+                                                                         demo_stage_overrides):
+    """An unpinned id keys its results by name, but the corpus embeddings linked between stages and the pair cache
+    must not outlive the weights: after the Hub's main moved, a new result computed with the new weights took the
+    old weights' embeddings and logits (its manifest naming the new commit). Pins of the same files share them."""
+    cache = _hub_cache(tmp_path / "hub", tiny_tokenizer_dir)
+    ce = _hub_cross_encoder(cache, tiny_tokenizer_dir, tmp_path)
     (tmp_path / "built-ce" / MAIN / "README.md").write_text("# a model card added later")
     (tmp_path / "built-ce" / MAIN / "onnx").mkdir()
     (tmp_path / "built-ce" / MAIN / "onnx" / "model.onnx").write_bytes(b"an export added later")
