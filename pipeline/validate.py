@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -349,7 +349,8 @@ def unknown_keys(argv: list[str]) -> list[str]:
     """The plain ``key=value`` command-line overrides of keys the config does not have. Hydra refuses them with a
     multi-line error whose hint, to add the key with +, leads to :func:`added_keys`' refusal: here one line names
     the nearest known key first. The config groups chosen on the command line (experiment=..., data=...) are
-    composed to know the keys; where they cannot be, Hydra's own error follows."""
+    composed to know the keys, each choice of a sweep over them (-m data=demo,cisi) with the others at their
+    first; where they cannot be, Hydra's own error follows."""
     from pipeline.config import CONF_DIR, compose
 
     if any(arg.startswith(("-cd", "-cn", "-cp", "--config", "hydra.searchpath")) for arg in argv):
@@ -365,11 +366,27 @@ def unknown_keys(argv: list[str]) -> list[str]:
             plain_keys.append((arg, key))
     if not plain_keys:
         return []
-    try:
-        cfg = compose([arg for arg, _ in groups])
-    except Exception:
+    # a sweep over a group (-m data=demo,cisi) is one config per choice: each choice is composed, the others at
+    # their first; sweep functions (choice(...), range(...), glob(...)) are Hydra's to expand and judge
+    choices = [arg.split("=", 1)[1].split(",") for arg, _ in groups]
+    if any(not c.strip() or set(c) & set("()[]{}'\"") for options in choices for c in options):
         return []
-    found = []
+    first = [f"{key}={options[0]}" for (_, key), options in zip(groups, choices)]
+    configs = [first] + [[*first[:g], f"{groups[g][1]}={option}", *first[g + 1:]]
+                         for g, options in enumerate(choices) for option in options[1:]]
+    found: dict[str, str] = {}
+    for overrides in configs:
+        try:
+            cfg = compose(overrides)
+        except Exception:
+            return []
+        for arg, problem in _unknown_in(cfg, plain_keys):
+            found.setdefault(arg, problem + (f" with {' '.join(overrides)}" if len(configs) > 1 else ""))
+    return list(found.values())
+
+
+def _unknown_in(cfg: DictConfig, plain_keys: list[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+    """(override, why) for each plain key ``cfg`` does not have."""
     for arg, key in plain_keys:
         if key.startswith(OPEN_KEYS):
             continue
@@ -380,10 +397,9 @@ def unknown_keys(argv: list[str]) -> list[str]:
             if part not in node.keys():  # `in` calls a ??? value absent
                 missing = ".".join(parts[:depth + 1])
                 near = _nearest_key(cfg, missing)
-                found.append(f"{arg}: {missing!r} is no setting" + (f" (did you mean {near}?)" if near else ""))
+                yield arg, f"{arg}: {missing!r} is no setting" + (f" (did you mean {near}?)" if near else "")
                 break
             node = node._get_node(part)
-    return found
 
 
 def _nearest_key(cfg: DictConfig, key: str) -> str | None:

@@ -145,6 +145,12 @@ def test_a_mistyped_key_is_one_line_naming_the_nearest_known_key(tmp_path):
     assert unknown_keys(["+retrieve.topk=5", "~train.lr", "hydra.verbose=true", "hydra/launcher=local",
                          "experiment=demo", "data.evals.x.kind=rerank", "model.published.dev=1", "--cfg", "job"]) == []
     assert unknown_keys(["experiment=nosuch", "retrieve.topk=1"]) == []
+    # a sweep over a group: every choice is a config of its own, a key must be in each
+    assert unknown_keys(["-m", "data=demo,cisi", "retrieve.topk=5", "data.root=x"]) == [
+        "retrieve.topk=5: 'retrieve.topk' is no setting (did you mean retrieve.top_k?) with data=demo",
+        "data.root=x: 'data.root' is no setting with data=demo"]
+    assert unknown_keys(["-m", "data=cisi,beir", "data.root=x", "seed=1,2"]) == []
+    assert unknown_keys(["-m", "data=choice(demo,cisi)", "retrieve.topk=5"]) == []  # Hydra's sweep functions
     assert unknown_keys(["--config-dir", "/my/conf", "retrieve.topk=1"]) == []  # keys of another config
     # keys a chosen group brings (the default data has no root), a required ??? one included
     assert unknown_keys(["data=beir", "data.root=x"]) == unknown_keys(["experiment=beir_minilm", "data.root=x"]) == []
