@@ -575,6 +575,25 @@ def open_stage(stage: str, identity: Mapping[str, Any], *, root: str | os.PathLi
     log.info("%s: done in %.1fs -> %s", stage, run.timings.get("total", 0.0), path)
 
 
+def first_record(path: Path, record: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON record at ``path``, which is ``record`` unless another process wrote one first: created once and
+    atomically (a link that fails if another process linked first), so every process of a folder, shards on other
+    hosts included, compares itself with the same first one."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # a name of this process's own: shards on two hosts of one array can share a pid (a container per task),
+        # and the second to write a pid-named file replaced the first's, which then linked (and unlinked) it
+        tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}-{os.urandom(6).hex()}")
+        atomic_write_text(tmp, json.dumps(dict(record)) + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+    return json.loads(path.read_text())
+
+
 def claim_weights(folder: Path, spec: str) -> None:
     """Refuse to add work to ``folder`` computed with other files of a Hub model than its work so far: an unpinned
     id (or a branch) keys a result by name, so a run resumed or a shard started after the Hub's main moved would
@@ -585,17 +604,7 @@ def claim_weights(folder: Path, spec: str) -> None:
     if not hub_id(spec):
         return
     mine = {"spec": str(spec), "files": cache_identity(spec), "commit": hub_commit(spec)}
-    path = Path(folder) / HUB_WEIGHTS
-    if not path.exists():
-        tmp = path.with_name(f".tmp-{os.getpid()}-{os.urandom(4).hex()}")
-        atomic_write_json(tmp, mine)
-        try:
-            os.link(tmp, path)  # the first claim wins, also between shards on other hosts
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
-    theirs = json.loads(path.read_text())
+    theirs = first_record(Path(folder) / HUB_WEIGHTS, mine)
     same_commit = mine["commit"] is not None and theirs.get("commit") == mine["commit"]
     if not same_commit and theirs.get("files") != mine["files"]:  # one commit: files fetched another way, no change
         raise StageError(f"{folder}: its work so far was computed with {spec} at commit {theirs.get('commit')}, "

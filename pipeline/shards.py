@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import re
@@ -32,8 +31,8 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from pipeline.artifacts import (MARKER, StageError, StageLocked, StageRun, atomic_write_text, clear_for_force,
-                                config_key, folder_lock, forced_already, forced_run_id, is_complete, open_stage,
+from pipeline.artifacts import (MARKER, StageError, StageLocked, StageRun, clear_for_force, config_key,
+                                first_record, folder_lock, forced_already, forced_run_id, is_complete, open_stage,
                                 stage_folder)
 from pipeline.config import plain
 
@@ -111,21 +110,8 @@ def claim_compute_dtype(final: Path, stage: str, dtype: str, device: str) -> Non
     other process (a shard, a rerun, a requeue) that would compute in another one: the stage's key holds the
     precision setting (``auto``), not the dtype it means on each machine, because downstream stages compute that
     key on any machine, so shards on bf16 and fp16 GPUs (or a CPU) would otherwise mix two dtypes in one result.
-    Created once and atomically (a link that fails if another process linked first)."""
-    record = Path(final) / COMPUTE_RECORD
-    if not record.exists():
-        record.parent.mkdir(parents=True, exist_ok=True)
-        # a name of this process's own: shards on two hosts of one array can share a pid (a container per task),
-        # and the second to write a pid-named file replaced the first's, which then linked (and unlinked) it
-        tmp = record.parent / f".tmp-{COMPUTE_RECORD}-{os.getpid()}-{os.urandom(6).hex()}"
-        atomic_write_text(tmp, json.dumps({"dtype": dtype, "device": device, "host": socket.gethostname()}) + "\n")
-        try:
-            os.link(tmp, record)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink(missing_ok=True)
-    first = json.loads(record.read_text())
+    Created once and atomically (artifacts.first_record)."""
+    first = first_record(Path(final) / COMPUTE_RECORD, {"dtype": dtype, "device": device, "host": socket.gethostname()})
     if first["dtype"] != dtype:
         raise StageError(
             f"{stage}: {final} holds blocks computed in {first['dtype']} (on {first['device']} at {first['host']}); "
