@@ -11,7 +11,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,15 @@ def resolve_model_path(spec: str, artifacts_root: str | os.PathLike | None = Non
 _PINNED = re.compile(r"([\w.-]+/[\w.-]+)@([\w./-]+)")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
-#: the commit each Hub model loaded in this process resolved to, by its spec: manifests record it
-_hub_commits: dict[str, str] = {}
-#: the HF cache snapshot folder each Hub model loaded in this process came from, by its spec: caches key by its files
-_hub_snapshots: dict[str, Path] = {}
+class HubLoad(NamedTuple):
+    """What a Hub model loaded in this process came from: the commit (manifests record it) and the HF cache
+    snapshot folder named by it (caches key by its files; None where the cache could not say)."""
+    commit: str
+    snapshot: Path | None
+
+
+#: each Hub model loaded in this process, by its spec
+_hub_loaded: dict[str, HubLoad] = {}
 
 
 def split_revision(spec: Any) -> tuple[str, str | None]:
@@ -88,7 +93,8 @@ def hub_id(spec: Any) -> str | None:
 
 def hub_commit(spec: Any) -> str | None:
     """The commit a Hub model loaded in this process came from (None: not a Hub model, or not loaded here)."""
-    return _hub_commits.get(str(spec))
+    loaded = _hub_loaded.get(str(spec))
+    return loaded.commit if loaded else None
 
 
 def commit_note(spec: Any, recorded: str | None = None) -> str:
@@ -145,9 +151,9 @@ def cache_identity(spec: Any) -> dict[str, Any]:
     identity = model_identity(str(spec))
     if "hub" not in identity:
         return identity
-    snapshot = _hub_snapshots.get(str(spec))
-    if snapshot is not None and snapshot.is_dir():
-        return {"hub": identity["hub"], "files": snapshot_fingerprint(snapshot)}
+    loaded = _hub_loaded.get(str(spec))
+    if loaded and loaded.snapshot is not None and loaded.snapshot.is_dir():
+        return {"hub": identity["hub"], "files": snapshot_fingerprint(loaded.snapshot)}
     revision = identity.get("revision")
     commit = hub_commit(spec) or (revision if _COMMIT.fullmatch(str(revision)) else None)
     return {"hub": identity["hub"], "commit": commit} if commit else identity
@@ -180,9 +186,8 @@ def _record_commit(spec: str, model: Any) -> None:
     if not name:
         return
     revision = split_revision(spec)[1]
-    _hub_commits.pop(spec, None)  # what an earlier load of the spec found says nothing of this one
-    _hub_snapshots.pop(spec, None)
-    commit = None
+    _hub_loaded.pop(spec, None)  # what an earlier load of the spec found says nothing of this one
+    snapshot = None
     with contextlib.suppress(Exception):  # a cache layout this cannot read: the manifest goes without it
         from huggingface_hub import try_to_load_from_cache
 
@@ -190,14 +195,15 @@ def _record_commit(spec: str, model: Any) -> None:
             path = try_to_load_from_cache(name, filename, revision=revision)
             if isinstance(path, str) and "snapshots" in Path(path).parts:
                 parts = Path(path).parts
-                commit = parts[parts.index("snapshots") + 1]
-                _hub_snapshots[spec] = Path(*parts[:parts.index("snapshots") + 2])
+                snapshot = Path(*parts[:parts.index("snapshots") + 2])  # snapshots/<commit>
                 break
-    if commit is None:
+    if snapshot is not None:
+        commit = snapshot.name
+    else:
         commit = getattr(getattr(model, "model_card_data", None), "base_model_revision", None)
         commit = commit if _COMMIT.fullmatch(str(commit)) else None
     if commit:
-        _hub_commits[spec] = str(commit)
+        _hub_loaded[spec] = HubLoad(str(commit), snapshot)
 
 
 def load_bi_encoder(spec: str, *, device: str = "auto", artifacts_root: str | None = None,

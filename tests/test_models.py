@@ -144,7 +144,7 @@ def test_a_commit_is_recorded_only_when_it_is_one(monkeypatch):
     commit: a branch or tag name (what it keeps for a pinned one) would mislabel the card."""
     from types import SimpleNamespace
 
-    monkeypatch.setattr(models, "_hub_commits", {})
+    monkeypatch.setattr(models, "_hub_loaded", {})
 
     def loaded(revision):
         return SimpleNamespace(model_card_data=SimpleNamespace(base_model_revision=revision))
@@ -377,8 +377,9 @@ def test_a_cache_keys_a_hub_model_by_the_files_it_loaded(monkeypatch, tmp_path):
     snapshot.mkdir(parents=True)
     (snapshot / "model.safetensors").write_bytes(b"weights")
     (snapshot / "README.md").write_text("card")
-    monkeypatch.setattr(models, "_hub_commits", {"owner/x": MAIN, "owner/x@v1": MAIN, "owner/z": TAGGED})
-    monkeypatch.setattr(models, "_hub_snapshots", {"owner/x": snapshot, "owner/x@v1": snapshot})
+    monkeypatch.setattr(models, "_hub_loaded", {"owner/x": models.HubLoad(MAIN, snapshot),
+                                                "owner/x@v1": models.HubLoad(MAIN, snapshot),
+                                                "owner/z": models.HubLoad(TAGGED, None)})
     first = models.cache_identity("owner/x")
     assert first["hub"] == "owner/x" and first == models.cache_identity("owner/x@v1")
     # what a full download adds beside a lazy one, or a later commit that changes no file loaded: the same key
@@ -436,8 +437,7 @@ def test_a_folder_takes_work_from_one_set_of_a_hub_models_files(monkeypatch, tmp
     folder.mkdir()
 
     def loaded(commit):
-        monkeypatch.setattr(models, "_hub_commits", {"owner/x": commit})
-        monkeypatch.setattr(models, "_hub_snapshots", {"owner/x": snapshots[commit]})
+        monkeypatch.setattr(models, "_hub_loaded", {"owner/x": models.HubLoad(commit, snapshots[commit])})
 
     loaded(MAIN)
     claim_weights(folder, "owner/x")
