@@ -258,8 +258,7 @@ def _run_system(cfg: DictConfig, system: dict[str, Any]) -> dict[str, Any]:
                         check_qrels_in_corpus(qrels, load_corpus(cfg), str(ev["qrels"]),
                                               float(cfg.data.max_missing_qrels))
                         queries = _judged_queries(read_queries(str(ev["queries"])), qrels, name)
-                        k = max(int(cfg.evaluate.k), metrics.max_cutoff(ev["metrics"]) or 0)
-                        ranked = scorer.retrieve(name, queries, k)
+                        ranked = scorer.retrieve(name, queries, search_depth(cfg, ev))
                     else:
                         cands = read_candidates(str(ev["candidates"]))
                         queries = _judged_queries(_rerank_queries(ev, cands), qrels, name)
@@ -301,6 +300,11 @@ def run_from_hits(qids: Sequence[str], corpus: Corpus, scores: np.ndarray, idx: 
 
 def _safe_tag(name: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in name) or "run"
+
+
+def search_depth(cfg: DictConfig, ev: Mapping[str, Any]) -> int:
+    """How deep a retrieval eval set is searched: evaluate.k, and at least its metrics' largest cutoff."""
+    return max(int(cfg.evaluate.k), metrics.max_cutoff(ev["metrics"]) or 0)
 
 
 def _rerank_queries(ev: Mapping[str, Any], cands: Candidates) -> dict[str, str]:

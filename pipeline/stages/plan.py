@@ -247,12 +247,11 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     fp32 = {stage: _gpu_dtype(cfg[stage].precision) == "fp32"
             for stage in ("retrieve", "score", "evaluate")}
     searched = rounds * train_q + dense_systems * sum(eval_q[n]["queries"] or 0 for n in retrieval_evals)
-    # the depth each search goes to: retrieve's top_k for training queries, evaluate's k (at least the metrics'
-    # largest cutoff) for the dev queries; the line said top-100 for an evaluation-only plan searching top-1000
-    from pipeline import metrics
+    # the depth each search goes to: retrieve's top_k for training queries, evaluate's for the dev queries; the
+    # line said top-100 for an evaluation-only plan searching top-1000
+    from pipeline.stages.evaluate import search_depth
 
-    eval_depth = max([int(cfg.evaluate.k)] + [metrics.max_cutoff(list(cfg.data.evals[n].metrics)) or 0
-                                              for n in retrieval_evals])
+    eval_depth = max((search_depth(cfg, cfg.data.evals[n]) for n in retrieval_evals), default=int(cfg.evaluate.k))
     depths = [*([f"training top-{top_k}"] if rounds * train_q else []),
               *([f"evaluation top-{eval_depth}"] if retrieval_evals else [])]
     batch = int(cfg.train.batch_size)
