@@ -58,7 +58,8 @@ def resolve_model_path(spec: str, artifacts_root: str | os.PathLike | None = Non
 
 
 #: a Hub model pinned to a branch, tag or commit: owner/name@revision (pip's spelling of a pinned source)
-_PINNED = re.compile(r"([\w.-]+/[\w.-]+)@([\w./-]+)")
+_HUB_ID = r"[\w.-]+/[\w.-]+"
+_PINNED = re.compile(rf"({_HUB_ID})@([\w./-]+)")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 class HubLoad(NamedTuple):
@@ -86,7 +87,7 @@ def hub_id(spec: Any) -> str | None:
     """The Hub id ``spec`` names (owner/name, any ``@revision`` dropped; no such local folder), else None: what a
     model card's ``base_model`` may link to (a local path or a demo: model means nothing once the folder is shared)."""
     name = split_revision(spec)[0]
-    if re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not Path(name).expanduser().exists():
+    if re.fullmatch(_HUB_ID, name) and not Path(name).expanduser().exists():
         return name
     return None
 

@@ -330,19 +330,23 @@ def added_keys(overrides: list[str], cfg: DictConfig | None = None) -> list[str]
     """The keys that ``+key=value`` command-line overrides add where no stage reads them. Hydra's own hint for a
     mistyped key is to add it with +: ``+retrieve.topk=5`` then ran at the default top_k without a word. With the
     composed ``cfg``, the nearest known key is named."""
-    from pipeline.config import CONF_DIR
-
     found = []
     for override in overrides:
         if not override.startswith("+") or override.startswith("++"):
             continue
         key = override[1:].split("=", 1)[0].strip()
-        group = "/" in key or (CONF_DIR / key).is_dir()  # +experiment=..., +hydra/launcher=...
-        if not group and not key.startswith(OPEN_KEYS):
+        if not _is_group(key) and not key.startswith(OPEN_KEYS):  # +experiment=... adds a group: Hydra's to judge
             near = _nearest_key(cfg, key) if cfg is not None else None
             hint = f"did you mean {near}?" if near else "a typo of a known key?"
             found.append(f"{override}: adds {key!r}, a key no stage reads ({hint} drop the +)")
     return found
+
+
+def _is_group(key: str) -> bool:
+    """Whether an override's key chooses a config group (experiment, data, hydra/launcher) rather than a setting."""
+    from pipeline.config import CONF_DIR
+
+    return "/" in key or (CONF_DIR / key).is_dir()
 
 
 def unknown_keys(argv: list[str]) -> list[str]:
@@ -351,7 +355,7 @@ def unknown_keys(argv: list[str]) -> list[str]:
     the nearest known key first. The config groups chosen on the command line (experiment=..., data=...) are
     composed to know the keys, each choice of a sweep over them (-m data=demo,cisi) with the others at their
     first; where they cannot be, Hydra's own error follows."""
-    from pipeline.config import CONF_DIR, compose
+    from pipeline.config import compose
 
     if any(arg.startswith(("-cd", "-cn", "-cp", "--config", "hydra.searchpath")) for arg in argv):
         return []  # another config than conf/config.yaml: Hydra's to judge
@@ -360,7 +364,7 @@ def unknown_keys(argv: list[str]) -> list[str]:
         key = arg.split("=", 1)[0].strip()
         if arg.startswith("-") or "=" not in arg or "@" in key:
             continue  # flags (-m, --cfg), package overrides
-        if "/" in key or (CONF_DIR / key.lstrip("+")).is_dir():
+        if _is_group(key.lstrip("+")):
             groups.append((arg, key))  # experiment=..., +experiment=..., hydra/launcher=...
         elif not key.startswith(("+", "~", "hydra")):  # additions, deletions, Hydra's own settings: judged later
             plain_keys.append((arg, key))

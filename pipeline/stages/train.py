@@ -985,9 +985,8 @@ def model_card(cfg: DictConfig, mine_dir: Path, metrics: Mapping[str, Any]) -> s
         f"# {name}",
         "",
         f"{cfg.model.name} ({old}, `{spec}`{commit_note(spec)}) fine-tuned into {new} with the MSMARCO Models v3 "
-        f"recipe: {old} retrieved "
-        f"passages for the training queries, a cross-encoder scored them, passages {old} ranked high but the "
-        f"cross-encoder scored low became hard negatives, and {old} was trained further with "
+        f"recipe: {old} retrieved passages for the training queries, a cross-encoder scored them, passages {old} "
+        f"ranked high but the cross-encoder scored low became hard negatives, and {old} was trained further with "
         "MultipleNegativesRankingLoss.",
         "",
         "## Data",
