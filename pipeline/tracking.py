@@ -83,11 +83,11 @@ def track(cfg: DictConfig, stage: str, name: str | None = None) -> Iterator[Trac
         return
     try:
         import wandb
-    except ModuleNotFoundError as exc:  # an optional extra: one line, as for the other optional packages
+    except ModuleNotFoundError as exc:  # a dependency, but an environment built by hand may lack it: one line
         if exc.name != "wandb":
             raise  # installed, but one of its own imports fails: that traceback is what says why
-        raise StageError("tracking=wandb needs the wandb package: pip install '.[wandb]' (or wandb), or set "
-                         "tracking=none") from None
+        raise StageError("tracking=wandb needs the wandb package, which this environment lacks: pip install "
+                         "'wandb>=0.17' (or the project again), or set tracking=none") from None
 
     if wandb.run is not None:
         yield Tracker(wandb.run)
@@ -98,7 +98,8 @@ def track(cfg: DictConfig, stage: str, name: str | None = None) -> Iterator[Trac
     run = wandb.init(project=str(t.get("project") or "msmarco-v3"), entity=t.get("entity") or None,
                      mode=wandb_mode(cfg), dir=str(_wandb_dir(cfg)), job_type=stage, tags=tags,
                      name=name or f"{stage}-{cfg.data.name}-{cfg.model.name}",
-                     config=redact(plain(cfg)), reinit="finish_previous")
+                     config=redact(plain(cfg)))  # no `reinit`: an open run was joined above (< 0.19.9 refuses
+    # reinit="finish_previous", passed here until a test ran the installed package at the floor)
     log.info("tracking: wandb run %s (%s) in %s", run.name, wandb_mode(cfg), _wandb_dir(cfg))
     try:
         yield Tracker(run)

@@ -87,10 +87,10 @@ def shared_data() -> Path:
 
 
 @pytest.fixture
-def fake_wandb(monkeypatch):
-    """A stand-in `wandb` module that records what the pipeline sends (no network here, and wandb is an optional
-    extra): `.runs` holds every run `init` made, each with its init arguments, `.logged` calls, summary and
-    finish count. The WANDB_* variables tracking exports for trainers are put back after the test."""
+def fake_wandb(monkeypatch, wandb_env):
+    """A stand-in `wandb` module that records what the pipeline sends (no network here; the real package's offline
+    run is tests/test_tracking.py's last test): `.runs` holds every run `init` made, each with its init arguments,
+    `.logged` calls, summary and finish count. The WANDB_* variables are wandb_env's."""
     import sys
     import types
 
@@ -115,7 +115,12 @@ def fake_wandb(monkeypatch):
     module.run, module.runs, module.init = None, [], init
     module.Image = lambda path: ("image", str(path))
     monkeypatch.setitem(sys.modules, "wandb", module)
+    return module
+
+
+@pytest.fixture
+def wandb_env(monkeypatch):
+    """The WANDB_* variables tracking exports for the trainers, unset for the test and put back after it."""
     for name in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_DIR", "WANDB_LOG_MODEL", "WANDB_ENTITY", "WANDB_API_KEY"):
         monkeypatch.setenv(name, "")  # recorded, so that what the test (or the code) sets is undone after it
         monkeypatch.delenv(name)
-    return module

@@ -38,7 +38,7 @@ def test_a_tracked_stage_runs_offline_in_the_artifacts_root_and_tells_the_traine
 
 def test_a_stage_inside_the_chain_logs_into_the_chain_run(fake_wandb, tmp_path):
     """stage=all opens one run and each stage's own track() joins it: a second init would have finished the chain's
-    run (reinit="finish_previous") and split one job over several runs."""
+    run (wandb's default outside notebooks) and split one job over several runs."""
     cfg = compose(["experiment=demo", f"artifacts_root={tmp_path}", "tracking=wandb"])
     with tracking.track(cfg, "all") as chain:
         with tracking.track(cfg, "train") as stage:
@@ -121,15 +121,34 @@ def test_settings_a_hand_written_tracking_config_leaves_out(fake_wandb, tmp_path
 
 
 def test_tracking_asked_for_without_wandb_installed_is_one_line(tmp_path, monkeypatch):
-    """wandb is an optional extra ('.[wandb]'): tracking=wandb without it was a ModuleNotFoundError traceback (in the
-    train stage after its data was built); now a StageError that says what to install, one line and exit 2 from
-    the CLI like the other optional packages."""
+    """An environment without wandb (built by hand; the project depends on it): tracking=wandb was a
+    ModuleNotFoundError traceback (in the train stage after its data was built); now a StageError that says what
+    to install, one line and exit 2 from the CLI like the other missing packages."""
     from pipeline.artifacts import StageError
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError, installed or not
     cfg = compose(["experiment=demo", f"artifacts_root={tmp_path}", "tracking=wandb"])
-    with pytest.raises(StageError, match=r"tracking=wandb needs the wandb package: pip install '\.\[wandb\]'"):
+    missing = r"tracking=wandb needs the wandb package, which this environment lacks: pip install 'wandb>=0\.17'"
+    with pytest.raises(StageError, match=missing):
         with tracking.track(cfg, "all"):
             pass
     with tracking.track(compose(["experiment=demo", f"artifacts_root={tmp_path}"]), "all") as tracker:
         assert not tracker.active  # tracking off: wandb is never imported
+
+
+def test_the_installed_wandb_runs_offline_under_the_artifacts_root(wandb_env, tmp_path, monkeypatch):
+    """The stand-in above checks what is sent; this, that the installed wandb takes it: an offline run in
+    <artifacts_root>/wandb whose log holds the stage's metrics, nothing written to the working directory, and no
+    run left open after the stage. The config's mode wins over a WANDB_MODE=disabled in the environment (CI's)."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["experiment=demo", f"artifacts_root={tmp_path / 'artifacts'}", "tracking=wandb"])
+    with tracking.track(cfg, "evaluate") as tracker:
+        assert tracker.active and wandb.run is not None and wandb.run.settings.mode == "offline"
+        tracker.log({"rerank": {"ndcg_cut_10": 0.6902}})
+    assert wandb.run is None
+    logs = list((tmp_path / "artifacts" / "wandb").rglob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1 and b"rerank/ndcg_cut_10" in logs[0].read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts"]
