@@ -57,10 +57,11 @@ def resolve_model_path(spec: str, artifacts_root: str | os.PathLike | None = Non
     return spec
 
 
-#: a Hub model pinned to a branch, tag or commit: owner/name@revision (pip's spelling of a pinned source)
-_HUB_ID = r"[\w.-]+/[\w.-]+"
-_PINNED = re.compile(rf"({_HUB_ID})@([\w./-]+)")
-_COMMIT = re.compile(r"[0-9a-f]{40}")
+#: a Hub repository id (owner/name; readers' hf: datasets too), one pinned to a branch, tag or commit
+#: (owner/name@revision, pip's spelling of a pinned source), and a full commit id
+HUB_ID = r"[\w.-]+/[\w.-]+"
+_PINNED = re.compile(rf"({HUB_ID})@([\w./-]+)")
+COMMIT = re.compile(r"[0-9a-f]{40}")
 
 class HubLoad(NamedTuple):
     """What a Hub model loaded in this process came from: the commit (manifests record it) and the HF cache
@@ -87,7 +88,7 @@ def hub_id(spec: Any) -> str | None:
     """The Hub id ``spec`` names (owner/name, any ``@revision`` dropped; no such local folder), else None: what a
     model card's ``base_model`` may link to (a local path or a demo: model means nothing once the folder is shared)."""
     name = split_revision(spec)[0]
-    if re.fullmatch(_HUB_ID, name) and not Path(name).expanduser().exists():
+    if re.fullmatch(HUB_ID, name) and not Path(name).expanduser().exists():
         return name
     return None
 
@@ -156,7 +157,7 @@ def cache_identity(spec: Any) -> dict[str, Any]:
     if loaded and loaded.snapshot is not None and loaded.snapshot.is_dir():
         return {"hub": identity["hub"], "files": snapshot_fingerprint(loaded.snapshot)}
     revision = identity.get("revision")
-    commit = hub_commit(spec) or (revision if _COMMIT.fullmatch(str(revision)) else None)
+    commit = hub_commit(spec) or (revision if COMMIT.fullmatch(str(revision)) else None)
     return {"hub": identity["hub"], "commit": commit} if commit else identity
 
 
@@ -202,7 +203,7 @@ def _record_commit(spec: str, model: Any) -> None:
         commit = snapshot.name
     else:
         commit = getattr(getattr(model, "model_card_data", None), "base_model_revision", None)
-        commit = commit if _COMMIT.fullmatch(str(commit)) else None
+        commit = commit if COMMIT.fullmatch(str(commit)) else None
     if commit:
         _hub_loaded[spec] = HubLoad(str(commit), snapshot)
 

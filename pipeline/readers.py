@@ -1,7 +1,7 @@
 """Every on-disk format the pipeline reads, one function per format, ids kept as strings end to end.
 
 Sources are paths (format from the name and the first line) or prefixed ids:
-  ``hf:<hub id or local dir>[@split]``  Hugging Face datasets
+  ``hf:<hub id>[@revision][@split][#config]`` or ``hf:<local dir>[@split]``  Hugging Face datasets
   ``irds:<ir_datasets id>``             ir_datasets (optional extra ``irds``)
 
 Bad input raises :class:`DataError`, whose message starts with ``file:line:`` and says what is wrong.
@@ -17,14 +17,18 @@ import json
 import logging
 import math
 import os
+import re
 import zlib
 from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .models import COMMIT, HUB_ID
 
 log = logging.getLogger(__name__)
 
@@ -395,15 +399,22 @@ def _decimal_id(pid: str) -> bool:
 def corpus_source_fingerprint(source: str) -> dict[str, Any]:
     """What a data source's artifacts are keyed by: a file's content fingerprint (a BEIR folder's: its corpus file
     alone, so editing its qrels or queries re-keys only what reads them); a dataset saved on disk and named
-    ``hf:<dir>[@split][#config]``: the folder's content and the split and config; a hub or ir_datasets id:
-    the id (their content is what the id names)."""
+    ``hf:<dir>[@split][#config]``: the folder's content and the split and config; a Hub dataset: its id and the
+    commit loaded (the dataset is loaded here, once a process, so that what is read is what the key names: results
+    made before the Hub's main moved are not reused for the new data); an ir_datasets id: the id (ir_datasets
+    checks its downloads against fixed checksums)."""
     from .artifacts import file_fingerprint
 
     if source.startswith("hf:"):
         local = source[3:].split("#", 1)[0].rsplit("@", 1)[0]
         if Path(local).is_dir():
             return {"source": "hf:" + source[3 + len(local):], "content": file_fingerprint(Path(local))}
-        return {"source": source}
+        commit = _loaded_commit(_hf_dataset(source[3:])[0])
+        if commit is None:
+            log.warning("%s: the commit loaded is unknown (no cache files), so its results are keyed by its name "
+                        "alone; pin a commit (hf:<id>@<commit>@<split>) to make them exact", source)
+            return {"source": source}
+        return {"source": source, "commit": commit}
     if source.startswith("irds:"):
         return {"source": source}
     return file_fingerprint(_beir_corpus_file(Path(source)))
@@ -672,39 +683,84 @@ def check_qrels_in_corpus(qrels: Qrels, corpus: Corpus, source: str, max_missing
 # --------------------------------------------------------------------------- optional sources
 
 
-def _hf_dataset(spec: str) -> tuple[Any, str, Callable[[Sequence[str], bool], str | None]]:
-    """(dataset, its name for messages, pick(column names, required) -> the first present) of a Hugging Face
-    dataset given as `<hub id or dir>[@split][#config]`."""
-    import datasets
-
+def split_hf_spec(spec: str) -> tuple[str, str | None, str | None, str | None]:
+    """(hub id or folder, revision, split, config) of `<hub id>[@revision][@split][#config]` or
+    `<dir>[@split][#config]`. After a Hub id, one `@` part is the split unless it is a full commit id (the
+    spelling `hf:BeIR/scifact-qrels@test` kept its meaning); two are the revision (a branch, tag or commit, as a
+    pinned model is spelled) and the split."""
     config = None
     if "#" in spec:
         spec, config = spec.split("#", 1)
-    split = None
-    if "@" in spec:
-        spec, split = spec.rsplit("@", 1)
-    if Path(spec).exists():
-        ds = datasets.load_from_disk(spec)
+    if "@" not in spec or Path(spec).exists():
+        return spec, None, None, config
+    name, *parts = spec.split("@")
+    if Path(name).exists() or not re.fullmatch(HUB_ID, name):  # a folder: the last @ part is the split
+        folder, split = spec.rsplit("@", 1)
+        return folder, None, split, config
+    if len(parts) > 2 or not all(parts):
+        raise DataError(f"hf:{spec}", None, "expected hf:<hub id>[@revision][@split][#config]")
+    if len(parts) == 1 and not COMMIT.fullmatch(parts[0]):
+        return name, None, parts[0], config
+    return name, parts[0], parts[1] if len(parts) == 2 else None, config
+
+
+def _loaded_commit(ds: Any) -> str | None:
+    """The Hub commit a loaded dataset came from: the datasets cache keeps each commit's Arrow files in a folder
+    named by it (<owner>___<name>/<config>/<version>/<commit>/). None for a dataset with no cache files."""
+    files = getattr(ds, "cache_files", None) or []
+    folder = Path(files[0]["filename"]).parent.name if files else ""
+    return folder if COMMIT.fullmatch(folder) else None
+
+
+@lru_cache(maxsize=None)  # once a process: the commit a key names is the one read (the Hub's main may move between)
+def _hub_dataset(hub_id: str, config: str | None, revision: str | None) -> Any:
+    import datasets
+
+    return datasets.load_dataset(hub_id, config, revision=revision)
+
+
+def _hf_dataset(spec: str) -> tuple[Any, str, Callable[[Sequence[str], bool], str | None]]:
+    """(dataset, its name for messages, pick(column names, required) -> the first present) of a Hugging Face
+    dataset given as `<hub id>[@revision][@split][#config]` or `<dir>[@split][#config]`."""
+    import datasets
+
+    name = f"hf:{spec}"
+    path, revision, split, config = split_hf_spec(spec)
+    if Path(path).exists():
+        ds = datasets.load_from_disk(path)
     else:
-        ds = datasets.load_dataset(spec, config)
+        try:
+            ds = _hub_dataset(path, config, revision)
+        except (ConnectionError, FileNotFoundError) as exc:  # the library's not-found errors included
+            # offline and not cached, a mistyped id, a missing revision: the library's message, where it came from
+            raise DataError(name, None, f"cannot be loaded: {exc}") from None
+        loaded = _loaded_commit(next(iter(ds.values())) if isinstance(ds, datasets.DatasetDict) else ds)
+        if revision and COMMIT.fullmatch(revision) and loaded and loaded != revision:
+            # offline, the datasets library reads its newest cached commit whatever revision was asked for
+            raise DataError(name, None, f"pinned to commit {revision}, but the datasets cache gave commit {loaded} "
+                                        "(offline, it reads its newest cached copy): fetch the pinned commit once "
+                                        "online, or pin the cached one")
     if isinstance(ds, datasets.DatasetDict):
         if split is None and len(ds) != 1:
-            raise DataError(f"hf:{spec}", None, f"several splits ({', '.join(ds)}); name one as hf:{spec}@<split>")
+            pinned = f"{path}@{revision}" if revision else path
+            raise DataError(name, None, f"several splits ({', '.join(ds)}); name one as hf:{pinned}@<split>")
+        if split is not None and split not in ds:
+            raise DataError(name, None, f"no split {split!r} (splits: {', '.join(ds)})")
         ds = ds[split or next(iter(ds))]
     cols = ds.column_names
 
     def pick(keys: Sequence[str], required: bool) -> str | None:
         col = next((k for k in keys if k in cols), None)
         if col is None and required:
-            raise DataError(f"hf:{spec}", None, f"no column among {list(keys)} (columns: {cols})")
+            raise DataError(name, None, f"no column among {list(keys)} (columns: {cols})")
         return col
 
-    return ds, f"hf:{spec}", pick
+    return ds, name, pick
 
 
 def _hf_records(spec: str, id_keys: Sequence[str], text_keys: Sequence[str], title_keys: Sequence[str]
                 ) -> Iterator[dict[str, str]]:
-    """Rows of a Hugging Face dataset given as `<hub id or dir>[@split][#config]`."""
+    """Rows of a Hugging Face dataset (`_hf_dataset`'s spec)."""
     ds, name, pick = _hf_dataset(spec)
     id_col, text_col, title_col = pick(id_keys, True), pick(text_keys, True), pick(title_keys, False)
     for i, row in enumerate(ds, 1):

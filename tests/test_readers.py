@@ -296,8 +296,9 @@ def test_a_beir_folder_is_keyed_by_its_corpus_file_alone(tmp_path):
     assert corpus_source_fingerprint(str(folder)) != before
 
 
-def test_a_dataset_saved_on_disk_is_keyed_by_its_content(tmp_path):
+def test_a_dataset_saved_on_disk_is_keyed_by_its_content(tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     from pipeline.readers import corpus_source_fingerprint
 
     datasets.Dataset.from_dict({"_id": ["d1"], "text": ["one"]}).save_to_disk(tmp_path / "corpus")
@@ -310,7 +311,9 @@ def test_a_dataset_saved_on_disk_is_keyed_by_its_content(tmp_path):
     shutil.rmtree(tmp_path / "corpus")
     (tmp_path / "corpus2").rename(tmp_path / "corpus")
     assert corpus_source_fingerprint(f"hf:{tmp_path / 'corpus'}") != before
-    assert corpus_source_fingerprint("hf:BeIR/scifact@corpus") == {"source": "hf:BeIR/scifact@corpus"}  # a hub id
+    # a Hub id is keyed by the commit loaded (the hub_datasets_cache tests); offline with nothing cached, one line
+    with pytest.raises(DataError, match=r"hf:BeIR/no-such-dataset@corpus: cannot be loaded: .*BeIR/no-such-dataset"):
+        corpus_source_fingerprint("hf:BeIR/no-such-dataset@corpus")
 
 
 def test_a_beir_folder_with_both_corpus_files_says_which_it_reads(tmp_path, caplog):
@@ -393,3 +396,96 @@ def test_hugging_face_sources_for_corpus_queries_and_qrels(tmp_path):
     datasets.Dataset.from_dict({"_id": ["1", "2"], "text": ["a", " "]}).save_to_disk(tmp_path / "empty")
     with pytest.raises(DataError, match=r"query '2' has empty text"):
         read_queries(f"hf:{tmp_path / 'empty'}")
+
+
+# --------------------------------------------------------------------------- Hub datasets
+
+
+@pytest.mark.parametrize("spec, parts", [
+    ("BeIR/scifact-qrels@test", ("BeIR/scifact-qrels", None, "test", None)),  # one part: the split, as before
+    ("BeIR/scifact@" + "a" * 40, ("BeIR/scifact", "a" * 40, None, None)),  # ... unless it is a full commit
+    ("BeIR/scifact@v1.0@corpus#corpus", ("BeIR/scifact", "v1.0", "corpus", "corpus")),
+    ("BeIR/scifact#queries", ("BeIR/scifact", None, None, "queries")),
+    ("/data/saved@v2@test", ("/data/saved@v2", None, "test", None)),  # a folder: only the last part is a split
+])
+def test_hf_specs_name_a_revision_a_split_and_a_config(spec, parts):
+    from pipeline.readers import split_hf_spec
+
+    assert split_hf_spec(spec) == parts
+
+
+def test_an_hf_spec_with_more_parts_than_it_can_hold_is_refused():
+    from pipeline.readers import split_hf_spec
+
+    for spec in ("BeIR/scifact@main@test@x", "BeIR/scifact@@test"):
+        with pytest.raises(DataError, match=r"expected hf:<hub id>\[@revision\]\[@split\]\[#config\]"):
+            split_hf_spec(spec)
+
+
+@pytest.fixture
+def hub_datasets_cache(tmp_path, monkeypatch):
+    """An offline datasets cache laid out as `datasets.load_dataset` leaves a Hub dataset
+    (<owner>___<name>/<config>/<version>/<commit>/, the newest commit the one it reads offline).
+    ``add(commit, rows)`` caches one more commit of BeIR/scifact's corpus config."""
+    datasets = pytest.importorskip("datasets")
+    import os
+    import shutil
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    from pipeline import readers
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets-cache")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    readers._hub_dataset.cache_clear()  # a process that starts now
+    stamp = [time.time() - 100]
+
+    def add(commit: str, rows: dict[str, list[str]]) -> None:
+        pq.write_table(pa.table(rows), tmp_path / f"{commit}.parquet")
+        builder = Parquet(cache_dir=str(tmp_path / "build"), dataset_name="scifact", hash=commit,
+                          data_files={"corpus": str(tmp_path / f"{commit}.parquet")}, config_name="corpus")
+        builder.download_and_prepare()
+        cached = tmp_path / "datasets-cache" / "BeIR___scifact" / "corpus" / "0.0.0" / commit
+        shutil.copytree(builder.cache_dir, cached)
+        stamp[0] += 10  # each commit newer than the last, whatever the file system's clock resolution
+        os.utime(cached, (stamp[0], stamp[0]))
+
+    yield add
+    readers._hub_dataset.cache_clear()
+
+
+def test_a_hub_dataset_is_keyed_by_the_commit_read_and_read_at_that_commit(hub_datasets_cache, tmp_path):
+    """The key names the commit loaded, so results made from the data before the Hub's main moved are not reused
+    for the new data; and a process reads what its key names, even if the cache gains a commit in between."""
+    from pipeline import readers
+    from pipeline.readers import corpus_source_fingerprint
+
+    first, second = "1" * 40, "2" * 40
+    hub_datasets_cache(first, {"_id": ["d1", "d2"], "title": ["", ""], "text": ["one", "two"]})
+    source = "hf:BeIR/scifact@corpus#corpus"
+    key = corpus_source_fingerprint(source)
+    assert key == {"source": source, "commit": first}
+    hub_datasets_cache(second, {"_id": ["d1", "d2"], "title": ["", ""], "text": ["one", "two, revised"]})
+    assert Corpus.open(source, tmp_path / "cache").texts(["d2"]) == ["two"]  # the commit the key named
+    readers._hub_dataset.cache_clear()  # the next run
+    assert corpus_source_fingerprint(source) == {"source": source, "commit": second}
+    assert Corpus.open(source, tmp_path / "cache").texts(["d2"]) == ["two, revised"]  # a new cache, not the first
+
+
+def test_a_pinned_commit_is_read_or_refused(hub_datasets_cache):
+    """Offline, the datasets library reads its newest cached commit whatever revision it is asked for: a pin to
+    another commit is an error naming both, never the other commit's data under the pin's name."""
+    first, second = "1" * 40, "2" * 40
+    hub_datasets_cache(first, {"_id": ["d1"], "title": [""], "text": ["one"]})
+    hub_datasets_cache(second, {"_id": ["d1"], "title": [""], "text": ["one, revised"]})
+    from pipeline.readers import corpus_source_fingerprint
+
+    pinned = f"hf:BeIR/scifact@{second}@corpus#corpus"
+    assert corpus_source_fingerprint(pinned) == {"source": pinned, "commit": second}
+    with pytest.raises(DataError, match=f"pinned to commit {first}, but the datasets cache gave commit {second}"):
+        corpus_source_fingerprint(f"hf:BeIR/scifact@{first}@corpus#corpus")
+    with pytest.raises(DataError, match=r"no split 'test' \(splits: corpus\)"):
+        read_queries("hf:BeIR/scifact@test#corpus")
