@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -707,3 +708,33 @@ def test_ungathered_negatives_under_several_ranks_have_their_own_key(tmp_path):
     assert train.train_identity(gathered, world=4) == train.train_identity(gathered, world=1)
     assert train.train_identity(alone, world=4)["in_batch_group"] == int(alone.train.batch_size) // 4
     assert "in_batch_group" not in train.train_identity(alone, world=1)
+
+
+def test_plan_counts_a_sample_folder_rather_than_the_sizes_of_the_full_dataset(tmp_path, caplog):
+    """data=msmarco pointed at a folder holding a sample (data.root / MSMARCO_DIR) was costed as 8.8M passages and
+    502,939 training queries; the files' sizes now tell the sample apart, and a file as large as the sizes say is
+    not counted (that takes a minute on MS MARCO's collection)."""
+    import gzip
+    import random
+
+    from pipeline.stages import plan
+
+    rng = random.Random(0)
+    passages = [" ".join(rng.choices(["a", "bb", "ccc", "dddd"], k=rng.randint(20, 60))) for _ in range(97)]
+    text = "".join(f"{i}\t{passages[i % 97]}\n" for i in range(100_000))  # ~12 MB, past the 8 MiB sample
+    (tmp_path / "collection.tsv").write_text(text)
+    (tmp_path / "qrels.train.tsv").write_text("".join(f"{q}\t0\t{q}\t1\n" for q in range(300)))
+    (tmp_path / "qrels.dev.small.tsv").write_text("".join(f"{q}\t0\t{q}\t1\n" for q in range(40)))
+    base = ["data=msmarco", "model=msmarco_distilbert_v2", f"data.root={tmp_path}"]
+    with caplog.at_level("WARNING"):
+        work = plan.estimate(compose(base))["work"]
+    assert (work["corpus_passages"], work["training_queries"]) == (100_000, 300)
+    assert re.search(re.escape(f"data.corpus={tmp_path}/collection.tsv has about ") + r"(99,\d{3}|100,\d{3})"
+                     + re.escape(" lines where data.sizes.corpus=8,841,823: counted from the file"), caplog.text)
+    assert work["eval_queries"]["dev"]["queries"] == 40  # data.sizes' 6,980 dev queries: the sample's qrels hold 40
+    for sized in (95_000, 110_000):  # within the estimate's error: the data config's count stands, the file unread
+        assert plan.estimate(compose([*base, f"data.sizes.corpus={sized}"]))["work"]["corpus_passages"] == sized
+    with gzip.open(tmp_path / "collection.tsv.gz", "wt") as fh:
+        fh.write(text)
+    for name in ("collection.tsv", "collection.tsv.gz"):
+        assert plan._estimate_lines(str(tmp_path / name)) == pytest.approx(100_000, rel=0.05)

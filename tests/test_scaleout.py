@@ -300,11 +300,13 @@ def test_shards_side_by_side_on_one_node_take_one_gpu_each(monkeypatch):
 
 
 def _score_past_its_first_chunk(setup, single, root: Path, **pipes) -> tuple[subprocess.Popen, Path, list[str]]:
-    """A CLI score run on a copy of the retrieve result, once it has committed a chunk (and sleeps after it)."""
+    """A CLI score run on a copy of the retrieve result, once it has committed a chunk (and sleeps after it: 2 s,
+    so that a test process the machine's load holds back still signals it before the next chunk; 0.5 s was not
+    enough for the floors run of CI beside another test run, where the stage finished first)."""
     shutil.copytree(single.retrieve, root / "retrieve" / single.retrieve.name)
     overrides = [*setup, f"artifacts_root={root}"]
     key = config_key(score.identity(compose(overrides)))
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "stage=score", *overrides, "score.debug_sleep_s=0.5"],
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "stage=score", *overrides, "score.debug_sleep_s=2"],
                             cwd=REPO_ROOT, env=_env(), **pipes)
     folder = None
     deadline = time.monotonic() + 120
@@ -339,6 +341,7 @@ def test_sigterm_commits_a_chunk_exits_and_the_rerun_finishes_identically(setup,
 def test_ctrl_c_says_how_to_resume_without_a_traceback(setup, single, tmp_path):
     proc, folder, _ = _score_past_its_first_chunk(setup, single, tmp_path, stdout=subprocess.PIPE,
                                                   stderr=subprocess.STDOUT)
+    assert proc.poll() is None, f"score ended before the signal: {proc.stdout.read().decode()[-2000:]}"
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=60)[0].decode()
     assert proc.returncode == 130 and "Traceback" not in out, out[-2000:]

@@ -1,6 +1,7 @@
 """`stage=plan`: what a run will do and cost, from the config and file sizes alone (no model is loaded).
 
-Counts come from `data.sizes` when the config knows them (MS MARCO) or from the files when they exist;
+Counts come from `data.sizes` when the config knows them (MS MARCO; checked against the files' sizes where they
+exist, so a folder holding a sample is counted) or from the files;
 throughput figures come from `conf/plan` (measured by scripts/bench_gpu.py, stated there), or straight from a
 bench's JSON output (`plan.bench_json`)."""
 
@@ -30,18 +31,59 @@ def label(cfg: DictConfig) -> str:
     return "plan"
 
 
-def _count_lines(path: str | None) -> int | None:
+def _data_file(path: str | None) -> Path | None:
+    """The file a data source reads (a BEIR folder's corpus file), None for hf:/irds: ids and what does not exist."""
     if not path or str(path).startswith(("hf:", "irds:")):
         return None
     p = Path(str(path))
     if p.is_dir():
         p = next((p / n for n in ("corpus.jsonl", "corpus.jsonl.gz") if (p / n).exists()), p)
-    if not p.is_file():
-        return None
+    return p if p.is_file() else None
+
+
+def _gzipped(p: Path) -> bool:
     with open(p, "rb") as fh:  # the magic bytes only: a corpus is gigabytes
-        gzipped = fh.read(2) == b"\x1f\x8b"
-    with (gzip.open if gzipped else open)(p, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
+def _count_lines(path: str | None) -> int | None:
+    p = _data_file(path)
+    if p is None:
+        return None
+    with (gzip.open if _gzipped(p) else open)(p, "rb") as fh:
         return sum(1 for _ in fh)
+
+
+_SAMPLE_BYTES = 8 << 20  # text read to estimate a file's lines (gzip's read-ahead of its input: ~1% of it)
+
+
+def _estimate_lines(path: str | None) -> float | None:
+    """A file's lines estimated from its size and its first 8 MiB of text (exact for a smaller file): a check on a
+    data.sizes count that costs milliseconds where counting MS MARCO's collection takes a minute."""
+    p = _data_file(path)
+    if p is None:
+        return None
+    with open(p, "rb") as raw:
+        stream = gzip.GzipFile(fileobj=raw) if _gzipped(p) else raw
+        head = stream.read(_SAMPLE_BYTES)
+        consumed = raw.tell()  # the file's bytes behind `head` (compressed ones for gzip)
+        whole = not stream.read(1)
+    lines = head.count(b"\n") + (bool(head) and not head.endswith(b"\n"))
+    return float(lines) if whole else lines * p.stat().st_size / max(consumed, 1)
+
+
+def _size_or_none(known: Any, size: str, key: str, source: Any, low: float, high: float | None) -> int | None:
+    """``known`` (the count data.sizes' ``size`` gives) unless the file ``key`` names has far fewer (or, with
+    ``high``, more) lines than it implies: a data config's counts describe the full dataset, and a folder holding a
+    sample of it (data.root or MSMARCO_DIR pointed at a subset) was costed as the whole; the file is then counted."""
+    if not known:
+        return None
+    lines = _estimate_lines(source)
+    if lines is None or (low * known <= lines and (high is None or lines <= high * known)):
+        return int(known)
+    log.warning("%s=%s has about %s lines where %s=%s: counted from the file instead", key, source,
+                f"{lines:,.0f}", size, f"{int(known):,}")
+    return None
 
 
 def _why_uncounted(key: str, source: Any, size: str) -> str:
@@ -191,20 +233,25 @@ def _same_gpu_embeddings(cfg: DictConfig) -> bool:
 def estimate(cfg: DictConfig) -> dict[str, Any]:
     sizes = dict(cfg.data.get("sizes") or {})
     p = cfg.plan
-    corpus = sizes.get("corpus") or _count_lines(cfg.data.corpus)
+    # a passage a line (BEIR's corpus.jsonl too); a qrels file has a line or more for each query with a positive
+    corpus = (_size_or_none(sizes.get("corpus"), "data.sizes.corpus", "data.corpus", cfg.data.corpus, 0.8, 1.25)
+              or _count_lines(cfg.data.corpus))
+    known_train_q = _size_or_none(sizes.get("train_queries"), "data.sizes.train_queries", "data.train.qrels",
+                                  cfg.data.train.qrels, 0.8, None)
     per_query = cfg.train.get("triplets_per_query", 1)
     per_query = None if per_query is None else int(per_query)
     # the training qrels are read once, and only when the data config's sizes leave something to count
     train_positives = (_positives_per_query(cfg.data.train.qrels, int(cfg.data.train.min_grade))
-                       if not sizes.get("train_queries") or per_query != 1 else None)
-    train_q = sizes.get("train_queries") or (None if train_positives is None else len(train_positives))
+                       if not known_train_q or per_query != 1 else None)
+    train_q = known_train_q or (None if train_positives is None else len(train_positives))
     if cfg.data.train.max_queries and train_q:
         train_q = min(train_q, int(cfg.data.train.max_queries))
     known_eval = dict(sizes.get("eval_queries") or {})
     known_rerank = dict(sizes.get("rerank_passages") or {})
     eval_q = {}
     for name, ev in cfg.data.evals.items():
-        count = known_eval.get(name) or _count_judged_queries(ev.qrels, 1)
+        count = (_size_or_none(known_eval.get(name), f"data.sizes.eval_queries.{name}", f"data.evals.{name}.qrels",
+                               ev.qrels, 0.8, None) or _count_judged_queries(ev.qrels, 1))
         eval_q[name] = {"kind": str(ev.kind), "queries": count}
     unknown = [f"{what} ({_why_uncounted(key, source, size)})" for what, key, source, size, count in (
         ("corpus passages", "data.corpus", cfg.data.corpus, "data.sizes.corpus", corpus),
