@@ -141,13 +141,14 @@ def _is_header(fields: Sequence[str]) -> bool:
 def read_queries(source: str | os.PathLike, *, empty_text: str = "error") -> dict[str, str]:
     """Queries as {qid: text}: MS MARCO TSV (`qid \\t text`), BEIR queries.jsonl, `hf:` or `irds:`."""
     source = str(source)
+    path: Any = source
+    records: Iterable[tuple[int, str, str, Any]]
+    # hf: and irds: get the same checks as the files (row numbers for line numbers)
     if source.startswith("irds:"):
-        return _irds_queries(source[5:])
-    if source.startswith("hf:"):  # the same checks as the files' (row numbers for line numbers)
-        path: Any = source
-        records: Iterable[tuple[int, str, str, Any]] = (
-            (i, r["id"], r["text"], None)
-            for i, r in enumerate(_hf_records(source[3:], ("_id", "id", "query_id", "qid"), ("text", "query"), ()), 1))
+        records = ((i, qid, text, None) for i, (qid, text) in enumerate(_irds_queries(source[5:]), 1))
+    elif source.startswith("hf:"):
+        rows = _hf_records(source[3:], ("_id", "id", "query_id", "qid"), ("text", "query"), ())
+        records = ((i, r["id"], r["text"], None) for i, r in enumerate(rows, 1))
     else:
         path = Path(source)
         records = _jsonl_records(path, ("_id",), ("text",), ()) if _is_jsonl(path) else _tsv_records(path)
@@ -777,9 +778,14 @@ def _hf_qrels(spec: str) -> Qrels:
     q_col = pick(("query-id", "query_id", "qid"), True)
     d_col = pick(("corpus-id", "corpus_id", "doc_id", "docid", "pid"), True)
     g_col = pick(("score", "relevance", "grade", "label"), True)
+    return _checked_qrels(name, ((row[q_col], row[d_col], row[g_col]) for row in ds))
+
+
+def _checked_qrels(name: str, rows: Iterable[tuple[Any, Any, Any]]) -> Qrels:
+    """Judgements from (query id, document id, grade) rows of a dataset (hf:, irds:), with the file readers'
+    checks; errors name the row."""
     qrels: Qrels = {}
-    for i, row in enumerate(ds, 1):
-        qid, pid, grade = row[q_col], row[d_col], row[g_col]
+    for i, (qid, pid, grade) in enumerate(rows, 1):
         if qid is None or pid is None or str(qid) == "" or str(pid) == "":
             raise DataError(name, i, "empty query or document id")
         try:
@@ -800,7 +806,14 @@ def _irds(dataset_id: str):
         import ir_datasets
     except ImportError:
         raise DataError(f"irds:{dataset_id}", None, "ir_datasets is not installed: pip install '.[irds]'") from None
-    return ir_datasets.load(dataset_id)
+    try:
+        return ir_datasets.load(dataset_id)
+    except KeyError:  # its registry's own error: a bare KeyError traceback
+        import difflib
+
+        close = difflib.get_close_matches(dataset_id, list(ir_datasets.registry), n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else " (ir_datasets.registry lists them)"
+        raise DataError(f"irds:{dataset_id}", None, f"no such ir_datasets id{hint}") from None
 
 
 def _irds_docs(dataset_id: str) -> Iterator[tuple[str, str, str]]:
@@ -809,13 +822,11 @@ def _irds_docs(dataset_id: str) -> Iterator[tuple[str, str, str]]:
         yield str(doc.doc_id), getattr(doc, "title", "") or "", text
 
 
-def _irds_queries(dataset_id: str) -> dict[str, str]:
-    return {str(q.query_id): q.default_text() if not hasattr(q, "text") else q.text
-            for q in _irds(dataset_id).queries_iter()}
+def _irds_queries(dataset_id: str) -> Iterator[tuple[str, str]]:
+    for q in _irds(dataset_id).queries_iter():
+        yield str(q.query_id), q.text if hasattr(q, "text") else q.default_text()
 
 
 def _irds_qrels(dataset_id: str) -> Qrels:
-    qrels: Qrels = {}
-    for q in _irds(dataset_id).qrels_iter():
-        qrels.setdefault(str(q.query_id), {})[str(q.doc_id)] = int(q.relevance)
-    return qrels
+    return _checked_qrels(f"irds:{dataset_id}",
+                          ((q.query_id, q.doc_id, q.relevance) for q in _irds(dataset_id).qrels_iter()))

@@ -489,3 +489,47 @@ def test_a_pinned_commit_is_read_or_refused(hub_datasets_cache):
         corpus_source_fingerprint(f"hf:BeIR/scifact@{first}@corpus#corpus")
     with pytest.raises(DataError, match=r"no split 'test' \(splits: corpus\)"):
         read_queries("hf:BeIR/scifact@test#corpus")
+
+
+# --------------------------------------------------------------------------- ir_datasets
+
+
+@pytest.fixture
+def irds_dataset(tmp_path, monkeypatch):
+    """``register(docs, queries, qrels)`` -> an `irds:` source naming an ir_datasets dataset registered over local
+    files (TSV documents and queries, TREC qrels), read by the installed package as it reads its own."""
+    monkeypatch.setenv("IR_DATASETS_HOME", str(tmp_path / "ir_datasets"))
+    ir_datasets = pytest.importorskip("ir_datasets")
+    from ir_datasets.datasets.base import Dataset
+    from ir_datasets.formats import TrecQrels, TsvDocs, TsvQueries
+    from ir_datasets.util import LocalDownload
+
+    def register(docs: str, queries: str, qrels: str) -> str:
+        name = f"pipeline-test/{tmp_path.name}-{len(list(tmp_path.glob('*.tsv')))}"
+        files = [write(tmp_path / f"{name.rsplit('/')[1]}-{kind}.tsv", text)
+                 for kind, text in (("docs", docs), ("queries", queries), ("qrels", qrels))]
+        docs, queries, qrels = (LocalDownload(f) for f in files)
+        grades = {0: "not relevant", 1: "relevant", 2: "highly relevant"}
+        ir_datasets.registry.register(name, Dataset(TsvDocs(docs), TsvQueries(queries), TrecQrels(qrels, grades)))
+        return f"irds:{name}"
+
+    return register
+
+
+def test_ir_datasets_sources_get_the_file_readers_checks(irds_dataset, tmp_path):
+    """`irds:<id>` wherever a file is expected: a duplicate query id was silently the later one, a conflicting grade
+    silently the later grade, an unknown id a KeyError traceback from ir_datasets' registry."""
+    source = irds_dataset("d1\tfirst doc\nd2\tsecond doc\n", "q1\tquery one\nq2\tquery two\n",
+                          "q1 0 d1 1\nq1 0 d2 0\nq2 0 d2 2\n")
+    assert len(Corpus.open(source, tmp_path / "cache")) == 2
+    assert Corpus.open(source, tmp_path / "cache").texts(["d2"]) == ["second doc"]
+    assert read_queries(source) == {"q1": "query one", "q2": "query two"}
+    assert read_qrels(source) == {"q1": {"d1": 1, "d2": 0}, "q2": {"d2": 2}}
+    broken = irds_dataset("d1\tdoc\n", "q1\tone\nq1\tagain\n", "q1 0 d1 1\nq1 0 d1 2\n")
+    with pytest.raises(DataError, match=_escape(f"{broken}:2: duplicate query id 'q1'")):
+        read_queries(broken)
+    with pytest.raises(DataError, match=_escape(f"{broken}:2: conflicting grades for (q1, d1): 1 and 2")):
+        read_qrels(broken)
+    with pytest.raises(DataError, match=r"irds:msmarco-pasage/dev: no such ir_datasets id; did you mean "
+                                        r"msmarco-passage/dev"):
+        read_queries("irds:msmarco-pasage/dev")
