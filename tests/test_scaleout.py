@@ -378,6 +378,36 @@ def test_two_shard_multirun_through_submitit_local_equals_one_run(setup, single,
     assert list((root / "logs" / "multirun").rglob(".submitit/*/*_log.out"))
 
 
+def test_the_slurm_launcher_writes_the_sbatch_script_the_docs_promise(tmp_path):
+    """hydra/launcher=slurm through the installed hydra-submitit-launcher and submitit, up to sbatch (a stand-in on
+    PATH that keeps the script and refuses the job): what conf/hydra/launcher/slurm.yaml and docs/scale-out.md
+    promise is in it (an array of shards at most array_parallelism at once, the signal before the time limit that
+    commits the chunk in flight, --requeue, the setup lines), and overrides on the command line reach it. No test
+    ran this launcher before: a key submitit did not take would have shown only on a cluster."""
+    bin_dir, kept = tmp_path / "bin", tmp_path / "sbatch-scripts"
+    bin_dir.mkdir()
+    kept.mkdir()
+    (bin_dir / "sbatch").write_text(f'#!/bin/sh\ncp "$1" {kept}/\necho "sbatch: error: stand-in" >&2\nexit 1\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")  # submitit's test for a Slurm cluster
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = dict(_env(), PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "-m", "hydra/launcher=slurm", "stage=score", "experiment=demo",
+         "shard.count=3", "shard.index=range(3)", f"artifacts_root={tmp_path / 'artifacts'}",
+         f"hydra.sweep.dir={tmp_path / 'multirun'}", "hydra.launcher.partition=gpu-long",
+         "hydra.launcher.array_parallelism=2", "+hydra.launcher.additional_parameters.constraint=h100",
+         "hydra.launcher.setup=[module load cuda/12.4]"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "sbatch: error: stand-in" in proc.stderr, proc.stderr[-3000:]
+    script = next(kept.iterdir()).read_text()
+    sbatch = {line.split()[1] for line in script.splitlines() if line.startswith("#SBATCH ")}
+    assert {"--array=0-2%2", "--gpus-per-node=1", "--ntasks-per-node=1", "--cpus-per-task=8", "--mem=64GB",
+            "--time=240", "--signal=USR2@120", "--requeue", "--job-name=v3-score", "--partition=gpu-long",
+            "--constraint=h100"} <= sbatch, script
+    assert script.index("module load cuda/12.4") < script.index("srun ")
+
+
 # --------------------------------------------------------------------------------------------- torchrun
 
 
