@@ -407,7 +407,7 @@ def corpus_source_fingerprint(source: str) -> dict[str, Any]:
     from .artifacts import file_fingerprint
 
     if source.startswith("hf:"):
-        local = source[3:].split("#", 1)[0].rsplit("@", 1)[0]
+        local = split_hf_spec(source[3:])[0]  # the folder the readers read (its name may hold an @ or a #)
         if Path(local).is_dir():
             return {"source": "hf:" + source[3 + len(local):], "content": file_fingerprint(Path(local))}
         commit = _loaded_commit(_hf_dataset(source[3:])[0])
@@ -689,10 +689,16 @@ def split_hf_spec(spec: str) -> tuple[str, str | None, str | None, str | None]:
     `<dir>[@split][#config]`. After a Hub id, one `@` part is the split unless it is a full commit id (the
     spelling `hf:BeIR/scifact-qrels@test` kept its meaning); two are the revision (a branch, tag or commit, as a
     pinned model is spelled) and the split."""
+    # a folder on disk first, as named (a name may hold an @ or a #: a relative one may look like owner/name), then
+    # followed by [@split][#config]
+    for end in [len(spec)] + [i for i in range(len(spec) - 1, 0, -1) if spec[i] in "@#"]:
+        rest = re.fullmatch(r"(?:@([^@#]+))?(?:#(.+))?", spec[end:])
+        if rest and Path(spec[:end]).exists():
+            return spec[:end], None, rest[1], rest[2]
     config = None
     if "#" in spec:
         spec, config = spec.split("#", 1)
-    if "@" not in spec or Path(spec).exists():
+    if "@" not in spec:
         return spec, None, None, config
     name, *parts = spec.split("@")
     if Path(name).exists() or not re.fullmatch(HUB_ID, name):  # a folder: the last @ part is the split
@@ -732,9 +738,10 @@ def _hf_dataset(spec: str) -> tuple[Any, str, Callable[[Sequence[str], bool], st
     else:
         try:
             ds = _hub_dataset(path, config, revision)
-        except (ConnectionError, FileNotFoundError) as exc:  # the library's not-found errors included
-            # offline and not cached, a mistyped id, a missing revision: the library's message, where it came from
-            raise DataError(name, None, f"cannot be loaded: {exc}") from None
+        except (ConnectionError, FileNotFoundError, ValueError) as exc:  # the library's not-found errors included
+            # offline and not cached, a mistyped id, a missing revision, a config not cached or mistyped (a
+            # ValueError): the library's message, where it came from, on one line
+            raise DataError(name, None, f"cannot be loaded: {'; '.join(str(exc).splitlines())}") from None
         loaded = _loaded_commit(next(iter(ds.values())) if isinstance(ds, datasets.DatasetDict) else ds)
         if revision and COMMIT.fullmatch(revision) and loaded and loaded != revision:
             # offline, the datasets library reads its newest cached commit whatever revision was asked for
@@ -744,7 +751,8 @@ def _hf_dataset(spec: str) -> tuple[Any, str, Callable[[Sequence[str], bool], st
     if isinstance(ds, datasets.DatasetDict):
         if split is None and len(ds) != 1:
             pinned = f"{path}@{revision}" if revision else path
-            raise DataError(name, None, f"several splits ({', '.join(ds)}); name one as hf:{pinned}@<split>")
+            raise DataError(name, None, f"several splits ({', '.join(ds)}); name one as hf:{pinned}@<split>"
+                                        + (f"#{config}" if config else ""))
         if split is not None and split not in ds:
             raise DataError(name, None, f"no split {split!r} (splits: {', '.join(ds)})")
         ds = ds[split or next(iter(ds))]

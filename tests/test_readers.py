@@ -316,6 +316,45 @@ def test_a_dataset_saved_on_disk_is_keyed_by_its_content(tmp_path, monkeypatch):
         corpus_source_fingerprint("hf:BeIR/no-such-dataset@corpus")
 
 
+def test_a_saved_folder_whose_name_holds_an_at_is_keyed_by_the_folder_read(tmp_path, monkeypatch):
+    """hf:<dir>@v2 reads the folder named `<dir>@v2` when it exists; its key was that of `<dir>` beside it (an older
+    copy) or, alone, its name (a rebuilt folder then reused the old results), never the content read."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    from pipeline.artifacts import file_fingerprint
+    from pipeline.readers import corpus_source_fingerprint
+
+    datasets.Dataset.from_dict({"_id": ["q1"], "text": ["old"]}).save_to_disk(tmp_path / "queries")
+    datasets.Dataset.from_dict({"_id": ["q1"], "text": ["new"]}).save_to_disk(tmp_path / "queries@v2")
+    source = f"hf:{tmp_path / 'queries@v2'}"
+    assert read_queries(source) == {"q1": "new"}
+    assert corpus_source_fingerprint(source) == {"source": "hf:", "content": file_fingerprint(tmp_path / "queries@v2")}
+    assert corpus_source_fingerprint(f"{source}@train") == {"source": "hf:@train",
+                                                            "content": file_fingerprint(tmp_path / "queries@v2")}
+    import shutil
+
+    shutil.rmtree(tmp_path / "queries")  # alone: still its content, not its name
+    assert corpus_source_fingerprint(source) == {"source": "hf:", "content": file_fingerprint(tmp_path / "queries@v2")}
+
+
+def test_saved_folders_whose_names_hold_an_at_or_a_hash_are_read_as_folders(tmp_path, monkeypatch):
+    """A relative folder spelled like owner/name with an @ in its name was taken for a Hub id with a revision, and a
+    folder with a # in its name for a folder and a config: neither was read (offline, "cannot be loaded")."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    from pipeline.readers import split_hf_spec
+
+    splits = datasets.DatasetDict({"test": datasets.Dataset.from_dict({"_id": ["q1"], "text": ["one"]})})
+    splits.save_to_disk("runs/saved@v2")
+    assert split_hf_spec("runs/saved@v2@test") == ("runs/saved@v2", None, "test", None)
+    assert read_queries("hf:runs/saved@v2@test") == {"q1": "one"}
+    splits.save_to_disk(tmp_path / "run#2")
+    assert split_hf_spec(f"{tmp_path}/run#2@test") == (f"{tmp_path}/run#2", None, "test", None)
+    assert read_queries(f"hf:{tmp_path}/run#2@test") == {"q1": "one"}
+    assert split_hf_spec("BeIR/scifact@corpus#corpus") == ("BeIR/scifact", None, "corpus", "corpus")  # no folder
+
+
 def test_a_beir_folder_with_both_corpus_files_says_which_it_reads(tmp_path, caplog):
     # the two may differ (a stale unpacked copy): the user must be able to see which one was indexed
     folder = tmp_path / "beir"
@@ -426,7 +465,7 @@ def test_an_hf_spec_with_more_parts_than_it_can_hold_is_refused():
 def hub_datasets_cache(tmp_path, monkeypatch):
     """An offline datasets cache laid out as `datasets.load_dataset` leaves a Hub dataset
     (<owner>___<name>/<config>/<version>/<commit>/, the newest commit the one it reads offline).
-    ``add(commit, rows)`` caches one more commit of BeIR/scifact's corpus config."""
+    ``add(commit, rows)`` caches one more commit of BeIR/scifact's corpus config (its ``splits``, each of ``rows``)."""
     datasets = pytest.importorskip("datasets")
     import os
     import shutil
@@ -443,10 +482,11 @@ def hub_datasets_cache(tmp_path, monkeypatch):
     readers._hub_dataset.cache_clear()  # a process that starts now
     stamp = [time.time() - 100]
 
-    def add(commit: str, rows: dict[str, list[str]]) -> None:
+    def add(commit: str, rows: dict[str, list[str]], splits: tuple[str, ...] = ("corpus",)) -> None:
         pq.write_table(pa.table(rows), tmp_path / f"{commit}.parquet")
         builder = Parquet(cache_dir=str(tmp_path / "build"), dataset_name="scifact", hash=commit,
-                          data_files={"corpus": str(tmp_path / f"{commit}.parquet")}, config_name="corpus")
+                          data_files={split: str(tmp_path / f"{commit}.parquet") for split in splits},
+                          config_name="corpus")
         builder.download_and_prepare()
         cached = tmp_path / "datasets-cache" / "BeIR___scifact" / "corpus" / "0.0.0" / commit
         shutil.copytree(builder.cache_dir, cached)
@@ -489,6 +529,17 @@ def test_a_pinned_commit_is_read_or_refused(hub_datasets_cache):
         corpus_source_fingerprint(f"hf:BeIR/scifact@{first}@corpus#corpus")
     with pytest.raises(DataError, match=r"no split 'test' \(splits: corpus\)"):
         read_queries("hf:BeIR/scifact@test#corpus")
+
+
+def test_hub_dataset_errors_are_one_line_and_say_what_to_write(hub_datasets_cache):
+    """A config the offline cache lacks (or a mistyped one) was a ValueError traceback from the datasets library; the
+    several-splits error told a spec with a config to write hf:<id>@<split>, which dropped the config."""
+    hub_datasets_cache("1" * 40, {"_id": ["q1"], "text": ["one"]}, splits=("train", "test"))
+    with pytest.raises(DataError, match=r"^hf:BeIR/scifact@test#corpuss: cannot be loaded: .*'corpuss'"):
+        read_queries("hf:BeIR/scifact@test#corpuss")
+    with pytest.raises(DataError, match=r"several splits \(train, test\); name one as hf:BeIR/scifact@<split>#corpus$"):
+        read_queries("hf:BeIR/scifact#corpus")
+    assert read_queries("hf:BeIR/scifact@test#corpus") == {"q1": "one"}  # what it says to write
 
 
 # --------------------------------------------------------------------------- ir_datasets
