@@ -824,17 +824,26 @@ def _irds(dataset_id: str):
         raise DataError(f"irds:{dataset_id}", None, f"no such ir_datasets id{hint}") from None
 
 
+def _irds_fetched(dataset_id: str, kind: str) -> Iterator[Any]:
+    """The ``kind`` (docs, queries, qrels) of an ir_datasets dataset; a download it cannot make (offline, a host that
+    does not resolve: a requests ConnectionError, an OSError) is one DataError line, as for an ``hf:`` source."""
+    try:
+        yield from getattr(_irds(dataset_id), f"{kind}_iter")()
+    except OSError as exc:
+        raise DataError(f"irds:{dataset_id}", None, f"cannot be loaded: {'; '.join(str(exc).splitlines())}") from None
+
+
 def _irds_docs(dataset_id: str) -> Iterator[tuple[str, str, str]]:
-    for doc in _irds(dataset_id).docs_iter():
+    for doc in _irds_fetched(dataset_id, "docs"):
         text = doc.text if hasattr(doc, "text") else doc.default_text()
         yield str(doc.doc_id), getattr(doc, "title", "") or "", text
 
 
 def _irds_queries(dataset_id: str) -> Iterator[tuple[str, str]]:
-    for q in _irds(dataset_id).queries_iter():
+    for q in _irds_fetched(dataset_id, "queries"):
         yield str(q.query_id), q.text if hasattr(q, "text") else q.default_text()
 
 
 def _irds_qrels(dataset_id: str) -> Qrels:
     return _checked_qrels(f"irds:{dataset_id}",
-                          ((q.query_id, q.doc_id, q.relevance) for q in _irds(dataset_id).qrels_iter()))
+                          ((q.query_id, q.doc_id, q.relevance) for q in _irds_fetched(dataset_id, "qrels")))

@@ -751,3 +751,25 @@ def test_plan_estimates_a_gzipped_file_from_the_compressed_bytes_its_sample_took
     with gzip.open(tmp_path / "collection.tsv.gz", "wt") as fh:  # ~19 MB of text, past the 8 MiB sample
         fh.writelines(f"{i % 10}\t{'x' * 60}\n" for i in range(300_000))
     assert plan._estimate_lines(str(tmp_path / "collection.tsv.gz")) == pytest.approx(300_000, rel=0.01)
+
+
+def test_cli_verify_of_a_root_without_artifacts_fails(tmp_path):
+    # Hydra makes <artifacts_root>/logs before the stage runs, so a mistyped root existed by then: verify printed
+    # "0 artifact folders ... 0 with problems" and exited 0, a pass for an archive it never saw
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "stage=verify", f"artifacts_root={tmp_path / 'typo'}"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "no artifacts under" in proc.stderr + proc.stdout
+
+
+def test_plan_refuses_a_bench_file_that_is_not_its_json_in_one_line(tmp_path):
+    # the plan names the bench's .txt report as its figures' source; given as plan.bench_json it was a
+    # JSONDecodeError traceback (a JSON list: an AttributeError one)
+    from pipeline.stages import plan
+
+    for name, text in (("report.txt", "encode  ours  36000 passages/s\n"), ("list.json", "[]")):
+        bench = tmp_path / name
+        bench.write_text(text)
+        cfg = compose(["data=msmarco", f"artifacts_root={tmp_path}", f"plan.bench_json={bench}"])
+        with pytest.raises(StageError, match=re.escape(f"plan.bench_json={bench} is not") + ".*bench_gpu.py --out"):
+            plan.estimate(cfg)

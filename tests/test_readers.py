@@ -584,3 +584,27 @@ def test_ir_datasets_sources_get_the_file_readers_checks(irds_dataset, tmp_path)
     with pytest.raises(DataError, match=r"irds:msmarco-pasage/dev: no such ir_datasets id; did you mean "
                                         r"msmarco-passage/dev"):
         read_queries("irds:msmarco-pasage/dev")
+
+
+def test_ir_datasets_source_that_cannot_be_fetched_is_one_line(tmp_path, monkeypatch):
+    # offline (a cluster node), ir_datasets' download raised a requests ConnectionError: a traceback where an hf:
+    # source that cannot be loaded says so in one line
+    monkeypatch.setenv("IR_DATASETS_HOME", str(tmp_path / "ir_datasets"))
+    ir_datasets = pytest.importorskip("ir_datasets")
+    import requests
+    from ir_datasets.datasets.base import Dataset
+    from ir_datasets.formats import TrecQrels, TsvDocs, TsvQueries
+
+    class Unreachable:  # what an ir_datasets download does without a network
+        def path(self, force=True):
+            raise requests.exceptions.ConnectionError("Failed to resolve 'example.org'")
+
+        def stream(self):
+            raise requests.exceptions.ConnectionError("Failed to resolve 'example.org'")
+
+    name = f"pipeline-test/{tmp_path.name}-offline"
+    ir_datasets.registry.register(name, Dataset(TsvDocs(Unreachable()), TsvQueries(Unreachable()),
+                                                TrecQrels(Unreachable(), {1: "relevant"})))
+    for read in (read_queries, read_qrels, lambda s: Corpus.open(s, tmp_path / "cache")):
+        with pytest.raises(DataError, match=_escape(f"irds:{name}: cannot be loaded") + ".*Failed to resolve"):
+            read(f"irds:{name}")

@@ -199,7 +199,14 @@ def figures_from_bench(path: str, use_store: bool, compiled_train: bool = False
     :func:`choose_figures` (the token store's build: with tokeniser processes where the file has that row)."""
     import json
 
-    doc = json.loads(Path(path).read_text())
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (ValueError, OSError) as exc:  # the bench's .txt report, say, which the plan names as its source
+        raise StageError(f"plan.bench_json={path} is not readable JSON ({exc}); give the file scripts/bench_gpu.py "
+                         f"--out wrote") from None
+    if not isinstance(doc, dict):
+        raise StageError(f"plan.bench_json={path} is not an object of rows; give the file scripts/bench_gpu.py --out "
+                         f"wrote")
     rows = doc.get("rows", {})
 
     def pick(row: str, prefix: str) -> float | None:

@@ -42,6 +42,9 @@ def run(cfg: DictConfig) -> Path:
     if not root.is_dir():
         raise StageError(f"no artifacts under {root}")
     folders = stage_folders(root, skip=(Path(str(cfg.cache_root)).expanduser(),))
+    if not folders:  # Hydra made <root>/logs before this ran: a mistyped root exists by now, holding no stage folder
+        raise StageError(f"no artifacts under {root}: no stage folder (<stage>/<label>-<key>) there; is "
+                         f"artifacts_root right?")
     complete = incomplete = damaged = 0
     problems: list[str] = []
     for folder in folders:
