@@ -232,8 +232,11 @@ def read_qrels(source: str | os.PathLike) -> Qrels:
             qid, pid, grade_text = parts
         else:
             if len(fields) != 4:
+                # three tab-separated columns: a BEIR qrels file whose header line was lost (it says which format)
+                beir_hint = (f" (a BEIR qrels file starts with its tab-separated header line: "
+                             f"{', '.join(BEIR_QRELS_HEADER)})" if len(line.split("\t")) == 3 else "")
                 raise DataError(path, lineno, f"expected 4 columns (qid Q0 pid grade), found {len(fields)}: "
-                                              f"{line[:80]!r}")
+                                              f"{line[:80]!r}{beir_hint}")
             qid, _, pid, grade_text = fields
         qid = _check_id(path, lineno, qid, "query id")
         pid = _check_id(path, lineno, pid, "document id")
@@ -756,6 +759,8 @@ def _hf_dataset(spec: str) -> tuple[Any, str, Callable[[Sequence[str], bool], st
         if split is not None and split not in ds:
             raise DataError(name, None, f"no split {split!r} (splits: {', '.join(ds)})")
         ds = ds[split or next(iter(ds))]
+    elif split is not None:  # a Dataset saved on its own has no splits: a split named (or mistyped) was ignored
+        raise DataError(name, None, f"a dataset without splits: no split {split!r} in it (drop @{split})")
     cols = ds.column_names
 
     def pick(keys: Sequence[str], required: bool) -> str | None:

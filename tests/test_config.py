@@ -335,6 +335,14 @@ def test_plan_says_first_what_it_could_not_count(tmp_path, capsys):
     sized = compose([*base, f"data.corpus={tmp_path}/colection.tsv", "+data.sizes.corpus=9"])
     assert validate.added_keys(["+data.sizes.corpus=9"]) == [] and validate.problems(sized) == []
     assert plan.estimate(sized)["unknown"] == [] and plan.estimate(sized)["work"]["corpus_passages"] == 9
+    # the demo's rerank candidates are encoded too, and a rerank set the plan cannot count is named
+    demo = plan.estimate(compose(base))["work"]
+    assert demo["passages_encoded"]["evaluate"] == 2 * (2989 + plan._count_rerank_passages(
+        compose(base).data.evals.trec_dl.candidates, compose(base).data.evals.trec_dl.qrels)) > 2 * 2989
+    unknown = plan.estimate(compose([*base, f"data.evals.trec_dl.candidates={tmp_path}/top1000.tsv"]))["unknown"]
+    assert unknown == [f"trec_dl rerank passages (data.evals.trec_dl.candidates={tmp_path}/top1000.tsv does not "
+                       f"exist; to plan before fetching give data.sizes.rerank_passages.trec_dl=N "
+                       f"(+data.sizes.rerank_passages.trec_dl=N where the data config has no sizes))"]
     assert validate.problems(compose([*base, "+data.sizes.corpsu=9"])) == [
         "data.sizes: unknown key 'corpsu' (known: corpus, train_queries, tokens_per_passage, eval_queries, "
         "rerank_passages)"]
@@ -732,6 +740,14 @@ def test_plan_counts_a_sample_folder_rather_than_the_sizes_of_the_full_dataset(t
     assert re.search(re.escape(f"data.corpus={tmp_path}/collection.tsv has about ") + r"(99,\d{3}|100,\d{3})"
                      + re.escape(" lines where data.sizes.corpus=8,841,823: counted from the file"), caplog.text)
     assert work["eval_queries"]["dev"]["queries"] == 40  # data.sizes' 6,980 dev queries: the sample's qrels hold 40
+    # TREC-DL 2019 in the sample: 5 judged queries of the 6 the top-1000 file ranks, 4 candidates each
+    (tmp_path / "2019qrels-pass.txt").write_text("".join(f"{q} 0 {q}0 {q % 4}\n" for q in range(5)))
+    (tmp_path / "msmarco-passagetest2019-top1000.tsv").write_text(
+        "".join(f"{q}\t{q}{p}\tquery {q}\tpassage {p}\n" for q in range(6) for p in range(4)))
+    work = plan.estimate(compose(base))["work"]
+    assert work["eval_queries"]["trec_dl19"]["queries"] == 3  # judged with a positive (grade >= 1): 1, 2, 3
+    retrieval, rerank = 2 * 100_000, 2 * 5 * 4  # v2 and v3 each encode the corpus and the judged queries' candidates
+    assert work["passages_encoded"]["evaluate"] == retrieval + rerank  # data.sizes' 41,042 rerank passages: 20 here
     for sized in (95_000, 110_000):  # within the estimate's error: the data config's count stands, the file unread
         assert plan.estimate(compose([*base, f"data.sizes.corpus={sized}"]))["work"]["corpus_passages"] == sized
     with gzip.open(tmp_path / "collection.tsv.gz", "wt") as fh:

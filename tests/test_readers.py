@@ -162,6 +162,9 @@ def test_qrels_formats_read_the_same(tmp_path):
     ("1 Q0 10 2\n1 Q0 10 1\n", 2, "conflicting grades"),
     ("1 Q0 10 2\n\n1 Q0 11 1\n", 2, "blank line"),
     ("query-id\tcorpus-id\tscore\n1\t10\n", 2, "expected 3 tab-separated columns"),
+    # BEIR's rows without their header line: the one format hint the reader has
+    ("1\t10\t2\n", 1, r"found 3: '1\\t10\\t2' \(a BEIR qrels file starts with its tab-separated header line: "
+                       r"query-id, corpus-id, score\)"),
 ])
 def test_qrels_errors_name_file_and_line(tmp_path, content, line, match):
     path = write(tmp_path / "qrels.txt", content)
@@ -423,6 +426,8 @@ def test_hugging_face_sources_for_corpus_queries_and_qrels(tmp_path):
     corpus = Corpus.open(f"hf:{tmp_path / 'corpus'}", tmp_path / "cache")
     assert len(corpus) == 2
     assert read_queries(f"hf:{tmp_path / 'queries'}") == {"007": "q seven", "8": "q eight"}
+    with pytest.raises(DataError, match=r"a dataset without splits: no split 'tset' in it \(drop @tset\)"):
+        read_queries(f"hf:{tmp_path / 'queries'}@tset")  # was read whole, the split ignored
     assert read_qrels(f"hf:{tmp_path / 'qrels'}@test") == {"007": {"d1": 1, "d2": 0}, "8": {"d2": 2}}
     datasets.Dataset.from_dict({"query-id": ["1", "1"], "corpus-id": ["d1", "d1"], "score": [1, 2]}).save_to_disk(
         tmp_path / "bad")

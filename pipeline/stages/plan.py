@@ -101,7 +101,8 @@ def _why_uncounted(key: str, source: Any, size: str) -> str:
         return f"{key} is not set and data.sizes does not count it"
     if str(source).startswith(("hf:", "irds:")):
         return f"{key}={source} is counted only from data.sizes"
-    return (f"{key}={source} does not exist; to plan before fetching give {size}=N (+{size}=N where the data "
+    missing = "holds no corpus.jsonl[.gz]" if Path(str(source)).is_dir() else "does not exist"
+    return (f"{key}={source} {missing}; to plan before fetching give {size}=N (+{size}=N where the data "
             f"config has no sizes)")
 
 
@@ -117,6 +118,26 @@ def _positives_per_query(path: str | None, min_grade: int) -> list[int] | None:
 def _count_judged_queries(path: str | None, min_grade: int) -> int | None:
     counts = _positives_per_query(path, min_grade)
     return None if counts is None else len(counts)
+
+
+def _count_rerank_passages(candidates: str | None, qrels: str | None) -> int | None:
+    """The passages evaluate encodes for a rerank set: the distinct candidates of its judged queries (a TREC-DL
+    top-1000 file, `qid \t pid \t query \t passage`, or a TREC run, `qid Q0 pid ...`); None without both files."""
+    cands, judged_file = _data_file(candidates), _data_file(qrels)
+    if cands is None or judged_file is None:
+        return None
+    from pipeline.readers import read_qrels
+
+    judged = {q.encode() for q in read_qrels(str(judged_file))}
+    pids: set[bytes] = set()
+    with (gzip.open if _gzipped(cands) else open)(cands, "rb") as fh:
+        for i, line in enumerate(fh):
+            if i == 0:
+                pid_field = 1 if line.count(b"\t") == 3 else 2  # read_candidates' test of the format
+            fields = line.split(None, 3)
+            if len(fields) > pid_field and fields[0] in judged:
+                pids.add(fields[pid_field])
+    return len(pids)
 
 
 def _triplets_per_epoch(positive_counts: list[int] | None, per_query: int | None, train_q: int) -> int:
@@ -264,14 +285,23 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     known_eval = dict(sizes.get("eval_queries") or {})
     known_rerank = dict(sizes.get("rerank_passages") or {})
     eval_q = {}
+    counted = [("corpus passages", "data.corpus", cfg.data.corpus, "data.sizes.corpus", corpus),
+               ("training queries", "data.train.qrels", cfg.data.train.qrels, "data.sizes.train_queries", train_q)]
+    rerank_passages = 0
     for name, ev in cfg.data.evals.items():
-        count = (_size_or_none(known_eval.get(name), f"data.sizes.eval_queries.{name}", f"data.evals.{name}.qrels",
-                               ev.qrels, 0.8, None) or _count_judged_queries(ev.qrels, 1))
+        # eval qrels and top-1000 files are small: counted where they exist (a sample folder's are not the sizes')
+        count = _count_judged_queries(ev.qrels, 1) or known_eval.get(name)
         eval_q[name] = {"kind": str(ev.kind), "queries": count}
-    unknown = [f"{what} ({_why_uncounted(key, source, size)})" for what, key, source, size, count in (
-        ("corpus passages", "data.corpus", cfg.data.corpus, "data.sizes.corpus", corpus),
-        ("training queries", "data.train.qrels", cfg.data.train.qrels, "data.sizes.train_queries", train_q))
-        if count is None]
+        counted.append((f"{name} queries", f"data.evals.{name}.qrels", ev.qrels, f"data.sizes.eval_queries.{name}",
+                        count))
+        if str(ev.kind) == "rerank":
+            passages = _count_rerank_passages(ev.get("candidates"), ev.qrels) or known_rerank.get(name)
+            needs = "qrels" if _data_file(ev.get("candidates")) else "candidates"  # the file that is missing
+            counted.append((f"{name} rerank passages", f"data.evals.{name}.{needs}", ev.get(needs),
+                            f"data.sizes.rerank_passages.{name}", passages))
+            rerank_passages += passages or 0
+    unknown = [f"{what} ({_why_uncounted(key, source, size)})" for what, key, source, size, count in counted
+               if count is None]
     corpus, train_q = corpus or 0, train_q or 0
     evaluate_only = str(p.chain) == "evaluate"
     # stage=all's rounds: each retrieves, scores, mines and trains with the model the round before trained
@@ -298,7 +328,6 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
         kept_positives = min(positives_per_query, float(tc.positives_per_query or positives_per_query))
         teacher_pairs = int(train_q * (kept_positives + int(tc.negatives_per_query)) * int(tc.epochs))
     retrieval_evals = [n for n, v in eval_q.items() if v["kind"] == "retrieval"]
-    rerank_passages = sum(known_rerank.get(n, 0) for n, v in eval_q.items() if v["kind"] == "rerank")
     # each round's retrieve and the evaluation of the same model share one corpus encode when their embeddings are
     # the same (common.embedding_key): v2's evaluation links retrieve's, a later round's retrieve links the
     # evaluation of the model it retrieves with
