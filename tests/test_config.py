@@ -332,6 +332,9 @@ def test_plan_says_first_what_it_could_not_count(tmp_path, capsys):
     assert lines[1] == (f"  NOT COUNTED (taken as 0 below): corpus passages (data.corpus={tmp_path}/colection.tsv "
                         f"does not exist; to plan before fetching give data.sizes.corpus=N (+data.sizes.corpus=N "
                         f"where the data config has no sizes))")
+    # a BEIR folder without its corpus file: it exists, so "does not exist" sent the user to the wrong fix
+    assert plan.estimate(compose([*base, f"data.corpus={tmp_path}"]))["unknown"][0].startswith(
+        f"corpus passages (data.corpus={tmp_path} holds no corpus.jsonl[.gz];")
     sized = compose([*base, f"data.corpus={tmp_path}/colection.tsv", "+data.sizes.corpus=9"])
     assert validate.added_keys(["+data.sizes.corpus=9"]) == [] and validate.problems(sized) == []
     assert plan.estimate(sized)["unknown"] == [] and plan.estimate(sized)["work"]["corpus_passages"] == 9

@@ -1,7 +1,8 @@
 """`stage=plan`: what a run will do and cost, from the config and file sizes alone (no model is loaded).
 
-Counts come from `data.sizes` when the config knows them (MS MARCO; checked against the files' sizes where they
-exist, so a folder holding a sample is counted) or from the files;
+Counts come from the files where they exist, else from `data.sizes` (MS MARCO knows them before the files are
+fetched); the corpus and the training qrels, which counting would read for a minute, take `data.sizes` unless their
+file's size says it holds another number of lines (a folder holding a sample);
 throughput figures come from `conf/plan` (measured by scripts/bench_gpu.py, stated there), or straight from a
 bench's JSON output (`plan.bench_json`)."""
 
@@ -101,7 +102,8 @@ def _why_uncounted(key: str, source: Any, size: str) -> str:
         return f"{key} is not set and data.sizes does not count it"
     if str(source).startswith(("hf:", "irds:")):
         return f"{key}={source} is counted only from data.sizes"
-    missing = "holds no corpus.jsonl[.gz]" if Path(str(source)).is_dir() else "does not exist"
+    folder = Path(str(source)).is_dir()
+    missing = ("holds no corpus.jsonl[.gz]" if key == "data.corpus" else "is a folder") if folder else "does not exist"
     return (f"{key}={source} {missing}; to plan before fetching give {size}=N (+{size}=N where the data "
             f"config has no sizes)")
 
