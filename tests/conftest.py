@@ -119,6 +119,25 @@ def fake_wandb(monkeypatch, wandb_env):
 
 
 @pytest.fixture
+def offline_wandb_log():
+    """``read(folder, *keys)``: the bytes of the one offline run log under ``folder`` once it holds every key (wandb's
+    service process writes it after ``finish`` returns: CI once read the 7-byte header alone), or after 60 s."""
+    import time
+
+    def read(folder: Path, *keys: bytes) -> bytes:
+        deadline = time.monotonic() + 60
+        while True:
+            logs = list(folder.rglob("offline-run-*/run-*.wandb"))
+            assert len(logs) <= 1, logs
+            sent = logs[0].read_bytes() if logs else b""
+            if all(k in sent for k in keys) or time.monotonic() > deadline:
+                return sent
+            time.sleep(0.2)
+
+    return read
+
+
+@pytest.fixture
 def wandb_env(monkeypatch):
     """The WANDB_* variables tracking exports for the trainers, unset for the test and put back after it."""
     for name in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_DIR", "WANDB_LOG_MODEL", "WANDB_ENTITY", "WANDB_API_KEY"):

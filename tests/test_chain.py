@@ -287,7 +287,8 @@ def test_eval_teacher_reranks_v2_top_k_with_the_trained_teacher(chain_run, tmp_p
     assert report["cross_encoder"].endswith("/model") and "teacher" in report["cross_encoder"]
 
 
-def test_a_tracked_training_sends_its_curve_through_the_installed_wandb(chain_run, wandb_env, tmp_path):
+def test_a_tracked_training_sends_its_curve_through_the_installed_wandb(chain_run, wandb_env, offline_wandb_log,
+                                                                        tmp_path):
     """The trainers' own WandbCallback (transformers) with the installed wandb, not the stand-in: a train stage run
     with tracking=wandb logs its loss curve into the stage's offline run under <artifacts_root>/wandb, beside the
     stage's own v2/v3 evaluation, and leaves no run open."""
@@ -302,7 +303,5 @@ def test_a_tracked_training_sends_its_curve_through_the_installed_wandb(chain_ru
     overrides = [o for o in chain_run["overrides"] if not o.startswith("artifacts_root=")]
     train.run(compose([*overrides, f"artifacts_root={root}", "tracking=wandb", "force=true"]))
     assert wandb.run is None
-    logs = list((root / "wandb").rglob("offline-run-*/run-*.wandb"))
-    assert len(logs) == 1, logs
-    sent = logs[0].read_bytes()
+    sent = offline_wandb_log(root / "wandb", b"train/loss", b"train/v3")
     assert b"train/loss" in sent and b"train/v3" in sent  # the trainer's curve; the stage's before/after evaluation

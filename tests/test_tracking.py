@@ -136,7 +136,8 @@ def test_tracking_asked_for_without_wandb_installed_is_one_line(tmp_path, monkey
         assert not tracker.active  # tracking off: wandb is never imported
 
 
-def test_the_installed_wandb_runs_offline_under_the_artifacts_root(wandb_env, tmp_path, monkeypatch):
+def test_the_installed_wandb_runs_offline_under_the_artifacts_root(wandb_env, offline_wandb_log, tmp_path,
+                                                                   monkeypatch):
     """The stand-in above checks what is sent; this, that the installed wandb takes it: an offline run in
     <artifacts_root>/wandb whose log holds the stage's metrics, nothing written to the working directory, and no
     run left open after the stage. The config's mode wins over a WANDB_MODE=disabled in the environment (CI's)."""
@@ -149,6 +150,5 @@ def test_the_installed_wandb_runs_offline_under_the_artifacts_root(wandb_env, tm
         assert tracker.active and wandb.run is not None and wandb.run.settings.mode == "offline"
         tracker.log({"rerank": {"ndcg_cut_10": 0.6902}})
     assert wandb.run is None
-    logs = list((tmp_path / "artifacts" / "wandb").rglob("offline-run-*/run-*.wandb"))
-    assert len(logs) == 1 and b"rerank/ndcg_cut_10" in logs[0].read_bytes()
+    assert b"rerank/ndcg_cut_10" in offline_wandb_log(tmp_path / "artifacts" / "wandb", b"rerank/ndcg_cut_10")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts"]
