@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import logging
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -117,29 +118,13 @@ def _positives_per_query(path: str | None, min_grade: int) -> list[int] | None:
     return sorted((len(ps) for ps in positives(read_qrels(str(path)), min_grade).values()), reverse=True)
 
 
-def _count_judged_queries(path: str | None, min_grade: int) -> int | None:
-    counts = _positives_per_query(path, min_grade)
-    return None if counts is None else len(counts)
+def _rerank_passages(candidates: Path, judged: Mapping[str, Any]) -> int:
+    """The passages evaluate encodes for a rerank set: the distinct candidates of its judged queries, from the
+    candidates file as evaluate reads it (a TREC-DL top-1000 file or a TREC run)."""
+    from pipeline.readers import read_candidates
 
-
-def _count_rerank_passages(candidates: str | None, qrels: str | None) -> int | None:
-    """The passages evaluate encodes for a rerank set: the distinct candidates of its judged queries (a TREC-DL
-    top-1000 file, `qid \t pid \t query \t passage`, or a TREC run, `qid Q0 pid ...`); None without both files."""
-    cands, judged_file = _data_file(candidates), _data_file(qrels)
-    if cands is None or judged_file is None:
-        return None
-    from pipeline.readers import read_qrels
-
-    judged = {q.encode() for q in read_qrels(str(judged_file))}
-    pids: set[bytes] = set()
-    with (gzip.open if _gzipped(cands) else open)(cands, "rb") as fh:
-        for i, line in enumerate(fh):
-            if i == 0:
-                pid_field = 1 if line.count(b"\t") == 3 else 2  # read_candidates' test of the format
-            fields = line.split(None, 3)
-            if len(fields) > pid_field and fields[0] in judged:
-                pids.add(fields[pid_field])
-    return len(pids)
+    ranked = read_candidates(str(candidates)).ranked
+    return len({p for q in judged for p in ranked.get(q, ())})
 
 
 def _triplets_per_epoch(positive_counts: list[int] | None, per_query: int | None, train_q: int) -> int:
@@ -290,15 +275,21 @@ def estimate(cfg: DictConfig) -> dict[str, Any]:
     counted = [("corpus passages", "data.corpus", cfg.data.corpus, "data.sizes.corpus", corpus),
                ("training queries", "data.train.qrels", cfg.data.train.qrels, "data.sizes.train_queries", train_q)]
     rerank_passages = 0
+    from pipeline.readers import positives, read_qrels
+
     for name, ev in cfg.data.evals.items():
-        # eval qrels and top-1000 files are small: counted where they exist (a sample folder's are not the sizes')
-        count = _count_judged_queries(ev.qrels, 1) or known_eval.get(name)
+        # eval qrels and top-1000 files are small: counted where they exist (a sample folder's are not the sizes'),
+        # the qrels read once for both counts
+        judged = read_qrels(str(ev.qrels)) if ev.qrels and Path(str(ev.qrels)).is_file() else None
+        count = (None if judged is None else len(positives(judged, 1))) or known_eval.get(name)
         eval_q[name] = {"kind": str(ev.kind), "queries": count}
         counted.append((f"{name} queries", f"data.evals.{name}.qrels", ev.qrels, f"data.sizes.eval_queries.{name}",
                         count))
         if str(ev.kind) == "rerank":
-            passages = _count_rerank_passages(ev.get("candidates"), ev.qrels) or known_rerank.get(name)
-            needs = "qrels" if _data_file(ev.get("candidates")) else "candidates"  # the file that is missing
+            candidates = _data_file(ev.get("candidates"))
+            passages = ((_rerank_passages(candidates, judged) if candidates and judged is not None else None)
+                        or known_rerank.get(name))
+            needs = "qrels" if candidates else "candidates"  # the file that is missing
             counted.append((f"{name} rerank passages", f"data.evals.{name}.{needs}", ev.get(needs),
                             f"data.sizes.rerank_passages.{name}", passages))
             rerank_passages += passages or 0
